@@ -1,0 +1,2 @@
+"""numpy reference implementations: the definitions the compiled kernels are tested against,
+and the fallback backend."""

@@ -1,0 +1,178 @@
+"""numpy reference for the RNN cells: a plain step loop over time.
+
+Shapes (the same interface as the compiled ``statescan._ext.rnn``):
+  ax      [B, T, G*H]   input-side pre-activations W x + b, gate-major (gate g at g*H:(g+1)*H)
+  R       [heads, G*D, D] recurrent weights, H = heads*D
+  b_r     [G*H]         recurrent-side bias
+  state   [S, B, H]     stacked state components (0 = h; lstm: c; slstm: c, n, m)
+"""
+import numpy as np
+from scipy.special import expit as sigmoid, log_expit as log_sigmoid
+
+# name -> (gates G, state components S)
+CELLS = {"elman": (1, 1), "lstm": (4, 2), "gru": (3, 1), "slstm": (4, 4)}
+
+
+def recurrent_preactivation(h, R, b_r):
+    """R h + b_r per head: h [B, H] -> [B, G*H], gate-major."""
+    B = h.shape[0]
+    heads, GD, D = R.shape
+    ar = np.einsum("bkd,kgd->bkg", h.reshape(B, heads, D), R)
+    return ar.reshape(B, heads, GD // D, D).transpose(0, 2, 1, 3).reshape(B, -1) + b_r
+
+
+def recurrent_transpose(dgr, R):
+    """R^T dgr per head: dgr [B, G*H] -> [B, H]."""
+    B = dgr.shape[0]
+    heads, GD, D = R.shape
+    g = dgr.reshape(B, GD // D, heads, D).transpose(0, 2, 1, 3).reshape(B, heads, GD)
+    return np.einsum("bkg,kgd->bkd", g, R).reshape(B, heads * D)
+
+
+# ---- one step of each cell: (ax, ar, state) -> state -----------------------------------------
+
+def elman_step(ax, ar, state):
+    return (np.tanh(ax + ar),)
+
+
+def lstm_step(ax, ar, state):
+    h, c = state
+    i, f, g, o = np.split(ax + ar, 4, axis=-1)
+    c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+    return (sigmoid(o) * np.tanh(c), c)
+
+
+def gru_step(ax, ar, state):
+    (h,) = state
+    xr, xz, xn = np.split(ax, 3, axis=-1)
+    hr, hz, hn = np.split(ar, 3, axis=-1)
+    r, z = sigmoid(xr + hr), sigmoid(xz + hz)
+    n = np.tanh(xn + r * hn)
+    return ((1 - z) * n + z * h,)
+
+
+def _slstm_parts(ax, ar, state):
+    h, c_prev, n_prev, m_prev = state
+    it, ft, zt, ot = np.split(ax + ar, 4, axis=-1)
+    l = log_sigmoid(ft) + m_prev
+    m_is_i = ~((n_prev != 0) & (l > it))      # stabiliser m = i~ at the start, else max(i~, l)
+    m = np.where(m_is_i, it, l)
+    i, f = np.exp(it - m), np.exp(l - m)
+    tz, o = np.tanh(zt), sigmoid(ot)
+    c = f * c_prev + i * tz
+    nn = f * n_prev + i
+    n = np.where(nn < 1, 1, nn)
+    return locals()
+
+
+def slstm_step(ax, ar, state):
+    p = _slstm_parts(ax, ar, state)
+    return (p["o"] * p["c"] / p["n"], p["c"], p["n"], p["m"])
+
+
+STEPS = {"elman": elman_step, "lstm": lstm_step, "gru": gru_step, "slstm": slstm_step}
+
+
+# ---- one step backward: (ax, ar, prev state, dstate) -> (dgx, dgr, dprev) ------------------
+# dstate is the gradient w.r.t. the state after the step; dprev's h entry holds only the direct
+# pointwise part (the caller adds R^T dgr).
+
+def elman_step_backward(ax, ar, prev, dstate):
+    h = np.tanh(ax + ar)
+    g = dstate[0] * (1 - h * h)
+    return g, g, (np.zeros_like(g),)
+
+
+def lstm_step_backward(ax, ar, prev, dstate):
+    _, c_prev = prev
+    dh, dc = dstate
+    i, f, g, o = np.split(ax + ar, 4, axis=-1)
+    i, f, g, o = sigmoid(i), sigmoid(f), np.tanh(g), sigmoid(o)
+    tc = np.tanh(f * c_prev + i * g)
+    dc = dc + dh * o * (1 - tc * tc)
+    grads = np.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f),
+                            dc * i * (1 - g * g), dh * tc * o * (1 - o)], axis=-1)
+    return grads, grads, (np.zeros_like(dh), dc * f)
+
+
+def gru_step_backward(ax, ar, prev, dstate):
+    (h_prev,) = prev
+    (dh,) = dstate
+    xr, xz, xn = np.split(ax, 3, axis=-1)
+    hr, hz, hn = np.split(ar, 3, axis=-1)
+    r, z = sigmoid(xr + hr), sigmoid(xz + hz)
+    n = np.tanh(xn + r * hn)
+    gn = dh * (1 - z) * (1 - n * n)
+    gr = gn * hn * r * (1 - r)
+    gz = dh * (h_prev - n) * z * (1 - z)
+    dgx = np.concatenate([gr, gz, gn], axis=-1)
+    dgr = np.concatenate([gr, gz, gn * r], axis=-1)
+    return dgx, dgr, (dh * z,)
+
+
+def slstm_step_backward(ax, ar, prev, dstate):
+    p = _slstm_parts(ax, ar, prev)
+    i, f, tz, o, c, n, nn = p["i"], p["f"], p["tz"], p["o"], p["c"], p["n"], p["nn"]
+    dh, dc, dn, dm = dstate
+    dc = dc + dh * o / n
+    dn = np.where(nn < 1, 0, dn - dh * o * c / (n * n))
+    go = dh * c / n * o * (1 - o)
+    di = dc * tz + dn
+    df = dc * p["c_prev"] + dn * p["n_prev"]
+    gz = dc * i * (1 - tz * tz)
+    dit, dl = di * i, df * f
+    dm = dm - dit - dl                     # i and f both divide by exp(m)
+    dit = np.where(p["m_is_i"], dit + dm, dit)
+    dl = np.where(p["m_is_i"], dl, dl + dm)
+    gf = dl * (1 - sigmoid(p["ft"]))
+    grads = np.concatenate([dit, gf, gz, go], axis=-1)
+    return grads, grads, (np.zeros_like(dh), dc * f, dn * f, dl)
+
+
+STEP_BACKWARDS = {"elman": elman_step_backward, "lstm": lstm_step_backward,
+                  "gru": gru_step_backward, "slstm": slstm_step_backward}
+
+
+# ---- whole sequences -----------------------------------------------------------------------
+
+def forward(cell, ax, R, b_r, state0, save):
+    """Run `cell` over the sequence.
+
+    Returns seq [S_save, B, T, H] (the states after each step; S_save = S when `save`, else 1),
+    ar_seq [B, T, G*H] (recurrent pre-activations, when `save`, else None), state [S, B, H].
+    """
+    step = STEPS[cell]
+    B, T, _ = ax.shape
+    S, _, H = state0.shape
+    seq = np.empty((S if save else 1, B, T, H), dtype=ax.dtype)
+    ar_seq = np.empty_like(ax) if save else None
+    state = tuple(state0)
+    for t in range(T):
+        ar = recurrent_preactivation(state[0], R, b_r)
+        if save:
+            ar_seq[:, t] = ar
+        state = step(ax[:, t], ar, state)
+        for s in range(seq.shape[0]):
+            seq[s, :, t] = state[s]
+    return seq, ar_seq, np.stack(state)
+
+
+def backward(cell, ax, ar_seq, R, state0, seq, dy, dstate):
+    """Backpropagate through `forward(..., save=True)`.
+
+    dy [B, T, H]; dstate [S, B, H].  Returns dgx, dgr [B, T, G*H] (gradients of the input-side
+    and recurrent-side pre-activations) and dstate0 [S, B, H].
+    """
+    step_backward = STEP_BACKWARDS[cell]
+    T = ax.shape[1]
+    dgx = np.empty_like(ax)
+    dgr = np.empty_like(ax)
+    d = [dstate[s].copy() for s in range(dstate.shape[0])]
+    for t in range(T - 1, -1, -1):
+        d[0] = d[0] + dy[:, t]
+        prev = tuple(seq[:, :, t - 1]) if t > 0 else tuple(state0)
+        gx, gr, dprev = step_backward(ax[:, t], ar_seq[:, t], prev, tuple(d))
+        dgx[:, t], dgr[:, t] = gx, gr
+        d = list(dprev)
+        d[0] = d[0] + recurrent_transpose(gr, R)
+    return dgx, dgr, np.stack(d)

@@ -1,0 +1,299 @@
+"""Fused nonlinear RNN cells: LSTM, GRU, Elman, sLSTM, with optional block-diagonal heads.
+
+All four share one calling convention (see :func:`lstm`); the sequence runs in one compiled
+call (or the numpy reference in ``_reference/rnn.py`` when the python backend is active).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _dispatch, _validate
+from ._reference import rnn as _ref
+from .autodiff import defvjp
+
+_CELL_IDS = {"elman": 0, "lstm": 1, "gru": 2, "slstm": 3}   # must match ext/_cells.pxd
+
+
+@dataclass
+class _Call:
+    """A validated cell call: contiguous arrays of one dtype, and the sizes."""
+    cell: str
+    x: np.ndarray          # [B, T, I] (or [B, T, G*H] when W is None)
+    W: object              # [G*H, I] or None
+    R: np.ndarray          # [heads, G*D, D]
+    b: object              # [G*H] or None
+    b_r: object            # [G*H] or None
+    state0: np.ndarray     # [S, B, H]
+    R_ndim: int
+    state_given: bool
+
+    @property
+    def shape(self):
+        return self.x.shape[0], self.x.shape[1], self.state0.shape[2]
+
+
+def _prepare(cell, x, W, R, b, b_r, heads, state):
+    G, S = _ref.CELLS[cell]
+    x = _validate.float_array("x", x)
+    R = _validate.float_array("R", R)
+    W = None if W is None else _validate.float_array("W", W)
+    b = None if b is None else _validate.float_array("b", b)
+    b_r = None if b_r is None else _validate.float_array("b_r", b_r)
+    heads = _validate.positive_int("heads", heads)
+    dtype = _validate.common_dtype(x=x, W=W, R=R, b=b, b_r=b_r)
+
+    if R.ndim == 2:
+        if heads != 1:
+            raise ValueError(f"R must have shape [heads, {G}*D, D] = [{heads}, {G}*D, D] when "
+                             f"heads={heads}, got {R.shape}")
+        H = R.shape[1]
+        _validate.check_shape("R", R, (G * H, H), f"[{G}*H, H] for {cell} ({G} gates)")
+        R3 = R.reshape(1, G * H, H)
+    elif R.ndim == 3:
+        D = R.shape[2]
+        _validate.check_shape("R", R, (heads, G * D, D),
+                              f"[heads, {G}*D, D] with heads={heads} for {cell}")
+        H = heads * D
+        R3 = R
+    else:
+        raise ValueError(f"R must have shape [{G}*H, H] or [heads, {G}*D, D], got {R.shape}")
+
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape [B, T, I], got {x.shape}")
+    if W is None:
+        _validate.check_shape("x", x, (None, None, G * H),
+                              f"[B, T, {G}*H] = [B, T, {G * H}] when W is None")
+    else:
+        _validate.check_shape("W", W, (G * H, x.shape[2]),
+                              f"[{G}*H, I] = [{G * H}, {x.shape[2]}]")
+    for name, v in (("b", b), ("b_r", b_r)):
+        if v is not None:
+            _validate.check_shape(name, v, (G * H,), f"[{G}*H] = [{G * H}]")
+
+    B = x.shape[0]
+    state0 = _state_array(cell, state, S, B, H, dtype)
+    return _Call(cell, _validate.contiguous(x, dtype),
+                 None if W is None else _validate.contiguous(W, dtype),
+                 _validate.contiguous(R3, dtype), b, b_r, state0, R.ndim, state is not None)
+
+
+def _state_array(cell, state, S, B, H, dtype):
+    """The initial state as one [S, B, H] array (zeros when None)."""
+    if state is None:
+        return np.zeros((S, B, H), dtype=dtype)
+    names = _STATE_NAMES[cell]
+    parts = (state,) if S == 1 else state
+    if S > 1 and (not isinstance(state, (tuple, list)) or len(state) != S):
+        raise TypeError(f"state must be a tuple ({', '.join(names)}) for {cell}, "
+                        f"got {type(state).__name__}")
+    arrays = []
+    for name, part in zip(names, parts):
+        part = _validate.float_array(f"state {name}", part)
+        if part.dtype != dtype:
+            raise TypeError(f"state {name} is {part.dtype} but x is {dtype}: "
+                            "all arrays must share one dtype")
+        _validate.check_shape(f"state {name}", part, (B, H), f"[B, H] = [{B}, {H}]")
+        arrays.append(part)
+    return np.stack(arrays)
+
+
+_STATE_NAMES = {"elman": ("h",), "gru": ("h",), "lstm": ("h", "c"), "slstm": ("h", "c", "n", "m")}
+
+
+def _input_preactivation(call):
+    """W x + b over all B*T rows at once (one GEMM), [B, T, G*H]."""
+    x, W, b = call.x, call.W, call.b
+    if W is None:
+        ax = x if b is None else x + b
+    else:
+        B, T, I = x.shape
+        ax = (x.reshape(B * T, I) @ W.T).reshape(B, T, -1)
+        if b is not None:
+            ax += b
+    return ax
+
+
+def _kernel_forward(call, ax, save):
+    B, T, H = call.shape
+    G, S = _ref.CELLS[call.cell]
+    dtype = ax.dtype
+    b_r = np.zeros(G * H, dtype) if call.b_r is None else _validate.contiguous(call.b_r, dtype)
+    if B == 0 or T == 0:
+        seq = np.empty((S if save else 1, B, T, H), dtype)
+        return seq, (np.empty_like(ax) if save else None), call.state0.copy()
+    if not _dispatch.use_compiled():
+        return _ref.forward(call.cell, ax, call.R, b_r, call.state0, save)
+    seq = np.empty((S if save else 1, B, T, H), dtype)
+    ar_seq = np.empty_like(ax) if save else None
+    state = np.empty_like(call.state0)
+    _dispatch.ext_module("rnn").forward(_CELL_IDS[call.cell], ax, call.R, b_r, call.state0, seq,
+                                        ar_seq, state, _dispatch.get_num_threads())
+    return seq, ar_seq, state
+
+
+def _kernel_backward(call, ax, ar_seq, seq, dy, dstate):
+    B, T, H = call.shape
+    if B == 0 or T == 0:
+        return np.zeros_like(ax), np.zeros_like(ax), dstate.copy()
+    if not _dispatch.use_compiled():
+        return _ref.backward(call.cell, ax, ar_seq, call.R, call.state0, seq, dy, dstate)
+    dgx = np.empty_like(ax)
+    dgr = np.empty_like(ax) if call.cell == "gru" else dgx
+    dstate0 = np.empty_like(dstate)
+    _dispatch.ext_module("rnn").backward(_CELL_IDS[call.cell], ax, ar_seq, call.R, call.state0,
+                                         seq, dy, dstate, dgx, dgr, dstate0,
+                                         _dispatch.get_num_threads())
+    return dgx, dgr, dstate0
+
+
+def _outputs(cell, y, state):
+    """Public return value: (y, state) with state an array or a tuple as for PyTorch."""
+    if state.shape[0] == 1:
+        return y, state[0]
+    return y, tuple(state)
+
+
+def _run(cell, x, W, R, b, b_r, heads, state):
+    call = _prepare(cell, x, W, R, b, b_r, heads, state)
+    ax = _input_preactivation(call)
+    seq, _, final = _kernel_forward(call, ax, save=False)
+    return _outputs(cell, seq[0], final)
+
+
+def _cotangent(cell, cot, call):
+    """Split (dy, dstate) into arrays [B,T,H] and [S,B,H]; None entries mean zero."""
+    B, T, H = call.shape
+    G, S = _ref.CELLS[cell]
+    dtype = call.state0.dtype
+    if not isinstance(cot, (tuple, list)) or len(cot) != 2:
+        raise TypeError("cotangent must be a pair (dy, dstate) matching the output (y, state)")
+    dy, dstate = cot
+    dy = (np.zeros((B, T, H), dtype) if dy is None
+          else _validate.contiguous(_validate.float_array("dy", dy), dtype))
+    _validate.check_shape("dy", dy, (B, T, H), f"[B, T, H] = [{B}, {T}, {H}]")
+    parts = (dstate,) if S == 1 else (dstate if dstate is not None else (None,) * S)
+    if len(parts) != S:
+        raise TypeError(f"dstate must have {S} entries for {cell}, got {len(parts)}")
+    ds = np.zeros((S, B, H), dtype)
+    for s, part in enumerate(parts):
+        if part is not None:
+            part = _validate.float_array("dstate", part)
+            _validate.check_shape("dstate", part, (B, H), f"[B, H] = [{B}, {H}]")
+            ds[s] = part
+    return dy, ds
+
+
+def _cell_vjp(cell, x, W, R, b=None, b_r=None, *, heads=1, state=None):
+    call = _prepare(cell, x, W, R, b, b_r, heads, state)
+    ax = _input_preactivation(call)
+    seq, ar_seq, final = _kernel_forward(call, ax, save=True)
+    y = seq[0]
+
+    def pullback(cotangent):
+        dy, dstate = _cotangent(cell, cotangent, call)
+        dgx, dgr, dstate0 = _kernel_backward(call, ax, ar_seq, seq, dy, dstate)
+        B, T, H = call.shape
+        heads_, GD, D = call.R.shape
+        G = GD // D
+        N = B * T
+        gx = dgx.reshape(N, G * H)
+        if call.W is None:
+            dx, dW = dgx, None
+        else:
+            dx = (gx @ call.W).reshape(call.x.shape)
+            dW = gx.T @ call.x.reshape(N, -1)
+        h_prev = np.concatenate([call.state0[0][:, None], y[:, :-1]], axis=1)
+        gr = dgr.reshape(N, G, heads_, D).transpose(2, 0, 1, 3).reshape(heads_, N, GD)
+        dR = gr.transpose(0, 2, 1) @ h_prev.reshape(N, heads_, D).transpose(1, 0, 2)
+        if call.R_ndim == 2:
+            dR = dR[0]
+        db = None if b is None else gx.sum(axis=0)
+        db_r = None if b_r is None else dgr.reshape(N, G * H).sum(axis=0)
+        grads = (dx, dW, dR, db, db_r)[:_n_positional(W, b, b_r)]
+        if call.state_given:
+            grads = grads + (_outputs(cell, None, dstate0)[1],)
+        return grads
+
+    return _outputs(cell, y, final), pullback
+
+
+def _n_positional(W, b, b_r):
+    # x, W, R always; b and b_r count when passed (positionally or by keyword).
+    return 5 if b_r is not None else (4 if b is not None else 3)
+
+
+_DOC_COMMON = """
+    Parameters
+    ----------
+    x : ndarray [B, T, I]
+        Input sequence, batch-first (float32 or float64).  When ``W`` is None, ``x`` holds the
+        input-side pre-activations ``W x`` instead, shape [B, T, G*H].
+    W : ndarray [G*H, I] or None
+        Input weights, gate-major (rows g*H:(g+1)*H belong to gate g).
+    R : ndarray [G*H, H] (heads=1) or [heads, G*D, D] with H = heads*D
+        Recurrent weights; with heads > 1 the recurrence is block-diagonal: head k's gates
+        see only h[k*D:(k+1)*D].  Row g*D + d of R[k] is gate g, unit k*D + d.
+    b, b_r : ndarray [G*H], optional
+        Input-side and recurrent-side biases.
+    heads : int
+        Number of heads (blocks of the recurrence).
+    state : initial state, optional (zeros when None); same structure as the returned state.
+        Passing the returned state back in continues the sequence exactly.
+"""
+
+
+def lstm(x, W, R, b=None, b_r=None, *, heads=1, state=None):
+    """Long short-term memory over a whole sequence (PyTorch's nn.LSTM equations, G=4 gates
+    i, f, g, o): ``c_t = f*c + i*g``, ``h_t = o*tanh(c_t)``.
+    {common}
+    Returns
+    -------
+    y : ndarray [B, T, H]
+        Hidden state after every step.
+    (h, c) : ndarrays [B, H]
+        Final state.
+    """
+    return _run("lstm", x, W, R, b, b_r, heads, state)
+
+
+def gru(x, W, R, b=None, b_r=None, *, heads=1, state=None):
+    """Gated recurrent unit over a whole sequence (PyTorch's nn.GRU equations, G=3 gates
+    r, z, n): ``n = tanh(W_n x + b_n + r*(R_n h + b_r,n))``, ``h_t = (1-z)*n + z*h``.
+    {common}
+    Returns
+    -------
+    y : ndarray [B, T, H]
+    h : ndarray [B, H]
+        Final hidden state.
+    """
+    return _run("gru", x, W, R, b, b_r, heads, state)
+
+
+def elman(x, W, R, b=None, b_r=None, *, heads=1, state=None):
+    """Elman (vanilla tanh) RNN over a whole sequence, G=1: ``h_t = tanh(W x + b + R h + b_r)``.
+    {common}
+    Returns
+    -------
+    y : ndarray [B, T, H]
+    h : ndarray [B, H]
+        Final hidden state.
+    """
+    return _run("elman", x, W, R, b, b_r, heads, state)
+
+
+def slstm(x, W, R, b=None, b_r=None, *, heads=1, state=None):
+    """sLSTM (xLSTM's scalar LSTM with exponential gating and a stabiliser), G=4 gates
+    i, f, z, o; state (h, c, n, m) -- see REFERENCES for the stabilised equations.
+    {common}
+    Returns
+    -------
+    y : ndarray [B, T, H]
+    (h, c, n, m) : ndarrays [B, H]
+        Final state: hidden, cell, normaliser, stabiliser.
+    """
+    return _run("slstm", x, W, R, b, b_r, heads, state)
+
+
+for _fn in (lstm, gru, elman, slstm):
+    _fn.__doc__ = _fn.__doc__.format(common=_DOC_COMMON)
+    defvjp(_fn, lambda *a, _cell=_fn.__name__, **kw: _cell_vjp(_cell, *a, **kw))
