@@ -3,6 +3,7 @@
 Environment switches:
   STATESCAN_PORTABLE=1   do not add -march=native (a build that runs on any CPU of the arch)
   STATESCAN_NO_OPENMP=1  build without OpenMP even when the compiler has it
+  STATESCAN_EXTENSIONS=rnn,scan   build only these ext/*.pyx (development: faster rebuilds)
 """
 import os
 import sys
@@ -60,6 +61,7 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+_only = {n for n in os.environ.get("STATESCAN_EXTENSIONS", "").split(",") if n}
 extensions = [
     Extension(
         f"statescan._ext.{pyx.stem}",
@@ -68,6 +70,7 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
     for pyx in sorted((HERE / "ext").glob("*.pyx"))
+    if not _only or pyx.stem in _only
 ]
 
 setup(

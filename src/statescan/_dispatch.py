@@ -13,8 +13,13 @@ _state = {"backend": None, "threads": None, "ext_error": None}
 
 def _load_extension():
     """Import every compiled module once; remember why it failed, if it did."""
+    import pkgutil
+    from . import _ext
     try:
-        return importlib.import_module("statescan._ext.rnn")
+        names = [m.name for m in pkgutil.iter_modules(_ext.__path__)]
+        if "rnn" not in names:
+            raise ImportError("statescan._ext.rnn was not built")
+        return {name: importlib.import_module(f"statescan._ext.{name}") for name in names}
     except ImportError as exc:  # not built, or built for another Python / CPU
         _state["ext_error"] = exc
         return None
@@ -25,7 +30,10 @@ _EXT = _load_extension()
 
 def ext_module(name):
     """The compiled module ``statescan._ext.<name>``."""
-    return importlib.import_module(f"statescan._ext.{name}")
+    try:
+        return _EXT[name]
+    except (KeyError, TypeError):
+        raise ImportError(f"statescan._ext.{name} is not built; reinstall statescan") from None
 
 
 def compiled_available():

@@ -153,9 +153,12 @@ def _outputs(cell, y, state):
     return y, tuple(state)
 
 
-def _run(cell, x, W, R, b, b_r, heads, state):
+def _run(cell, x, W, R, b, b_r, heads, state, solver, solver_options):
     call = _prepare(cell, x, W, R, b, b_r, heads, state)
     ax = _input_preactivation(call)
+    if solver != "sequential":
+        from .parallel import solve_cell
+        return solve_cell(call, ax, solver, **solver_options)
     seq, _, final = _kernel_forward(call, ax, save=False)
     return _outputs(cell, seq[0], final)
 
@@ -183,9 +186,13 @@ def _cotangent(cell, cot, call):
     return dy, ds
 
 
-def _cell_vjp(cell, x, W, R, b=None, b_r=None, *, heads=1, state=None):
+def _cell_vjp(cell, x, W, R, b=None, b_r=None, *, heads=1, state=None, solver="sequential",
+              **solver_options):
     call = _prepare(cell, x, W, R, b, b_r, heads, state)
     ax = _input_preactivation(call)
+    if solver != "sequential":
+        from .parallel import solve_cell_vjp
+        return solve_cell_vjp(call, ax, solver, **solver_options)
     seq, ar_seq, final = _kernel_forward(call, ax, save=True)
     y = seq[0]
 
@@ -239,10 +246,16 @@ _DOC_COMMON = """
         Number of heads (blocks of the recurrence).
     state : initial state, optional (zeros when None); same structure as the returned state.
         Passing the returned state back in continues the sequence exactly.
+    solver : {"sequential", "newton", "quasi-newton", "jacobi"}
+        "sequential" (default) runs the time loop.  The others solve the T step equations
+        in parallel over time (see :mod:`statescan.parallel`) and return a third value, info.
+    tol, max_iter, guess :
+        Convergence tolerance, iteration cap and initial guess of the parallel solvers.
 """
 
 
-def lstm(x, W, R, b=None, b_r=None, *, heads=1, state=None):
+def lstm(x, W, R, b=None, b_r=None, *, heads=1, state=None, solver="sequential",
+         tol=None, max_iter=None, guess=None):
     """Long short-term memory over a whole sequence (PyTorch's nn.LSTM equations, G=4 gates
     i, f, g, o): ``c_t = f*c + i*g``, ``h_t = o*tanh(c_t)``.
     {common}
@@ -253,10 +266,12 @@ def lstm(x, W, R, b=None, b_r=None, *, heads=1, state=None):
     (h, c) : ndarrays [B, H]
         Final state.
     """
-    return _run("lstm", x, W, R, b, b_r, heads, state)
+    return _run("lstm", x, W, R, b, b_r, heads, state, solver,
+                dict(tol=tol, max_iter=max_iter, guess=guess))
 
 
-def gru(x, W, R, b=None, b_r=None, *, heads=1, state=None):
+def gru(x, W, R, b=None, b_r=None, *, heads=1, state=None, solver="sequential",
+        tol=None, max_iter=None, guess=None):
     """Gated recurrent unit over a whole sequence (PyTorch's nn.GRU equations, G=3 gates
     r, z, n): ``n = tanh(W_n x + b_n + r*(R_n h + b_r,n))``, ``h_t = (1-z)*n + z*h``.
     {common}
@@ -266,10 +281,12 @@ def gru(x, W, R, b=None, b_r=None, *, heads=1, state=None):
     h : ndarray [B, H]
         Final hidden state.
     """
-    return _run("gru", x, W, R, b, b_r, heads, state)
+    return _run("gru", x, W, R, b, b_r, heads, state, solver,
+                dict(tol=tol, max_iter=max_iter, guess=guess))
 
 
-def elman(x, W, R, b=None, b_r=None, *, heads=1, state=None):
+def elman(x, W, R, b=None, b_r=None, *, heads=1, state=None, solver="sequential",
+          tol=None, max_iter=None, guess=None):
     """Elman (vanilla tanh) RNN over a whole sequence, G=1: ``h_t = tanh(W x + b + R h + b_r)``.
     {common}
     Returns
@@ -278,10 +295,12 @@ def elman(x, W, R, b=None, b_r=None, *, heads=1, state=None):
     h : ndarray [B, H]
         Final hidden state.
     """
-    return _run("elman", x, W, R, b, b_r, heads, state)
+    return _run("elman", x, W, R, b, b_r, heads, state, solver,
+                dict(tol=tol, max_iter=max_iter, guess=guess))
 
 
-def slstm(x, W, R, b=None, b_r=None, *, heads=1, state=None):
+def slstm(x, W, R, b=None, b_r=None, *, heads=1, state=None, solver="sequential",
+          tol=None, max_iter=None, guess=None):
     """sLSTM (xLSTM's scalar LSTM with exponential gating and a stabiliser), G=4 gates
     i, f, z, o; state (h, c, n, m) -- see REFERENCES for the stabilised equations.
     {common}
@@ -291,7 +310,8 @@ def slstm(x, W, R, b=None, b_r=None, *, heads=1, state=None):
     (h, c, n, m) : ndarrays [B, H]
         Final state: hidden, cell, normaliser, stabiliser.
     """
-    return _run("slstm", x, W, R, b, b_r, heads, state)
+    return _run("slstm", x, W, R, b, b_r, heads, state, solver,
+                dict(tol=tol, max_iter=max_iter, guess=guess))
 
 
 for _fn in (lstm, gru, elman, slstm):
