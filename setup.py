@@ -45,6 +45,10 @@ class BuildExt(build_ext):
             # -fno-wrapv: Python's CFLAGS carry -fwrapv, which blocks vectorising index arithmetic.
             compile_flags = ["-O3", "-fno-wrapv", "-fno-math-errno", "-fno-trapping-math"]
             link_flags = []
+            # The cell loops touch many arrays; let GCC version them for aliasing instead of
+            # giving up on vectorising (its default allows 10 run-time alias checks).
+            if _compiler_accepts(cc, ["--param=vect-max-version-for-alias-checks=64"]):
+                compile_flags.append("--param=vect-max-version-for-alias-checks=64")
             if not os.environ.get("STATESCAN_PORTABLE"):
                 for flag in ("-march=native", "-mcpu=native"):
                     if _compiler_accepts(cc, [flag]):

@@ -41,18 +41,20 @@ cdef inline void gru_forward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
                              const floating* ar, Py_ssize_t sr,
                              floating* st, Py_ssize_t ss) noexcept nogil:
     cdef Py_ssize_t d
+    cdef floating one = 1
     cdef floating r, z, n
     for d in range(D):
         r = sigmoid(ax[d] + ar[d])
         z = sigmoid(ax[sx + d] + ar[sr + d])
         n = tanh_(ax[2 * sx + d] + r * ar[2 * sr + d])
-        st[d] = (1 - z) * n + z * st[d]
+        st[d] = (one - z) * n + z * st[d]
 
 
 cdef inline void slstm_forward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
                                const floating* ar, Py_ssize_t sr,
                                floating* st, Py_ssize_t ss) noexcept nogil:
     cdef Py_ssize_t d
+    cdef floating one = 1
     cdef floating it, ft, zt, ot, n_prev, l, m, i, f, c, n
     for d in range(D):
         it = ax[d] + ar[d]
@@ -66,7 +68,7 @@ cdef inline void slstm_forward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
         f = exp_(l - m)
         c = f * st[ss + d] + i * tanh_(zt)
         n = f * n_prev + i
-        if n < 1:       # written so that NaN passes through
+        if n < one:       # written so that NaN passes through
             n = 1
         st[ss + d] = c
         st[2 * ss + d] = n
@@ -99,10 +101,11 @@ cdef inline void elman_backward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
                                 floating* dgx, Py_ssize_t sgx,
                                 floating* dgr, Py_ssize_t sgr) noexcept nogil:
     cdef Py_ssize_t d
+    cdef floating one = 1
     cdef floating h, ga
     for d in range(D):
         h = tanh_(ax[d] + ar[d])
-        ga = dst[d] * (1 - h * h)
+        ga = dst[d] * (one - h * h)
         dgx[d] = ga
         dgr[d] = ga
         dst[d] = 0
@@ -115,6 +118,7 @@ cdef inline void lstm_backward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
                                floating* dgx, Py_ssize_t sgx,
                                floating* dgr, Py_ssize_t sgr) noexcept nogil:
     cdef Py_ssize_t d
+    cdef floating one = 1
     cdef floating i, f, g, o, c_prev, tc, dh, dc, gi, gf, gg, go
     for d in range(D):
         i = sigmoid(ax[d] + ar[d])
@@ -124,11 +128,11 @@ cdef inline void lstm_backward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
         c_prev = prev[sp + d]
         tc = tanh_(f * c_prev + i * g)
         dh = dst[d]
-        dc = dst[sds + d] + dh * o * (1 - tc * tc)
-        gi = dc * g * i * (1 - i)
-        gf = dc * c_prev * f * (1 - f)
-        gg = dc * i * (1 - g * g)
-        go = dh * tc * o * (1 - o)
+        dc = dst[sds + d] + dh * o * (one - tc * tc)
+        gi = dc * g * i * (one - i)
+        gf = dc * c_prev * f * (one - f)
+        gg = dc * i * (one - g * g)
+        go = dh * tc * o * (one - o)
         dgx[d] = gi
         dgx[sgx + d] = gf
         dgx[2 * sgx + d] = gg
@@ -148,6 +152,7 @@ cdef inline void gru_backward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
                               floating* dgx, Py_ssize_t sgx,
                               floating* dgr, Py_ssize_t sgr) noexcept nogil:
     cdef Py_ssize_t d
+    cdef floating one = 1
     cdef floating r, z, n, h_prev, dh, gn, gr, gz
     for d in range(D):
         r = sigmoid(ax[d] + ar[d])
@@ -155,9 +160,9 @@ cdef inline void gru_backward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
         n = tanh_(ax[2 * sx + d] + r * ar[2 * sr + d])
         h_prev = prev[d]
         dh = dst[d]
-        gn = dh * (1 - z) * (1 - n * n)
-        gr = gn * ar[2 * sr + d] * r * (1 - r)
-        gz = dh * (h_prev - n) * z * (1 - z)
+        gn = dh * (one - z) * (one - n * n)
+        gr = gn * ar[2 * sr + d] * r * (one - r)
+        gz = dh * (h_prev - n) * z * (one - z)
         dgx[d] = gr
         dgx[sgx + d] = gz
         dgx[2 * sgx + d] = gn
@@ -174,6 +179,7 @@ cdef inline void slstm_backward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
                                 floating* dgx, Py_ssize_t sgx,
                                 floating* dgr, Py_ssize_t sgr) noexcept nogil:
     cdef Py_ssize_t d
+    cdef floating one = 1
     cdef floating it, ft, zt, ot, c_prev, n_prev, l, m, i, f, tz, o, c, nn, n
     cdef floating dh, dc, dn, dm, go, di, df, gz, dit, dl, gf
     cdef bint m_is_i
@@ -193,17 +199,17 @@ cdef inline void slstm_backward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
         o = sigmoid(ot)
         c = f * c_prev + i * tz
         nn = f * n_prev + i
-        n = 1 if nn < 1 else nn
+        n = 1 if nn < one else nn
         dh = dst[d]
         dc = dst[sds + d] + dh * o / n
         dn = dst[2 * sds + d] - dh * o * c / (n * n)
         dm = dst[3 * sds + d]
-        if nn < 1:
+        if nn < one:
             dn = 0
-        go = dh * c / n * o * (1 - o)
+        go = dh * c / n * o * (one - o)
         di = dc * tz + dn
         df = dc * c_prev + dn * n_prev
-        gz = dc * i * (1 - tz * tz)
+        gz = dc * i * (one - tz * tz)
         dit = di * i
         dl = df * f
         dm = dm - dit - dl          # i and f both divide by exp(m)
@@ -211,7 +217,7 @@ cdef inline void slstm_backward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
             dit = dit + dm
         else:
             dl = dl + dm
-        gf = dl * (1 - sigmoid(ft))  # d log_sigmoid(x)/dx = 1 - sigmoid(x)
+        gf = dl * (one - sigmoid(ft))  # d log_sigmoid(x)/dx = 1 - sigmoid(x)
         dgx[d] = dit
         dgx[sgx + d] = gf
         dgx[2 * sgx + d] = gz
