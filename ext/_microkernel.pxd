@@ -1,48 +1,116 @@
-# Register-blocked micro-kernel for out[rows, N] += a[rows, K] @ M[K, N], with M packed once per
-# call into column panels of NT entries: Mp[tile][k][NT] (zero-padded past N).  Streaming one
-# panel for several rows at a time keeps the accumulators in registers and each panel hot in L1/L2.
+# Register-blocked micro-kernel for out[rows, N] += a[rows, K] @ M, with M packed once per call
+# into column panels of NT entries: Mp[tile][k][NT] (zero-padded past N).  Each step of k loads
+# a panel row into registers once and applies it to a block of rows (or, for a single row, to
+# several panels), so accumulators stay in registers and each panel stays hot in L1/L2.
+#
+# The kernel is C with GCC/Clang vector extensions (portable: the compiler lowers them to
+# whatever SIMD the target has, or to scalars).  Every output element is summed over k in the
+# same order whatever block it falls in, so results never depend on how rows are grouped into
+# jobs -- the basis of thread-count independence.
 from cython cimport floating
 
+cdef extern from *:
+    """
+    #if defined(__AVX512F__)
+    #define SS_VBYTES 64
+    #define SS_ACC 16            /* accumulator registers to use (of 32) */
+    #elif defined(__AVX__)
+    #define SS_VBYTES 32
+    #define SS_ACC 12            /* of 16 */
+    #else
+    #define SS_VBYTES 16
+    #define SS_ACC 12
+    #endif
+    #define SS_NT 32             /* panel width in elements; NT in the .pxd */
+
+    #if defined(__GNUC__)
+    #define SS_INLINE static inline __attribute__((always_inline))
+    #define SS_UNROLL _Pragma("GCC unroll 16")
+    #define SS_DEFINE_VEC(T, SFX) \
+        typedef T ss_v##SFX __attribute__((vector_size(SS_VBYTES), aligned(sizeof(T))));
+    #else  /* no vector extensions: one-element "vectors" */
+    #define SS_INLINE static inline
+    #define SS_UNROLL
+    #undef SS_VBYTES
+    #define SS_VBYTES 8
+    #define SS_DEFINE_VEC(T, SFX) typedef T ss_v##SFX;
+    #endif
+
+    /* rows x (ntl panels): acc[rows][ntl * NV] registers; rows and ntl are literals at each call */
+    #define SS_DEFINE_MATMUL(T, SFX)                                                        \\
+    SS_DEFINE_VEC(T, SFX)                                                                    \\
+    enum { SS_NV_##SFX = SS_NT * (int)sizeof(T) / SS_VBYTES > 0                              \\
+                         ? SS_NT * (int)sizeof(T) / SS_VBYTES : 1,                          \\
+           SS_MR_##SFX = SS_ACC / SS_NV_##SFX > 0 ? SS_ACC / SS_NV_##SFX : 1,                \\
+           SS_VL_##SFX = SS_NT / SS_NV_##SFX };                                              \\
+    SS_INLINE void ss_block_##SFX(const T* a, Py_ssize_t lda, const T* mp, Py_ssize_t K,     \\
+                                  T* out, Py_ssize_t ldo, const int rows, const int ntl) {   \\
+        ss_v##SFX acc[SS_MR_##SFX][4 * SS_NV_##SFX];                                         \\
+        ss_v##SFX pv[4 * SS_NV_##SFX];                                                       \\
+        SS_UNROLL for (int r = 0; r < rows; r++)                                             \\
+            SS_UNROLL for (int v = 0; v < ntl * SS_NV_##SFX; v++) acc[r][v] = (ss_v##SFX){0}; \\
+        for (Py_ssize_t k = 0; k < K; k++) {                                                 \\
+            SS_UNROLL for (int p = 0; p < ntl; p++)                                          \\
+                SS_UNROLL for (int v = 0; v < SS_NV_##SFX; v++)                              \\
+                    pv[p * SS_NV_##SFX + v] =                                                \\
+                        *(const ss_v##SFX*)(mp + (p * K + k) * SS_NT + v * SS_VL_##SFX);     \\
+            SS_UNROLL for (int r = 0; r < rows; r++) {                                       \\
+                T ar = a[r * lda + k];                                                       \\
+                SS_UNROLL for (int v = 0; v < ntl * SS_NV_##SFX; v++)                        \\
+                    acc[r][v] += ar * pv[v];                                                 \\
+            }                                                                                \\
+        }                                                                                    \\
+        SS_UNROLL for (int r = 0; r < rows; r++)                                             \\
+            SS_UNROLL for (int p = 0; p < ntl; p++)                                          \\
+                SS_UNROLL for (int v = 0; v < SS_NV_##SFX; v++)                              \\
+                    *(ss_v##SFX*)(out + r * ldo + p * SS_NT + v * SS_VL_##SFX) +=            \\
+                        acc[r][p * SS_NV_##SFX + v];                                         \\
+    }                                                                                        \\
+    static void ss_matmul_acc_##SFX(const T* a, Py_ssize_t lda, const T* mp, Py_ssize_t K,   \\
+                                    Py_ssize_t ntiles, T* out, Py_ssize_t ldo,               \\
+                                    Py_ssize_t nrows) {                                      \\
+        Py_ssize_t tile = 0, r;                                                              \\
+        if (nrows == 1) {  /* one row: several panels at once for independent FMA chains */  \\
+            for (; tile + 4 <= ntiles; tile += 4)                                            \\
+                ss_block_##SFX(a, lda, mp + tile * K * SS_NT, K, out + tile * SS_NT, ldo, 1, 4); \\
+            for (; tile + 2 <= ntiles; tile += 2)                                            \\
+                ss_block_##SFX(a, lda, mp + tile * K * SS_NT, K, out + tile * SS_NT, ldo, 1, 2); \\
+        }                                                                                    \\
+        for (; tile < ntiles; tile++) {                                                      \\
+            const T* panel = mp + tile * K * SS_NT;                                          \\
+            for (r = 0; r + SS_MR_##SFX <= nrows; r += SS_MR_##SFX)                           \\
+                ss_block_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, ldo, \\
+                               SS_MR_##SFX, 1);                                              \\
+            if (SS_MR_##SFX > 4)                                                             \\
+                for (; r + 4 <= nrows; r += 4)                                               \\
+                    ss_block_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, \\
+                                   ldo, 4, 1);                                               \\
+            for (; r < nrows; r++)                                                           \\
+                ss_block_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, ldo, 1, 1); \\
+        }                                                                                    \\
+    }
+
+    SS_DEFINE_MATMUL(float, f)
+    SS_DEFINE_MATMUL(double, d)
+    """
+    void ss_matmul_acc_f(const float* a, Py_ssize_t lda, const float* mp, Py_ssize_t K,
+                         Py_ssize_t ntiles, float* out, Py_ssize_t ldo, Py_ssize_t nrows) nogil
+    void ss_matmul_acc_d(const double* a, Py_ssize_t lda, const double* mp, Py_ssize_t K,
+                         Py_ssize_t ntiles, double* out, Py_ssize_t ldo, Py_ssize_t nrows) nogil
+    int SS_NT
+
 cdef enum:
-    NT = 32     # panel width (columns): 2 AVX-512 / 4 AVX2 registers of float
-    MR = 4      # rows per register block
-
-
-cdef inline void tile_rows(const floating* a, Py_ssize_t lda, const floating* mp, Py_ssize_t K,
-                           floating* out, Py_ssize_t ldo, const int rows) noexcept nogil:
-    # `rows` is a literal at every call site, so the compiler unrolls the row loop and keeps
-    # acc in registers.  Each row's sum runs over k in the same order whatever `rows` is, so a
-    # row's result never depends on how rows are grouped (thread-count independence).
-    cdef floating acc[MR * NT]
-    cdef floating ak
-    cdef Py_ssize_t k, r, n
-    for n in range(rows * NT):
-        acc[n] = 0
-    for k in range(K):
-        for r in range(rows):
-            ak = a[r * lda + k]
-            for n in range(NT):
-                acc[r * NT + n] += ak * mp[k * NT + n]
-    for r in range(rows):
-        for n in range(NT):
-            out[r * ldo + n] += acc[r * NT + n]
+    NT = 32     # panel width (columns); must equal SS_NT above
 
 
 cdef inline void matmul_acc(const floating* a, Py_ssize_t lda, const floating* mp, Py_ssize_t K,
                             Py_ssize_t ntiles, floating* out, Py_ssize_t ldo,
                             Py_ssize_t nrows) noexcept nogil:
-    """out[:nrows, :ntiles*NT] += a[:nrows, :K] @ M, panel by panel (panel reused across rows)."""
-    cdef Py_ssize_t tile, r
-    cdef const floating* panel
-    for tile in range(ntiles):
-        panel = mp + tile * K * NT
-        r = 0
-        while r + MR <= nrows:
-            tile_rows(a + r * lda, lda, panel, K, out + r * ldo + tile * NT, ldo, MR)
-            r += MR
-        while r < nrows:
-            tile_rows(a + r * lda, lda, panel, K, out + r * ldo + tile * NT, ldo, 1)
-            r += 1
+    """out[:nrows, :ntiles*NT] += a[:nrows, :K] @ M, M packed by pack_panels."""
+    if floating is float:
+        ss_matmul_acc_f(a, lda, mp, K, ntiles, out, ldo, nrows)
+    else:
+        ss_matmul_acc_d(a, lda, mp, K, ntiles, out, ldo, nrows)
 
 
 cdef inline void pack_panels(const floating* m, Py_ssize_t sk, Py_ssize_t sn, Py_ssize_t K,
@@ -50,11 +118,17 @@ cdef inline void pack_panels(const floating* m, Py_ssize_t sk, Py_ssize_t sn, Py
     """Copy M (element (k, n) at m[k*sk + n*sn]) into panels mp[tile][k][NT], zero-padded."""
     cdef Py_ssize_t ntiles = (N + NT - 1) // NT
     cdef Py_ssize_t tile, k, n, col
+    cdef floating* panel
     for tile in range(ntiles):
-        for k in range(K):
-            for n in range(NT):
-                col = tile * NT + n
-                if col < N:
-                    mp[(tile * K + k) * NT + n] = m[k * sk + col * sn]
-                else:
-                    mp[(tile * K + k) * NT + n] = 0
+        panel = mp + tile * K * NT
+        for n in range(NT):
+            col = tile * NT + n
+            if col >= N:
+                for k in range(K):
+                    panel[k * NT + n] = 0
+            elif sk == 1:       # read along the contiguous axis of the source
+                for k in range(K):
+                    panel[k * NT + n] = m[col * sn + k]
+            else:
+                for k in range(K):
+                    panel[k * NT + n] = m[k * sk + col * sn]

@@ -6,7 +6,7 @@ from cython cimport floating
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
 
-from _microkernel cimport NT, MR, matmul_acc, pack_panels
+from _microkernel cimport NT, matmul_acc, pack_panels
 from _cells cimport cell_forward, cell_backward
 
 
@@ -15,9 +15,9 @@ cdef inline Py_ssize_t round_up(Py_ssize_t n, Py_ssize_t m) noexcept nogil:
 
 
 cdef Py_ssize_t rows_per_job(Py_ssize_t B, Py_ssize_t heads, int num_threads) noexcept nogil:
-    # Enough jobs to occupy every thread, in blocks of MR rows where possible.
+    # Enough jobs to occupy every thread, in blocks of 8 rows (a micro-kernel block) if possible.
     cdef Py_ssize_t chunks = max(1, (num_threads + heads - 1) // heads)
-    return min(B, round_up((B + chunks - 1) // chunks, MR))
+    return min(B, round_up((B + chunks - 1) // chunks, 8))
 
 
 cdef void forward_job(int cell, Py_ssize_t r0, Py_ssize_t nr, Py_ssize_t k,
@@ -188,6 +188,50 @@ def backward(int cell, const floating[:, :, ::1] ax, const floating[:, :, ::1] a
             free(dst)
             free(gbuf)
     free(mb)
+
+
+cdef enum:
+    PROJECT_ROWS = 64     # rows per job of `project`
+
+
+def project(const floating[:, ::1] x, const floating[:, ::1] W, const floating[::1] b,
+            floating[:, ::1] out, int num_threads):
+    """out = x @ W.T (+ b): x [N, I], W [M, I], b [M] or None, out [N, M].
+
+    Every row is computed by the same sequence of operations whatever N is, so projecting a
+    sequence in chunks gives bit-identical rows (BLAS picks different kernels for different N).
+    """
+    cdef Py_ssize_t N = x.shape[0], I = x.shape[1], M = W.shape[0]
+    cdef Py_ssize_t ntiles = (M + NT - 1) // NT, Mp = ntiles * NT
+    cdef Py_ssize_t njobs = (N + PROJECT_ROWS - 1) // PROJECT_ROWS
+    cdef Py_ssize_t job, r0, nr, r, m
+    cdef const floating* bp = NULL
+    cdef floating* wp
+    cdef floating* buf
+    if N == 0 or M == 0:
+        return
+    if b is not None:
+        bp = &b[0]
+    wp = <floating*> malloc(ntiles * I * NT * sizeof(floating) + 1)
+    if wp == NULL:
+        raise MemoryError()
+    with nogil:
+        pack_panels(&W[0, 0], 1, I, I, M, wp)
+        with parallel(num_threads=num_threads):
+            buf = <floating*> malloc(PROJECT_ROWS * Mp * sizeof(floating))
+            for job in prange(njobs, schedule="static"):
+                r0 = job * PROJECT_ROWS
+                nr = min(PROJECT_ROWS, N - r0)
+                for r in range(nr):
+                    for m in range(Mp):
+                        buf[r * Mp + m] = (bp[m] if bp != NULL else 0) if m < M else 0
+                if I > 0:
+                    matmul_acc(&x[r0, 0], I, wp, I, ntiles, buf, Mp, nr)
+                for r in range(nr):
+                    for m in range(M):
+                        out[r0 + r, m] = buf[r * Mp + m]
+            free(buf)
+    free(wp)
 
 
 cdef extern from *:

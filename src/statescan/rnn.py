@@ -94,22 +94,29 @@ def _state_array(cell, state, S, B, H, dtype):
                             "all arrays must share one dtype")
         _validate.check_shape(f"state {name}", part, (B, H), f"[B, H] = [{B}, {H}]")
         arrays.append(part)
-    return np.stack(arrays)
+    return _validate.contiguous(np.stack(arrays), dtype)   # stack keeps Fortran-order parts' layout
 
 
 _STATE_NAMES = {"elman": ("h",), "gru": ("h",), "lstm": ("h", "c"), "slstm": ("h", "c", "n", "m")}
 
 
 def _input_preactivation(call):
-    """W x + b over all B*T rows at once (one GEMM), [B, T, G*H]."""
+    """W x + b over all B*T rows at once (one GEMM), [B, T, G*H].
+
+    Each row is computed independently of how many rows there are, so a sequence fed in
+    chunks sees exactly the same pre-activations as in one call (BLAS does not promise that).
+    """
     x, W, b = call.x, call.W, call.b
     if W is None:
-        ax = x if b is None else x + b
-    else:
-        B, T, I = x.shape
-        ax = (x.reshape(B * T, I) @ W.T).reshape(B, T, -1)
-        if b is not None:
-            ax += b
+        return x if b is None else x + b
+    B, T, I = x.shape
+    if not _dispatch.use_compiled():
+        return np.stack([x[:, t] @ W.T + (0 if b is None else b) for t in range(T)], axis=1) \
+            if T else np.empty((B, 0, W.shape[0]), x.dtype)
+    ax = np.empty((B, T, W.shape[0]), x.dtype)
+    bias = None if b is None else _validate.contiguous(b, x.dtype)
+    _dispatch.ext_module("rnn").project(x.reshape(B * T, I), W, bias, ax.reshape(B * T, W.shape[0]),
+                                        _dispatch.get_num_threads())
     return ax
 
 
@@ -199,29 +206,36 @@ def _cell_vjp(cell, x, W, R, b=None, b_r=None, *, heads=1, state=None, solver="s
     def pullback(cotangent):
         dy, dstate = _cotangent(cell, cotangent, call)
         dgx, dgr, dstate0 = _kernel_backward(call, ax, ar_seq, seq, dy, dstate)
-        B, T, H = call.shape
-        heads_, GD, D = call.R.shape
-        G = GD // D
-        N = B * T
-        gx = dgx.reshape(N, G * H)
-        if call.W is None:
-            dx, dW = dgx, None
-        else:
-            dx = (gx @ call.W).reshape(call.x.shape)
-            dW = gx.T @ call.x.reshape(N, -1)
-        h_prev = np.concatenate([call.state0[0][:, None], y[:, :-1]], axis=1)
-        gr = dgr.reshape(N, G, heads_, D).transpose(2, 0, 1, 3).reshape(heads_, N, GD)
-        dR = gr.transpose(0, 2, 1) @ h_prev.reshape(N, heads_, D).transpose(1, 0, 2)
-        if call.R_ndim == 2:
-            dR = dR[0]
-        db = None if b is None else gx.sum(axis=0)
-        db_r = None if b_r is None else dgr.reshape(N, G * H).sum(axis=0)
-        grads = (dx, dW, dR, db, db_r)[:_n_positional(W, b, b_r)]
-        if call.state_given:
-            grads = grads + (_outputs(cell, None, dstate0)[1],)
-        return grads
+        return _parameter_grads(call, y, dgx, dgr, dstate0)
 
     return _outputs(cell, y, final), pullback
+
+
+def _parameter_grads(call, y, dgx, dgr, dstate0):
+    """Gradients of the positional arguments (and of state=) from the pre-activation gradients
+    dgx, dgr [B,T,G*H] and dstate0 [S,B,H]; y [B,T,H] is the forward output."""
+    cell, W, b, b_r = call.cell, call.W, call.b, call.b_r
+    B, T, H = call.shape
+    heads_, GD, D = call.R.shape
+    G = GD // D
+    N = B * T
+    gx = dgx.reshape(N, G * H)
+    if call.W is None:
+        dx, dW = dgx, None
+    else:
+        dx = (gx @ call.W).reshape(call.x.shape)
+        dW = gx.T @ call.x.reshape(N, call.x.shape[2])
+    h_prev = np.concatenate([call.state0[0][:, None], y[:, :-1]], axis=1)[:, :T]
+    gr = dgr.reshape(N, G, heads_, D).transpose(2, 0, 1, 3).reshape(heads_, N, GD)
+    dR = gr.transpose(0, 2, 1) @ h_prev.reshape(N, heads_, D).transpose(1, 0, 2)
+    if call.R_ndim == 2:
+        dR = dR[0]
+    db = None if b is None else gx.sum(axis=0)
+    db_r = None if b_r is None else dgr.reshape(N, G * H).sum(axis=0)
+    grads = (dx, dW, dR, db, db_r)[:_n_positional(W, b, b_r)]
+    if call.state_given:
+        grads = grads + (_outputs(cell, None, dstate0)[1],)
+    return grads
 
 
 def _n_positional(W, b, b_r):
