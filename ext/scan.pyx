@@ -1,0 +1,546 @@
+# Linear scans: the diagonal recurrence h_t = a_t*h_{t-1} + b_t and Mamba-1's selective scan.
+# Both are sequential in time and independent across (batch row, channel): a job is one batch
+# row and a block of channels, runs all T steps, and vectorises over the channels of its block.
+# A job's arithmetic does not depend on the number of jobs or threads, so results are
+# bit-identical for any thread count; sums over channels or batch rows that the backward
+# needs are written per job and added in a fixed order by the caller.
+from cython cimport floating
+from cython.parallel cimport prange, parallel
+from libc.stdlib cimport malloc, free
+from libc.math cimport sqrt
+
+from _scan_math cimport vexp, vsigmoid, vsoftplus
+
+cdef enum:
+    LB = 512        # linear scan: channels per job
+    W = 16          # selective scan: channels per block (= SS_W of _scan_simd.h)
+    GROUP = 4       # selective scan backward: blocks per job (dB/dC partial sums per group)
+
+
+# ---- linear scan -----------------------------------------------------------------------------
+
+def linear_forward(const floating[:, :, ::1] a, const floating[:, :, ::1] b,
+                   const floating[:, ::1] h0, floating[:, :, ::1] h, int num_threads):
+    """h [B,T,D] = the scan of a, b [B,T,D] from h0 [B,D].  Requires B, T, D >= 1."""
+    cdef Py_ssize_t B = b.shape[0], T = b.shape[1], D = b.shape[2]
+    cdef Py_ssize_t nblk = (D + LB - 1) // LB
+    cdef Py_ssize_t job, r, d0, nd, t, d
+    cdef const floating* prev
+    cdef const floating* ap
+    cdef const floating* bp
+    cdef floating* hp
+    with nogil:
+        for job in prange(B * nblk, schedule="static", num_threads=num_threads):
+            r = job // nblk
+            d0 = (job % nblk) * LB
+            nd = min(LB, D - d0)
+            prev = &h0[r, d0]
+            for t in range(T):
+                ap = &a[r, t, d0]
+                bp = &b[r, t, d0]
+                hp = &h[r, t, d0]
+                for d in range(nd):
+                    hp[d] = ap[d] * prev[d] + bp[d]
+                prev = hp
+
+
+def linear_backward(const floating[:, :, ::1] a, const floating[:, ::1] h0,
+                    const floating[:, :, ::1] h, const floating[:, :, ::1] dh,
+                    floating[:, :, ::1] da, floating[:, :, ::1] db, floating[:, ::1] dh0,
+                    int num_threads):
+    """Gradients of sum(dh*h) for h = linear_forward(a, b, h0): da, db [B,T,D], dh0 [B,D].
+
+    db_t = dh_t + a_{t+1}*db_{t+1} (the gradient reaching h_t); da_t = db_t*h_{t-1}.
+    Requires B, T, D >= 1.
+    """
+    cdef Py_ssize_t B = h.shape[0], T = h.shape[1], D = h.shape[2]
+    cdef Py_ssize_t nblk = (D + LB - 1) // LB
+    cdef Py_ssize_t job, r, d0, nd, t, d
+    cdef const floating* an
+    cdef const floating* hprev
+    cdef const floating* dhp
+    cdef floating* g
+    cdef floating* gn
+    cdef floating* dap
+    with nogil:
+        for job in prange(B * nblk, schedule="static", num_threads=num_threads):
+            r = job // nblk
+            d0 = (job % nblk) * LB
+            nd = min(LB, D - d0)
+            for t in range(T - 1, -1, -1):
+                dhp = &dh[r, t, d0]
+                g = &db[r, t, d0]
+                dap = &da[r, t, d0]
+                hprev = &h[r, t - 1, d0] if t > 0 else &h0[r, d0]
+                if t == T - 1:
+                    for d in range(nd):
+                        g[d] = dhp[d]
+                else:
+                    an = &a[r, t + 1, d0]
+                    gn = &db[r, t + 1, d0]
+                    for d in range(nd):
+                        g[d] = dhp[d] + an[d] * gn[d]
+                for d in range(nd):
+                    dap[d] = g[d] * hprev[d]
+            an = &a[r, 0, d0]
+            g = &db[r, 0, d0]
+            for d in range(nd):
+                dh0[r, d0 + d] = an[d] * g[d]
+
+
+# ---- selective scan: one block of W channels of one batch row ---------------------------------
+# Per-block layout: state h[n*W + j] (state n of channel d0+j), A likewise; vectors of W lanes
+# are zero-padded past the last channel (delta = 0 there, so padded lanes stay 0).
+
+cdef inline void load_row(floating* dst, const floating* src, Py_ssize_t nw) noexcept nogil:
+    cdef Py_ssize_t j
+    if nw == W:
+        for j in range(W):
+            dst[j] = src[j]
+    else:
+        for j in range(W):
+            dst[j] = src[j] if j < nw else 0
+
+
+cdef inline void store_row(floating* dst, const floating* src, Py_ssize_t nw) noexcept nogil:
+    cdef Py_ssize_t j
+    if nw == W:
+        for j in range(W):
+            dst[j] = src[j]
+    else:
+        for j in range(nw):
+            dst[j] = src[j]
+
+
+cdef inline void load_block(floating* dst, const floating* src, Py_ssize_t N,
+                            Py_ssize_t nw) noexcept nogil:
+    # src [nw, N] row-major (channels x states) -> dst [N, W]
+    cdef Py_ssize_t j, n
+    for n in range(N):
+        for j in range(W):
+            dst[n * W + j] = src[j * N + n] if j < nw else 0
+
+
+cdef inline void store_block(floating* dst, const floating* src, Py_ssize_t N,
+                             Py_ssize_t nw) noexcept nogil:
+    cdef Py_ssize_t j, n
+    for j in range(nw):
+        for n in range(N):
+            dst[j * N + n] = src[n * W + j]
+
+
+cdef extern from "_scan_simd.h":
+    int SS_HAVE_VECTOR
+    void ss_softplus_row_f(float* out, const float* v, Py_ssize_t n) noexcept nogil
+    void ss_softplus_row_d(double* out, const double* v, Py_ssize_t n) noexcept nogil
+    void ss_sigmoid_row_f(float* out, const float* v, Py_ssize_t n) noexcept nogil
+    void ss_sigmoid_row_d(double* out, const double* v, Py_ssize_t n) noexcept nogil
+    void ss_advance_f(float* h, float* e_out, float* acc, const float* At, const float* dl,
+                      const float* u, const float* Bt, const float* Ct,
+                      Py_ssize_t N) noexcept nogil
+    void ss_advance_d(double* h, double* e_out, double* acc, const double* At,
+                      const double* dl, const double* u, const double* Bt, const double* Ct,
+                      Py_ssize_t N) noexcept nogil
+
+
+# Rows of n lanes (n a multiple of W) through exp-based functions: the vector versions of
+# _scan_simd.h where the compiler has them (inlined into the large kernels, GCC leaves these
+# loops scalar: their branches are not if-converted).
+cdef void softplus_row(floating* out, const floating* v, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    if SS_HAVE_VECTOR:
+        if floating is float:
+            ss_softplus_row_f(out, v, n)
+        else:
+            ss_softplus_row_d(out, v, n)
+        return
+    for j in range(n):
+        out[j] = vsoftplus(v[j])
+
+
+cdef void sigmoid_row(floating* out, const floating* v, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    if SS_HAVE_VECTOR:
+        if floating is float:
+            ss_sigmoid_row_f(out, v, n)
+        else:
+            ss_sigmoid_row_d(out, v, n)
+        return
+    for j in range(n):
+        out[j] = vsigmoid(v[j])
+
+
+cdef inline void step_delta(floating* dl, floating* v, const floating* dt_row,
+                            const floating* bias, bint softplus, Py_ssize_t nw) noexcept nogil:
+    # v = dt + bias (the softplus argument, kept for its derivative); dl = delta
+    cdef Py_ssize_t j
+    load_row(v, dt_row, nw)
+    for j in range(W):
+        v[j] = v[j] + bias[j]
+    if softplus:
+        softplus_row(dl, v, W)
+    else:
+        for j in range(W):
+            dl[j] = v[j]
+
+
+cdef inline void advance(floating* h, floating* e_out, floating* acc, const floating* At,
+                         const floating* dl, const floating* u, const floating* Bt,
+                         const floating* Ct, Py_ssize_t N) noexcept nogil:
+    # One step for every state n: e = exp(delta*A[n]) (saved to e_out unless NULL),
+    # h[n] = e*h[n] + u*B_t[n], acc += C_t[n]*h[n].  _scan_simd.h has the same loop in
+    # vector types (registers across n); this is the portable version of it.
+    cdef Py_ssize_t n, j
+    cdef floating bn, cn, e
+    if SS_HAVE_VECTOR:
+        if floating is float:
+            ss_advance_f(h, e_out, acc, At, dl, u, Bt, Ct, N)
+        else:
+            ss_advance_d(h, e_out, acc, At, dl, u, Bt, Ct, N)
+        return
+    for n in range(N):
+        bn = Bt[n]
+        cn = Ct[n]
+        for j in range(W):
+            e = vexp(dl[j] * At[n * W + j])
+            h[n * W + j] = e * h[n * W + j] + u[j] * bn
+            acc[j] += cn * h[n * W + j]
+        if e_out != NULL:
+            for j in range(W):
+                e_out[n * W + j] = vexp(dl[j] * At[n * W + j])
+
+
+cdef void sel_forward_group(Py_ssize_t r, Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t T,
+                            Py_ssize_t Dm, Py_ssize_t N, const floating* x, const floating* dt,
+                            const floating* A, const floating* Bm, const floating* C,
+                            const floating* Dp, const floating* z, const floating* bias_p,
+                            bint softplus, const floating* state0, floating* y,
+                            floating* state_out, floating* scratch) noexcept nogil:
+    # Blocks k0..k1-1 of batch row r.  Each step first prepares the step's rows for all the
+    # group's channels (contiguous reads of x, dt, z; one vectorised softplus), then advances
+    # the blocks one by one (a block per job would read memory with stride Dm).
+    cdef Py_ssize_t NW = N * W, nb = k1 - k0, L = nb * W
+    cdef Py_ssize_t c0 = k0 * W, nc = min(L, Dm - c0)
+    cdef floating* h = scratch                # [nb, N, W] states
+    cdef floating* At = h + nb * NW           # [nb, N, W]
+    cdef floating* Dv = At + nb * NW          # [L] rows of the group's channels, zero-padded
+    cdef floating* bias = Dv + L
+    cdef floating* v = bias + L
+    cdef floating* dl = v + L
+    cdef floating* xv = dl + L
+    cdef floating* u = xv + L
+    cdef floating* acc = u + L
+    cdef floating dl_k[W]
+    cdef floating u_k[W]
+    cdef floating acc_k[W]
+    cdef Py_ssize_t t, j, k, row, d0
+    for k in range(nb):
+        d0 = c0 + k * W
+        load_block(At + k * NW, A + d0 * N, N, min(<Py_ssize_t> W, Dm - d0))
+        load_block(h + k * NW, state0 + (r * Dm + d0) * N, N, min(<Py_ssize_t> W, Dm - d0))
+    for j in range(L):
+        Dv[j] = Dp[c0 + j] if (Dp != NULL and j < nc) else 0
+        bias[j] = bias_p[c0 + j] if (bias_p != NULL and j < nc) else 0
+        v[j] = 0
+        xv[j] = 0
+    for t in range(T):
+        row = (r * T + t) * Dm + c0
+        for j in range(nc):
+            v[j] = dt[row + j] + bias[j]
+            xv[j] = x[row + j]
+        if softplus:
+            softplus_row(dl, v, L)
+        else:
+            for j in range(L):
+                dl[j] = v[j]
+        for j in range(L):
+            u[j] = dl[j] * xv[j]
+            acc[j] = Dv[j] * xv[j]
+        for k in range(nb):
+            # local copies: the compiler then knows they alias nothing and keeps them in
+            # registers through the N states
+            for j in range(W):
+                dl_k[j] = dl[k * W + j]
+                u_k[j] = u[k * W + j]
+                acc_k[j] = acc[k * W + j]
+            advance(h + k * NW, <floating*> NULL, acc_k, At + k * NW, dl_k, u_k,
+                    Bm + (r * T + t) * N, C + (r * T + t) * N, N)
+            for j in range(W):
+                acc[k * W + j] = acc_k[j]
+        if z != NULL:
+            for j in range(nc):
+                xv[j] = z[row + j]
+            sigmoid_row(v, xv, L)
+            for j in range(nc):
+                acc[j] = acc[j] * xv[j] * v[j]
+        for j in range(nc):
+            y[row + j] = acc[j]
+    for k in range(nb):
+        d0 = c0 + k * W
+        store_block(state_out + (r * Dm + d0) * N, h + k * NW, N, min(<Py_ssize_t> W, Dm - d0))
+
+
+cdef inline Py_ssize_t blocks(Py_ssize_t Dm) noexcept nogil:
+    return (Dm + W - 1) // W
+
+
+cdef const floating* opt_ptr(const floating[::1] v) noexcept:
+    return NULL if v is None else &v[0]
+
+
+def selective_forward(const floating[:, :, ::1] x, const floating[:, :, ::1] dt,
+                      const floating[:, ::1] A, const floating[:, :, ::1] Bm,
+                      const floating[:, :, ::1] C, const floating[::1] D,
+                      const floating[:, :, ::1] z, const floating[::1] dt_bias, bint softplus,
+                      const floating[:, :, ::1] state0, floating[:, :, ::1] y,
+                      floating[:, :, ::1] state_out, int num_threads):
+    """Selective scan over x, dt, z [Bt,T,Dm]; A [Dm,N]; Bm, C [Bt,T,N]; D, dt_bias [Dm] or
+    None; z None or [Bt,T,Dm]; state0 [Bt,Dm,N].  Writes y [Bt,T,Dm] and state_out [Bt,Dm,N].
+    Requires Bt, T, Dm, N >= 1."""
+    cdef Py_ssize_t Bt = x.shape[0], T = x.shape[1], Dm = x.shape[2], N = A.shape[1]
+    cdef Py_ssize_t nblk = blocks(Dm)
+    # groups of blocks per batch row: as few as keep every thread busy (fewer, longer rows
+    # stream better); results do not depend on the grouping
+    cdef Py_ssize_t groups = min(nblk, max(1, (num_threads + Bt - 1) // Bt))
+    cdef Py_ssize_t gb = (nblk + groups - 1) // groups
+    cdef Py_ssize_t job, r, k0
+    cdef const floating* Dp = opt_ptr(D)
+    cdef const floating* bp = opt_ptr(dt_bias)
+    cdef const floating* zp = NULL
+    cdef floating* scratch = NULL
+    if z is not None:
+        zp = &z[0, 0, 0]
+    with nogil, parallel(num_threads=num_threads):
+        scratch = <floating*> malloc((2 * gb * N * W + 7 * gb * W) * sizeof(floating))
+        for job in prange(Bt * groups, schedule="static"):
+            r = job // groups
+            k0 = (job % groups) * gb
+            if k0 < nblk:
+                sel_forward_group(r, k0, min(nblk, k0 + gb), T, Dm, N, &x[0, 0, 0],
+                                  &dt[0, 0, 0], &A[0, 0], &Bm[0, 0, 0], &C[0, 0, 0], Dp, zp,
+                                  bp, softplus, &state0[0, 0, 0], &y[0, 0, 0],
+                                  &state_out[0, 0, 0], scratch)
+        free(scratch)
+
+
+# ---- selective scan backward ---------------------------------------------------------------
+# Reverse-time loop per block.  The states are not stored by the forward: a first pass saves
+# the state at the start of every chunk of K steps; then, chunk by chunk from the end, the
+# chunk's states and decays are recomputed from its checkpoint and walked backwards.
+# Memory per thread O((T/K + K) N W); recomputation gives the same bits as the forward.
+
+cdef inline floating lane_sum(floating* p) noexcept nogil:
+    # sum of W lanes in a fixed pairwise order (vectorises; a serial sum would not)
+    cdef Py_ssize_t j
+    for j in range(W // 2):
+        p[j] += p[j + W // 2]
+    for j in range(W // 4):
+        p[j] += p[j + W // 4]
+    for j in range(W // 8):
+        p[j] += p[j + W // 8]
+    return p[0] + p[1]
+
+
+cdef void sel_backward_block(Py_ssize_t r, Py_ssize_t d0, Py_ssize_t nw, Py_ssize_t T,
+                             Py_ssize_t Dm, Py_ssize_t N, Py_ssize_t K,
+                             const floating* x, const floating* dt, const floating* A,
+                             const floating* Bm, const floating* C, const floating* Dp,
+                             const floating* z, const floating* bias_p, bint softplus,
+                             const floating* state0, const floating* dy,
+                             const floating* dstate, floating* dx, floating* ddt,
+                             floating* dA_p, floating* dB_p, floating* dC_p, floating* dD_p,
+                             floating* dz, floating* dbias_p, floating* dstate0,
+                             floating* scratch) noexcept nogil:
+    cdef Py_ssize_t NW = N * W, nchunks = (T + K - 1) // K
+    cdef floating* At = scratch
+    cdef floating* g = At + NW
+    cdef floating* dAacc = g + NW
+    cdef floating* hs = dAacc + NW           # [K+1, N, W]: checkpoint, then the chunk's states
+    cdef floating* es = hs + (K + 1) * NW    # [K, N, W]: the chunk's decays
+    cdef floating* dls = es + K * NW         # [K, W]: the chunk's deltas
+    cdef floating* ys = dls + K * W          # [K, W]: the chunk's outputs before the gate
+    cdef floating* ckpt = ys + K * W         # [nchunks, N, W]
+    cdef floating dl[W]
+    cdef floating v[W]
+    cdef floating xv[W]
+    cdef floating u[W]
+    cdef floating Dv[W]
+    cdef floating bias[W]
+    cdef floating dyv[W]
+    cdef floating dy0[W]
+    cdef floating zv[W]
+    cdef floating sz[W]
+    cdef floating gB[W]
+    cdef floating dde[W]
+    cdef floating dDacc[W]
+    cdef floating dbacc[W]
+    cdef floating p1[W]
+    cdef floating p2[W]
+    cdef floating s, dec, bn, cn
+    cdef Py_ssize_t t, tt, c, t0, t1, n, j, row, bt_row
+    cdef floating* hp
+    cdef floating* ht
+    cdef floating* et
+
+    load_block(At, A + d0 * N, N, nw)
+    load_block(ckpt, state0 + (r * Dm + d0) * N, N, nw)
+    load_block(g, dstate + (r * Dm + d0) * N, N, nw)
+    for j in range(W):
+        Dv[j] = Dp[d0 + j] if (Dp != NULL and j < nw) else 0
+        bias[j] = bias_p[d0 + j] if (bias_p != NULL and j < nw) else 0
+        dDacc[j] = 0
+        dbacc[j] = 0
+    for j in range(NW):
+        dAacc[j] = 0
+
+    # pass 1: the state at the start of every chunk (the decays and outputs are not needed)
+    for c in range(1, nchunks):
+        for j in range(NW):
+            ckpt[c * NW + j] = ckpt[(c - 1) * NW + j]
+        for t in range((c - 1) * K, c * K):
+            row = (r * T + t) * Dm + d0
+            step_delta(dl, v, dt + row, bias, softplus, nw)
+            load_row(xv, x + row, nw)
+            for j in range(W):
+                u[j] = dl[j] * xv[j]
+            advance(ckpt + c * NW, <floating*> NULL, p1, At, dl, u, Bm + (r * T + t) * N,
+                    C + (r * T + t) * N, N)
+
+    for c in range(nchunks - 1, -1, -1):
+        t0 = c * K
+        t1 = min(T, t0 + K)
+        # recompute the chunk: hs[tt+1] = state after step t0+tt, es[tt] its decays
+        for j in range(NW):
+            hs[j] = ckpt[c * NW + j]
+        for tt in range(t1 - t0):
+            row = (r * T + t0 + tt) * Dm + d0
+            step_delta(dls + tt * W, v, dt + row, bias, softplus, nw)
+            load_row(xv, x + row, nw)
+            for j in range(W):
+                u[j] = dls[tt * W + j] * xv[j]
+                ys[tt * W + j] = Dv[j] * xv[j]
+            for j in range(NW):
+                hs[(tt + 1) * NW + j] = hs[tt * NW + j]
+            advance(hs + (tt + 1) * NW, es + tt * NW, ys + tt * W, At, dls + tt * W, u,
+                    Bm + (r * T + t0 + tt) * N, C + (r * T + t0 + tt) * N, N)
+        # walk the chunk backwards
+        for tt in range(t1 - t0 - 1, -1, -1):
+            t = t0 + tt
+            row = (r * T + t) * Dm + d0
+            bt_row = (r * T + t) * N
+            hp = hs + tt * NW
+            ht = hs + (tt + 1) * NW
+            et = es + tt * NW
+            load_row(xv, x + row, nw)
+            load_row(dyv, dy + row, nw)
+            for j in range(W):
+                dl[j] = dls[tt * W + j]
+                u[j] = dl[j] * xv[j]
+            if z != NULL:
+                load_row(zv, z + row, nw)
+                sigmoid_row(sz, zv, W)
+                for j in range(W):
+                    s = sz[j]
+                    p2[j] = dyv[j] * ys[tt * W + j] * s * (1 + zv[j] * (1 - s))
+                    dy0[j] = dyv[j] * zv[j] * s
+                store_row(dz + row, p2, nw)
+            else:
+                for j in range(W):
+                    dy0[j] = dyv[j]
+            for j in range(W):
+                gB[j] = 0
+                dde[j] = 0
+            for n in range(N):
+                bn = Bm[bt_row + n]
+                cn = C[bt_row + n]
+                for j in range(W):
+                    g[n * W + j] += dy0[j] * cn
+                    p1[j] = dy0[j] * ht[n * W + j]
+                    p2[j] = g[n * W + j] * u[j]
+                dC_p[bt_row + n] += lane_sum(p1)
+                dB_p[bt_row + n] += lane_sum(p2)
+                for j in range(W):
+                    gB[j] += g[n * W + j] * bn
+                    dec = g[n * W + j] * hp[n * W + j] * et[n * W + j]
+                    dde[j] += dec * At[n * W + j]
+                    dAacc[n * W + j] += dec * dl[j]
+                    g[n * W + j] = g[n * W + j] * et[n * W + j]
+            if softplus:                    # d softplus(v) / dv, v = dt + bias
+                load_row(v, dt + row, nw)
+                for j in range(W):
+                    v[j] = v[j] + bias[j]
+                sigmoid_row(sz, v, W)
+            for j in range(W):
+                p1[j] = gB[j] * dl[j] + dy0[j] * Dv[j]
+                p2[j] = dde[j] + gB[j] * xv[j]
+                if softplus:
+                    p2[j] = p2[j] * sz[j]
+                dDacc[j] += dy0[j] * xv[j]
+                dbacc[j] += p2[j]
+            store_row(dx + row, p1, nw)
+            store_row(ddt + row, p2, nw)
+
+    store_block(dstate0 + (r * Dm + d0) * N, g, N, nw)
+    store_block(dA_p + (r * Dm + d0) * N, dAacc, N, nw)
+    for j in range(nw):
+        dD_p[r * Dm + d0 + j] = dDacc[j]
+        dbias_p[r * Dm + d0 + j] = dbacc[j]
+
+
+def checkpoint_interval(Py_ssize_t T):
+    """Steps per recomputed chunk in the backward (about sqrt(T): O(sqrt(T)) memory)."""
+    return max(16, <Py_ssize_t> sqrt(<double> T))
+
+
+def selective_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dt,
+                       const floating[:, ::1] A, const floating[:, :, ::1] Bm,
+                       const floating[:, :, ::1] C, const floating[::1] D,
+                       const floating[:, :, ::1] z, const floating[::1] dt_bias, bint softplus,
+                       const floating[:, :, ::1] state0, const floating[:, :, ::1] dy,
+                       const floating[:, :, ::1] dstate, floating[:, :, ::1] dx,
+                       floating[:, :, ::1] ddt, floating[:, :, ::1] dA_p,
+                       floating[:, :, :, ::1] dB_p, floating[:, :, :, ::1] dC_p,
+                       floating[:, ::1] dD_p, floating[:, :, ::1] dz,
+                       floating[:, ::1] dbias_p, floating[:, :, ::1] dstate0, int num_threads):
+    """Gradients of sum(dy*y) + sum(dstate*state) for selective_forward's outputs.
+
+    Writes dx, ddt [Bt,T,Dm], dz [Bt,T,Dm] (when z is given; else pass None), dstate0
+    [Bt,Dm,N], and partial sums the caller adds up: dA_p [Bt,Dm,N], dD_p and dbias_p [Bt,Dm]
+    (over batch rows), dB_p and dC_p [G,Bt,T,N] (over channel groups of GROUP*W, zero on
+    entry).  Requires Bt, T, Dm, N >= 1.
+    """
+    cdef Py_ssize_t Bt = x.shape[0], T = x.shape[1], Dm = x.shape[2], N = A.shape[1]
+    cdef Py_ssize_t nblk = blocks(Dm), ngroups = dB_p.shape[0]
+    cdef Py_ssize_t K = checkpoint_interval(T), NW = N * W
+    cdef Py_ssize_t job, r, grp, k, d0
+    cdef const floating* Dp = opt_ptr(D)
+    cdef const floating* bp = opt_ptr(dt_bias)
+    cdef const floating* zp = NULL
+    cdef floating* dzp = NULL
+    cdef floating* scratch = NULL
+    if ngroups != (nblk + GROUP - 1) // GROUP:
+        raise ValueError("dB_p/dC_p must have one entry per group of channels")
+    if z is not None:
+        zp = &z[0, 0, 0]
+        dzp = &dz[0, 0, 0]
+    with nogil, parallel(num_threads=num_threads):
+        scratch = <floating*> malloc(((3 + 2 * K + 1 + (T + K - 1) // K) * NW + 2 * K * W)
+                                     * sizeof(floating))
+        for job in prange(Bt * ngroups, schedule="static"):
+            r = job // ngroups
+            grp = job % ngroups
+            for k in range(grp * GROUP, min(nblk, (grp + 1) * GROUP)):
+                d0 = k * W
+                sel_backward_block(r, d0, min(<Py_ssize_t> W, Dm - d0), T, Dm, N, K,
+                                   &x[0, 0, 0], &dt[0, 0, 0], &A[0, 0], &Bm[0, 0, 0],
+                                   &C[0, 0, 0], Dp, zp, bp, softplus, &state0[0, 0, 0],
+                                   &dy[0, 0, 0], &dstate[0, 0, 0], &dx[0, 0, 0],
+                                   &ddt[0, 0, 0], &dA_p[0, 0, 0], &dB_p[grp, 0, 0, 0],
+                                   &dC_p[grp, 0, 0, 0], &dD_p[0, 0], dzp, &dbias_p[0, 0],
+                                   &dstate0[0, 0, 0], scratch)
+        free(scratch)
+
+
+def backward_groups(Py_ssize_t Dm):
+    """Number of channel groups of selective_backward's dB_p/dC_p partial sums."""
+    return (blocks(Dm) + GROUP - 1) // GROUP

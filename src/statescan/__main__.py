@@ -1,0 +1,6 @@
+"""``python -m statescan bench ...``"""
+import sys
+
+from .cli import main
+
+sys.exit(main())

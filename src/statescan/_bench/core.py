@@ -1,0 +1,293 @@
+"""The benchmark interface: cases, runners, and how one case is measured.
+
+Writing a family module
+-----------------------
+A family module is ``statescan/_bench/<family>_cases.py`` (``rnn_cases``, ``scan_cases``,
+``attention_cases``, ``parallel_cases``).  ``statescan bench`` finds it by name (see
+:data:`FAMILIES`); if it fails to import, that family is reported as skipped and the others run.
+It defines one function::
+
+    def cases(quick: bool) -> list[Case]
+
+returning the grid for BOTH dtypes (float32 and float64: the runner keeps the ``--dtype`` one).
+``quick=True`` is the ``--quick`` grid (the whole ``statescan bench --quick`` must stay under a
+minute, so a few small cases per family).  Building the list must be cheap: allocate nothing
+there, do it in ``make``.
+
+A :class:`Case` is one grid point::
+
+    Case(family="scan", name="linear_scan", params={"B": 16, "T": 4096, "D": 256},
+         dtype="float32", steps=4096, flops=2 * 16 * 4096 * 256, make=build)
+
+* ``steps``: time steps (or tokens) per call of the ``"statescan"`` runner; tables report
+  microseconds per step = seconds per call / steps, so cases with different T compare.
+  Pick T so one statescan call takes ~0.05-0.3 s (quick mode: ~0.01-0.05 s).
+* ``flops``: floating-point operations per call of the ``"statescan"`` runner (for GFLOP/s
+  and the fraction of the machine's measured sgemm peak); 0 when not meaningful.
+* ``make()``: builds the inputs (outside the timing) and returns ``{runner name: runner}``.
+  A runner is a zero-argument callable returning the output to verify (an array, a tuple of
+  arrays, or None to skip verification), or a :class:`Runner` when its sequence length
+  differs from ``steps`` or it needs its own expected output, or a :class:`Skipped`.
+  Names: ``"statescan"`` (required), ``"numpy-ref"`` (the numpy reference, wrap it with
+  :func:`numpy_reference`; cap its T with ``Runner(steps=...)`` so a call stays < ~0.5 s),
+  and peers ``"torch"``, ``"torch-loop"``, ``"onnxruntime"``, ``"jax"``, ``"jax-loop"``...
+  Add peers with ``add_peer(runners, name, build, *args)``: it calls ``build(*args)`` (which
+  returns the runner) only when the peer is enabled by ``--peers``, and turns a missing
+  package or a failing build into a :class:`Skipped` note.  Keep a family's peer builders in
+  its own module (``peers.py`` holds the RNN ones and shows the pattern).  Import peer
+  packages with :func:`import_peer` (it applies the thread count); :func:`threads` is the
+  thread count of the run (for e.g. ONNX Runtime's ``intra_op_num_threads``).
+* ``guard=True`` marks a quick-grid case used by the regression guard (``--check``): keep its
+  sizes fixed forever, and keep a ``"numpy-ref"`` runner.
+* ``atol``: largest accepted ``max|out - expected| / max(1, max|expected|)`` of a runner's
+  output against the expected one (default: 2e-3 for float32, 1e-8 for float64).
+
+Verification: every runner's output is compared with the ``"statescan"`` runner's output
+(or with ``Runner.expected()`` when given; a runner with a different ``steps`` and no
+``expected`` is not compared).  Mismatches are reported, not fatal.
+
+Example (a runner per peer, numpy reference on a shorter sequence)::
+
+    def build():
+        a, b = ...                                   # [B, T, D]
+        ar, br = a[:, :Tr].copy(), b[:, :Tr].copy()  # a shorter sequence for the reference
+        runners = {"statescan": lambda: ss.linear_scan(a, b),
+                   "numpy-ref": Runner(numpy_reference(lambda: ss.linear_scan(ar, br)),
+                                       steps=Tr, expected=lambda: ss.linear_scan(ar, br))}
+        add_peer(runners, "torch", _torch_scan, a, b)  # _torch_scan calls import_peer("torch")
+        return runners
+"""
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+import statescan
+
+FAMILIES = ("rnn", "scan", "attention", "parallel")
+STATESCAN = "statescan"
+NUMPY_REF = "numpy-ref"
+# Column order in tables; unknown peer names follow in the order cases return them.
+RUNNER_ORDER = (STATESCAN, NUMPY_REF, "torch", "torch-loop", "onnxruntime", "jax", "jax-loop")
+
+
+@dataclass
+class Case:
+    family: str
+    name: str
+    params: dict
+    dtype: str
+    steps: int
+    flops: float
+    make: Callable[[], dict]
+    guard: bool = False
+    atol: Optional[float] = None
+
+    @property
+    def id(self):
+        """Stable identifier: used by --filter and as the regression baseline's key."""
+        sizes = " ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.family}/{self.name} {sizes} {self.dtype}".replace("  ", " ")
+
+    @property
+    def tolerance(self):
+        if self.atol is not None:
+            return self.atol
+        return 2e-3 if self.dtype == "float32" else 1e-8
+
+
+@dataclass
+class Runner:
+    fn: Callable[[], Any]
+    steps: Optional[int] = None              # None: the case's steps
+    flops: Optional[float] = None            # None: the case's flops scaled by steps
+    expected: Optional[Callable[[], Any]] = None
+
+
+@dataclass
+class Skipped:
+    reason: str
+
+
+@dataclass
+class Measurement:
+    """One runner on one case."""
+    seconds: float                   # median seconds per call
+    steps: int
+    repeats: int
+    flops: float
+    max_error: Optional[float] = None
+    ok: Optional[bool] = None       # None: not verified
+
+    @property
+    def us_per_step(self):
+        return self.seconds / max(self.steps, 1) * 1e6
+
+    @property
+    def gflops(self):
+        return self.flops / self.seconds / 1e9 if self.flops and self.seconds > 0 else None
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    runs: dict = field(default_factory=dict)       # name -> Measurement
+    skipped: dict = field(default_factory=dict)    # name -> reason
+    error: Optional[str] = None                    # the case could not be built or run
+
+    def ratio(self, peer):
+        """peer time per step / statescan time per step (> 1: statescan is faster)."""
+        ours, theirs = self.runs.get(STATESCAN), self.runs.get(peer)
+        if ours is None or theirs is None or ours.us_per_step <= 0:
+            return None
+        return theirs.us_per_step / ours.us_per_step
+
+
+# ---- run-wide settings (set by the CLI before cases are built) -------------------------------
+
+_settings = {"threads": 1, "peers": None}   # peers: None = all, else a set of enabled names
+
+
+def configure(threads, peers=None):
+    _settings["threads"] = int(threads)
+    _settings["peers"] = None if peers is None else set(peers)
+
+
+def threads():
+    """Thread count of the current run."""
+    return _settings["threads"]
+
+
+def peer_enabled(name):
+    enabled = _settings["peers"]
+    return enabled is None or name in enabled
+
+
+def import_peer(name):
+    """Import a peer package and apply the run's thread count to it."""
+    import importlib
+    module = importlib.import_module(name)
+    if name == "torch":
+        if module.get_num_threads() != threads():
+            module.set_num_threads(threads())
+    return module
+
+
+def add_peer(runners, name, build, *args, **kwargs):
+    """``runners[name] = build(*args, **kwargs)`` if peer `name` is enabled; a missing package
+    or a failing build becomes a :class:`Skipped` with the reason."""
+    if not peer_enabled(name):
+        return
+    try:
+        runners[name] = build(*args, **kwargs)
+    except ImportError as exc:
+        runners[name] = Skipped(f"not installed ({exc.name or exc})")
+    except Exception as exc:  # a peer that cannot express this case must not stop the others
+        runners[name] = Skipped(f"build failed: {type(exc).__name__}: {exc}")
+
+
+def numpy_reference(fn):
+    """Wrap `fn` so it runs with statescan's numpy reference backend, restoring the previous
+    backend afterwards."""
+    def run():
+        previous = statescan.backend()
+        statescan.set_backend("python")
+        try:
+            return fn()
+        finally:
+            statescan.set_backend(previous)
+    return run
+
+
+# ---- measuring -------------------------------------------------------------------------------
+
+def time_call(fn, budget, min_repeats=3, max_repeats=25, statistic="median"):
+    """(seconds per call, repeats, output of the first call): the median (or with
+    ``statistic="min"`` the best, which is less sensitive to other processes) of repeated
+    calls.  The first call warms up (JIT compilation, caches, page faults) and is not counted."""
+    t0 = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - t0
+    repeats = int(min(max_repeats, max(min_repeats, budget / max(first, 1e-9))))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return (min(times) if statistic == "min" else statistics.median(times)), repeats, out
+
+
+def max_error(out, expected):
+    """max|out - expected| / max(1, max|expected|) over (tuples of) arrays; inf on a shape
+    mismatch."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    exps = expected if isinstance(expected, (tuple, list)) else (expected,)
+    if len(outs) != len(exps):
+        return float("inf")
+    worst = 0.0
+    for o, e in zip(outs, exps):
+        o, e = _to_numpy(o), _to_numpy(e)
+        if o.shape != e.shape:
+            return float("inf")
+        if e.size == 0:
+            continue
+        o, e = o.astype(np.float64), e.astype(np.float64)
+        scale = max(1.0, float(np.nanmax(np.abs(e))))
+        diff = np.abs(o - e)
+        err = float("inf") if np.isnan(diff).any() else float(diff.max())
+        worst = max(worst, err / scale)
+    return worst
+
+
+def _to_numpy(a):
+    if hasattr(a, "detach"):          # torch tensors
+        a = a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def run_case(case, budget=0.6, on_runner=None, statistic="median"):
+    """Build `case` and measure each of its runners (see :func:`time_call` for `budget` and
+    `statistic`).  `on_runner(name, measurement_or_skipped)` is called after each runner."""
+    result = CaseResult(case)
+    try:
+        runners = case.make()
+    except Exception as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    ordered = sorted(runners, key=lambda n: (RUNNER_ORDER.index(n) if n in RUNNER_ORDER
+                                             else len(RUNNER_ORDER)))
+    reference_out, reference_steps = None, case.steps
+    for name in ordered:
+        runner = runners[name]
+        if isinstance(runner, Skipped):
+            result.skipped[name] = runner.reason
+            if on_runner:
+                on_runner(name, runner)
+            continue
+        if not isinstance(runner, Runner):
+            runner = Runner(runner)
+        steps = runner.steps or case.steps
+        flops = runner.flops if runner.flops is not None else case.flops * steps / case.steps
+        try:
+            seconds, repeats, out = time_call(runner.fn, budget, statistic=statistic)
+        except Exception as exc:
+            result.skipped[name] = f"failed: {type(exc).__name__}: {exc}"
+            if on_runner:
+                on_runner(name, Skipped(result.skipped[name]))
+            continue
+        m = Measurement(seconds, steps, repeats, flops)
+        if name == STATESCAN:
+            reference_out, reference_steps = out, steps
+        elif out is not None:
+            expected = (runner.expected() if runner.expected is not None
+                        else reference_out if steps == reference_steps else None)
+            if expected is not None:
+                m.max_error = max_error(out, expected)
+                m.ok = m.max_error <= case.tolerance
+        result.runs[name] = m
+        if on_runner:
+            on_runner(name, m)
+    del runners
+    return result

@@ -1,0 +1,232 @@
+"""Peer implementations of the RNN cells, built outside the timing.
+
+Each ``build_*`` takes numpy inputs in statescan's convention (x [B,T,I], W [G*H,I],
+R [G*H,H] or [heads,G*D,D], b, b_r [G*H], gate order as PyTorch) and returns a zero-argument
+callable that runs the peer and returns y [B,T,H] (or dx for the forward+backward runners).
+Packages are imported here, lazily, through :func:`core.import_peer`.
+"""
+import os
+import sys
+
+import numpy as np
+
+from . import core
+
+# ONNX gate orders, as indices into PyTorch's gate blocks (LSTM i,f,g,o -> iofc; GRU r,z,n -> zrh)
+_ONNX_GATES = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "elman": (0,)}
+_ONNX_OPS = {"lstm": "LSTM", "gru": "GRU", "elman": "RNN"}
+_TORCH_MODULES = {"lstm": "LSTM", "gru": "GRU", "elman": "RNN"}
+
+
+# ---- PyTorch's fused modules (nn.LSTM / nn.GRU / nn.RNN), heads = 1 -------------------------
+
+def _torch_module(cell, W, R, b, b_r):
+    torch = core.import_peer("torch")
+    H, I = R.shape[1], W.shape[1]
+    module = getattr(torch.nn, _TORCH_MODULES[cell])(I, H, batch_first=True)
+    module = module.to(torch.float64 if W.dtype == np.float64 else torch.float32)
+    with torch.no_grad():
+        module.weight_ih_l0.copy_(torch.from_numpy(W))
+        module.weight_hh_l0.copy_(torch.from_numpy(R))
+        module.bias_ih_l0.copy_(torch.from_numpy(b))
+        module.bias_hh_l0.copy_(torch.from_numpy(b_r))
+    return torch, module
+
+
+def build_torch(cell, x, W, R, b, b_r):
+    torch, module = _torch_module(cell, W, R, b, b_r)
+    xt = torch.from_numpy(x)
+
+    def run():
+        with torch.no_grad():
+            return module(xt)[0]
+    return run
+
+
+def build_torch_backward(cell, x, W, R, b, b_r, dy):
+    """Forward + backward with autograd; returns dx."""
+    torch, module = _torch_module(cell, W, R, b, b_r)
+    xt, dyt = torch.from_numpy(x.copy()).requires_grad_(), torch.from_numpy(dy)
+
+    def run():
+        xt.grad = None
+        module.zero_grad(set_to_none=True)
+        y = module(xt)[0]
+        y.backward(dyt)
+        return xt.grad
+    return run
+
+
+# ---- ONNX Runtime's LSTM / GRU / RNN operators, heads = 1 ----------------------------------
+
+def build_onnxruntime(cell, x, W, R, b, b_r):
+    if x.dtype != np.float32:
+        return core.Skipped("ONNX Runtime's LSTM/GRU/RNN kernels are float32 only")
+    ort = core.import_peer("onnxruntime")
+    onnx = core.import_peer("onnx")
+    from onnx import helper, numpy_helper
+    H = R.shape[1]
+    order = _ONNX_GATES[cell]
+
+    def reorder(a):
+        return np.concatenate([a[g * H:(g + 1) * H] for g in order])[None]
+
+    weights = {"W": reorder(W), "R": reorder(R),
+               "B": np.concatenate([reorder(b), reorder(b_r)], axis=1)}
+    attrs = {"hidden_size": H}
+    if cell == "gru":
+        attrs["linear_before_reset"] = 1     # PyTorch's GRU: r multiplies (R_n h + b_r,n)
+    elem = helper.np_dtype_to_tensor_dtype(x.dtype)
+    B, T, I = x.shape
+    node = helper.make_node(_ONNX_OPS[cell], ["X", "W", "R", "B"], ["Y"], **attrs)
+    graph = helper.make_graph(
+        [node], f"{cell}_bench",
+        [helper.make_tensor_value_info("X", elem, [T, B, I])],
+        [helper.make_tensor_value_info("Y", elem, [T, 1, B, H])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = core.threads()
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    xs = np.ascontiguousarray(x.transpose(1, 0, 2))        # ONNX RNN ops are sequence-first
+
+    def run():
+        return session.run(["Y"], {"X": xs})[0][:, 0].transpose(1, 0, 2)
+    return run
+
+
+# ---- step loops written in a framework: vanilla PyTorch and JAX lax.scan ------------------
+
+class _Ops:
+    """The few array functions the cell equations need, from torch or jax.numpy."""
+
+    def __init__(self, sigmoid, log_sigmoid, tanh, exp, where, maximum, einsum, split, permute):
+        self.sigmoid, self.log_sigmoid, self.tanh, self.exp = sigmoid, log_sigmoid, tanh, exp
+        self.where, self.maximum, self.einsum, self.split = where, maximum, einsum, split
+        self.permute = permute
+
+
+def _step(ops, cell, ax, h_state, R, b_r):
+    """One step of `cell` (REFERENCES.md equations): returns (y, new state tuple)."""
+    h = h_state[0]
+    heads, GD, D = R.shape
+    B, G = h.shape[0], GD // D
+    ar = ops.einsum("bkd,kgd->bkg", h.reshape(B, heads, D), R)
+    # [B, heads, G, D] -> gate-major [B, G*H]
+    ar = ops.permute(ar.reshape(B, heads, G, D), (0, 2, 1, 3)).reshape(B, G * heads * D) + b_r
+    if cell == "elman":
+        h = ops.tanh(ax + ar)
+        return h, (h,)
+    if cell == "gru":
+        xr, xz, xn = ops.split(ax, 3)
+        hr, hz, hn = ops.split(ar, 3)
+        r, z = ops.sigmoid(xr + hr), ops.sigmoid(xz + hz)
+        n = ops.tanh(xn + r * hn)
+        h = (1 - z) * n + z * h
+        return h, (h,)
+    it, ft, zt, ot = ops.split(ax + ar, 4)
+    if cell == "lstm":
+        c = ops.sigmoid(ft) * h_state[1] + ops.sigmoid(it) * ops.tanh(zt)
+        h = ops.sigmoid(ot) * ops.tanh(c)
+        return h, (h, c)
+    _, c_prev, n_prev, m_prev = h_state
+    l = ops.log_sigmoid(ft) + m_prev
+    m = ops.where((n_prev != 0) & (l > it), l, it)
+    i, f = ops.exp(it - m), ops.exp(l - m)
+    c = f * c_prev + i * ops.tanh(zt)
+    n = ops.maximum(f * n_prev + i, 1.0)
+    h = ops.sigmoid(ot) * c / n
+    return h, (h, c, n, m)
+
+
+_STATE_SIZES = {"elman": 1, "gru": 1, "lstm": 2, "slstm": 4}
+
+
+def build_torch_loop(cell, x, W, R3, b, b_r, dy=None):
+    """A vanilla PyTorch step loop (FlashRNN's baseline): one GEMM for the input side, then
+    a Python loop of per-step recurrent matmuls and pointwise ops.  With `dy`: forward and
+    backward through autograd, returning dx."""
+    torch = core.import_peer("torch")
+    ops = _Ops(torch.sigmoid, torch.nn.functional.logsigmoid, torch.tanh, torch.exp,
+               torch.where, lambda a, v: torch.clamp(a, min=v), torch.einsum,
+               lambda a, k: torch.chunk(a, k, dim=-1), lambda a, axes: a.permute(*axes))
+    Wt, Rt, bt, brt = (torch.from_numpy(a) for a in (W, R3, b, b_r))
+    xt = torch.from_numpy(x.copy()).requires_grad_(dy is not None)
+    B, T, _ = x.shape
+    H = R3.shape[0] * R3.shape[2]
+
+    def forward():
+        ax = torch.addmm(bt, xt.reshape(B * T, -1), Wt.T).reshape(B, T, -1)
+        state = tuple(torch.zeros(B, H, dtype=xt.dtype) for _ in range(_STATE_SIZES[cell]))
+        ys = []
+        for t in range(T):
+            y, state = _step(ops, cell, ax[:, t], state, Rt, brt)
+            ys.append(y)
+        return torch.stack(ys, dim=1)
+
+    if dy is None:
+        def run():
+            with torch.no_grad():
+                return forward()
+        return run
+    dyt = torch.from_numpy(dy)
+
+    def run_backward():
+        xt.grad = None
+        forward().backward(dyt)
+        return xt.grad
+    return run_backward
+
+
+def build_jax(cell, x, W, R3, b, b_r, dy=None):
+    """The cell as a jax.lax.scan under jit (JAX's way to write a fused recurrence).  With
+    `dy`: forward and backward (jax.vjp), returning dx."""
+    _configure_jax_threads()
+    jax = core.import_peer("jax")
+    jax.config.update("jax_enable_x64", True)
+    jnp = jax.numpy
+    ops = _Ops(jax.nn.sigmoid, jax.nn.log_sigmoid, jnp.tanh, jnp.exp, jnp.where, jnp.maximum,
+               jnp.einsum, lambda a, k: jnp.split(a, k, axis=-1), jnp.transpose)
+    B, T, _ = x.shape
+    H = R3.shape[0] * R3.shape[2]
+
+    def forward(x, W, R, b, b_r):
+        ax = (x.reshape(B * T, -1) @ W.T + b).reshape(B, T, -1).transpose(1, 0, 2)
+        state = tuple(jnp.zeros((B, H), x.dtype) for _ in range(_STATE_SIZES[cell]))
+
+        def body(state, ax_t):
+            y, state = _step(ops, cell, ax_t, state, R, b_r)
+            return state, y
+        _, ys = jax.lax.scan(body, state, ax)
+        return ys.transpose(1, 0, 2)
+
+    args = [jax.device_put(a) for a in (x, W, R3, b, b_r)]
+    if dy is None:
+        fn = jax.jit(forward)
+    else:
+        args.append(jax.device_put(dy))
+
+        @jax.jit
+        def fn(x, W, R, b, b_r, dy):
+            _, pullback = jax.vjp(lambda x_: forward(x_, W, R, b, b_r), x)
+            return pullback(dy)[0]
+
+    def run():
+        return np.asarray(fn(*args).block_until_ready())
+    return run
+
+
+def _configure_jax_threads():
+    """XLA reads its CPU thread count from XLA_FLAGS when jax starts: set it before."""
+    if "jax" in sys.modules:
+        return
+    n = core.threads()
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "intra_op_parallelism_threads" not in flags:
+        extra = f"--xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'} " \
+                f"intra_op_parallelism_threads={n}"
+        os.environ["XLA_FLAGS"] = f"{flags} {extra}".strip()

@@ -1,0 +1,598 @@
+"""Parallel-in-time evaluation of nonlinear recurrences s_t = f(s_{t-1}, x_t).
+
+The T step equations are solved for all t at once (DEER / ParaRNN): each iteration evaluates f
+(and, for Newton, its Jacobian) over all B*T rows in one batched computation, then solves the
+linearised recurrence s_t = J_t s_{t-1} + u_t with a compiled scan (:func:`matrix_scan`).
+
+Solvers (``method`` / the cells' ``solver=``):
+  "newton"        exact Jacobian, dense per block (per head for the RNN cells);
+  "quasi-newton"  diagonal of the Jacobian only: an O(T*n) scan per iteration;
+  "jacobi"        fixed point s^{k+1}_t = f(s^k_{t-1}): no Jacobian, no scan.
+After k iterations at least the first k steps are exact, whatever the Jacobian approximation,
+so every solver is exact after T iterations (the default ``max_iter``).  The iteration stops
+when max |s^{k+1} - s^k| <= tol.  A solver that stops above tol (max_iter reached, or a
+non-finite iterate) warns and returns ``info.converged = False`` with the sequential result in
+``info.sequential``: never a silent wrong answer.
+
+Cost: an iteration does the work of the whole sequential pass as one GEMM over B*T rows plus
+pointwise passes (newton adds dense per-head Jacobians: T*(S*D)^2 memory and scan work).  On a
+few CPU cores the sequential compiled kernel is faster whenever the solver needs more than ~2
+iterations; the solvers beat interpreted step loops, and scale with cores only in the GEMM.
+"""
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _dispatch, _validate
+from ._reference import parallel as _ref
+from ._reference import rnn as _ref_rnn
+from .autodiff import defvjp
+
+METHODS = ("newton", "quasi-newton", "jacobi")
+
+# Time segmentation of the compiled scan: only for diagonal recurrences (composing m x m maps
+# costs m times a step) with too few independent rows to occupy the threads.  A function of
+# the shape alone, so results never depend on the thread count.
+_SEGMENTS = 8
+_SEGMENT_MIN_T = 2048
+_SEGMENT_MAX_JOBS = 8
+_DIAG_CHUNK = 64
+_MIN_WORK_PER_THREAD = 1 << 15      # multiply-adds
+
+
+@dataclass
+class SolverInfo:
+    """What a parallel solve did.
+
+    iterations : iterations run.
+    residual : max |s^{k+1} - s^k| of the last iteration.
+    converged : residual <= tol, or T iterations run (then the trajectory is exact).
+    sequential : when not converged, the sequential result (``(y, state)`` for the RNN cells,
+        the trajectory [B,T,n] for :func:`solve_recurrence`); None otherwise.
+    """
+    method: str
+    iterations: int
+    residual: float
+    converged: bool
+    tol: float
+    sequential: object = None
+
+
+# ---- compiled scans --------------------------------------------------------------------------
+
+def _threads(jobs, work):
+    # Waking a thread team costs microseconds (milliseconds on a loaded machine): only worth
+    # it with several jobs and enough work.
+    return max(1, min(_dispatch.get_num_threads(), jobs, work // _MIN_WORK_PER_THREAD))
+
+
+def _diag_scan(a, b, h0, nseg=None):
+    """h_t = a_t * h_{t-1} + b_t; a, b [B,T,n] contiguous, h0 [B,n]."""
+    B, T, n = b.shape
+    if B == 0 or T == 0 or n == 0:
+        return np.empty_like(b)
+    if not _dispatch.use_compiled():
+        return _ref.diag_scan(a, b, h0)
+    if nseg is None:
+        rows = B * -(-n // _DIAG_CHUNK)
+        nseg = _SEGMENTS if T >= _SEGMENT_MIN_T and rows < _SEGMENT_MAX_JOBS else 1
+    a, b, h0 = (np.ascontiguousarray(v) for v in (a, b, h0))
+    h = np.empty_like(b)
+    jobs = B * -(-n // _DIAG_CHUNK) * nseg
+    _dispatch.ext_module("parallel").diag_scan(a, b, h0, h, nseg, _DIAG_CHUNK,
+                                               _threads(jobs, 2 * b.size))
+    return h
+
+
+def _block_scan(M, transposed, b, h0, nseg=1):
+    """h_t = A_t h_{t-1} + b_t per block; b [B,T,K,m], h0 [B,K,m]; M [B,T,K,m,m] holds A, or
+    A transposed when `transposed` (whichever layout the caller has: no copy).
+
+    Never segmented by default: composing dense m x m maps costs m times a sequential step.
+    """
+    if b.size == 0:
+        return np.empty_like(b)
+    if not _dispatch.use_compiled():
+        return _ref.block_scan(M, transposed, b, h0)
+    M, b, h0 = (np.ascontiguousarray(v) for v in (M, b, h0))
+    h = np.empty_like(b)
+    B, T, K, m = b.shape
+    work = b.size * m * (m if nseg > 1 else 1)
+    _dispatch.ext_module("parallel").block_scan(M, transposed, b, h0, h, nseg,
+                                                _threads(B * K * nseg, work))
+    return h
+
+
+def _prepare_scan(A, b, h0):
+    """Validate matrix_scan's arguments: (kind, A, b, h0) contiguous, h0 zeros when None."""
+    A = _validate.float_array("A", A)
+    b = _validate.float_array("b", b)
+    h0 = None if h0 is None else _validate.float_array("h0", h0)
+    dtype = _validate.common_dtype(A=A, b=b, h0=h0)
+    if b.ndim not in (3, 4):
+        raise ValueError(f"b must have shape [B, T, n] or [B, T, K, m], got {b.shape}")
+    if A.ndim == b.ndim:
+        kind = "diagonal"
+        _validate.check_shape("A", A, b.shape, f"{list(b.shape)} (diagonal, the shape of b)")
+    elif A.ndim == b.ndim + 1:
+        kind = "dense"
+        m = b.shape[-1]
+        _validate.check_shape("A", A, b.shape + (m,),
+                              f"{list(b.shape + (m,))} (dense blocks [..., m, m] for b {b.shape})")
+    else:
+        raise ValueError(f"A must have shape {list(b.shape)} (diagonal) or "
+                         f"{list(b.shape + (b.shape[-1],))} (dense), got {A.shape}")
+    state_shape = (b.shape[0],) + b.shape[2:]
+    if h0 is None:
+        h0 = np.zeros(state_shape, dtype)
+    else:
+        _validate.check_shape("h0", h0, state_shape, f"{list(state_shape)} (b without T)")
+    return kind, _validate.contiguous(A, dtype), _validate.contiguous(b, dtype), \
+        _validate.contiguous(h0, dtype)
+
+
+def _scan(kind, A, b, h0, transposed=False):
+    B, T = b.shape[:2]
+    K, m = (b.shape[2] if b.ndim == 4 else 1), b.shape[-1]
+    if kind == "diagonal":
+        return _diag_scan(A.reshape(B, T, K * m), b.reshape(B, T, K * m),
+                          h0.reshape(B, K * m)).reshape(b.shape)
+    return _block_scan(A.reshape(B, T, K, m, m), transposed, b.reshape(B, T, K, m),
+                       h0.reshape(B, K, m)).reshape(b.shape)
+
+
+def matrix_scan(A, b, h0=None):
+    """Linear recurrence ``h_t = A_t h_{t-1} + b_t`` over a whole sequence (compiled).
+
+    Parameters
+    ----------
+    A : ndarray
+        [B, T, n, n] dense, [B, T, n] diagonal (elementwise ``a_t * h``), or with K
+        independent blocks: [B, T, K, m, m] dense blocks / [B, T, K, m] diagonal.
+    b : ndarray [B, T, n] or [B, T, K, m]
+    h0 : ndarray [B, n] or [B, K, m], optional
+        Initial state (zeros when None).
+
+    Returns
+    -------
+    h : ndarray, the shape of b
+        The state after every step.
+
+    Parallel over batch rows and blocks; long diagonal scans with few rows are also split into
+    a fixed number of time segments (composed as affine maps, then chained).  Results do not
+    depend on the thread count.
+    """
+    return _scan(*_prepare_scan(A, b, h0))
+
+
+def _matrix_scan_vjp(A, b, h0=None):
+    given = h0 is not None
+    kind, A, b, h0 = _prepare_scan(A, b, h0)
+    h = _scan(kind, A, b, h0)
+
+    def pullback(dh):
+        dh = _validate.float_array("dh", dh)
+        _validate.check_shape("dh", dh, b.shape, f"{list(b.shape)} (the shape of h)")
+        dh = _validate.contiguous(dh, b.dtype)
+        # lam_t = dh_t + A_{t+1}^T lam_{t+1}: the transposed recurrence, run backwards in time
+        # (A itself is the transposed layout of the coefficient A^T).
+        coeff = np.concatenate([np.zeros_like(A[:, :1]), A[:, :0:-1]], axis=1)
+        lam = _scan(kind, coeff, dh[:, ::-1], np.zeros_like(h0), transposed=True)[:, ::-1]
+        h_prev = np.concatenate([h0[:, None], h[:, :-1]], axis=1)
+        if kind == "diagonal":
+            dA = lam * h_prev
+            dh0 = A[:, 0] * lam[:, 0] if A.shape[1] else np.zeros_like(h0)
+        else:
+            dA = lam[..., :, None] * h_prev[..., None, :]
+            dh0 = (np.matmul(lam[:, 0, ..., None, :], A[:, 0])[..., 0, :] if A.shape[1]
+                   else np.zeros_like(h0))
+        db = np.ascontiguousarray(lam)
+        return (dA, db, dh0) if given else (dA, db)
+
+    return h, pullback
+
+
+defvjp(matrix_scan, _matrix_scan_vjp)
+
+
+# ---- the iteration shared by every problem ----------------------------------------------------
+
+def _tolerance(tol, dtype):
+    if tol is None:
+        return 1e-10 if dtype == np.float64 else 1e-5
+    if isinstance(tol, (bool, np.bool_)) or not isinstance(tol, (int, float, np.integer,
+                                                                   np.floating)):
+        raise TypeError(f"tol must be a number, got {type(tol).__name__}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    return float(tol)
+
+
+def _method(method, name):
+    if method not in METHODS:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    return method
+
+
+def _shift(s, s0):
+    """The previous state of every step: [s0, s_1, ..., s_{T-1}]."""
+    return np.concatenate([s0[:, None], s[:, :-1]], axis=1)
+
+
+def _apply_blocks(Jt, v, K):
+    """J v per block, J stored transposed: Jt [B,T,K,m,m], v [B,T,K*m] -> [B,T,K*m]."""
+    B, T, n = v.shape
+    vb = v.reshape(B, T, K, 1, n // K)
+    return np.matmul(vb, Jt).reshape(B, T, n)
+
+
+def _iterate(evaluate, s0, s, method, tol, max_iter, K):
+    """Solve s_t = f(s_{t-1}) for all t starting from the trajectory s [B,T,n].
+
+    evaluate(prev [B,T,n], jac) returns f(prev) [B,T,n] and, for jac "diagonal", the Jacobian
+    diagonal [B,T,n], for jac "dense", the K per-block Jacobians transposed [B,T,K,m,m].
+    """
+    B, T, n = s.shape
+    jac = {"newton": "dense", "quasi-newton": "diagonal", "jacobi": None}[method]
+    residual, k = 0.0, 0
+    for k in range(1, min(max_iter, T) + 1):     # exact after T: more cannot help
+        prev = _shift(s, s0)
+        fs, J = evaluate(prev, jac)
+        if jac is None:
+            new = fs
+        elif jac == "diagonal":
+            new = _diag_scan(J, fs - J * prev, s0)
+        else:
+            m = n // K
+            u = (fs - _apply_blocks(J, prev, K)).reshape(B, T, K, m)
+            new = _block_scan(J, True, u, s0.reshape(B, K, m)).reshape(B, T, n)
+        residual = float(np.max(np.abs(new - s)))
+        s = new
+        if residual <= tol or not np.isfinite(residual):
+            break
+    converged = bool(np.isfinite(residual) and (residual <= tol or k >= T))
+    return s, SolverInfo(method, k, residual, converged, tol)
+
+
+def _not_converged_warning(info, where, stacklevel):
+    warnings.warn(f"{where}: {info.method} stopped after {info.iterations} iterations with "
+                  f"residual {info.residual:.3g} > tol {info.tol:.3g}; the sequential result is "
+                  "in info.sequential", RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+# ---- the RNN cells ---------------------------------------------------------------------------
+
+class _CellProblem:
+    """A cell call as the recurrence s_t = f(s_{t-1}) over all B*T rows.
+
+    The state of a row is laid out [heads, S, D] (n = S*H): head k's block of the Jacobian
+    covers all S components of its D units, an (S*D) x (S*D) block.
+    """
+
+    def __init__(self, call, ax):
+        from . import rnn
+        self.rnn = rnn
+        self.call = call
+        self.cell = call.cell
+        self.B, self.T, self.H = call.shape
+        self.G, self.S = _ref_rnn.CELLS[call.cell]
+        self.heads, GD, self.D = call.R.shape
+        self.N = self.B * self.T
+        self.n = self.S * self.H
+        self.dtype = ax.dtype
+        self.ax = ax
+        self.ax2 = ax.reshape(self.N, self.G * self.H)
+        self.R = call.R
+        self.b_r = (np.zeros(self.G * self.H, self.dtype) if call.b_r is None
+                    else call.b_r.astype(self.dtype, copy=False))
+        self.step = _ref_rnn.STEPS[call.cell]
+        self.step_backward = _ref_rnn.STEP_BACKWARDS[call.cell]
+
+    # layout conversions
+    def components(self, s):
+        """[..., n] in solver layout -> tuple of S arrays [rows, H]."""
+        v = s.reshape(-1, self.heads, self.S, self.D)
+        return tuple(np.ascontiguousarray(v[:, :, c]).reshape(-1, self.H) for c in range(self.S))
+
+    def pack(self, comps, shape):
+        v = np.stack([c.reshape(-1, self.heads, self.D) for c in comps], axis=2)
+        return v.reshape(shape)
+
+    def recurrent(self, h):
+        """R h + b_r per head as batched GEMMs: h [rows, H] -> [rows, G*H] gate-major."""
+        rows = h.shape[0]
+        hk = h.reshape(rows, self.heads, self.D).transpose(1, 0, 2)
+        ar = np.matmul(hk, self.R.transpose(0, 2, 1))          # [heads, rows, G*D]
+        ar = ar.reshape(self.heads, rows, self.G, self.D).transpose(1, 2, 0, 3)
+        return ar.reshape(rows, self.G * self.H) + self.b_r
+
+    def evaluate(self, prev, jac):
+        comps = self.components(prev)
+        ar = self.recurrent(comps[0])
+        fs = self.pack(self.step(self.ax2, ar, comps), prev.shape)
+        if jac is None:
+            return fs, None
+        if jac == "diagonal":
+            return fs, self.jacobian_diagonal(ar, comps).reshape(prev.shape)
+        return fs, self.jacobian_blocks(ar, comps).reshape(
+            self.B, self.T, self.heads, self.S * self.D, self.S * self.D)
+
+    def _partials(self, ar, comps):
+        """For each output component s: d s_new / d ar (per gate, pointwise) [N, G, heads, D]
+        and the direct d s_new / d s_prev[c] (pointwise) [N, heads, D] for every c.
+
+        The cell is pointwise given ar, so one step-backward per component with a cotangent
+        of ones recovers those diagonal derivatives exactly."""
+        ones = np.ones((self.N, self.H), self.dtype)
+        zeros = np.zeros_like(ones)
+        shape = (self.N, self.heads, self.D)
+        for s in range(self.S):
+            cot = tuple(ones if c == s else zeros for c in range(self.S))
+            _, dgr, dprev = self.step_backward(self.ax2, ar, comps, cot)
+            yield (dgr.reshape(self.N, self.G, self.heads, self.D),
+                   [d.reshape(shape) for d in dprev])
+
+    def jacobian_diagonal(self, ar, comps):
+        Rk = self.R.reshape(self.heads, self.G, self.D, self.D)
+        Rdiag = np.diagonal(Rk, axis1=2, axis2=3)                 # [heads, G, D]
+        out = np.empty((self.N, self.heads, self.S, self.D), self.dtype)
+        for s, (pg, pd) in enumerate(self._partials(ar, comps)):
+            out[:, :, s] = pd[s]
+            if s == 0:
+                out[:, :, 0] += np.einsum("ngkd,kgd->nkd", pg, Rdiag)
+        return out
+
+    def jacobian_blocks(self, ar, comps):
+        """Per-head Jacobians, stored transposed: Jt[n, k, (c, e), (s, d)] = d s_new[s, d] /
+        d s_prev[c, e] for head k."""
+        S, D = self.S, self.D
+        Jt = np.zeros((self.N, self.heads, S, D, S, D), self.dtype)
+        RkT = self.R.reshape(self.heads, self.G, D, D).transpose(1, 0, 3, 2)  # [G, k, e, d]
+        idx = np.arange(D)
+        for s, (pg, pd) in enumerate(self._partials(ar, comps)):
+            for c in range(1, S):
+                Jt[:, :, c, idx, s, idx] = pd[c]
+            np.einsum("ngkd,gked->nked", pg, RkT, out=Jt[:, :, 0, :, s, :])
+            Jt[:, :, 0, idx, s, idx] += pd[0]
+        return Jt
+
+    # the state and initial guess in solver layout
+    def state0(self):
+        return self.pack(tuple(self.call.state0), (self.B, self.n))
+
+    def guess(self, guess):
+        if guess is None:
+            return np.zeros((self.B, self.T, self.n), self.dtype)
+        g = _validate.float_array("guess", guess)
+        if g.dtype != self.dtype:
+            raise TypeError(f"guess is {g.dtype} but x is {self.dtype}: "
+                            "all arrays must share one dtype")
+        B, T, H, S = self.B, self.T, self.H, self.S
+        if g.ndim == 3 and g.shape[2] == H:
+            comps = (g.reshape(-1, H),) + (np.zeros((B * T, H), self.dtype),) * (S - 1)
+        else:
+            _validate.check_shape("guess", g, (B, T, S * H),
+                                  f"[B, T, H] = [{B}, {T}, {H}] or [B, T, S*H] = "
+                                  f"[{B}, {T}, {S * H}] (all {S} state components)")
+            comps = tuple(g.reshape(B * T, S, H)[:, c] for c in range(S))
+        return self.pack(comps, (B, T, self.n))
+
+    def trajectory(self, s):
+        """Solver layout [B,T,n] -> the states after every step [S,B,T,H]."""
+        return np.stack([c.reshape(self.B, self.T, self.H) for c in self.components(s)])
+
+    def outputs(self, seq):
+        return self.rnn._outputs(self.cell, np.ascontiguousarray(seq[0]),
+                                 np.ascontiguousarray(seq[:, :, -1]))
+
+
+def _solve_cell_trajectory(call, ax, solver, tol, max_iter, guess):
+    method = _method(solver, "solver")
+    problem = _CellProblem(call, ax)
+    tol = _tolerance(tol, ax.dtype)
+    T = problem.T
+    max_iter = T if max_iter is None else _validate.positive_int("max_iter", max_iter)
+    s = problem.guess(guess)
+    if problem.B == 0 or T == 0:
+        return problem, s, SolverInfo(method, 0, 0.0, True, tol)
+    s, info = _iterate(problem.evaluate, problem.state0(), s, method, tol, max_iter,
+                       problem.heads)
+    if not info.converged:
+        seq, _, final = problem.rnn._kernel_forward(call, ax, save=False)
+        info.sequential = problem.rnn._outputs(call.cell, seq[0], final)
+        _not_converged_warning(info, call.cell, stacklevel=5)    # user -> lstm -> _run -> ...
+    return problem, s, info
+
+
+def solve_cell(call, ax, solver, tol=None, max_iter=None, guess=None):
+    """Run an RNN cell (a validated ``rnn._Call`` with ax = W x + b) with a parallel solver.
+
+    Returns (y [B,T,H], state as the sequential call returns it, info)."""
+    problem, s, info = _solve_cell_trajectory(call, ax, solver, tol, max_iter, guess)
+    if problem.B == 0 or problem.T == 0:
+        y = np.empty((problem.B, problem.T, problem.H), ax.dtype)
+        return problem.rnn._outputs(call.cell, y, call.state0.copy()) + (info,)
+    return problem.outputs(problem.trajectory(s)) + (info,)
+
+
+def solve_cell_vjp(call, ax, solver, tol=None, max_iter=None, guess=None):
+    """vjp of :func:`solve_cell`: ``((y, state, info), pullback)``.
+
+    The backward is the transposed linear recurrence lam_t = g_t + J_{t+1}^T lam_{t+1} with
+    the per-head Jacobians at the solution, solved backwards in time by the same scan; the
+    pre-activation gradients then come from the step backward functions over all rows."""
+    problem, s, info = _solve_cell_trajectory(call, ax, solver, tol, max_iter, guess)
+    rnn = problem.rnn
+    if problem.B == 0 or problem.T == 0:
+        y = np.empty((problem.B, problem.T, problem.H), ax.dtype)
+        out = rnn._outputs(call.cell, y, call.state0.copy()) + (info,)
+    else:
+        out = problem.outputs(problem.trajectory(s)) + (info,)
+    if not info.converged:   # differentiate the exact trajectory, not the stalled iterate
+        seq, _, _ = rnn._kernel_forward(call, ax, save=True)
+        s = problem.pack(tuple(c.reshape(-1, problem.H) for c in seq), s.shape)
+
+    def pullback(cotangent):
+        if isinstance(cotangent, (tuple, list)) and len(cotangent) == 3:
+            cotangent = cotangent[:2]        # info carries no gradient
+        B, T, H, n = problem.B, problem.T, problem.H, problem.n
+        dy, dstate = rnn._cotangent(call.cell, cotangent, call)
+        y = np.ascontiguousarray(problem.trajectory(s)[0]) if B and T else out[0]
+        if B == 0 or T == 0:
+            dgx = np.zeros_like(ax)
+            return rnn._parameter_grads(call, y, dgx, dgx, dstate.copy())
+        s0 = problem.state0()
+        comps = problem.components(_shift(s, s0))
+        ar = problem.recurrent(comps[0])
+        K, m = problem.heads, problem.S * problem.D
+        Jt = problem.jacobian_blocks(ar, comps).reshape(B, T, K, m, m)
+        g = np.zeros((B, T, n), ax.dtype)
+        zeros = np.zeros((B * T, H), ax.dtype)
+        g[:] = problem.pack((dy.reshape(-1, H),) + (zeros,) * (problem.S - 1), g.shape)
+        g[:, -1] += problem.pack(tuple(dstate), (B, n))
+        # reversed time tau = T-1-t; coefficient J_{t+1}^T, which Jt holds row-major.
+        coeff = np.concatenate([np.zeros_like(Jt[:, :1]), Jt[:, :0:-1]], axis=1)
+        rev = np.ascontiguousarray(g[:, ::-1]).reshape(B, T, K, m)
+        lam = _block_scan(coeff, False, rev, np.zeros((B, K, m), ax.dtype))[:, ::-1]
+        lam = lam.reshape(B, T, n)
+        dgx, dgr, dprev = problem.step_backward(problem.ax2, ar, comps, problem.components(lam))
+        dgx = dgx.reshape(ax.shape)
+        dgr = dgr.reshape(ax.shape)
+        dstate0 = np.stack([d.reshape(B, T, H)[:, 0] for d in dprev])
+        dstate0[0] += _ref_rnn.recurrent_transpose(np.ascontiguousarray(dgr[:, 0]), call.R)
+        return rnn._parameter_grads(call, y, dgx, dgr, dstate0)
+
+    return out, pullback
+
+
+# ---- user recurrences ------------------------------------------------------------------------
+
+class _UserProblem:
+    """s_t = f(s_{t-1}, x_t) for a user function f vectorised over rows."""
+
+    def __init__(self, f, xs, B, T, n, dtype, jac):
+        self.f, self.jac, self.dtype = f, jac, dtype
+        self.B, self.T, self.n = B, T, n
+        self.xs = xs.reshape((B * T,) + xs.shape[2:])
+
+    def call_f(self, s, x):
+        out = np.asarray(self.f(s, x))
+        if out.shape != s.shape:
+            raise ValueError(f"f must return shape [N, n] = {list(s.shape)} (the shape of "
+                             f"s_prev), got {out.shape}")
+        return out.astype(self.dtype, copy=False)
+
+    def evaluate(self, prev, jac):
+        p = prev.reshape(-1, self.n)
+        fs = self.call_f(p, self.xs)
+        if jac is None:
+            return fs.reshape(prev.shape), None
+        if self.jac is not None:
+            J = self._user_jacobian(p)
+        elif jac == "diagonal":
+            # One simultaneous perturbation of every component: exact for elementwise f,
+            # an approximation otherwise (any approximation keeps the solver exact after T).
+            step = np.sqrt(np.finfo(self.dtype).eps) * np.maximum(1, np.abs(p))
+            J = (self.call_f(p + step, self.xs) - fs) / step
+        else:
+            J = self._fd_dense(p, fs)
+        if jac == "diagonal":
+            if J.ndim == 3:
+                J = np.diagonal(J, axis1=1, axis2=2)
+            return fs.reshape(prev.shape), np.ascontiguousarray(J).reshape(prev.shape)
+        if J.ndim == 2:
+            J = J[:, :, None] * np.eye(self.n, dtype=self.dtype)
+        Jt = np.ascontiguousarray(np.swapaxes(J, 1, 2))
+        return fs.reshape(prev.shape), Jt.reshape(self.B, self.T, 1, self.n, self.n)
+
+    def _user_jacobian(self, p):
+        N, n = p.shape
+        J = np.asarray(self.jac(p, self.xs))
+        if J.shape not in ((N, n, n), (N, n)):
+            raise ValueError(f"jac must return shape [N, n, n] = [{N}, {n}, {n}] or [N, n] "
+                             f"(diagonal), got {J.shape}")
+        return J.astype(self.dtype, copy=False)
+
+    def _fd_dense(self, p, fs):
+        # Forward differences, one column per evaluation of f.
+        N, n = p.shape
+        J = np.empty((N, n, n), self.dtype)
+        step = np.sqrt(np.finfo(self.dtype).eps) * np.maximum(1, np.abs(p))
+        for j in range(n):
+            q = p.copy()
+            q[:, j] += step[:, j]
+            J[:, :, j] = (self.call_f(q, self.xs) - fs) / step[:, j, None]
+        return J
+
+    def sequential(self, s0):
+        out = np.empty((self.B, self.T, self.n), self.dtype)
+        xs = self.xs.reshape((self.B, self.T) + self.xs.shape[1:])
+        s = s0
+        for t in range(self.T):
+            s = self.call_f(s, xs[:, t])
+            out[:, t] = s
+        return out
+
+
+def solve_recurrence(f, s0, xs, jac=None, method="newton", tol=None, max_iter=None,
+                     guess=None):
+    """Solve ``s_t = f(s_{t-1}, x_t)``, t = 1..T, for all t at once.
+
+    Parameters
+    ----------
+    f : callable ``f(s_prev [N, n], x [N, ...]) -> s [N, n]``
+        One step, vectorised over N rows (the solver calls it with all N = B*T rows at once).
+    s0 : ndarray [B, n]
+        Initial state (float32 or float64; fixes the dtype).
+    xs : ndarray [B, T, ...]
+        Per-step inputs, passed through to f row by row.
+    jac : callable ``jac(s_prev, x) -> [N, n, n]`` (or [N, n] when diagonal), optional
+        d f / d s_prev.  Without it, "newton" uses n forward differences and "quasi-newton"
+        one simultaneous perturbation (exact when f acts elementwise on s).
+    method : {"newton", "quasi-newton", "jacobi"}
+    tol : float, optional
+        Stop when max |s^{k+1} - s^k| <= tol (default 1e-10 float64, 1e-5 float32).
+    max_iter : int, optional
+        Iteration cap (default and upper limit T: every solver is exact after T iterations).
+    guess : ndarray [B, T, n], optional
+        Initial trajectory (zeros when None).
+
+    Returns
+    -------
+    s : ndarray [B, T, n]
+        The state after every step.
+    info : SolverInfo
+        iterations, residual, converged (and the sequential result when not converged).
+    """
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    if jac is not None and not callable(jac):
+        raise TypeError(f"jac must be callable or None, got {type(jac).__name__}")
+    method = _method(method, "method")
+    s0 = _validate.float_array("s0", s0)
+    if s0.ndim != 2:
+        raise ValueError(f"s0 must have shape [B, n], got {s0.shape}")
+    dtype = s0.dtype
+    B, n = s0.shape
+    xs = np.asarray(xs)
+    if xs.ndim < 2 or xs.shape[0] != B:
+        raise ValueError(f"xs must have shape [B, T, ...] with B = {B} (from s0), got {xs.shape}")
+    T = xs.shape[1]
+    tol = _tolerance(tol, dtype)
+    max_iter = T if max_iter is None else _validate.positive_int("max_iter", max_iter)
+    if guess is None:
+        s = np.zeros((B, T, n), dtype)
+    else:
+        s = _validate.float_array("guess", guess)
+        _validate.check_shape("guess", s, (B, T, n), f"[B, T, n] = [{B}, {T}, {n}]")
+        s = _validate.contiguous(s, dtype)
+    if B == 0 or T == 0:
+        return s, SolverInfo(method, 0, 0.0, True, tol)
+    problem = _UserProblem(f, xs, B, T, n, dtype, jac)
+    s0 = _validate.contiguous(s0, dtype)
+    s, info = _iterate(problem.evaluate, s0, s, method, tol, max_iter, 1)
+    if not info.converged:
+        info.sequential = problem.sequential(s0)
+        _not_converged_warning(info, "solve_recurrence", stacklevel=2)
+    return s, info

@@ -1,0 +1,137 @@
+"""Smoke tests of ``statescan bench``: table and JSON structure, the regression guard, and the
+benchmark core's verification.  Tiny cases, no peers (torch/jax are not needed)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from statescan import cli
+from statescan._bench import core, load_cases
+
+TINY = ["--quick", "--family", "rnn", "--peers", "none", "--no-plot"]
+GUARD_CASE = "lstm B=16 H=256 heads=1"
+
+
+def run_cli(capsys, *args):
+    code = cli.main(["bench", *TINY, *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_bench_table_and_json(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    code, out, err = run_cli(capsys, "--filter", "lstm B=1 H=64", "--json", str(path))
+    assert code == 0
+    assert "== rnn ==" in out and "us/step" in out and "GFLOP/s" in out and "numpy-ref x" in out
+    assert "lstm B=1 H=64 heads=1" in out
+    assert "[1/1] rnn/lstm B=1 H=64 heads=1 float32" in err      # progress goes to stderr
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == "statescan-bench/1"
+    assert doc["machine"]["cpu"] and doc["machine"]["logical_cpus"] >= 1
+    assert doc["gemm_peaks_gflops"]["float32"] > 0
+    assert doc["threads"] == 1 and doc["dtype"] == "float32" and doc["statistic"] == "median"
+    (result,) = doc["results"]
+    assert result["id"] == "rnn/lstm B=1 H=64 heads=1 float32"
+    ours, ref = result["runners"]["statescan"], result["runners"]["numpy-ref"]
+    assert ours["us_per_step"] > 0 and 0 < ours["peak_fraction"]
+    assert ref["verified"] is True and ref["max_error"] < 1e-3
+    assert ref["ratio"] == pytest.approx(ref["us_per_step"] / ours["us_per_step"])
+    assert set(result["runners"]) == {"statescan", "numpy-ref"}
+
+
+def test_check_against_fresh_and_doctored_baseline(tmp_path, capsys):
+    base = tmp_path / "baseline.json"
+    code, out, _ = run_cli(capsys, "--update-baseline", "--baseline", str(base),
+                           "--filter", GUARD_CASE)
+    assert code == 0 and base.exists()
+    doc = json.loads(base.read_text())
+    assert list(doc["cases"]) == [f"rnn/{GUARD_CASE} float32"]
+    assert set(doc["cases"][f"rnn/{GUARD_CASE} float32"]) == {"vs_numpy_ref", "peak_fraction"}
+
+    # A loaded CI box is noisy: the pass check only asks for no ten-fold slowdown.
+    code, out, _ = run_cli(capsys, "--check", "--baseline", str(base), "--tolerance", "0.9")
+    assert code == 0, out
+    assert "passed" in out
+
+    for metrics in doc["cases"].values():
+        metrics["vs_numpy_ref"] *= 100
+    doctored = tmp_path / "doctored.json"
+    doctored.write_text(json.dumps(doc))
+    code, out, _ = run_cli(capsys, "--check", "--baseline", str(doctored))
+    assert code == 1
+    assert "FAIL" in out and "vs_numpy_ref" in out
+
+
+def test_check_fails_on_a_case_that_no_longer_exists(tmp_path, capsys):
+    base = tmp_path / "baseline.json"
+    base.write_text(json.dumps({"schema": "statescan-bench-baseline/1", "cases": {
+        "rnn/nonexistent B=1 float32": {"vs_numpy_ref": 1.0, "peak_fraction": 0.1}}}))
+    code, out, err = run_cli(capsys, "--check", "--baseline", str(base))
+    assert code == 2 and "no case selected" in err
+
+
+def test_bad_arguments(tmp_path, capsys):
+    assert cli.main(["bench", "--family", "nope"]) == 2
+    assert "unknown family" in capsys.readouterr().err
+    assert cli.main(["bench", "--check", "--baseline", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read the baseline" in capsys.readouterr().err
+
+
+def test_list_filters_by_dtype(capsys):
+    code, out, _ = run_cli(capsys, "--list", "--dtype", "float64")
+    assert code == 0
+    ids = out.strip().splitlines()
+    assert ids and all("float64" in line and line.startswith("rnn/") for line in ids)
+
+
+def test_broken_family_module_does_not_stop_the_others(monkeypatch):
+    monkeypatch.setitem(sys.modules, "statescan._bench.scan_cases", None)   # import fails
+    cases, unavailable = load_cases(("rnn", "scan"), quick=True)
+    assert "scan" in unavailable
+    assert cases and all(c.family == "rnn" for c in cases)
+
+
+def _fake_case(make):
+    return core.Case("fake", "ones", {"n": 4}, "float64", steps=10, flops=100.0, make=make)
+
+
+def test_run_case_verifies_and_skips():
+    ones = np.ones((2, 10, 3))
+
+    def make():
+        return {"statescan": lambda: ones,
+                "good": lambda: ones + 1e-12,
+                "bad": lambda: ones + 1.0,
+                "short": core.Runner(lambda: ones[:, :5], steps=5, expected=lambda: ones[:, :5]),
+                "missing": core.Skipped("not installed"),
+                "broken": lambda: 1 / 0}
+    result = core.run_case(_fake_case(make), budget=0.0)
+    assert result.runs["good"].ok is True
+    assert result.runs["bad"].ok is False and result.runs["bad"].max_error == pytest.approx(1.0)
+    assert result.runs["short"].ok is True and result.runs["short"].steps == 5
+    assert result.skipped["missing"] == "not installed"
+    assert "ZeroDivisionError" in result.skipped["broken"]
+    assert result.runs["statescan"].flops == 100.0 and result.runs["short"].flops == 50.0
+
+
+def test_add_peer_turns_missing_packages_into_notes():
+    def needs_missing_package():
+        import statescan_no_such_package  # noqa: F401
+
+    runners = {}
+    core.configure(1, None)
+    core.add_peer(runners, "ghost", needs_missing_package)
+    assert isinstance(runners["ghost"], core.Skipped) and "not installed" in runners["ghost"].reason
+    core.configure(1, [])
+    core.add_peer(runners, "other", lambda: (lambda: None))
+    assert "other" not in runners
+    core.configure(1, None)
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "statescan", "bench", *TINY, "--list",
+                           "--filter", "gru"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "rnn/gru B=16 H=256 heads=1 float32" in proc.stdout
