@@ -3,33 +3,147 @@
 ``STATESCAN_BACKEND=python`` forces the numpy references at import;
 :func:`set_backend` switches at run time; :func:`backend` tells which is active.
 ``OMP_NUM_THREADS`` or :func:`set_num_threads` set the threads the kernels use.
+
+The kernels are built twice (setup.py): ``statescan._ext.<name>`` for any CPU of the
+architecture and ``statescan._ext.native.<name>`` for the installing machine's SIMD.  At import
+the native set is used when this CPU has every ISA extension it was compiled for, else the
+portable one; ``STATESCAN_VARIANT=native|portable`` forces one.  :func:`build_info` says which.
 """
 import importlib
+import importlib.machinery
 import os
 import warnings
 
-_state = {"backend": None, "threads": None, "ext_error": None}
+_state = {"backend": None, "threads": None, "ext_error": None, "build": None}
+_VARIANTS = ("native", "portable")
+
+
+def _module_names(directory):
+    """Names of the compiled modules in `directory` (no Python files, no subpackages)."""
+    try:
+        files = os.listdir(directory)
+    except OSError:
+        return set()
+    names = set()
+    for f in files:
+        suffix = next((s for s in importlib.machinery.EXTENSION_SUFFIXES if f.endswith(s)), None)
+        if suffix:   # the most specific suffix comes first: rnn.cpython-311-...so -> rnn
+            names.add(f[:-len(suffix)])
+    return names
+
+
+def _import_all(package, names):
+    return {name: importlib.import_module(f"{package}.{name}") for name in names}
+
+
+def _requested_variant():
+    requested = os.environ.get("STATESCAN_VARIANT", "").strip().lower()
+    if requested and requested not in _VARIANTS:
+        warnings.warn(f"STATESCAN_VARIANT={requested!r} is not 'native' or 'portable'; ignored",
+                      RuntimeWarning, stacklevel=4)
+        return ""
+    return requested
+
+
+def _native_features():
+    """The ISA extensions setup.py recorded for the native set, None if it built none."""
+    try:
+        from ._ext.native import _features
+    except ImportError:
+        return None
+    return tuple(_features.FEATURES)
+
+
+def _cpu_features(cpu_module):
+    """This CPU's ISA extensions, named as in ext/_cpu.h; None when they cannot be found.
+    x86 asks the CPU (through the portable _cpu module); elsewhere Linux's /proc/cpuinfo."""
+    if cpu_module is not None:
+        found = cpu_module.runtime_features()
+        if found is not None:
+            return found
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "Features":   # arm64; x86 spells its flags differently
+                    return tuple(value.split())
+    except OSError:
+        pass
+    return None
+
+
+def _choose_variant(requested, native_features, cpu_features, native_names):
+    """("native" | "portable", reason).  Raises ImportError when `requested` is "native" and
+    this CPU or this build cannot run it."""
+    if requested == "portable":
+        return "portable", "STATESCAN_VARIANT=portable"
+    if native_features is None or not native_names:
+        problem = "no native build (STATESCAN_PORTABLE=1, or no -march/-mcpu=native)"
+    elif cpu_features is None:
+        problem = "this CPU's ISA extensions cannot be detected"
+    else:
+        missing = sorted(set(native_features) - set(cpu_features))
+        problem = f"this CPU lacks {', '.join(missing)}" if missing else None
+    if problem is None:
+        return "native", ("STATESCAN_VARIANT=native" if requested else
+                          "this CPU has every ISA extension the native build uses")
+    if requested == "native":
+        raise ImportError(f"STATESCAN_VARIANT=native, but {problem}")
+    return "portable", problem
 
 
 def _load_extension():
-    """Import every compiled module once; remember why it failed, if it did."""
-    import pkgutil
+    """Import the compiled modules of the variant this CPU runs; remember why none, if none."""
     from . import _ext
     try:
-        names = [m.name for m in pkgutil.iter_modules(_ext.__path__)]
-        if "rnn" not in names:
+        portable_names = _module_names(_ext.__path__[0])
+        if "rnn" not in portable_names:
             raise ImportError("statescan._ext.rnn was not built")
-        return {name: importlib.import_module(f"statescan._ext.{name}") for name in names}
+        modules = _import_all("statescan._ext", portable_names)
     except ImportError as exc:  # not built, or built for another Python / CPU
         _state["ext_error"] = exc
         return None
+    requested = _requested_variant()
+    native_names = _module_names(os.path.join(_ext.__path__[0], "native"))
+    native_features = _native_features()
+    cpu = modules.get("_cpu")
+    cpu_features = _cpu_features(cpu)
+    variant, reason = _choose_variant(requested, native_features, cpu_features, native_names)
+    sources = dict.fromkeys(modules, "portable")
+    if variant == "native":
+        # A development build may have rebuilt only some families since native existed.
+        absent = sorted(portable_names - native_names)
+        if absent and requested == "native":
+            raise ImportError("STATESCAN_VARIANT=native, but statescan._ext.native lacks "
+                              + ", ".join(absent))
+        try:
+            modules.update(_import_all("statescan._ext.native", native_names))
+        except ImportError as exc:
+            if requested == "native":
+                raise
+            variant, reason = "portable", f"the native build does not import ({exc})"
+        else:
+            sources.update(dict.fromkeys(native_names, "native"))
+            if absent:
+                variant = "mixed"
+                reason = f"{reason}; portable for {', '.join(absent)} (no native build)"
+    _state["build"] = {
+        "variant": variant,
+        "features": native_features if variant != "portable" else
+        (cpu.compiled_features() if cpu is not None else None),
+        "cpu_features": cpu_features,
+        "openmp": bool(cpu.openmp()) if cpu is not None else None,
+        "modules": sources,
+        "reason": reason,
+    }
+    return modules
 
 
 _EXT = _load_extension()
 
 
 def ext_module(name):
-    """The compiled module ``statescan._ext.<name>``."""
+    """The compiled module ``<name>`` of the active variant (see :func:`build_info`)."""
     try:
         return _EXT[name]
     except (KeyError, TypeError):
@@ -39,6 +153,29 @@ def ext_module(name):
 def compiled_available():
     """True when the Cython extension was built and imports."""
     return _EXT is not None
+
+
+def build_info():
+    """Which build of the compiled kernels is in use, and why.
+
+    Returns
+    -------
+    dict with keys
+        ``variant``: ``"native"`` (compiled for the installing machine), ``"portable"`` (the
+        architecture's baseline), ``"mixed"`` (a partial development build: native where
+        built) or ``None`` (no compiled kernels; the numpy references run);
+        ``features``: ISA extensions the active kernels were compiled for (tuple);
+        ``cpu_features``: those this CPU has (tuple, or None when undetectable);
+        ``openmp``: whether the kernels were built with OpenMP (multi-threaded);
+        ``modules``: ``{module: variant}``; ``reason``: why this variant;
+        ``backend``: the active backend (:func:`backend`).
+    """
+    if _EXT is None:
+        info = {"variant": None, "features": (), "cpu_features": None, "openmp": None,
+                "modules": {}, "reason": f"compiled kernels unavailable ({_state['ext_error']})"}
+    else:
+        info = dict(_state["build"], modules=dict(_state["build"]["modules"]))
+    return dict(info, backend=_state["backend"])
 
 
 def set_backend(name):
@@ -73,13 +210,20 @@ def set_num_threads(n):
 
 def get_num_threads():
     """Threads the compiled kernels use: set_num_threads, else OMP_NUM_THREADS, else all cores."""
-    if _state["threads"] is not None:
-        return _state["threads"]
+    threads = _state["threads"]
+    return threads if threads is not None else _DEFAULT_THREADS
+
+
+def _default_threads():
+    # Read once: this sits on the path of every (possibly tiny, streaming) kernel call.
     env = os.environ.get("OMP_NUM_THREADS", "")
     try:
         return max(1, int(env.split(",")[0]))
     except ValueError:
         return os.cpu_count() or 1
+
+
+_DEFAULT_THREADS = _default_threads()
 
 
 def _initial_backend():

@@ -331,3 +331,88 @@ def slstm(x, W, R, b=None, b_r=None, *, heads=1, state=None, solver="sequential"
 for _fn in (lstm, gru, elman, slstm):
     _fn.__doc__ = _fn.__doc__.format(common=_DOC_COMMON)
     defvjp(_fn, lambda *a, _cell=_fn.__name__, **kw: _cell_vjp(_cell, *a, **kw))
+
+
+class CellStream:
+    """A cell with its weights validated and packed once, for many short calls.
+
+    Made by :func:`stream`.  ``s(x, state)`` returns ``(y, state)`` exactly like calling the
+    cell function with these weights, but without re-validating and re-packing the weights on
+    every call: the way to run a recurrent model token by token (streaming inference).
+    The weights are copied at construction; build a new stream after changing them.
+    """
+
+    def __init__(self, fn, W, R, b=None, b_r=None, *, heads=1):
+        cell = getattr(fn, "__name__", None)
+        if cell not in _CELL_IDS or fn is not globals()[cell]:
+            raise TypeError(f"fn must be one of statescan.lstm/gru/elman/slstm, got {fn!r}")
+        G, S = _ref.CELLS[cell]
+        R_arr = _validate.float_array("R", R)
+        H = R_arr.shape[1] if R_arr.ndim == 2 else heads * R_arr.shape[-1]
+        I = G * H if W is None else np.shape(W)[-1]
+        probe = np.zeros((1, 0, I), R_arr.dtype)          # validates every weight once
+        call = _prepare(cell, probe, W, R, b, b_r, heads, None)
+        self._cell, self._fn, self._heads, self._S = cell, fn, heads, S
+        self._W, self._R, self._b, self._b_r = call.W, call.R, call.b, call.b_r
+        self._dtype, self._in, self._H = call.R.dtype, probe.shape[2], H
+        b_c = None if call.b is None else _validate.contiguous(call.b, self._dtype)
+        b_r_c = None if call.b_r is None else _validate.contiguous(call.b_r, self._dtype)
+        self._packed = (_dispatch.ext_module("rnn").CellStream(
+            _CELL_IDS[cell], S, call.W, call.R, b_c, b_r_c)
+            if _dispatch.compiled_available() else None)
+        self._last_state = self._last_array = None
+
+    def __call__(self, x, state=None):
+        """Advance the stream: x [B, T, I] (T is usually 1) -> (y [B, T, H], state)."""
+        if (self._packed is None or not _dispatch.use_compiled() or type(x) is not np.ndarray
+                or x.dtype != self._dtype or x.ndim != 3 or x.shape[2] != self._in
+                or x.shape[0] == 0 or x.shape[1] == 0):
+            x = _validate.float_array("x", x)
+            _validate.check_shape("x", x, (None, None, self._in), f"[B, T, {self._in}]")
+            if x.dtype != self._dtype:
+                raise TypeError(f"x is {x.dtype} but the stream's weights are {self._dtype}")
+            return self._fn(x, self._W, self._R, self._b, self._b_r, heads=self._heads,
+                            state=state)
+        B, T = x.shape[0], x.shape[1]
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        if state is None:
+            state0 = np.zeros((self._S, B, self._H), self._dtype)
+        elif state is self._last_state:          # the state this stream just returned
+            state0 = self._last_array
+        else:
+            state0 = _state_array(self._cell, state, self._S, B, self._H, self._dtype)
+        if state0.shape[1] != B:
+            raise ValueError(f"state has batch size {state0.shape[1]} but x has {B}")
+        y = np.empty((B, T, self._H), self._dtype)
+        out = np.empty((self._S, B, self._H), self._dtype)
+        self._packed.step(x, state0, y, out, _dispatch.get_num_threads())
+        final = out[0] if self._S == 1 else tuple(out)
+        self._last_state, self._last_array = final, out
+        return y, final
+
+
+def stream(fn, W, R, b=None, b_r=None, *, heads=1):
+    """Prepare a cell for streaming: validate and pack its weights once.
+
+    Parameters
+    ----------
+    fn : statescan.lstm, gru, elman or slstm
+    W, R, b, b_r, heads :
+        The cell's weights, as for `fn` (W [G*H, I] or None, R [G*H, H] or [heads, G*D, D],
+        b, b_r [G*H]).
+
+    Returns
+    -------
+    CellStream
+        ``s(x, state=None) -> (y, state)`` with x [B, T, I], y [B, T, H]; identical results to
+        ``fn(x, W, R, b, b_r, heads=heads, state=state)``.
+
+    Examples
+    --------
+    >>> s = statescan.stream(statescan.lstm, W, R, b)
+    >>> state = None
+    >>> for x_t in tokens:                      # x_t [B, 1, I]
+    ...     y_t, state = s(x_t, state)
+    """
+    return CellStream(fn, W, R, b, b_r, heads=heads)
