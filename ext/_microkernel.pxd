@@ -92,12 +92,19 @@ cdef extern from *:
 
     SS_DEFINE_MATMUL(float, f)
     SS_DEFINE_MATMUL(double, d)
+
+    #if defined(__GNUC__)
+    #define ss_prefetch(p) __builtin_prefetch(p)
+    #else
+    #define ss_prefetch(p) ((void)(p))
+    #endif
     """
     void ss_matmul_acc_f(const float* a, Py_ssize_t lda, const float* mp, Py_ssize_t K,
                          Py_ssize_t ntiles, float* out, Py_ssize_t ldo, Py_ssize_t nrows) nogil
     void ss_matmul_acc_d(const double* a, Py_ssize_t lda, const double* mp, Py_ssize_t K,
                          Py_ssize_t ntiles, double* out, Py_ssize_t ldo, Py_ssize_t nrows) nogil
     int SS_NT
+    void ss_prefetch(const void* p) nogil
 
 cdef enum:
     NT = 32     # panel width (columns); must equal SS_NT above
@@ -111,6 +118,14 @@ cdef inline void matmul_acc(const floating* a, Py_ssize_t lda, const floating* m
         ss_matmul_acc_f(a, lda, mp, K, ntiles, out, ldo, nrows)
     else:
         ss_matmul_acc_d(a, lda, mp, K, ntiles, out, ldo, nrows)
+
+
+cdef inline void prefetch(const floating* p, Py_ssize_t n) noexcept nogil:
+    """Hint the cache to fetch p[0:n] (64-byte lines): rows read on the next time step."""
+    cdef Py_ssize_t i = 0
+    while i < n:
+        ss_prefetch(p + i)
+        i += 64 // sizeof(floating)
 
 
 cdef inline void pack_panels(const floating* m, Py_ssize_t sk, Py_ssize_t sn, Py_ssize_t K,

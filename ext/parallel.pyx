@@ -105,7 +105,7 @@ def block_scan(const floating[:, :, :, :, ::1] At, bint transposed,
     cdef floating* Pt = NULL
     cdef floating* v = NULL
     cdef floating* carry = NULL
-    cdef floating* tmp = NULL
+    cdef floating* tmp = NULL           # per-job scratch of compose_blocks
     cdef const floating* Aj
     cdef const floating* bj
     cdef floating* hj
@@ -114,12 +114,12 @@ def block_scan(const floating[:, :, :, :, ::1] At, bint transposed,
         Pt = <floating*> malloc(jobs * nseg * m * m * sizeof(floating))
         v = <floating*> malloc(jobs * nseg * m * sizeof(floating))
         carry = <floating*> malloc(jobs * nseg * m * sizeof(floating))
-        if Pt == NULL or v == NULL or carry == NULL:
-            free(Pt); free(v); free(carry)
+        tmp = <floating*> malloc(jobs * nseg * m * sizeof(floating))
+        if Pt == NULL or v == NULL or carry == NULL or tmp == NULL:
+            free(Pt); free(v); free(carry); free(tmp)
             raise MemoryError()
-    with nogil, parallel(num_threads=num_threads):
-        tmp = <floating*> malloc(m * sizeof(floating))
-        for job in prange(jobs * nseg, schedule="dynamic"):
+    with nogil:
+        for job in prange(jobs * nseg, schedule="dynamic", num_threads=num_threads):
             seg = job % nseg
             bb = job // nseg // K
             k = job // nseg % K
@@ -131,8 +131,7 @@ def block_scan(const floating[:, :, :, :, ::1] At, bint transposed,
                 run_blocks(rows, m, t0, t1, step, Aj, bj, &h0[bb, k, 0], &h[bb, 0, k, 0])
             else:
                 compose_blocks(rows, m, t0, t1, step, Aj, bj, Pt + job * m * m, v + job * m,
-                               tmp)
-        free(tmp)
+                               tmp + job * m)
     if nseg == 1:
         return
     with nogil:
@@ -160,6 +159,7 @@ def block_scan(const floating[:, :, :, :, ::1] At, bint transposed,
     free(Pt)
     free(v)
     free(carry)
+    free(tmp)
 
 
 cdef inline void run_diag(Py_ssize_t nc, Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t n,

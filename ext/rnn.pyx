@@ -10,7 +10,7 @@ import numpy as np
 
 cnp.import_array()
 
-from _microkernel cimport NT, matmul_acc, pack_panels
+from _microkernel cimport NT, matmul_acc, pack_panels, prefetch
 from _cells cimport cell_forward, cell_backward
 
 
@@ -45,6 +45,8 @@ cdef void forward_job(int cell, Py_ssize_t r0, Py_ssize_t nr, Py_ssize_t k,
             for g in range(G):
                 for d in range(D):
                     gates[r * GDp + g * D + d] = b_r[g * H + k * D + d]
+                if t + 1 < T:   # rows of different batch entries are far apart: help the prefetcher
+                    prefetch(ax + ((r0 + r) * T + t + 1) * GH + g * H + k * D, D)
         matmul_acc(st, D, mp_k, D, ntiles, gates, GDp, nr)
         for r in range(nr):
             b = r0 + r

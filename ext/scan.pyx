@@ -12,17 +12,26 @@ from libc.math cimport sqrt
 from _scan_math cimport vexp, vsigmoid, vsoftplus
 
 cdef enum:
-    LB = 512        # linear scan: channels per job
     W = 16          # selective scan: channels per block (= SS_W of _scan_simd.h)
     GROUP = 4       # selective scan backward: blocks per job (dB/dC partial sums per group)
 
 
 # ---- linear scan -----------------------------------------------------------------------------
+# A job is one batch row and a contiguous range of channels: as few ranges per row as keep
+# every thread busy, so each step reads and writes long contiguous runs (elementwise work:
+# results do not depend on the split).
+
+cdef inline Py_ssize_t channels_per_job(Py_ssize_t B, Py_ssize_t D,
+                                        int num_threads) noexcept nogil:
+    cdef Py_ssize_t parts = max(1, (num_threads + B - 1) // B)
+    return max(1, (((D + parts - 1) // parts + 15) // 16) * 16)
+
 
 def linear_forward(const floating[:, :, ::1] a, const floating[:, :, ::1] b,
                    const floating[:, ::1] h0, floating[:, :, ::1] h, int num_threads):
     """h [B,T,D] = the scan of a, b [B,T,D] from h0 [B,D].  Requires B, T, D >= 1."""
     cdef Py_ssize_t B = b.shape[0], T = b.shape[1], D = b.shape[2]
+    cdef Py_ssize_t LB = channels_per_job(B, D, num_threads)
     cdef Py_ssize_t nblk = (D + LB - 1) // LB
     cdef Py_ssize_t job, r, d0, nd, t, d
     cdef const floating* prev
@@ -54,6 +63,7 @@ def linear_backward(const floating[:, :, ::1] a, const floating[:, ::1] h0,
     Requires B, T, D >= 1.
     """
     cdef Py_ssize_t B = h.shape[0], T = h.shape[1], D = h.shape[2]
+    cdef Py_ssize_t LB = channels_per_job(B, D, num_threads)
     cdef Py_ssize_t nblk = (D + LB - 1) // LB
     cdef Py_ssize_t job, r, d0, nd, t, d
     cdef const floating* an
@@ -135,6 +145,14 @@ cdef extern from "_scan_simd.h":
     void ss_softplus_row_d(double* out, const double* v, Py_ssize_t n) noexcept nogil
     void ss_sigmoid_row_f(float* out, const float* v, Py_ssize_t n) noexcept nogil
     void ss_sigmoid_row_d(double* out, const double* v, Py_ssize_t n) noexcept nogil
+    void ss_reverse_f(float* g, float* dAacc, float* gB, float* dde, const float* ht,
+                      const float* hp, const float* et, const float* At, const float* dl,
+                      const float* u, const float* dy0, const float* Bt, const float* Ct,
+                      float* dB_row, float* dC_row, Py_ssize_t N) noexcept nogil
+    void ss_reverse_d(double* g, double* dAacc, double* gB, double* dde, const double* ht,
+                      const double* hp, const double* et, const double* At, const double* dl,
+                      const double* u, const double* dy0, const double* Bt, const double* Ct,
+                      double* dB_row, double* dC_row, Py_ssize_t N) noexcept nogil
     void ss_advance_f(float* h, float* e_out, float* acc, const float* At, const float* dl,
                       const float* u, const float* Bt, const float* Ct,
                       Py_ssize_t N) noexcept nogil
@@ -210,15 +228,34 @@ cdef inline void advance(floating* h, floating* e_out, floating* acc, const floa
                 e_out[n * W + j] = vexp(dl[j] * At[n * W + j])
 
 
+cdef inline Py_ssize_t blocks(Py_ssize_t Dm) noexcept nogil:
+    return (Dm + W - 1) // W
+
+
+cdef inline Py_ssize_t checkpoint_interval(Py_ssize_t T) noexcept nogil:
+    # steps per recomputed chunk of the backward: about sqrt(T), so the checkpoints and the
+    # chunk's recomputed states both take O(sqrt(T)) memory per block
+    return max(16, <Py_ssize_t> sqrt(<double> T))
+
+
+def checkpoint_shape(Py_ssize_t Bt, Py_ssize_t T, Py_ssize_t Dm, Py_ssize_t N):
+    """Shape of selective_forward's ckpt array."""
+    K = checkpoint_interval(T)
+    return (Bt, blocks(Dm), (T + K - 1) // K, N, W)
+
+
 cdef void sel_forward_group(Py_ssize_t r, Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t T,
                             Py_ssize_t Dm, Py_ssize_t N, const floating* x, const floating* dt,
                             const floating* A, const floating* Bm, const floating* C,
                             const floating* Dp, const floating* z, const floating* bias_p,
                             bint softplus, const floating* state0, floating* y,
-                            floating* state_out, floating* scratch) noexcept nogil:
+                            floating* state_out, floating* ckpt, Py_ssize_t K,
+                            floating* scratch) noexcept nogil:
     # Blocks k0..k1-1 of batch row r.  Each step first prepares the step's rows for all the
     # group's channels (contiguous reads of x, dt, z; one vectorised softplus), then advances
-    # the blocks one by one (a block per job would read memory with stride Dm).
+    # the blocks one by one (a block per job would read memory with stride Dm).  With ckpt
+    # (not NULL), the state before every K-th step is saved for the backward:
+    # ckpt[r, k, t // K] (the layout of selective_forward).
     cdef Py_ssize_t NW = N * W, nb = k1 - k0, L = nb * W
     cdef Py_ssize_t c0 = k0 * W, nc = min(L, Dm - c0)
     cdef floating* h = scratch                # [nb, N, W] states
@@ -243,7 +280,12 @@ cdef void sel_forward_group(Py_ssize_t r, Py_ssize_t k0, Py_ssize_t k1, Py_ssize
         bias[j] = bias_p[c0 + j] if (bias_p != NULL and j < nc) else 0
         v[j] = 0
         xv[j] = 0
+    cdef Py_ssize_t nblk = blocks(Dm), nchunks = (T + K - 1) // K
     for t in range(T):
+        if ckpt != NULL and t % K == 0:
+            for k in range(nb):
+                for j in range(NW):
+                    ckpt[((r * nblk + k0 + k) * nchunks + t // K) * NW + j] = h[k * NW + j]
         row = (r * T + t) * Dm + c0
         for j in range(nc):
             v[j] = dt[row + j] + bias[j]
@@ -270,9 +312,9 @@ cdef void sel_forward_group(Py_ssize_t r, Py_ssize_t k0, Py_ssize_t k1, Py_ssize
         if z != NULL:
             for j in range(nc):
                 xv[j] = z[row + j]
-            sigmoid_row(v, xv, L)
+            sigmoid_row(u, xv, L)
             for j in range(nc):
-                acc[j] = acc[j] * xv[j] * v[j]
+                acc[j] = acc[j] * xv[j] * u[j]
         for j in range(nc):
             y[row + j] = acc[j]
     for k in range(nb):
@@ -280,22 +322,17 @@ cdef void sel_forward_group(Py_ssize_t r, Py_ssize_t k0, Py_ssize_t k1, Py_ssize
         store_block(state_out + (r * Dm + d0) * N, h + k * NW, N, min(<Py_ssize_t> W, Dm - d0))
 
 
-cdef inline Py_ssize_t blocks(Py_ssize_t Dm) noexcept nogil:
-    return (Dm + W - 1) // W
-
-
-cdef const floating* opt_ptr(const floating[::1] v) noexcept:
-    return NULL if v is None else &v[0]
-
-
 def selective_forward(const floating[:, :, ::1] x, const floating[:, :, ::1] dt,
                       const floating[:, ::1] A, const floating[:, :, ::1] Bm,
                       const floating[:, :, ::1] C, const floating[::1] D,
                       const floating[:, :, ::1] z, const floating[::1] dt_bias, bint softplus,
                       const floating[:, :, ::1] state0, floating[:, :, ::1] y,
-                      floating[:, :, ::1] state_out, int num_threads):
+                      floating[:, :, ::1] state_out, floating[:, :, :, :, ::1] ckpt,
+                      int num_threads):
     """Selective scan over x, dt, z [Bt,T,Dm]; A [Dm,N]; Bm, C [Bt,T,N]; D, dt_bias [Dm] or
-    None; z None or [Bt,T,Dm]; state0 [Bt,Dm,N].  Writes y [Bt,T,Dm] and state_out [Bt,Dm,N].
+    None; z None or [Bt,T,Dm]; state0 [Bt,Dm,N].  Writes y [Bt,T,Dm] and state_out [Bt,Dm,N],
+    and when ckpt is not None the checkpoints selective_backward needs:
+    ckpt [Bt, blocks, ceil(T/K), N, W] (K = checkpoint_interval(T), blocks = ceil(Dm/W)).
     Requires Bt, T, Dm, N >= 1."""
     cdef Py_ssize_t Bt = x.shape[0], T = x.shape[1], Dm = x.shape[2], N = A.shape[1]
     cdef Py_ssize_t nblk = blocks(Dm)
@@ -304,12 +341,19 @@ def selective_forward(const floating[:, :, ::1] x, const floating[:, :, ::1] dt,
     cdef Py_ssize_t groups = min(nblk, max(1, (num_threads + Bt - 1) // Bt))
     cdef Py_ssize_t gb = (nblk + groups - 1) // groups
     cdef Py_ssize_t job, r, k0
-    cdef const floating* Dp = opt_ptr(D)
-    cdef const floating* bp = opt_ptr(dt_bias)
+    cdef const floating* Dp = NULL
+    cdef const floating* bp = NULL
     cdef const floating* zp = NULL
     cdef floating* scratch = NULL
+    cdef floating* cp = NULL
+    if D is not None:
+        Dp = &D[0]
+    if dt_bias is not None:
+        bp = &dt_bias[0]
     if z is not None:
         zp = &z[0, 0, 0]
+    if ckpt is not None:
+        cp = &ckpt[0, 0, 0, 0, 0]
     with nogil, parallel(num_threads=num_threads):
         scratch = <floating*> malloc((2 * gb * N * W + 7 * gb * W) * sizeof(floating))
         for job in prange(Bt * groups, schedule="static"):
@@ -319,15 +363,15 @@ def selective_forward(const floating[:, :, ::1] x, const floating[:, :, ::1] dt,
                 sel_forward_group(r, k0, min(nblk, k0 + gb), T, Dm, N, &x[0, 0, 0],
                                   &dt[0, 0, 0], &A[0, 0], &Bm[0, 0, 0], &C[0, 0, 0], Dp, zp,
                                   bp, softplus, &state0[0, 0, 0], &y[0, 0, 0],
-                                  &state_out[0, 0, 0], scratch)
+                                  &state_out[0, 0, 0], cp, checkpoint_interval(T), scratch)
         free(scratch)
 
 
 # ---- selective scan backward ---------------------------------------------------------------
-# Reverse-time loop per block.  The states are not stored by the forward: a first pass saves
-# the state at the start of every chunk of K steps; then, chunk by chunk from the end, the
-# chunk's states and decays are recomputed from its checkpoint and walked backwards.
-# Memory per thread O((T/K + K) N W); recomputation gives the same bits as the forward.
+# Reverse-time loop per block.  The forward saved the state before every K-th step
+# (checkpoints, K ~ sqrt(T)); chunk by chunk from the end, the chunk's states and decays are
+# recomputed from its checkpoint (the same bits as the forward) and walked backwards.
+# Memory: O(T/K N) per channel for the checkpoints, O(K N W) per thread for a chunk.
 
 cdef inline floating lane_sum(floating* p) noexcept nogil:
     # sum of W lanes in a fixed pairwise order (vectorises; a serial sum would not)
@@ -341,6 +385,47 @@ cdef inline floating lane_sum(floating* p) noexcept nogil:
     return p[0] + p[1]
 
 
+cdef inline void reverse_step(floating* g, floating* dAacc, floating* gB, floating* dde,
+                              const floating* ht, const floating* hp, const floating* et,
+                              const floating* At, const floating* dl, const floating* u,
+                              const floating* dy0, const floating* Bt, const floating* Ct,
+                              floating* dB_row, floating* dC_row, Py_ssize_t N) noexcept nogil:
+    # One step back for every state n, g = the gradient reaching h_t (in: from later steps,
+    # out: what reaches h_{t-1}):  g += dy0*C_t[n];  dC_t[n] += sum_j dy0*h_t[n];
+    # dB_t[n] += sum_j g*u;  gB = sum_n g*B_t[n];  with dec = g*h_{t-1}[n]*e[n]:
+    # dde = sum_n dec*A[n] (d/d delta of the decays), dA[n] += dec*delta;  g *= e[n].
+    cdef Py_ssize_t n, j
+    cdef floating bn, cn, dec
+    cdef floating p1[W]
+    cdef floating p2[W]
+    if SS_HAVE_VECTOR:
+        if floating is float:
+            ss_reverse_f(g, dAacc, gB, dde, ht, hp, et, At, dl, u, dy0, Bt, Ct, dB_row,
+                         dC_row, N)
+        else:
+            ss_reverse_d(g, dAacc, gB, dde, ht, hp, et, At, dl, u, dy0, Bt, Ct, dB_row,
+                         dC_row, N)
+        return
+    for j in range(W):
+        gB[j] = 0
+        dde[j] = 0
+    for n in range(N):
+        bn = Bt[n]
+        cn = Ct[n]
+        for j in range(W):
+            g[n * W + j] += dy0[j] * cn
+            p1[j] = dy0[j] * ht[n * W + j]
+            p2[j] = g[n * W + j] * u[j]
+        dC_row[n] += lane_sum(p1)
+        dB_row[n] += lane_sum(p2)
+        for j in range(W):
+            gB[j] += g[n * W + j] * bn
+            dec = g[n * W + j] * hp[n * W + j] * et[n * W + j]
+            dde[j] += dec * At[n * W + j]
+            dAacc[n * W + j] += dec * dl[j]
+            g[n * W + j] = g[n * W + j] * et[n * W + j]
+
+
 cdef void sel_backward_block(Py_ssize_t r, Py_ssize_t d0, Py_ssize_t nw, Py_ssize_t T,
                              Py_ssize_t Dm, Py_ssize_t N, Py_ssize_t K,
                              const floating* x, const floating* dt, const floating* A,
@@ -350,7 +435,8 @@ cdef void sel_backward_block(Py_ssize_t r, Py_ssize_t d0, Py_ssize_t nw, Py_ssiz
                              const floating* dstate, floating* dx, floating* ddt,
                              floating* dA_p, floating* dB_p, floating* dC_p, floating* dD_p,
                              floating* dz, floating* dbias_p, floating* dstate0,
-                             floating* scratch) noexcept nogil:
+                             const floating* ckpt, floating* scratch) noexcept nogil:
+    # ckpt [nchunks, N, W]: this block's states before every K-th step (from the forward)
     cdef Py_ssize_t NW = N * W, nchunks = (T + K - 1) // K
     cdef floating* At = scratch
     cdef floating* g = At + NW
@@ -359,7 +445,6 @@ cdef void sel_backward_block(Py_ssize_t r, Py_ssize_t d0, Py_ssize_t nw, Py_ssiz
     cdef floating* es = hs + (K + 1) * NW    # [K, N, W]: the chunk's decays
     cdef floating* dls = es + K * NW         # [K, W]: the chunk's deltas
     cdef floating* ys = dls + K * W          # [K, W]: the chunk's outputs before the gate
-    cdef floating* ckpt = ys + K * W         # [nchunks, N, W]
     cdef floating dl[W]
     cdef floating v[W]
     cdef floating xv[W]
@@ -376,14 +461,13 @@ cdef void sel_backward_block(Py_ssize_t r, Py_ssize_t d0, Py_ssize_t nw, Py_ssiz
     cdef floating dbacc[W]
     cdef floating p1[W]
     cdef floating p2[W]
-    cdef floating s, dec, bn, cn
+    cdef floating s
     cdef Py_ssize_t t, tt, c, t0, t1, n, j, row, bt_row
     cdef floating* hp
     cdef floating* ht
     cdef floating* et
 
     load_block(At, A + d0 * N, N, nw)
-    load_block(ckpt, state0 + (r * Dm + d0) * N, N, nw)
     load_block(g, dstate + (r * Dm + d0) * N, N, nw)
     for j in range(W):
         Dv[j] = Dp[d0 + j] if (Dp != NULL and j < nw) else 0
@@ -392,19 +476,6 @@ cdef void sel_backward_block(Py_ssize_t r, Py_ssize_t d0, Py_ssize_t nw, Py_ssiz
         dbacc[j] = 0
     for j in range(NW):
         dAacc[j] = 0
-
-    # pass 1: the state at the start of every chunk (the decays and outputs are not needed)
-    for c in range(1, nchunks):
-        for j in range(NW):
-            ckpt[c * NW + j] = ckpt[(c - 1) * NW + j]
-        for t in range((c - 1) * K, c * K):
-            row = (r * T + t) * Dm + d0
-            step_delta(dl, v, dt + row, bias, softplus, nw)
-            load_row(xv, x + row, nw)
-            for j in range(W):
-                u[j] = dl[j] * xv[j]
-            advance(ckpt + c * NW, <floating*> NULL, p1, At, dl, u, Bm + (r * T + t) * N,
-                    C + (r * T + t) * N, N)
 
     for c in range(nchunks - 1, -1, -1):
         t0 = c * K
@@ -447,24 +518,8 @@ cdef void sel_backward_block(Py_ssize_t r, Py_ssize_t d0, Py_ssize_t nw, Py_ssiz
             else:
                 for j in range(W):
                     dy0[j] = dyv[j]
-            for j in range(W):
-                gB[j] = 0
-                dde[j] = 0
-            for n in range(N):
-                bn = Bm[bt_row + n]
-                cn = C[bt_row + n]
-                for j in range(W):
-                    g[n * W + j] += dy0[j] * cn
-                    p1[j] = dy0[j] * ht[n * W + j]
-                    p2[j] = g[n * W + j] * u[j]
-                dC_p[bt_row + n] += lane_sum(p1)
-                dB_p[bt_row + n] += lane_sum(p2)
-                for j in range(W):
-                    gB[j] += g[n * W + j] * bn
-                    dec = g[n * W + j] * hp[n * W + j] * et[n * W + j]
-                    dde[j] += dec * At[n * W + j]
-                    dAacc[n * W + j] += dec * dl[j]
-                    g[n * W + j] = g[n * W + j] * et[n * W + j]
+            reverse_step(g, dAacc, gB, dde, ht, hp, et, At, dl, u, dy0, Bm + bt_row,
+                         C + bt_row, dB_p + bt_row, dC_p + bt_row, N)
             if softplus:                    # d softplus(v) / dv, v = dt + bias
                 load_row(v, dt + row, nw)
                 for j in range(W):
@@ -487,9 +542,6 @@ cdef void sel_backward_block(Py_ssize_t r, Py_ssize_t d0, Py_ssize_t nw, Py_ssiz
         dbias_p[r * Dm + d0 + j] = dbacc[j]
 
 
-def checkpoint_interval(Py_ssize_t T):
-    """Steps per recomputed chunk in the backward (about sqrt(T): O(sqrt(T)) memory)."""
-    return max(16, <Py_ssize_t> sqrt(<double> T))
 
 
 def selective_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dt,
@@ -501,8 +553,10 @@ def selective_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dt
                        floating[:, :, ::1] ddt, floating[:, :, ::1] dA_p,
                        floating[:, :, :, ::1] dB_p, floating[:, :, :, ::1] dC_p,
                        floating[:, ::1] dD_p, floating[:, :, ::1] dz,
-                       floating[:, ::1] dbias_p, floating[:, :, ::1] dstate0, int num_threads):
-    """Gradients of sum(dy*y) + sum(dstate*state) for selective_forward's outputs.
+                       floating[:, ::1] dbias_p, floating[:, :, ::1] dstate0,
+                       const floating[:, :, :, :, ::1] ckpt, int num_threads):
+    """Gradients of sum(dy*y) + sum(dstate*state) for selective_forward's outputs, given
+    the checkpoints ckpt that selective_forward saved.
 
     Writes dx, ddt [Bt,T,Dm], dz [Bt,T,Dm] (when z is given; else pass None), dstate0
     [Bt,Dm,N], and partial sums the caller adds up: dA_p [Bt,Dm,N], dD_p and dbias_p [Bt,Dm]
@@ -511,20 +565,27 @@ def selective_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dt
     """
     cdef Py_ssize_t Bt = x.shape[0], T = x.shape[1], Dm = x.shape[2], N = A.shape[1]
     cdef Py_ssize_t nblk = blocks(Dm), ngroups = dB_p.shape[0]
-    cdef Py_ssize_t K = checkpoint_interval(T), NW = N * W
+    cdef Py_ssize_t K = checkpoint_interval(T), NW = N * W, nchunks = (T + K - 1) // K
     cdef Py_ssize_t job, r, grp, k, d0
-    cdef const floating* Dp = opt_ptr(D)
-    cdef const floating* bp = opt_ptr(dt_bias)
+    cdef const floating* Dp = NULL
+    cdef const floating* bp = NULL
     cdef const floating* zp = NULL
     cdef floating* dzp = NULL
     cdef floating* scratch = NULL
     if ngroups != (nblk + GROUP - 1) // GROUP:
         raise ValueError("dB_p/dC_p must have one entry per group of channels")
+    if (ckpt.shape[0] != Bt or ckpt.shape[1] != nblk or ckpt.shape[2] != nchunks
+            or ckpt.shape[3] != N or ckpt.shape[4] != W):
+        raise ValueError("ckpt must come from selective_forward on the same arrays")
+    if D is not None:
+        Dp = &D[0]
+    if dt_bias is not None:
+        bp = &dt_bias[0]
     if z is not None:
         zp = &z[0, 0, 0]
         dzp = &dz[0, 0, 0]
     with nogil, parallel(num_threads=num_threads):
-        scratch = <floating*> malloc(((3 + 2 * K + 1 + (T + K - 1) // K) * NW + 2 * K * W)
+        scratch = <floating*> malloc(((3 + 2 * K + 1) * NW + 2 * K * W)
                                      * sizeof(floating))
         for job in prange(Bt * ngroups, schedule="static"):
             r = job // ngroups
@@ -537,7 +598,7 @@ def selective_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dt
                                    &dy[0, 0, 0], &dstate[0, 0, 0], &dx[0, 0, 0],
                                    &ddt[0, 0, 0], &dA_p[0, 0, 0], &dB_p[grp, 0, 0, 0],
                                    &dC_p[grp, 0, 0, 0], &dD_p[0, 0], dzp, &dbias_p[0, 0],
-                                   &dstate0[0, 0, 0], scratch)
+                                   &dstate0[0, 0, 0], &ckpt[r, k, 0, 0, 0], scratch)
         free(scratch)
 
 

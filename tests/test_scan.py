@@ -279,6 +279,27 @@ def test_large_arguments_saturate_like_the_reference():
     assert_all_close(ss.selective_scan(*new, **kw), expected, tol=1e-12)
 
 
+def _kernel_exp(v, dtype):
+    """exp(v) as the compiled selective scan computes it: the state after one step from
+    state 1 with dt = 1, A = v and no input."""
+    v = np.asarray(v, dtype).ravel()
+    n = v.size
+    x, dt = np.zeros((1, 1, n), dtype), np.ones((1, 1, n), dtype)
+    B, C = np.zeros((1, 1, 1), dtype), np.zeros((1, 1, 1), dtype)
+    return ss.selective_scan(x, dt, v.reshape(n, 1), B, C, state=np.ones((1, n, 1), dtype))[1]
+
+
+@pytest.mark.parametrize("dtype,lo,hi,ulps", [(np.float32, -86.9, 88.72, 2),
+                                               (np.float64, -708.0, 709.78, 3)])
+def test_kernel_exp_accuracy(dtype, lo, hi, ulps):
+    v = np.concatenate([np.linspace(lo, hi, 20001), np.linspace(-1, 1, 2001)]).astype(dtype)
+    got = _kernel_exp(v, dtype).ravel().astype(np.float64)
+    rel = np.abs(got / np.exp(v.astype(np.float64)) - 1)
+    assert rel.max() <= ulps * np.finfo(dtype).eps / 2
+    edge = _kernel_exp([-1e30, -1e3, 1e3, 1e30, np.nan, -np.inf, np.inf], dtype).ravel()
+    assert np.array_equal(edge, [0, 0, np.inf, np.inf, np.nan, 0, np.inf], equal_nan=True)
+
+
 # ---- 2. gradients ----------------------------------------------------------------------------
 
 def _directional_check(fn, args, kw, positional, grads, names, cot, rel=1e-6, eps=1e-6):
@@ -487,3 +508,16 @@ def test_linear_property_never_crashes(B, T, D, da, dtype, with_h0):
         return
     assert h.shape == (B, T, D)
     assert_close(h, naive_linear(a, b, h0))
+
+
+def test_pullback_after_a_backend_switch():
+    """The pullback uses what its forward saved, whichever backend is active when called."""
+    args, kw = selective_problem(Bt=2, T=20, Dm=17, N=3, z=True, state=True)
+    cot = (np.ones((2, 20, 17)), np.ones((2, 17, 3)))
+    grads = {}
+    for first, second in (("compiled", "python"), ("python", "compiled")):
+        with using_backend(first):
+            _, pb = ss.vjp(ss.selective_scan, *args, **kw)
+        with using_backend(second):
+            grads[first] = pb(cot)
+    assert_all_close(grads["compiled"], grads["python"], tol=1e-11)

@@ -65,19 +65,14 @@ def _split(values):
 
 
 def _bench(args):
-    from ._bench import core, guard, load_cases, machine, report
+    from ._bench import core, guard, machine, report
     if args.threads < 1:
-        print("statescan bench: --threads must be >= 1", file=sys.stderr)
-        return 2
+        return _fail("--threads must be >= 1")
     families = _split(args.family) or list(core.FAMILIES)
     unknown = [f for f in families if f not in core.FAMILIES]
     if unknown:
-        print(f"statescan bench: unknown family {unknown[0]!r}; choose from "
-              f"{', '.join(core.FAMILIES)}", file=sys.stderr)
-        return 2
+        return _fail(f"unknown family {unknown[0]!r}; choose from {', '.join(core.FAMILIES)}")
     peers = _split([args.peers]) if args.peers else None
-    if peers == ["none"]:
-        peers = []
     guard_mode = args.check or args.update_baseline
     baseline_path = args.baseline or _default_baseline()
     baseline = None
@@ -85,35 +80,23 @@ def _bench(args):
         try:
             baseline = guard.load(baseline_path)
         except (OSError, ValueError) as exc:
-            print(f"statescan bench --check: cannot read the baseline: {exc}", file=sys.stderr)
-            return 2
+            return _fail(f"cannot read the baseline: {exc}")
 
     notes = []
     statescan.set_num_threads(args.threads)
     if not machine.set_blas_threads(args.threads):
         notes.append("could not set the BLAS thread count (unknown BLAS): numpy's GEMMs may "
                      "use more threads than --threads")
-    core.configure(args.threads, [] if guard_mode else peers)
-
-    cases, unavailable = load_cases(families, quick=args.quick or guard_mode)
-    if args.check:
-        cases = [c for c in cases if c.id in baseline["cases"]]
-    elif args.update_baseline:
-        cases = [c for c in cases if c.guard and c.dtype == args.dtype]
-    else:
-        cases = [c for c in cases if c.dtype == args.dtype]
-    filters = _split(args.filter)
-    if filters:
-        cases = [c for c in cases if any(f in c.id for f in filters)]
+    # The guard needs only statescan and its numpy reference.
+    core.configure(args.threads, [] if guard_mode or peers == ["none"] else peers)
+    cases, unavailable = _select_cases(args, families, baseline)
     if args.list:
         for c in cases:
             print(f"{c.id}  (T={c.steps})")
         return 0
     if not cases:
-        print("statescan bench: no case selected" +
-              "".join(f"\n  family {f}: {why}" for f, why in unavailable.items()),
-              file=sys.stderr)
-        return 2
+        return _fail("no case selected" + "".join(f"\n  family {f}: {why}"
+                                                  for f, why in unavailable.items()))
 
     print(f"statescan bench: measuring the GEMM peak on {args.threads} thread(s)...",
           file=sys.stderr, flush=True)
@@ -122,7 +105,8 @@ def _bench(args):
     peaks = {dt: machine.gemm_peak(dt, seconds=peak_seconds) for dt in peak_dtypes}
     budget = 0.5 if guard_mode else (0.15 if args.quick else 0.5)
     # The guard compares ratios across runs: best-of-repeats is steadier under a loaded CPU.
-    results = _run(cases, budget, core, "min" if guard_mode else "median")
+    statistic = "min" if guard_mode else "median"
+    results = _run(cases, budget, core, statistic)
     # Measured again after the cases, keeping the best: other processes sharing the CPU at
     # one moment must not deflate the peak.
     for dt in peak_dtypes:
@@ -131,8 +115,8 @@ def _bench(args):
     meta = {"statescan": statescan.__version__,
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "machine": machine.describe(), "threads": args.threads, "dtype": args.dtype,
-            "gemm_peaks_gflops": peaks, "statistic": "min" if guard_mode else "median",
-            "quick": bool(args.quick), "families": families, "filter": filters,
+            "gemm_peaks_gflops": peaks, "statistic": statistic,
+            "quick": bool(args.quick), "families": families, "filter": _split(args.filter),
             "peer_versions": _peer_versions(), "unavailable_families": unavailable,
             "notes": notes + _run_notes(results)}
     print(report.format_table(results, peaks, meta))
@@ -147,7 +131,33 @@ def _bench(args):
         report.write_json(doc, baseline_path)
         print(f"baseline with {len(doc['cases'])} case(s) written to {baseline_path}")
         return 0
+    _write_outputs(args, results, peaks, meta, report)
+    return 0
 
+
+def _fail(message):
+    print(f"statescan bench: {message}", file=sys.stderr)
+    return 2
+
+
+def _select_cases(args, families, baseline):
+    """(cases to run, {family: why it is unavailable})."""
+    from ._bench import load_cases
+    guard_mode = args.check or args.update_baseline
+    cases, unavailable = load_cases(families, quick=args.quick or guard_mode)
+    if args.check:
+        cases = [c for c in cases if c.id in baseline["cases"]]
+    elif args.update_baseline:
+        cases = [c for c in cases if c.guard and c.dtype == args.dtype]
+    else:
+        cases = [c for c in cases if c.dtype == args.dtype]
+    filters = _split(args.filter)
+    if filters:
+        cases = [c for c in cases if any(f in c.id for f in filters)]
+    return cases, unavailable
+
+
+def _write_outputs(args, results, peaks, meta, report):
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = args.json or Path("bench-results") / f"bench-{stamp}.json"
     report.write_json(report.to_json(results, peaks, meta), json_path)
@@ -158,7 +168,6 @@ def _bench(args):
             print(f"plot written to {plot_path}")
         elif args.plot:
             print("no plot: matplotlib is not installed", file=sys.stderr)
-    return 0
 
 
 def _run(cases, budget, core, statistic):
@@ -169,7 +178,7 @@ def _run(cases, budget, core, statistic):
               flush=True)
 
         def progress(name, outcome):
-            text = (f"skipped" if isinstance(outcome, core.Skipped)
+            text = ("skipped" if isinstance(outcome, core.Skipped)
                     else f"{outcome.us_per_step:.3g}us")
             print(f" {name} {text}", end="", file=sys.stderr, flush=True)
         result = core.run_case(case, budget, on_runner=progress, statistic=statistic)

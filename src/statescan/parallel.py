@@ -68,7 +68,7 @@ def _threads(jobs, work):
 
 
 def _diag_scan(a, b, h0, nseg=None):
-    """h_t = a_t * h_{t-1} + b_t; a, b [B,T,n] contiguous, h0 [B,n]."""
+    """h_t = a_t * h_{t-1} + b_t; a, b [B,T,n], h0 [B,n]; segmented by shape when nseg is None."""
     B, T, n = b.shape
     if B == 0 or T == 0 or n == 0:
         return np.empty_like(b)

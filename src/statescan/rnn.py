@@ -231,7 +231,12 @@ def _parameter_grads(call, y, dgx, dgr, dstate0):
     if call.R_ndim == 2:
         dR = dR[0]
     db = None if b is None else gx.sum(axis=0)
-    db_r = None if b_r is None else dgr.reshape(N, G * H).sum(axis=0)
+    if b_r is None:
+        db_r = None
+    elif dgr is dgx and db is not None:      # every cell but the GRU: the same gradient
+        db_r = db.copy()
+    else:
+        db_r = dgr.reshape(N, G * H).sum(axis=0)
     grads = (dx, dW, dR, db, db_r)[:_n_positional(W, b, b_r)]
     if call.state_given:
         grads = grads + (_outputs(cell, None, dstate0)[1],)

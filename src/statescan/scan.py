@@ -150,14 +150,18 @@ def _prepare_selective(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state):
                       arr["D"], arr["z"], arr["dt_bias"], bool(dt_softplus), state0)
 
 
-def _selective_forward(call):
+def _selective_forward(call, save=False):
+    """(y, final state, saved): saved is what _selective_backward needs, when `save`."""
     if call.empty or not _dispatch.use_compiled():
-        y, state, _ = _ref.selective_scan_forward(*call.arrays())
-        return y, state
+        return _ref.selective_scan_forward(*call.arrays(), save=save)
+    ext = _ext()
     y = np.empty_like(call.x)
     state = np.empty_like(call.state0)
-    _ext().selective_forward(*call.arrays(), y, state, _dispatch.get_num_threads())
-    return y, state
+    ckpt = None
+    if save:
+        ckpt = np.empty(ext.checkpoint_shape(*call.x.shape, call.A.shape[1]), y.dtype)
+    ext.selective_forward(*call.arrays(), y, state, ckpt, _dispatch.get_num_threads())
+    return y, state, ckpt
 
 
 def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=False,
@@ -201,17 +205,24 @@ def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=
     Gradients: ``vjp(selective_scan, x, dt, A, B, C, D, z=..., dt_bias=..., state=...)``
     gives a pullback taking ``(dy, dstate)`` (either may be None) and returning
     ``(dx, ddt, dA, dB, dC)``, then ``dD`` when D was given, then, in this order, ``dz``,
-    ``ddt_bias`` and ``dstate`` for each of z, dt_bias, state that was given.
+    ``ddt_bias`` and ``dstate`` for each of z, dt_bias, state that was given.  The compiled
+    vjp keeps the state every ~sqrt(T) steps (Bt*Dm*N*sqrt(T) values) and recomputes the
+    rest in the backward.
+
+    Notes
+    -----
+    The compiled kernel evaluates exp with its own vectorised polynomial (about 1 ulp);
+    decays below 2^-125 (float32) or 2^-1021 (float64) are flushed to 0.
     """
     call = _prepare_selective(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state)
-    return _selective_forward(call)
+    return _selective_forward(call)[:2]
 
 
-def _selective_backward(call, dy, dstate):
-    """(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dstate0) of the call, given (dy, dstate)."""
-    if call.empty or not _dispatch.use_compiled():
-        _, _, states = _ref.selective_scan_forward(*call.arrays(), save=True)
-        return _ref.selective_scan_backward(*call.arrays(), states, dy, dstate)
+def _selective_backward(call, kernel, saved, dy, dstate):
+    """(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dstate0) of the call, given (dy, dstate) and
+    what the forward saved (every state for the reference, checkpoints for the kernel)."""
+    if call.empty or not kernel:
+        return _ref.selective_scan_backward(*call.arrays(), saved, dy, dstate)
     ext = _ext()
     Bt, T, Dm = call.x.shape
     N = call.A.shape[1]
@@ -224,7 +235,7 @@ def _selective_backward(call, dy, dstate):
     dD_p, dbias_p = np.empty((Bt, Dm), dtype), np.empty((Bt, Dm), dtype)
     dstate0 = np.empty_like(call.state0)
     ext.selective_backward(*call.arrays(), dy, dstate, dx, ddt, dA_p, dB_p, dC_p, dD_p, dz,
-                           dbias_p, dstate0, _dispatch.get_num_threads())
+                           dbias_p, dstate0, saved, _dispatch.get_num_threads())
     # partial sums over batch rows / channel groups, added in a fixed order
     return (dx, ddt, dA_p.sum(axis=0), dB_p.sum(axis=0), dC_p.sum(axis=0),
             None if call.D is None else dD_p.sum(axis=0), dz,
@@ -234,7 +245,8 @@ def _selective_backward(call, dy, dstate):
 def _selective_scan_vjp(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=False,
                         state=None):
     call = _prepare_selective(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state)
-    y, final = _selective_forward(call)
+    kernel = _dispatch.use_compiled()       # the backward must match what the forward saved
+    y, final, saved = _selective_forward(call, save=True)
 
     def pullback(cotangent):
         if not isinstance(cotangent, (tuple, list)) or len(cotangent) != 2:
@@ -242,7 +254,8 @@ def _selective_scan_vjp(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_soft
                             "(y, state)")
         dy = _cotangent_array("dy", cotangent[0], y.shape, "[Bt, T, Dm]", y.dtype)
         ds = _cotangent_array("dstate", cotangent[1], final.shape, "[Bt, Dm, N]", y.dtype)
-        dx, ddt, dA, dB, dC, dD, dz, dbias, dstate0 = _selective_backward(call, dy, ds)
+        dx, ddt, dA, dB, dC, dD, dz, dbias, dstate0 = _selective_backward(call, kernel, saved,
+                                                                          dy, ds)
         grads = (dx, ddt, dA, dB, dC) + ((dD,) if D is not None else ())
         for given, grad in ((z, dz), (dt_bias, dbias), (state, dstate0)):
             if given is not None:

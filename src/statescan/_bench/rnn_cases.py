@@ -64,13 +64,13 @@ def _steps(runner, flops, target, backward, cap=_MAX_STEPS, floor=8):
 
 
 def _case(cell, B, H, heads, backward, dtype, quick, guard):
-    flops = _flops_per_step(cell, B, H, heads) * (3 if backward else 1)
-    target = 0.02 if quick else 0.1
-    T = _steps(STATESCAN, flops, target, backward)
+    forward_flops = _flops_per_step(cell, B, H, heads)
+    T = _steps(STATESCAN, forward_flops, 0.02 if quick else 0.1, backward)
     params = {"B": B, "H": H, "heads": heads}
     name = f"{cell}-fwdbwd" if backward else cell
-    make = (lambda: _make(cell, B, H, heads, T, dtype, quick, backward))
-    return Case("rnn", name, params, dtype, T, flops * T, make, guard=guard)
+    flops = forward_flops * (3 if backward else 1) * T     # backward: two GEMMs per forward one
+    return Case("rnn", name, params, dtype, T, flops,
+                lambda: _make(cell, B, H, heads, T, dtype, quick, backward), guard=guard)
 
 
 def _inputs(cell, B, T, H, heads, dtype):

@@ -1,0 +1,1 @@
+"""The kernels compiled for the installing machine (-march=native); see statescan._dispatch."""
