@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _dispatch, _validate
+from . import _dispatch, _memory, _validate
 from ._reference import rnn as _ref
 from .autodiff import defvjp
 
@@ -113,7 +113,7 @@ def _input_preactivation(call):
     if not _dispatch.use_compiled():
         return np.stack([x[:, t] @ W.T + (0 if b is None else b) for t in range(T)], axis=1) \
             if T else np.empty((B, 0, W.shape[0]), x.dtype)
-    ax = np.empty((B, T, W.shape[0]), x.dtype)
+    ax = _memory.empty((B, T, W.shape[0]), x.dtype)
     bias = None if b is None else _validate.contiguous(b, x.dtype)
     _dispatch.ext_module("rnn").project(x.reshape(B * T, I), W, bias, ax.reshape(B * T, W.shape[0]),
                                         _dispatch.get_num_threads())
@@ -130,8 +130,8 @@ def _kernel_forward(call, ax, save):
         return seq, (np.empty_like(ax) if save else None), call.state0.copy()
     if not _dispatch.use_compiled():
         return _ref.forward(call.cell, ax, call.R, b_r, call.state0, save)
-    seq = np.empty((S if save else 1, B, T, H), dtype)
-    ar_seq = np.empty_like(ax) if save else None
+    seq = _memory.empty((S if save else 1, B, T, H), dtype)
+    ar_seq = _memory.empty(ax.shape, dtype) if save else None
     state = np.empty_like(call.state0)
     _dispatch.ext_module("rnn").forward(_CELL_IDS[call.cell], ax, call.R, b_r, call.state0, seq,
                                         ar_seq, state, _dispatch.get_num_threads())
@@ -144,8 +144,8 @@ def _kernel_backward(call, ax, ar_seq, seq, dy, dstate):
         return np.zeros_like(ax), np.zeros_like(ax), dstate.copy()
     if not _dispatch.use_compiled():
         return _ref.backward(call.cell, ax, ar_seq, call.R, call.state0, seq, dy, dstate)
-    dgx = np.empty_like(ax)
-    dgr = np.empty_like(ax) if call.cell == "gru" else dgx
+    dgx = _memory.empty(ax.shape, ax.dtype)
+    dgr = _memory.empty(ax.shape, ax.dtype) if call.cell == "gru" else dgx
     dstate0 = np.empty_like(dstate)
     _dispatch.ext_module("rnn").backward(_CELL_IDS[call.cell], ax, ar_seq, call.R, call.state0,
                                          seq, dy, dstate, dgx, dgr, dstate0,
@@ -178,7 +178,7 @@ def _cotangent(cell, cot, call):
     if not isinstance(cot, (tuple, list)) or len(cot) != 2:
         raise TypeError("cotangent must be a pair (dy, dstate) matching the output (y, state)")
     dy, dstate = cot
-    dy = (np.zeros((B, T, H), dtype) if dy is None
+    dy = (_memory.zeros((B, T, H), dtype) if dy is None
           else _validate.contiguous(_validate.float_array("dy", dy), dtype))
     _validate.check_shape("dy", dy, (B, T, H), f"[B, T, H] = [{B}, {T}, {H}]")
     parts = (dstate,) if S == 1 else (dstate if dstate is not None else (None,) * S)
@@ -223,9 +223,13 @@ def _parameter_grads(call, y, dgx, dgr, dstate0):
     if call.W is None:
         dx, dW = dgx, None
     else:
-        dx = (gx @ call.W).reshape(call.x.shape)
+        dx = _memory.empty(call.x.shape, gx.dtype)
+        np.matmul(gx, call.W, out=dx.reshape(N, call.W.shape[1]))
         dW = gx.T @ call.x.reshape(N, call.x.shape[2])
-    h_prev = np.concatenate([call.state0[0][:, None], y[:, :-1]], axis=1)[:, :T]
+    h_prev = _memory.empty((B, T, H), y.dtype)
+    if T:
+        h_prev[:, 0] = call.state0[0]
+        h_prev[:, 1:] = y[:, :-1]
     gr = dgr.reshape(N, G, heads_, D).transpose(2, 0, 1, 3).reshape(heads_, N, GD)
     dR = gr.transpose(0, 2, 1) @ h_prev.reshape(N, heads_, D).transpose(1, 0, 2)
     if call.R_ndim == 2:

@@ -1,0 +1,34 @@
+"""Allocation of the large arrays statescan's kernels produce.
+
+Arrays come from a cache of mapped blocks (``statescan._ext.pool``) so that repeated calls do
+not pay a page fault per 4 KiB of fresh memory; without the compiled extension, plain numpy.
+"""
+import numpy as np
+
+from . import _dispatch
+
+
+def _pool():
+    try:
+        return _dispatch.ext_module("pool")
+    except ImportError:
+        return None
+
+
+_POOL = _pool()
+
+
+def empty(shape, dtype):
+    """numpy.empty(shape, dtype), C order."""
+    return np.empty(shape, dtype) if _POOL is None else _POOL.empty(shape, dtype)
+
+
+def zeros(shape, dtype):
+    """numpy.zeros(shape, dtype), C order."""
+    return np.zeros(shape, dtype) if _POOL is None else _POOL.zeros(shape, dtype)
+
+
+def set_cache_limit(nbytes):
+    """Keep at most `nbytes` of freed kernel memory for reuse (0: return it to the system
+    at once).  Returns the previous limit.  The default is 256 MiB."""
+    return 0 if _POOL is None else _POOL.set_limit(int(nbytes))
