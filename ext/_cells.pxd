@@ -55,7 +55,8 @@ cdef inline void slstm_forward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
                                floating* st, Py_ssize_t ss) noexcept nogil:
     cdef Py_ssize_t d
     cdef floating one = 1
-    cdef floating it, ft, zt, ot, n_prev, l, m, i, f, c, n
+    cdef floating it, ft, zt, ot, n_prev, l, e, i, f, c, n
+    cdef bint m_is_i
     for d in range(D):
         it = ax[d] + ar[d]
         ft = ax[sx + d] + ar[sr + d]
@@ -63,17 +64,19 @@ cdef inline void slstm_forward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
         ot = ax[3 * sx + d] + ar[3 * sr + d]
         n_prev = st[2 * ss + d]
         l = log_sigmoid(ft) + st[3 * ss + d]
-        m = l if (n_prev != 0 and l > it) else it
-        i = exp_(it - m)
-        f = exp_(l - m)
+        # m = i~ (first step) or max(i~, l); one of exp(i~ - m), exp(l - m) is exp(0) = 1.
+        m_is_i = not (n_prev != 0 and l > it)
+        e = exp_(l - it if m_is_i else it - l)
+        i = one if m_is_i else e
+        f = e if m_is_i else one
         c = f * st[ss + d] + i * tanh_(zt)
         n = f * n_prev + i
         if n < one:       # written so that NaN passes through
             n = 1
         st[ss + d] = c
         st[2 * ss + d] = n
-        st[3 * ss + d] = m
-        st[d] = sigmoid(ot) * c / n
+        st[3 * ss + d] = it if m_is_i else l
+        st[d] = c / (n * (one + exp_(-ot)))     # sigmoid(o~) * c / n with one division
 
 
 cdef inline void cell_forward(int cell, Py_ssize_t D, const floating* ax, Py_ssize_t sx,
@@ -180,7 +183,7 @@ cdef inline void slstm_backward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
                                 floating* dgr, Py_ssize_t sgr) noexcept nogil:
     cdef Py_ssize_t d
     cdef floating one = 1
-    cdef floating it, ft, zt, ot, c_prev, n_prev, l, m, i, f, tz, o, c, nn, n
+    cdef floating it, ft, zt, ot, c_prev, n_prev, l, e, i, f, tz, o, c, nn, n
     cdef floating dh, dc, dn, dm, go, di, df, gz, dit, dl, gf
     cdef bint m_is_i
     for d in range(D):
@@ -192,9 +195,9 @@ cdef inline void slstm_backward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
         n_prev = prev[2 * sp + d]
         l = log_sigmoid(ft) + prev[3 * sp + d]
         m_is_i = not (n_prev != 0 and l > it)
-        m = it if m_is_i else l
-        i = exp_(it - m)
-        f = exp_(l - m)
+        e = exp_(l - it if m_is_i else it - l)
+        i = one if m_is_i else e
+        f = e if m_is_i else one
         tz = tanh_(zt)
         o = sigmoid(ot)
         c = f * c_prev + i * tz
