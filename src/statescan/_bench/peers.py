@@ -154,13 +154,16 @@ def build_torch_loop(cell, x, W, R3, b, b_r, dy=None):
     ops = _Ops(torch.sigmoid, torch.nn.functional.logsigmoid, torch.tanh, torch.exp,
                torch.where, lambda a, v: torch.clamp(a, min=v), torch.einsum,
                lambda a, k: torch.chunk(a, k, dim=-1), lambda a, axes: a.permute(*axes))
-    Wt, Rt, bt, brt = (torch.from_numpy(a) for a in (W, R3, b, b_r))
-    xt = torch.from_numpy(x.copy()).requires_grad_(dy is not None)
+    # With dy every input gets a gradient, as statescan's vjp computes them all.
+    xt, Wt, Rt, bt, brt = (None if a is None else
+                           torch.from_numpy(a.copy()).requires_grad_(dy is not None)
+                           for a in (x, W, R3, b, b_r))
     B, T, _ = x.shape
     H = R3.shape[0] * R3.shape[2]
 
     def forward():
-        ax = torch.addmm(bt, xt.reshape(B * T, -1), Wt.T).reshape(B, T, -1)
+        ax = (xt + bt if Wt is None       # W=None: x holds the input-side pre-activations
+              else torch.addmm(bt, xt.reshape(B * T, -1), Wt.T).reshape(B, T, -1))
         state = tuple(torch.zeros(B, H, dtype=xt.dtype) for _ in range(_STATE_SIZES[cell]))
         ys = []
         for t in range(T):
@@ -176,7 +179,9 @@ def build_torch_loop(cell, x, W, R3, b, b_r, dy=None):
     dyt = torch.from_numpy(dy)
 
     def run_backward():
-        xt.grad = None
+        for t in (xt, Wt, Rt, bt, brt):
+            if t is not None:
+                t.grad = None
         forward().backward(dyt)
         return xt.grad
     return run_backward
@@ -195,7 +200,8 @@ def build_jax(cell, x, W, R3, b, b_r, dy=None):
     H = R3.shape[0] * R3.shape[2]
 
     def forward(x, W, R, b, b_r):
-        ax = (x.reshape(B * T, -1) @ W.T + b).reshape(B, T, -1).transpose(1, 0, 2)
+        ax = x + b if W is None else (x.reshape(B * T, -1) @ W.T + b).reshape(B, T, -1)
+        ax = ax.transpose(1, 0, 2)
         state = tuple(jnp.zeros((B, H), x.dtype) for _ in range(_STATE_SIZES[cell]))
 
         def body(state, ax_t):
@@ -212,11 +218,14 @@ def build_jax(cell, x, W, R3, b, b_r, dy=None):
 
         @jax.jit
         def fn(x, W, R, b, b_r, dy):
-            _, pullback = jax.vjp(lambda x_: forward(x_, W, R, b, b_r), x)
-            return pullback(dy)[0]
+            # every input's gradient, as statescan's vjp computes them all; dx is verified
+            _, pullback = jax.vjp(forward, x, W, R, b, b_r)
+            grads = pullback(dy)
+            return grads[0], grads[1:]
 
     def run():
-        return np.asarray(fn(*args).block_until_ready())
+        out = jax.block_until_ready(fn(*args))
+        return np.asarray(out[0] if dy is not None else out)
     return run
 
 

@@ -160,7 +160,7 @@ def write_plot(results, path):
         ax.set_yticklabels([f"{r.case.name} " + " ".join(f"{k}={v}" for k, v in
                                                          r.case.params.items()) for r in rows],
                            fontsize=6)
-        ax.invert_yaxis()
+        ax.set_ylim(len(rows) - 0.5, -0.5)          # first case on top, no empty margins
         ax.set_title(f"{family}: peer time / statescan time (>1: statescan faster)", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -29,7 +29,18 @@ def cases(quick):
         for dtype in ("float32", "float64"):
             out.append(_case(cell, B, H, heads, backward, dtype, quick,
                              guard=quick and (cell, B, H, heads, backward) in _GUARD))
+    for cell, B, H, heads in (_QUICK_RECURRENCE if quick else _RECURRENCE):
+        for dtype in ("float32", "float64"):
+            out.append(_case(cell, B, H, heads, False, dtype, quick, guard=False,
+                             recurrence_only=True))
     return out
+
+
+# FlashRNN's setting for the cells no framework fuses: the input projection W x is computed
+# outside (x holds the pre-activations, W=None), so the recurrence itself is compared.
+_RECURRENCE = [(cell, B, H, heads) for cell in ("slstm", "lstm", "gru")
+               for H, heads in ((256, 4), (1024, 8)) for B in (1, 16)]
+_QUICK_RECURRENCE = [("slstm", 16, 256, 4)]
 
 
 def _full_grid():
@@ -51,10 +62,11 @@ _GUARD = {("lstm", 16, 256, 1, False), ("gru", 16, 256, 1, False),
           ("slstm", 16, 256, 4, False), ("lstm", 16, 64, 1, True)}
 
 
-def _flops_per_step(cell, B, H, heads):
-    """Input projection (I = H) plus the block-diagonal recurrent matmul, multiply-add = 2."""
+def _flops_per_step(cell, B, H, heads, recurrence_only=False):
+    """Input projection (I = H; none when W x is given) plus the block-diagonal recurrent
+    matmul, multiply-add = 2."""
     G, D = GATES[cell], H // heads
-    return 2.0 * B * G * H * (H + D)
+    return 2.0 * B * G * H * (D if recurrence_only else H + D)
 
 
 def _steps(runner, flops, target, backward, cap=_MAX_STEPS, floor=8):
@@ -63,32 +75,33 @@ def _steps(runner, flops, target, backward, cap=_MAX_STEPS, floor=8):
     return int(min(cap, max(floor, target / per_step)))
 
 
-def _case(cell, B, H, heads, backward, dtype, quick, guard):
-    forward_flops = _flops_per_step(cell, B, H, heads)
+def _case(cell, B, H, heads, backward, dtype, quick, guard, recurrence_only=False):
+    forward_flops = _flops_per_step(cell, B, H, heads, recurrence_only)
     T = _steps(STATESCAN, forward_flops, 0.02 if quick else 0.1, backward)
     params = {"B": B, "H": H, "heads": heads}
-    name = f"{cell}-fwdbwd" if backward else cell
+    name = (f"{cell}-fwdbwd" if backward else cell) + ("-Wx-given" if recurrence_only else "")
     flops = forward_flops * (3 if backward else 1) * T     # backward: two GEMMs per forward one
     return Case("rnn", name, params, dtype, T, flops,
-                lambda: _make(cell, B, H, heads, T, dtype, quick, backward), guard=guard)
+                lambda: _make(cell, B, H, heads, T, dtype, quick, backward, recurrence_only),
+                guard=guard)
 
 
-def _inputs(cell, B, T, H, heads, dtype):
+def _inputs(cell, B, T, H, heads, dtype, recurrence_only=False):
     G, D = GATES[cell], H // heads
     rng = np.random.default_rng(B * 7919 + H * 31 + heads)
-    x = rng.standard_normal((B, T, H)).astype(dtype)
-    W = (rng.standard_normal((G * H, H)) / np.sqrt(H)).astype(dtype)
+    x = rng.standard_normal((B, T, G * H if recurrence_only else H)).astype(dtype)
+    W = None if recurrence_only else (rng.standard_normal((G * H, H)) / np.sqrt(H)).astype(dtype)
     R3 = (rng.standard_normal((heads, G * D, D)) / np.sqrt(D)).astype(dtype)
     b = (0.1 * rng.standard_normal(G * H)).astype(dtype)
     b_r = (0.1 * rng.standard_normal(G * H)).astype(dtype)
     return x, W, R3, b, b_r
 
 
-def _make(cell, B, H, heads, T, dtype, quick, backward):
-    x, W, R3, b, b_r = _inputs(cell, B, T, H, heads, dtype)
+def _make(cell, B, H, heads, T, dtype, quick, backward, recurrence_only=False):
+    x, W, R3, b, b_r = _inputs(cell, B, T, H, heads, dtype, recurrence_only)
     R = R3[0] if heads == 1 else R3
     fn = getattr(ss, cell)
-    flops = _flops_per_step(cell, B, H, heads)
+    flops = _flops_per_step(cell, B, H, heads, recurrence_only)
     slow_target = 0.05 if quick else 0.3
     fast_target = 0.02 if quick else 0.1
     dy = np.random.default_rng(1).standard_normal((B, T, H)).astype(dtype)
