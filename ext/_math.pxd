@@ -102,3 +102,72 @@ cdef inline floating log_sigmoid(floating x) noexcept nogil:
     if x != x:
         res = x
     return res
+
+
+cdef inline floating exp_clamped(floating x) noexcept nogil:
+    # exp with no special-case selects (about a third fewer vector instructions than exp_:
+    # for the scans' innermost loops), accurate up to where exp really overflows: x is only
+    # clamped, to [-87.5, 88.8] (double [-708.6, 710]), and the result is 2 (1 + expm1(r))
+    # times 2^(n-1), which is inf above 88.72 (double 709.78) and 0 for results below about
+    # 2^-125 (double 2^-1021).  Same reduction and polynomial as exp_.  NaN in -> NaN out.
+    cdef floating lo, hi, s, r, t
+    cdef floating two = 2
+    cdef int32_t b32
+    cdef int64_t b64
+    if floating is float:
+        lo, hi = <float>-87.5, <float>88.8
+    else:
+        lo, hi = -708.6, 710
+    x = lo if x < lo else x                 # NaN compares false: stays NaN
+    x = hi if x > hi else x
+    r = _reduce(x, &s)
+    # _reduce's 2^n is inf at the top of the range: build 2^(n-1) instead, from its rounding
+    # step t repeated here (the compiler computes it once)
+    if floating is float:
+        t = x * <float>1.4426950408889634 + <float>12582912.0
+        memcpy(&b32, &t, 4)
+        b32 = (b32 - 0x4B400000 + 126) << 23
+        memcpy(&s, &b32, 4)
+    else:
+        t = x * 1.4426950408889634 + 6755399441055744.0
+        memcpy(&b64, &t, 8)
+        b64 = (b64 - <int64_t>0x4338000000000000 + 1022) << 52
+        memcpy(&s, &b64, 8)
+    return (two + two * _expm1_poly(r)) * s
+
+
+cdef inline floating softplus(floating x) noexcept nogil:
+    # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): never overflows.  NaN propagates via exp.
+    cdef floating zero = 0
+    cdef floating ax = -x if x < zero else x
+    return (x if x > zero else zero) + _log1p_unit(exp_clamped(-ax))
+
+
+cdef extern from *:
+    """
+    #include <stddef.h>
+    /* `omp simd` lets the max reduction vectorise without -ffast-math.  A NaN entry may or
+       may not win; callers pass the row through exp_ anyway, where it reaches the output. */
+    static inline float statescan_row_maxf(const float* x, ptrdiff_t n, float init) {
+        float m = init;
+        #pragma omp simd reduction(max:m)
+        for (ptrdiff_t i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+        return m;
+    }
+    static inline double statescan_row_max(const double* x, ptrdiff_t n, double init) {
+        double m = init;
+        #pragma omp simd reduction(max:m)
+        for (ptrdiff_t i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+        return m;
+    }
+    """
+    float statescan_row_maxf(const float* x, Py_ssize_t n, float init) noexcept nogil
+    double statescan_row_max(const double* x, Py_ssize_t n, double init) noexcept nogil
+
+
+cdef inline floating row_max(const floating* x, Py_ssize_t n, floating init) noexcept nogil:
+    """max(init, x[0], ..., x[n-1])."""
+    if floating is float:
+        return statescan_row_maxf(x, n, init)
+    else:
+        return statescan_row_max(x, n, init)

@@ -12,11 +12,13 @@ from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
 from libc.math cimport log, logf, INFINITY
 
-from _attention_math cimport fexp, gemm, row_max
+from _gemm cimport gemm
+from _math cimport exp_, row_max
 
 
 cdef struct Rows:
-    # one job's view of a [B, NH, T, d] array: rows at ptr + t*ld
+    # one job's view of a [B, NH, T, d] array (or the [B, NH, T] log-decays): step t of job
+    # (b, h) at ptr + b*sb + h*sh + t*ld
     Py_ssize_t sb, sh, ld
 
 
@@ -25,8 +27,10 @@ cdef inline Rows rows_of(object arr):
     isz = arr.itemsize
     r.sb = arr.strides[0] // isz
     r.sh = arr.strides[1] // isz
+    r.ld = arr.strides[2] // isz
     # numpy may give a length-1 axis any stride (0 after broadcasting); BLAS wants ld >= d
-    r.ld = arr.strides[2] // isz if arr.shape[2] > 1 else arr.shape[3]
+    if arr.ndim == 4 and arr.shape[2] == 1:
+        r.ld = arr.shape[3]
     return r
 
 
@@ -51,31 +55,26 @@ cdef void apply_mask(floating* A, Py_ssize_t lda, Py_ssize_t c, const floating* 
         if G != NULL:
             Gs = G[s]
             for t in range(s + 1):
-                row[t] = row[t] * fexp(Gs - G[t])
+                row[t] = row[t] * exp_(Gs - G[t])
         for t in range(s + 1, c):
             row[t] = 0
 
 
-cdef void scale_rows(const floating* X, Py_ssize_t ldx, Py_ssize_t c, Py_ssize_t d,
-                     const floating* G, floating shift, floating* out) noexcept nogil:
-    """out[s, :] = exp(G[s] + shift) * X[s, :] (out is contiguous [c, d])."""
-    cdef Py_ssize_t s, i
+cdef const floating* decayed(const floating* X, Py_ssize_t* ldx, Py_ssize_t c, Py_ssize_t d,
+                             const floating* G, bint to_end, floating* W) noexcept nogil:
+    """X's c rows of d, row s scaled by its decay from the block start, exp(G[s]), or with
+    to_end by its decay to the block end, exp(G[c-1] - G[s]); written to W (contiguous,
+    *ldx set to d).  X itself when there is no decay (G NULL)."""
+    cdef Py_ssize_t s, i, ld = ldx[0]
     cdef floating w
+    if G == NULL:
+        return X
     for s in range(c):
-        w = fexp(G[s] + shift)
+        w = exp_(G[c - 1] - G[s]) if to_end else exp_(G[s])
         for i in range(d):
-            out[s * d + i] = w * X[s * ldx + i]
-
-
-cdef void scale_rows_rev(const floating* X, Py_ssize_t ldx, Py_ssize_t c, Py_ssize_t d,
-                         const floating* G, floating* out) noexcept nogil:
-    """out[s, :] = exp(G[c-1] - G[s]) * X[s, :]: the decay from row s to the block end."""
-    cdef Py_ssize_t s, i
-    cdef floating w
-    for s in range(c):
-        w = fexp(G[c - 1] - G[s])
-        for i in range(d):
-            out[s * d + i] = w * X[s * ldx + i]
+            W[s * d + i] = w * X[s * ld + i]
+    ldx[0] = d
+    return W
 
 
 cdef void scale(floating* X, Py_ssize_t n, floating w) noexcept nogil:
@@ -84,16 +83,23 @@ cdef void scale(floating* X, Py_ssize_t n, floating w) noexcept nogil:
         X[i] = w * X[i]
 
 
-cdef void state_update(const floating* K, Py_ssize_t ldk, const floating* V, Py_ssize_t ldv,
-                       Py_ssize_t c, Py_ssize_t dk, Py_ssize_t dv, const floating* G,
-                       floating* S, floating* W) noexcept nogil:
-    """S = exp(G[c-1]) S + (diag(exp(G[c-1] - G)) K)^T V."""
+cdef inline void masked_scores(const floating* X, Py_ssize_t ldx, const floating* Y,
+                               Py_ssize_t ldy, Py_ssize_t c, Py_ssize_t d, const floating* G,
+                               floating* out, Py_ssize_t ldo) noexcept nogil:
+    """out [c, c] = (X Y^T) * M, the block's causal (and decayed) scores, M as in apply_mask."""
+    gemm(False, True, <int> c, <int> c, <int> d, 1, X, <int> ldx, Y, <int> ldy, 0, out, <int> ldo)
+    apply_mask(out, ldo, c, G)
+
+
+cdef void state_update(const floating* X, Py_ssize_t ldx, const floating* Y, Py_ssize_t ldy,
+                       Py_ssize_t c, Py_ssize_t dx, Py_ssize_t dy, const floating* G,
+                       bint to_end, floating* S, floating* W) noexcept nogil:
+    """S [dx, dy] = exp(G[c-1]) S + decayed(X)^T Y: a state (or its gradient) carried across
+    the block."""
     if G != NULL:
-        scale(S, dk * dv, fexp(G[c - 1]))
-        scale_rows_rev(K, ldk, c, dk, G, W)
-        K = W
-        ldk = dk
-    gemm(True, False, <int> dk, <int> dv, <int> c, 1, K, <int> ldk, V, <int> ldv, 1, S, <int> dv)
+        scale(S, dx * dy, exp_(G[c - 1]))
+    X = decayed(X, &ldx, c, dx, G, to_end, W)
+    gemm(True, False, <int> dx, <int> dy, <int> c, 1, X, <int> ldx, Y, <int> ldy, 1, S, <int> dy)
 
 
 cdef void linear_forward_job(Py_ssize_t T, Py_ssize_t dk, Py_ssize_t dv, Py_ssize_t C,
@@ -101,10 +107,11 @@ cdef void linear_forward_job(Py_ssize_t T, Py_ssize_t dk, Py_ssize_t dv, Py_ssiz
                              const floating* v, Py_ssize_t ldv, const floating* g, Py_ssize_t sg,
                              const floating* S0, floating* o, Py_ssize_t ldo, floating* S,
                              floating* A, floating* G, floating* W) noexcept nogil:
-    cdef Py_ssize_t t0, c, i, blk
+    cdef Py_ssize_t t0, c, i, blk, ldx
     cdef const floating* Q
     cdef const floating* K
     cdef const floating* V
+    cdef const floating* X
     cdef const floating* Gp = G if g != NULL else NULL
     for i in range(dk * dv):
         S[i] = S0[i]
@@ -115,19 +122,15 @@ cdef void linear_forward_job(Py_ssize_t T, Py_ssize_t dk, Py_ssize_t dv, Py_ssiz
         if g != NULL:
             block_decay(g + t0 * sg, sg, c, G)
         # intra-block: ((Q K^T) * M) V
-        gemm(False, True, <int> c, <int> c, <int> dk, 1, Q, <int> ldq, K, <int> ldk, 0, A, <int> C)
-        apply_mask(A, C, c, Gp)
+        masked_scores(Q, ldq, K, ldk, c, dk, Gp, A, C)
         gemm(False, False, <int> c, <int> dv, <int> c, 1, A, <int> C, V, <int> ldv, 0,
              o + t0 * ldo, <int> ldo)
         # inter-block: diag(exp(G)) Q S_prev
-        if g != NULL:
-            scale_rows(Q, ldq, c, dk, G, 0, W)
-            gemm(False, False, <int> c, <int> dv, <int> dk, 1, W, <int> dk, S, <int> dv, 1,
-                 o + t0 * ldo, <int> ldo)
-        else:
-            gemm(False, False, <int> c, <int> dv, <int> dk, 1, Q, <int> ldq, S, <int> dv, 1,
-                 o + t0 * ldo, <int> ldo)
-        state_update(K, ldk, V, ldv, c, dk, dv, Gp, S, W)
+        ldx = ldq
+        X = decayed(Q, &ldx, c, dk, Gp, False, W)
+        gemm(False, False, <int> c, <int> dv, <int> dk, 1, X, <int> ldx, S, <int> dv, 1,
+             o + t0 * ldo, <int> ldo)
+        state_update(K, ldk, V, ldv, c, dk, dv, Gp, True, S, W)
 
 
 def linear_forward(q, k, v, g, const floating[:, :, :, ::1] S0, floating[:, :, :, :] o,
@@ -145,7 +148,7 @@ def linear_forward(q, k, v, g, const floating[:, :, :, ::1] S0, floating[:, :, :
     cdef Py_ssize_t dk = qm.shape[3], dv = vm.shape[3]
     cdef Py_ssize_t C = min(chunk, T), job, b, h
     cdef Rows rq = rows_of(qm), rk = rows_of(km), rv = rows_of(vm), ro = rows_of(o)
-    cdef Py_ssize_t gsb = 0, gsh = 0, gst = 0
+    cdef Rows rg = Rows(0, 0, 0)
     cdef const floating* gp = NULL
     cdef floating* A
     cdef floating* G
@@ -153,9 +156,7 @@ def linear_forward(q, k, v, g, const floating[:, :, :, ::1] S0, floating[:, :, :
     if g is not None:
         gm = g
         gp = &gm[0, 0, 0]
-        gsb = gm.strides[0] // sizeof(floating)
-        gsh = gm.strides[1] // sizeof(floating)
-        gst = gm.strides[2] // sizeof(floating)
+        rg = rows_of(gm)
     cdef int[1] failed
     failed[0] = 0
     with nogil, parallel(num_threads=num_threads):
@@ -172,7 +173,7 @@ def linear_forward(q, k, v, g, const floating[:, :, :, ::1] S0, floating[:, :, :
                                &qm[0, 0, 0, 0] + b * rq.sb + h * rq.sh, rq.ld,
                                &km[0, 0, 0, 0] + b * rk.sb + h * rk.sh, rk.ld,
                                &vm[0, 0, 0, 0] + b * rv.sb + h * rv.sh, rv.ld,
-                               (gp + b * gsb + h * gsh) if gp != NULL else NULL, gst,
+                               (gp + b * rg.sb + h * rg.sh) if gp != NULL else NULL, rg.ld,
                                &S0[b, h, 0, 0], &o[0, 0, 0, 0] + b * ro.sb + h * ro.sh, ro.ld,
                                &S_out[b, h, 0, 0], A, G, W)
         free(A)
@@ -207,18 +208,14 @@ cdef void linear_backward_job(Py_ssize_t T, Py_ssize_t dk, Py_ssize_t dv, Py_ssi
         Q, K, V, dO = q + t0 * ldq, k + t0 * ldk, v + t0 * ldv, do + t0 * lddo
         if g != NULL:
             block_decay(g + t0 * sg, sg, c, G)
-        gemm(False, True, <int> c, <int> c, <int> dv, 1, dO, <int> lddo, V, <int> ldv, 0,
-             P, <int> C)
-        apply_mask(P, C, c, Gp)
+        masked_scores(dO, lddo, V, ldv, c, dv, Gp, P, C)
         gemm(False, False, <int> c, <int> dk, <int> c, 1, P, <int> C, K, <int> ldk, 0,
              dq + t0 * dk, <int> dk)
-        X, ldx = dO, lddo
-        if g != NULL:
-            scale_rows(dO, lddo, c, dv, G, 0, W)
-            X, ldx = W, dv
+        ldx = lddo
+        X = decayed(dO, &ldx, c, dv, Gp, False, W)
         gemm(False, True, <int> c, <int> dk, <int> dv, 1, X, <int> ldx, S, <int> dv, 1,
              dq + t0 * dk, <int> dk)
-        state_update(K, ldk, V, ldv, c, dk, dv, Gp, S, W)
+        state_update(K, ldk, V, ldv, c, dk, dv, Gp, True, S, W)
     # reverse sweep, H = gradient of the state leaving the block:
     # dK = (P*M)^T Q + diag(w) V H^T,  dV = (A*M)^T dO + diag(w) K H,  w = exp(G[c-1] - G)
     for i in range(dk * dv):
@@ -229,35 +226,22 @@ cdef void linear_backward_job(Py_ssize_t T, Py_ssize_t dk, Py_ssize_t dv, Py_ssi
         Q, K, V, dO = q + t0 * ldq, k + t0 * ldk, v + t0 * ldv, do + t0 * lddo
         if g != NULL:
             block_decay(g + t0 * sg, sg, c, G)
-        gemm(False, True, <int> c, <int> c, <int> dv, 1, dO, <int> lddo, V, <int> ldv, 0,
-             P, <int> C)
-        apply_mask(P, C, c, Gp)
-        gemm(False, True, <int> c, <int> c, <int> dk, 1, Q, <int> ldq, K, <int> ldk, 0, A, <int> C)
-        apply_mask(A, C, c, Gp)
+        masked_scores(dO, lddo, V, ldv, c, dv, Gp, P, C)
+        masked_scores(Q, ldq, K, ldk, c, dk, Gp, A, C)
         gemm(True, False, <int> c, <int> dk, <int> c, 1, P, <int> C, Q, <int> ldq, 0,
              dk_ + t0 * dk, <int> dk)
         gemm(True, False, <int> c, <int> dv, <int> c, 1, A, <int> C, dO, <int> lddo, 0,
              dv_ + t0 * dv, <int> dv)
-        X, ldx = V, ldv
-        if g != NULL:
-            scale_rows_rev(V, ldv, c, dv, G, W)
-            X, ldx = W, dv
+        ldx = ldv
+        X = decayed(V, &ldx, c, dv, Gp, True, W)
         gemm(False, True, <int> c, <int> dk, <int> dv, 1, X, <int> ldx, H, <int> dv, 1,
              dk_ + t0 * dk, <int> dk)
-        X, ldx = K, ldk
-        if g != NULL:
-            scale_rows_rev(K, ldk, c, dk, G, W)
-            X, ldx = W, dk
+        ldx = ldk
+        X = decayed(K, &ldx, c, dk, Gp, True, W)
         gemm(False, False, <int> c, <int> dv, <int> dk, 1, X, <int> ldx, H, <int> dv, 1,
              dv_ + t0 * dv, <int> dv)
         # H = exp(G[c-1]) H + (diag(exp(G)) Q)^T dO
-        X, ldx = Q, ldq
-        if g != NULL:
-            scale(H, dk * dv, fexp(G[c - 1]))
-            scale_rows(Q, ldq, c, dk, G, 0, W)
-            X, ldx = W, dk
-        gemm(True, False, <int> dk, <int> dv, <int> c, 1, X, <int> ldx, dO, <int> lddo, 1,
-             H, <int> dv)
+        state_update(Q, ldq, dO, lddo, c, dk, dv, Gp, False, H, W)
 
 
 def linear_backward(q, k, v, g, const floating[:, :, :, ::1] S0, do,
@@ -276,7 +260,7 @@ def linear_backward(q, k, v, g, const floating[:, :, :, ::1] S0, do,
     cdef Py_ssize_t dk_ = dq.shape[3], dv_ = dv.shape[3]
     cdef Py_ssize_t C = min(chunk, T), job, b, h
     cdef Rows rq = rows_of(qm), rk = rows_of(km), rv = rows_of(vm), rd = rows_of(dom)
-    cdef Py_ssize_t gsb = 0, gsh = 0, gst = 0
+    cdef Rows rg = Rows(0, 0, 0)
     cdef const floating* gp = NULL
     cdef floating* A
     cdef floating* P
@@ -286,9 +270,7 @@ def linear_backward(q, k, v, g, const floating[:, :, :, ::1] S0, do,
     if g is not None:
         gm = g
         gp = &gm[0, 0, 0]
-        gsb = gm.strides[0] // sizeof(floating)
-        gsh = gm.strides[1] // sizeof(floating)
-        gst = gm.strides[2] // sizeof(floating)
+        rg = rows_of(gm)
     cdef int[1] failed
     failed[0] = 0
     with nogil, parallel(num_threads=num_threads):
@@ -308,7 +290,7 @@ def linear_backward(q, k, v, g, const floating[:, :, :, ::1] S0, do,
                                 &qm[0, 0, 0, 0] + b * rq.sb + h * rq.sh, rq.ld,
                                 &km[0, 0, 0, 0] + b * rk.sb + h * rk.sh, rk.ld,
                                 &vm[0, 0, 0, 0] + b * rv.sb + h * rv.sh, rv.ld,
-                                (gp + b * gsb + h * gsh) if gp != NULL else NULL, gst,
+                                (gp + b * rg.sb + h * rg.sh) if gp != NULL else NULL, rg.ld,
                                 &S0[b, h, 0, 0], &dom[0, 0, 0, 0] + b * rd.sb + h * rd.sh, rd.ld,
                                 &dS[b, h, 0, 0], &dq[b, h, 0, 0], &dk[b, h, 0, 0],
                                 &dv[b, h, 0, 0], &dS0[b, h, 0, 0], A, P, G, W, S)
@@ -375,9 +357,9 @@ cdef void flash_forward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize
                 mx = row_max(row, nv, m[i])
                 # rows that have seen no key keep m = -inf: rescale nothing, add nothing
                 base = mx if mx > -INFINITY else 0
-                alpha = fexp(m[i] - base)
+                alpha = exp_(m[i] - base)
                 for t in range(nv):
-                    row[t] = fexp(row[t] - base)
+                    row[t] = exp_(row[t] - base)
                 acc = row_sum(row, nv)
                 for t in range(nv, bk):
                     row[t] = 0
@@ -469,7 +451,7 @@ cdef void flash_backward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssiz
                 L = lse[i0 + i]
                 Di = D[i0 + i]
                 for t in range(nv):
-                    row[t] = fexp(row[t] - L)
+                    row[t] = exp_(row[t] - L)
                     drow[t] = row[t] * (drow[t] - Di) * sc
                 for t in range(nv, bk):
                     row[t] = 0

@@ -9,7 +9,7 @@ from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
 from libc.math cimport sqrt
 
-from _scan_math cimport vexp, vsigmoid, vsoftplus
+from _math cimport exp_clamped, sigmoid, softplus
 
 cdef enum:
     W = 16          # selective scan: channels per block (= SS_W of _scan_simd.h)
@@ -141,10 +141,6 @@ cdef inline void store_block(floating* dst, const floating* src, Py_ssize_t N,
 
 cdef extern from "_scan_simd.h":
     int SS_HAVE_VECTOR
-    void ss_softplus_row_f(float* out, const float* v, Py_ssize_t n) noexcept nogil
-    void ss_softplus_row_d(double* out, const double* v, Py_ssize_t n) noexcept nogil
-    void ss_sigmoid_row_f(float* out, const float* v, Py_ssize_t n) noexcept nogil
-    void ss_sigmoid_row_d(double* out, const double* v, Py_ssize_t n) noexcept nogil
     void ss_reverse_f(float* g, float* dAacc, float* gB, float* dde, const float* ht,
                       const float* hp, const float* et, const float* At, const float* dl,
                       const float* u, const float* dy0, const float* Bt, const float* Ct,
@@ -153,79 +149,65 @@ cdef extern from "_scan_simd.h":
                       const double* hp, const double* et, const double* At, const double* dl,
                       const double* u, const double* dy0, const double* Bt, const double* Ct,
                       double* dB_row, double* dC_row, Py_ssize_t N) noexcept nogil
-    void ss_advance_f(float* h, float* e_out, float* acc, const float* At, const float* dl,
-                      const float* u, const float* Bt, const float* Ct,
-                      Py_ssize_t N) noexcept nogil
-    void ss_advance_d(double* h, double* e_out, double* acc, const double* At,
-                      const double* dl, const double* u, const double* Bt, const double* Ct,
-                      Py_ssize_t N) noexcept nogil
+    void ss_advance_f(float* h, const float* e, float* acc, const float* u, const float* Bt,
+                      const float* Ct, Py_ssize_t N) noexcept nogil
+    void ss_advance_d(double* h, const double* e, double* acc, const double* u,
+                      const double* Bt, const double* Ct, Py_ssize_t N) noexcept nogil
 
 
-# Rows of n lanes (n a multiple of W) through exp-based functions: the vector versions of
-# _scan_simd.h where the compiler has them (inlined into the large kernels, GCC leaves these
-# loops scalar: their branches are not if-converted).
+# Rows of n values through _math's functions: n is a run-time count (whole rows of the
+# forward, whole chunks of the backward), so the loop vectoriser if-converts the functions'
+# selects; a constant 16-lane loop would be unrolled first and stay scalar.
 cdef void softplus_row(floating* out, const floating* v, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t j
-    if SS_HAVE_VECTOR:
-        if floating is float:
-            ss_softplus_row_f(out, v, n)
-        else:
-            ss_softplus_row_d(out, v, n)
-        return
     for j in range(n):
-        out[j] = vsoftplus(v[j])
+        out[j] = softplus(v[j])
 
 
 cdef void sigmoid_row(floating* out, const floating* v, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t j
-    if SS_HAVE_VECTOR:
-        if floating is float:
-            ss_sigmoid_row_f(out, v, n)
-        else:
-            ss_sigmoid_row_d(out, v, n)
-        return
     for j in range(n):
-        out[j] = vsigmoid(v[j])
+        out[j] = sigmoid(v[j])
 
 
-cdef inline void step_delta(floating* dl, floating* v, const floating* dt_row,
-                            const floating* bias, bint softplus, Py_ssize_t nw) noexcept nogil:
-    # v = dt + bias (the softplus argument, kept for its derivative); dl = delta
-    cdef Py_ssize_t j
-    load_row(v, dt_row, nw)
+cdef void decays(floating* e, const floating* At, const floating* dl,
+                 Py_ssize_t N) noexcept nogil:
+    # e[n, j] = exp(delta_j * A[n, j]) for every state n, through local arrays, which the
+    # compiler knows alias nothing: each state's 16 lanes vectorise without run-time checks.
+    # (GCC 12 keeps this 16-lane loop a loop and vectorises it; with other bodies it has
+    # unrolled such loops first and left them scalar, see softplus_row: after changing
+    # exp_clamped, check with -fopt-info-vec.)
+    cdef floating d[W]
+    cdef floating tmp[W]
+    cdef Py_ssize_t n, j
     for j in range(W):
-        v[j] = v[j] + bias[j]
-    if softplus:
-        softplus_row(dl, v, W)
-    else:
+        d[j] = dl[j]
+    for n in range(N):
         for j in range(W):
-            dl[j] = v[j]
+            tmp[j] = exp_clamped(d[j] * At[n * W + j])
+        for j in range(W):
+            e[n * W + j] = tmp[j]
 
 
-cdef inline void advance(floating* h, floating* e_out, floating* acc, const floating* At,
-                         const floating* dl, const floating* u, const floating* Bt,
-                         const floating* Ct, Py_ssize_t N) noexcept nogil:
-    # One step for every state n: e = exp(delta*A[n]) (saved to e_out unless NULL),
-    # h[n] = e*h[n] + u*B_t[n], acc += C_t[n]*h[n].  _scan_simd.h has the same loop in
+cdef inline void advance(floating* h, const floating* e, floating* acc, const floating* u,
+                         const floating* Bt, const floating* Ct, Py_ssize_t N) noexcept nogil:
+    # One step for every state n, given its decays e[n] (from `decays`):
+    # h[n] = e[n]*h[n] + u*B_t[n], acc += C_t[n]*h[n].  _scan_simd.h has the same loop in
     # vector types (registers across n); this is the portable version of it.
     cdef Py_ssize_t n, j
-    cdef floating bn, cn, e
+    cdef floating bn, cn
     if SS_HAVE_VECTOR:
         if floating is float:
-            ss_advance_f(h, e_out, acc, At, dl, u, Bt, Ct, N)
+            ss_advance_f(h, e, acc, u, Bt, Ct, N)
         else:
-            ss_advance_d(h, e_out, acc, At, dl, u, Bt, Ct, N)
+            ss_advance_d(h, e, acc, u, Bt, Ct, N)
         return
     for n in range(N):
         bn = Bt[n]
         cn = Ct[n]
         for j in range(W):
-            e = vexp(dl[j] * At[n * W + j])
-            h[n * W + j] = e * h[n * W + j] + u[j] * bn
+            h[n * W + j] = e[n * W + j] * h[n * W + j] + u[j] * bn
             acc[j] += cn * h[n * W + j]
-        if e_out != NULL:
-            for j in range(W):
-                e_out[n * W + j] = vexp(dl[j] * At[n * W + j])
 
 
 cdef inline Py_ssize_t blocks(Py_ssize_t Dm) noexcept nogil:
@@ -267,6 +249,7 @@ cdef void sel_forward_group(Py_ssize_t r, Py_ssize_t k0, Py_ssize_t k1, Py_ssize
     cdef floating* xv = dl + L
     cdef floating* u = xv + L
     cdef floating* acc = u + L
+    cdef floating* e = acc + L                # [N, W] one block's decays
     cdef floating dl_k[W]
     cdef floating u_k[W]
     cdef floating acc_k[W]
@@ -305,8 +288,8 @@ cdef void sel_forward_group(Py_ssize_t r, Py_ssize_t k0, Py_ssize_t k1, Py_ssize
                 dl_k[j] = dl[k * W + j]
                 u_k[j] = u[k * W + j]
                 acc_k[j] = acc[k * W + j]
-            advance(h + k * NW, <floating*> NULL, acc_k, At + k * NW, dl_k, u_k,
-                    Bm + (r * T + t) * N, C + (r * T + t) * N, N)
+            decays(e, At + k * NW, dl_k, N)
+            advance(h + k * NW, e, acc_k, u_k, Bm + (r * T + t) * N, C + (r * T + t) * N, N)
             for j in range(W):
                 acc[k * W + j] = acc_k[j]
         if z != NULL:
@@ -355,7 +338,7 @@ def selective_forward(const floating[:, :, ::1] x, const floating[:, :, ::1] dt,
     if ckpt is not None:
         cp = &ckpt[0, 0, 0, 0, 0]
     with nogil, parallel(num_threads=num_threads):
-        scratch = <floating*> malloc((2 * gb * N * W + 7 * gb * W) * sizeof(floating))
+        scratch = <floating*> malloc(((2 * gb + 1) * N * W + 7 * gb * W) * sizeof(floating))
         for job in prange(Bt * groups, schedule="static"):
             r = job // groups
             k0 = (job % groups) * gb
@@ -445,24 +428,25 @@ cdef void sel_backward_block(Py_ssize_t r, Py_ssize_t d0, Py_ssize_t nw, Py_ssiz
     cdef floating* es = hs + (K + 1) * NW    # [K, N, W]: the chunk's decays
     cdef floating* dls = es + K * NW         # [K, W]: the chunk's deltas
     cdef floating* ys = dls + K * W          # [K, W]: the chunk's outputs before the gate
+    cdef floating* vs = ys + K * W           # [K, W]: the chunk's softplus arguments dt + bias
+    cdef floating* dsp = vs + K * W          # [K, W]: d softplus(v) / dv = sigmoid(v)
+    cdef floating* zs = dsp + K * W          # [K, W]: the chunk's gates z (when z is given)
+    cdef floating* szs = zs + K * W          # [K, W]: sigmoid(z)
     cdef floating dl[W]
-    cdef floating v[W]
     cdef floating xv[W]
     cdef floating u[W]
     cdef floating Dv[W]
     cdef floating bias[W]
     cdef floating dyv[W]
     cdef floating dy0[W]
-    cdef floating zv[W]
-    cdef floating sz[W]
     cdef floating gB[W]
     cdef floating dde[W]
     cdef floating dDacc[W]
     cdef floating dbacc[W]
     cdef floating p1[W]
     cdef floating p2[W]
-    cdef floating s
-    cdef Py_ssize_t t, tt, c, t0, t1, n, j, row, bt_row
+    cdef floating s, zj
+    cdef Py_ssize_t t, tt, c, t0, t1, nt, n, j, row, bt_row
     cdef floating* hp
     cdef floating* ht
     cdef floating* et
@@ -480,22 +464,39 @@ cdef void sel_backward_block(Py_ssize_t r, Py_ssize_t d0, Py_ssize_t nw, Py_ssiz
     for c in range(nchunks - 1, -1, -1):
         t0 = c * K
         t1 = min(T, t0 + K)
+        nt = t1 - t0
+        # the chunk's deltas and gates, each function over the whole chunk at once
+        for tt in range(nt):
+            row = (r * T + t0 + tt) * Dm + d0
+            load_row(vs + tt * W, dt + row, nw)
+            for j in range(W):
+                vs[tt * W + j] = vs[tt * W + j] + bias[j]
+            if z != NULL:
+                load_row(zs + tt * W, z + row, nw)
+        if softplus:
+            softplus_row(dls, vs, nt * W)
+            sigmoid_row(dsp, vs, nt * W)
+        else:
+            for j in range(nt * W):
+                dls[j] = vs[j]
+        if z != NULL:
+            sigmoid_row(szs, zs, nt * W)
         # recompute the chunk: hs[tt+1] = state after step t0+tt, es[tt] its decays
         for j in range(NW):
             hs[j] = ckpt[c * NW + j]
-        for tt in range(t1 - t0):
+        for tt in range(nt):
             row = (r * T + t0 + tt) * Dm + d0
-            step_delta(dls + tt * W, v, dt + row, bias, softplus, nw)
             load_row(xv, x + row, nw)
             for j in range(W):
                 u[j] = dls[tt * W + j] * xv[j]
                 ys[tt * W + j] = Dv[j] * xv[j]
             for j in range(NW):
                 hs[(tt + 1) * NW + j] = hs[tt * NW + j]
-            advance(hs + (tt + 1) * NW, es + tt * NW, ys + tt * W, At, dls + tt * W, u,
+            decays(es + tt * NW, At, dls + tt * W, N)
+            advance(hs + (tt + 1) * NW, es + tt * NW, ys + tt * W, u,
                     Bm + (r * T + t0 + tt) * N, C + (r * T + t0 + tt) * N, N)
         # walk the chunk backwards
-        for tt in range(t1 - t0 - 1, -1, -1):
+        for tt in range(nt - 1, -1, -1):
             t = t0 + tt
             row = (r * T + t) * Dm + d0
             bt_row = (r * T + t) * N
@@ -508,28 +509,22 @@ cdef void sel_backward_block(Py_ssize_t r, Py_ssize_t d0, Py_ssize_t nw, Py_ssiz
                 dl[j] = dls[tt * W + j]
                 u[j] = dl[j] * xv[j]
             if z != NULL:
-                load_row(zv, z + row, nw)
-                sigmoid_row(sz, zv, W)
                 for j in range(W):
-                    s = sz[j]
-                    p2[j] = dyv[j] * ys[tt * W + j] * s * (1 + zv[j] * (1 - s))
-                    dy0[j] = dyv[j] * zv[j] * s
+                    s = szs[tt * W + j]
+                    zj = zs[tt * W + j]
+                    p2[j] = dyv[j] * ys[tt * W + j] * s * (1 + zj * (1 - s))
+                    dy0[j] = dyv[j] * zj * s
                 store_row(dz + row, p2, nw)
             else:
                 for j in range(W):
                     dy0[j] = dyv[j]
             reverse_step(g, dAacc, gB, dde, ht, hp, et, At, dl, u, dy0, Bm + bt_row,
                          C + bt_row, dB_p + bt_row, dC_p + bt_row, N)
-            if softplus:                    # d softplus(v) / dv, v = dt + bias
-                load_row(v, dt + row, nw)
-                for j in range(W):
-                    v[j] = v[j] + bias[j]
-                sigmoid_row(sz, v, W)
             for j in range(W):
                 p1[j] = gB[j] * dl[j] + dy0[j] * Dv[j]
                 p2[j] = dde[j] + gB[j] * xv[j]
                 if softplus:
-                    p2[j] = p2[j] * sz[j]
+                    p2[j] = p2[j] * dsp[tt * W + j]
                 dDacc[j] += dy0[j] * xv[j]
                 dbacc[j] += p2[j]
             store_row(dx + row, p1, nw)
@@ -585,7 +580,7 @@ def selective_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dt
         zp = &z[0, 0, 0]
         dzp = &dz[0, 0, 0]
     with nogil, parallel(num_threads=num_threads):
-        scratch = <floating*> malloc(((3 + 2 * K + 1) * NW + 2 * K * W)
+        scratch = <floating*> malloc(((3 + 2 * K + 1) * NW + 6 * K * W)
                                      * sizeof(floating))
         for job in prange(Bt * ngroups, schedule="static"):
             r = job // ngroups

@@ -7,6 +7,8 @@
 """
 import numpy as np
 
+from .scan import linear_scan_forward as diag_scan  # noqa: F401  (the same recurrence)
+
 
 def block_scan(M, transposed, b, h0):
     At = M if transposed else np.swapaxes(M, -1, -2)
@@ -14,14 +16,5 @@ def block_scan(M, transposed, b, h0):
     prev = h0
     for t in range(b.shape[1]):
         prev = np.matmul(prev[..., None, :], At[:, t])[..., 0, :] + b[:, t]
-        h[:, t] = prev
-    return h
-
-
-def diag_scan(a, b, h0):
-    h = np.empty_like(b)
-    prev = h0
-    for t in range(b.shape[1]):
-        prev = a[:, t] * prev + b[:, t]
         h[:, t] = prev
     return h
