@@ -139,8 +139,10 @@ def write_plot(results, path):
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     for ax, family in zip(axes[:, 0], families):
         rows = [r for r in results if r.case.family == family and STATESCAN in r.runs]
-        peers = runner_columns(rows)
+        # only peers that ran somewhere in this family get a bar colour and a legend entry
+        peers = [p for p in runner_columns(rows) if any(r.ratio(p) is not None for r in rows)]
         width = 0.8 / max(len(peers), 1)
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for k, peer in enumerate(peers):
             ys, xs = [], []
             for i, r in enumerate(rows):
@@ -149,13 +151,16 @@ def write_plot(results, path):
                     ys.append(i + (k - (len(peers) - 1) / 2) * width)
                     xs.append(ratio)
             # bars grow from 1 (parity): right when statescan is faster, left when slower
-            ax.barh(ys, [x - 1 for x in xs], left=1.0, height=width, label=peer)
+            ax.barh(ys, [x - 1 for x in xs], left=1.0, height=width, label=peer,
+                    color=colors[k % len(colors)])
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
-        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(plain)
-        ax.tick_params(axis="x", which="minor", labelsize=6)
+        ratios = [r.ratio(p) for r in rows for p in peers if r.ratio(p) is not None]
+        if ratios:   # at least 0.5..2 so that a panel of near-parity bars still has ticks
+            ax.set_xlim(min(0.5, min(ratios) / 1.2), max(2.0, max(ratios) * 1.2))
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels([f"{r.case.name} " + " ".join(f"{k}={v}" for k, v in
                                                          r.case.params.items()) for r in rows],
