@@ -8,6 +8,7 @@
 # same order whatever block it falls in, so results never depend on how rows are grouped into
 # jobs -- the basis of thread-count independence.
 from cython cimport floating
+from libc.string cimport memset
 
 cdef extern from *:
     """
@@ -132,18 +133,21 @@ cdef inline void pack_panels(const floating* m, Py_ssize_t sk, Py_ssize_t sn, Py
                              Py_ssize_t N, floating* mp) noexcept nogil:
     """Copy M (element (k, n) at m[k*sk + n*sn]) into panels mp[tile][k][NT], zero-padded."""
     cdef Py_ssize_t ntiles = (N + NT - 1) // NT
-    cdef Py_ssize_t tile, k, n, col
+    cdef Py_ssize_t tile, k, k0, n, width
     cdef floating* panel
+    cdef const floating* src
     for tile in range(ntiles):
         panel = mp + tile * K * NT
-        for n in range(NT):
-            col = tile * NT + n
-            if col >= N:
-                for k in range(K):
-                    panel[k * NT + n] = 0
-            elif sk == 1:       # read along the contiguous axis of the source
-                for k in range(K):
-                    panel[k * NT + n] = m[col * sn + k]
-            else:
-                for k in range(K):
-                    panel[k * NT + n] = m[k * sk + col * sn]
+        width = min(NT, N - tile * NT)
+        if width < NT:
+            memset(panel, 0, K * NT * sizeof(floating))
+        if sn == 1:         # rows of M are contiguous: plain row copies
+            for k in range(K):
+                for n in range(width):
+                    panel[k * NT + n] = m[k * sk + tile * NT + n]
+        else:               # a transpose: blocks of 16 k keep the reads and writes in cache
+            for k0 in range(0, K, 16):
+                for n in range(width):
+                    src = m + (tile * NT + n) * sn
+                    for k in range(k0, min(K, k0 + 16)):
+                        panel[k * NT + n] = src[k * sk]
