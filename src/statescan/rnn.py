@@ -110,12 +110,16 @@ def _input_preactivation(call):
     if W is None:
         return x if b is None else x + b
     B, T, I = x.shape
+    M = W.shape[0]
+    ax = _memory.empty((B, T, M), x.dtype)
     if not _dispatch.use_compiled():
-        return np.stack([x[:, t] @ W.T + (0 if b is None else b) for t in range(T)], axis=1) \
-            if T else np.empty((B, 0, W.shape[0]), x.dtype)
-    ax = _memory.empty((B, T, W.shape[0]), x.dtype)
+        for t in range(T):           # one time step at a time: chunks see the same GEMMs
+            np.matmul(x[:, t], W.T, out=ax[:, t])
+        if b is not None:
+            ax += b
+        return ax
     bias = None if b is None else _validate.contiguous(b, x.dtype)
-    _dispatch.ext_module("rnn").project(x.reshape(B * T, I), W, bias, ax.reshape(B * T, W.shape[0]),
+    _dispatch.ext_module("rnn").project(x.reshape(B * T, I), W, bias, ax.reshape(B * T, M),
                                         _dispatch.get_num_threads())
     return ax
 
