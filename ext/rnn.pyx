@@ -400,19 +400,3 @@ cdef class CellStream:
                     num_threads)
         if status:
             raise MemoryError()
-
-
-cdef extern from *:
-    """
-    #ifdef _OPENMP
-    static int statescan_openmp(void) { return 1; }
-    #else
-    static int statescan_openmp(void) { return 0; }
-    #endif
-    """
-    int statescan_openmp()
-
-
-def openmp_enabled():
-    """True when the kernels were compiled with OpenMP (else they run on one thread)."""
-    return bool(statescan_openmp())
