@@ -243,3 +243,21 @@ def _initial_backend():
 
 
 _state["backend"] = _initial_backend()
+
+
+def run(family, name, *args, out=None, empty=False):
+    """Run kernel `name` of `family` on validated arrays: the one dispatch rule.
+
+    The numpy reference ``statescan._reference.<family>.<name>(*args)`` runs when the python
+    backend is active or the call is `empty` (a zero-size axis: nothing for a compiled loop
+    to do); its return value is returned.  Otherwise ``out()`` allocates the output arrays
+    and the compiled ``statescan._ext.<family>.<name>(*args, *outputs, num_threads)`` fills
+    them; the outputs are returned (one array, or a tuple).
+    """
+    if empty or _state["backend"] != "compiled":
+        return getattr(importlib.import_module(f"statescan._reference.{family}"), name)(*args)
+    outputs = out() if out is not None else ()
+    single = not isinstance(outputs, tuple)
+    getattr(ext_module(family), name)(*args, *((outputs,) if single else outputs),
+                                      get_num_threads())
+    return outputs

@@ -1,18 +1,49 @@
 """Argument checking shared by every public function.  Errors name the argument and the
-expected shape, so a user can fix the call without reading the source."""
+expected shape, so a user can fix the call without reading the source.
+
+The main entry point is :func:`arrays`: a declarative shape spec per function, e.g.::
+
+    arrs, dims = _validate.arrays(
+        {"W": "G*H I", "x": "B T I", "b": "G*H?"},     # binding order: W fixes I before x
+        {"W": W, "x": x, "b": b}, dims={"G": 4, "H": 32})
+
+checks every argument's rank and sizes, converts Python scalars and lists to the arrays'
+dtype, and returns C-contiguous arrays of one float dtype (copied only when needed).
+"""
+import math
+import operator
+
 import numpy as np
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def float_array(name, a):
-    """`a` as an ndarray of float32/float64 (no copy when it already is one)."""
+def _is_float_array(value):
+    return isinstance(value, np.ndarray) and value.dtype in _FLOATS
+
+
+def float_array(name, a, dtype=None):
+    """`a` as an ndarray of float32/float64 (no copy when it already is one).
+
+    ndarrays must already be float32/float64; Python scalars, lists and tuples are converted
+    to `dtype` (float64 when None).  Errors name the argument.
+    """
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
-    arr = np.asarray(a)
-    if arr.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32 or float64, got dtype {arr.dtype}")
-    return arr
+    if isinstance(a, np.ndarray) or hasattr(a, "__array__") and not isinstance(a, (list, tuple)):
+        arr = np.asarray(a)
+        if arr.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float32 or float64, got dtype {arr.dtype}")
+        return arr
+    if isinstance(a, (bool, np.bool_, str, bytes)) or a is Ellipsis:
+        raise TypeError(f"{name} must be a float array, got {type(a).__name__}")
+    try:
+        arr = np.asarray(a)
+    except (ValueError, TypeError) as exc:   # ragged lists
+        raise ValueError(f"{name} could not be read as an array: {exc}") from None
+    if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    return arr.astype(dtype or np.float64)
 
 
 def common_dtype(**arrays):
@@ -43,9 +74,217 @@ def contiguous(arr, dtype):
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
-def positive_int(name, value, minimum=1):
+def positive_int(name, value):
+    """`value` as a Python int >= 1; TypeError for non-integers (bool included)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)
+
+
+def choice(name, value, choices):
+    """`value` if it is one of `choices`; ValueError listing every valid choice."""
+    if not isinstance(value, str) or value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {valid}; got {value!r}")
+    return value
+
+
+def boolean(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+# ---- declarative shapes ----------------------------------------------------------------------
+
+class _Dim:
+    """One entry of a shape spec: a name ("T"), an integer ("1") or a product ("G*H")."""
+    __slots__ = ("text", "factors")
+
+    def __init__(self, text):
+        self.text = text
+        self.factors = text.split("*")
+
+    def value(self, dims):
+        """The size, or None when a factor is still unbound."""
+        sizes = []
+        for f in self.factors:
+            if f.isdigit():
+                sizes.append(int(f))
+            elif f in dims:
+                sizes.append(dims[f])
+            else:
+                return None
+        return math.prod(sizes)
+
+    def bind(self, size, dims):
+        """Bind the one unbound factor from `size`; False when the size cannot match."""
+        unbound = [f for f in self.factors if not f.isdigit() and f not in dims]
+        if len(unbound) != 1:
+            return False
+        rest = math.prod(int(f) if f.isdigit() else dims[f] for f in self.factors
+                         if f != unbound[0])
+        if rest == 0:
+            return size == 0
+        if size % rest:
+            return False
+        dims[unbound[0]] = size // rest
+        return True
+
+
+_SPEC_CACHE = {}
+
+
+def _parse(shape):
+    parsed = _SPEC_CACHE.get(shape)
+    if parsed is None:
+        text = shape.strip()
+        broadcast = text.startswith("~")
+        parsed = (tuple(_Dim(t) for t in text.lstrip("~").split()), broadcast)
+        _SPEC_CACHE[shape] = parsed
+    return parsed
+
+
+def _describe(dims_spec, dims):
+    names = "[" + ", ".join(d.text for d in dims_spec) + "]"
+    values = [d.value(dims) for d in dims_spec]
+    if all(v is None for v in values) or all(d.text.isdigit() for d in dims_spec):
+        return names
+    return names + " = [" + ", ".join("?" if v is None else str(v) for v in values) + "]"
+
+
+def arrays(spec, values, dims=None, dtype=None):
+    """Validate the array arguments of one call against a shape spec.
+
+    Parameters
+    ----------
+    spec : dict name -> shape string
+        Dimensions separated by spaces: a name (bound by the first argument, in spec order,
+        that has it), an integer, or a product of those (``"G*H"``).  A leading ``~`` lets
+        the argument broadcast to that shape (scalars, lists, lower rank).  A name ending in
+        ``?`` is optional: None passes through as None.
+    values : dict name -> value (keys without the ``?``)
+    dims : dict, optional
+        Sizes known beforehand (e.g. the gate count).
+    dtype : numpy dtype, optional
+        The dtype to use; default: that of the first float ndarray among the values.
+
+    Returns
+    -------
+    (out, dims, dtype): ``out[name]`` a C-contiguous array of `dtype` (or None), `dims` the
+    resolved sizes.  Raises TypeError for non-float arrays or mixed dtypes and ValueError
+    for shapes, naming the argument and the expected shape.
+    """
+    dims = dict(dims or {})
+    items = []
+    for key, shape in spec.items():
+        optional = key.endswith("?")
+        name = key[:-1] if optional else key
+        items.append((name, optional, shape))
+    if dtype is None:
+        first = None
+        for name, optional, _ in items:
+            v = values.get(name)
+            if v is None:
+                continue
+            if isinstance(v, np.ndarray) and v.dtype.kind == "f" or hasattr(v, "dtype"):
+                arr = float_array(name, v)
+                if first is None:
+                    first, dtype = name, arr.dtype
+        dtype = np.dtype(dtype or np.float64)
+        first_name = first
+    else:
+        dtype = np.dtype(dtype)
+        first_name = None
+    out = {}
+    for name, optional, shape in items:
+        v = values.get(name)
+        if v is None:
+            if optional:
+                out[name] = None
+                continue
+            raise TypeError(f"{name} must be an array, got None")
+        arr = float_array(name, v, dtype)
+        if arr.dtype != dtype:
+            if first_name is not None:
+                raise TypeError(f"{name} is {arr.dtype} but {first_name} is {dtype}: "
+                                "all arrays must share one dtype (float32 or float64)")
+            raise TypeError(f"{name} is {arr.dtype} but the call's dtype is {dtype}: "
+                            "all arrays must share one dtype (float32 or float64)")
+        dim_spec, broadcast = _parse(shape)
+        if broadcast and arr.ndim < len(dim_spec):
+            target = [d.value(dims) for d in dim_spec]
+            if any(t is None for t in target):
+                raise ValueError(f"{name}: cannot broadcast before the sizes "
+                                 f"{_describe(dim_spec, dims)} are known")
+            try:
+                arr = np.broadcast_to(arr, target)
+            except ValueError:
+                raise ValueError(f"{name} must broadcast to shape {_describe(dim_spec, dims)}, "
+                                 f"got {arr.shape}") from None
+        if arr.ndim != len(dim_spec):
+            raise ValueError(f"{name} must have shape {_describe(dim_spec, dims)}, "
+                             f"got {arr.shape}")
+        for d, size in zip(dim_spec, arr.shape):
+            want = d.value(dims)
+            if want is None:
+                if not d.bind(size, dims):
+                    raise ValueError(f"{name} must have shape {_describe(dim_spec, dims)}, "
+                                     f"got {arr.shape} ({d.text} does not divide {size})")
+            elif want != size:
+                raise ValueError(f"{name} must have shape {_describe(dim_spec, dims)}, "
+                                 f"got {arr.shape}")
+        out[name] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+    return out, dims, dtype
+
+
+# ---- variable lengths and resets ---------------------------------------------------------------
+
+def lengths(value, B, T):
+    """`lengths=` as an int64 array [B] with 0 <= lengths[b] <= T, or None."""
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    if arr.dtype == np.bool_ or arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and arr.size and np.all(np.isfinite(arr)) \
+                and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        elif arr.dtype.kind == "f" and arr.size == 0:
+            arr = arr.astype(np.int64)
+        else:
+            raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
+    if arr.shape != (B,):
+        raise ValueError(f"lengths must have shape [B] = [{B}], got {arr.shape}")
+    if B and (arr.min() < 0 or arr.max() > T):
+        raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got values in "
+                         f"[{arr.min()}, {arr.max()}]")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def reset(value, B, T):
+    """`reset=` as a bool array [B, T] (C-contiguous, uint8 view-compatible), or None."""
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    if arr.dtype != np.bool_:
+        if arr.dtype.kind in "iu" and (arr.size == 0 or (arr.min() >= 0 and arr.max() <= 1)):
+            arr = arr.astype(np.bool_)
+        else:
+            raise TypeError(f"reset must be a bool array [B, T], got dtype {arr.dtype}")
+    if arr.shape != (B, T):
+        raise ValueError(f"reset must have shape [B, T] = [{B}, {T}], got {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def index(name, value):
+    """`value` as a Python int (for sizes such as chunk); TypeError for non-integers."""
+    try:
+        return operator.index(value) if not isinstance(value, (bool, np.bool_)) else _bad(name, value)
+    except TypeError:
+        _bad(name, value)
+
+
+def _bad(name, value):
+    raise TypeError(f"{name} must be an integer, got {type(value).__name__}")

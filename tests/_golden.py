@@ -1,0 +1,120 @@
+"""Fixed inputs for every public function, and the outputs they gave when recorded.
+
+`python tests/_golden.py` records ``tests/data/golden.npz`` (both backends, float32 and
+float64); ``test_golden.py`` checks that every output is still bit-identical.  Record anew
+only when a change of results is intended, and say so in the commit.
+"""
+import os
+import sys
+
+import numpy as np
+
+import statescan as ss
+
+PATH = os.path.join(os.path.dirname(__file__), "data", "golden.npz")
+
+
+def _leaves(value):
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    if isinstance(value, np.ndarray):
+        return [value]
+    return []
+
+
+def cases(dtype):
+    """name -> zero-argument callable returning the output of one call."""
+    rng = np.random.default_rng(1234)
+
+    def r(*shape, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(dtype)
+
+    out = {}
+    B, T, I, H = 3, 7, 5, 8
+    for cell, G in (("elman", 1), ("lstm", 4), ("gru", 3), ("slstm", 4)):
+        fn = getattr(ss, cell)
+        x, W, R, b, b_r = r(B, T, I), r(G * H, I, scale=0.4), r(G * H, H, scale=0.4), r(G * H), r(G * H)
+        R4 = r(2, G * H // 2, H // 2, scale=0.4)
+        out[f"{cell}"] = lambda fn=fn, a=(x, W, R, b, b_r): fn(*a)
+        out[f"{cell}_heads"] = lambda fn=fn, a=(x, W, R4, b, b_r): fn(*a, heads=2)
+        out[f"{cell}_noW"] = lambda fn=fn, a=(r(B, T, G * H), None, R): fn(*a)
+        first = fn(x[:, :3], W, R, b, b_r)[1]
+        out[f"{cell}_state"] = lambda fn=fn, a=(x[:, 3:], W, R, b, b_r), s=first: fn(*a, state=s)
+        out[f"{cell}_vjp"] = lambda fn=fn, a=(x, W, R, b, b_r): _vjp(fn, a, {})
+        out[f"{cell}_newton"] = lambda fn=fn, a=(x, W, R, b, b_r): fn(*a, solver="newton")[:2]
+        out[f"{cell}_stream"] = lambda fn=fn, a=(x, W, R, b, b_r): ss.stream(fn, *a[1:])(a[0][:, :2])
+    a, bb = rng.uniform(0.5, 1.0, (B, T, H)).astype(dtype), r(B, T, H)
+    h0 = r(B, H)
+    out["linear_scan"] = lambda: ss.linear_scan(a, bb, h0)
+    out["linear_scan_vjp"] = lambda: _vjp(ss.linear_scan, (a, bb, h0), {})
+    Dm, N = 6, 4
+    sx, sdt, sA = r(B, T, Dm), r(B, T, Dm, scale=0.5), -np.abs(r(Dm, N))
+    sB, sC, sD, sz, sbias = r(B, T, N), r(B, T, N), r(Dm), r(B, T, Dm), r(Dm)
+    kw = dict(z=sz, dt_bias=sbias, dt_softplus=True)
+    out["selective_scan"] = lambda: ss.selective_scan(sx, sdt, sA, sB, sC, sD, **kw)
+    out["selective_scan_vjp"] = lambda: _vjp(ss.selective_scan, (sx, sdt, sA, sB, sC, sD), kw)
+    NH, dk, dv = 2, 4, 3
+    q, k, v = r(B, NH, T, dk), r(B, NH, T, dk), r(B, NH, T, dv)
+    decay = np.array([0.9, 0.7], dtype)
+    out["linear_attention"] = lambda: ss.linear_attention(q, k, v, decay=decay, chunk=3)
+    out["linear_attention_vjp"] = lambda: _vjp(ss.linear_attention, (q, k, v),
+                                               dict(decay=decay, chunk=3))
+    P = 3
+    dx, ddt, dA = r(B, T, NH, P), np.abs(r(B, T, NH, scale=0.5)), -np.abs(r(NH))
+    dB, dC = r(B, T, N), r(B, T, N)
+    out["ssd"] = lambda: ss.ssd(dx, ddt, dA, dB, dC, chunk=3)
+    out["ssd_vjp"] = lambda: _vjp(ss.ssd, (dx, ddt, dA, dB, dC), dict(chunk=3))
+    out["attention"] = lambda: ss.attention(q, k, r(B, NH, T, dk), chunk=3)
+    out["attention_vjp"] = lambda: _vjp(ss.attention, (q, k, v), dict(chunk=3, causal=False))
+    n = 3
+    mA, mb, mh = r(B, T, n, n, scale=0.3), r(B, T, n), r(B, n)
+    out["matrix_scan"] = lambda: ss.matrix_scan(mA, mb, mh)
+    out["matrix_scan_diag"] = lambda: ss.matrix_scan(a, bb, h0)
+    out["matrix_scan_vjp"] = lambda: _vjp(ss.matrix_scan, (mA, mb, mh), {})
+    xs = r(B, T, n)
+    out["solve_recurrence"] = lambda: ss.solve_recurrence(
+        lambda s, x: np.tanh(0.5 * s + x), mh, xs, method="jacobi")[0]
+    return out
+
+
+def _vjp(fn, args, kw):
+    out, pullback = ss.vjp(fn, *args, **kw)
+    rng = np.random.default_rng(7)
+    cot = _like(out, rng)
+    return out, pullback(cot)
+
+
+def _like(value, rng):
+    if isinstance(value, (tuple, list)):
+        return type(value)(_like(v, rng) for v in value)
+    if isinstance(value, np.ndarray):
+        return rng.standard_normal(value.shape).astype(value.dtype)
+    return value
+
+
+def machine():
+    """What the recording depends on: the compiled kernels' ISA features and numpy's version."""
+    info = ss.build_info()
+    return f"{info['variant']} {','.join(info['features'] or ())} numpy {np.__version__}"
+
+
+def compute():
+    """{key: array} for every case, backend and dtype available here."""
+    results = {}
+    backends = ["python"] + (["compiled"] if ss.build_info()["variant"] else [])
+    previous = ss.backend()
+    try:
+        for backend in backends:
+            ss.set_backend(backend)
+            for dtype in (np.float32, np.float64):
+                for name, call in cases(dtype).items():
+                    for i, leaf in enumerate(_leaves(call())):
+                        results[f"{backend}/{np.dtype(dtype).name}/{name}/{i}"] = leaf
+    finally:
+        ss.set_backend(previous)
+    return results
+
+
+if __name__ == "__main__":
+    np.savez_compressed(PATH, __machine__=np.array(machine()), **compute())
+    print(f"recorded {len(np.load(PATH).files)} arrays in {PATH}", file=sys.stderr)
