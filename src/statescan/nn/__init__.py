@@ -1,0 +1,4 @@
+"""Models built on statescan's kernels: PyTorch-compatible recurrent stacks and Mamba blocks.
+
+Arrays in, arrays out (numpy, batch-first); no deep-learning framework at run time.
+"""
