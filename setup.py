@@ -11,6 +11,7 @@ Environment switches:
 """
 import os
 import re
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -25,13 +26,18 @@ PORTABLE, NATIVE = "statescan._ext", "statescan._ext.native"
 
 
 def _compiler_accepts(compiler, flags):
-    """True when `compiler` compiles and links a trivial OpenMP-free program with `flags`."""
+    """True when `compiler` compiles and links a trivial program with `flags`.
+
+    The probe links with the user's LDFLAGS as the extensions will (distutils adds them to the
+    shared-library linker only): with CFLAGS=-fsanitize=... and no matching link flags every
+    probe would fail and the build would silently drop OpenMP."""
+    link_flags = flags + shlex.split(os.environ.get("LDFLAGS", ""))
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "probe.c")
         src.write_text("#include <stdio.h>\nint main(void){return 0;}\n")
         try:
             objs = compiler.compile([str(src)], output_dir=tmp, extra_postargs=flags)
-            compiler.link_executable(objs, str(Path(tmp, "probe")), extra_postargs=flags)
+            compiler.link_executable(objs, str(Path(tmp, "probe")), extra_postargs=link_flags)
         except Exception:
             return False
     return True
