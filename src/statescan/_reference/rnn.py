@@ -134,45 +134,112 @@ STEP_BACKWARDS = {"elman": elman_step_backward, "lstm": lstm_step_backward,
 
 
 # ---- whole sequences -----------------------------------------------------------------------
+# Variable lengths, reverse direction and resets (DESIGN.md): processing step j of row b handles
+# time step t = j (forward) or lengths[b] - 1 - j (reverse); a row is active at step j while
+# j < lengths[b].  Inactive (padded) steps leave the state alone and output 0.  reset[b, t]
+# zeroes the state of row b before time step t is processed.
 
-def forward(cell, ax, R, b_r, state0, save):
+def _time_index(j, lengths, reverse):
+    """Time step each row processes at processing step j ([B] ints; clipped for inactive rows)."""
+    t = lengths - 1 - j if reverse else np.full_like(lengths, j)
+    return np.clip(t, 0, None)
+
+
+def _row_lengths(B, T, lengths):
+    return np.full(B, T, dtype=np.int64) if lengths is None else np.asarray(lengths, np.int64)
+
+
+def forward(cell, ax, R, b_r, state0, save, lengths=None, reverse=False, reset=None):
     """Run `cell` over the sequence.
 
-    Returns seq [S_save, B, T, H] (the states after each step; S_save = S when `save`, else 1),
-    ar_seq [B, T, G*H] (recurrent pre-activations, when `save`, else None), state [S, B, H].
+    lengths [B] ints or None (every row T steps), reverse bool, reset bool [B, T] or None.
+    Returns seq [S_save, B, T, H] (the states after each step, 0 at padded steps; S_save = S
+    when `save`, else 1), ar_seq [B, T, G*H] (recurrent pre-activations R h + b_r, when `save`,
+    else None), state [S, B, H] (each row's state after its last valid step).
     """
     step = STEPS[cell]
     B, T, _ = ax.shape
     S, _, H = state0.shape
-    seq = np.empty((S if save else 1, B, T, H), dtype=ax.dtype)
-    ar_seq = np.empty_like(ax) if save else None
+    seq = np.zeros((S if save else 1, B, T, H), dtype=ax.dtype)
+    ar_seq = np.zeros_like(ax) if save else None
+    if B == 0 or T == 0 or H == 0:
+        return seq, ar_seq, state0.copy()
+    lengths = _row_lengths(B, T, lengths)
+    rows = np.arange(B)
     state = tuple(state0)
-    for t in range(T):
+    for j in range(T):
+        active = (j < lengths)[:, None]
+        t = _time_index(j, lengths, reverse)
+        if reset is not None:
+            zero = reset[rows, t][:, None] & active
+            state = tuple(np.where(zero, 0, s) for s in state)
         ar = recurrent_preactivation(state[0], R, b_r)
+        new = step(ax[rows, t], ar, state)
+        state = tuple(np.where(active, n, s) for n, s in zip(new, state))
         if save:
-            ar_seq[:, t] = ar
-        state = step(ax[:, t], ar, state)
+            ar_seq[rows, t] = np.where(active, ar, ar_seq[rows, t])
         for s in range(seq.shape[0]):
-            seq[s, :, t] = state[s]
+            seq[s, rows, t] = np.where(active, state[s], seq[s, rows, t])
     return seq, ar_seq, np.stack(state)
 
 
-def backward(cell, ax, ar_seq, R, state0, seq, dy, dstate):
-    """Backpropagate through `forward(..., save=True)`.
+def backward(cell, ax, ar_seq, R, state0, seq, dy, dstate, lengths=None, reverse=False,
+             reset=None):
+    """Backpropagate through `forward(..., save=True)` (same lengths, reverse, reset).
 
     dy [B, T, H]; dstate [S, B, H].  Returns dgx, dgr [B, T, G*H] (gradients of the input-side
-    and recurrent-side pre-activations) and dstate0 [S, B, H].
+    and recurrent-side pre-activations, 0 at padded steps) and dstate0 [S, B, H].
     """
     step_backward = STEP_BACKWARDS[cell]
-    T = ax.shape[1]
-    dgx = np.empty_like(ax)
-    dgr = np.empty_like(ax)
+    B, T, _ = ax.shape
+    H = state0.shape[2]
+    dgx = np.zeros_like(ax)
+    dgr = np.zeros_like(ax)
+    if B == 0 or T == 0 or H == 0:
+        return dgx, dgr, dstate.copy()
+    lengths = _row_lengths(B, T, lengths)
+    rows = np.arange(B)
     d = [dstate[s].copy() for s in range(dstate.shape[0])]
-    for t in range(T - 1, -1, -1):
-        d[0] = d[0] + dy[:, t]
-        prev = tuple(seq[:, :, t - 1]) if t > 0 else tuple(state0)
-        gx, gr, dprev = step_backward(ax[:, t], ar_seq[:, t], prev, tuple(d))
-        dgx[:, t], dgr[:, t] = gx, gr
-        d = list(dprev)
-        d[0] = d[0] + recurrent_transpose(gr, R)
+    for j in range(T - 1, -1, -1):
+        active = (j < lengths)[:, None]
+        t = _time_index(j, lengths, reverse)
+        # the state before processing step j: after step j-1, or the initial state
+        prev = tuple(seq[:, rows, _time_index(j - 1, lengths, reverse)]) if j > 0 \
+            else tuple(state0)
+        zero = reset[rows, t][:, None] & active if reset is not None else np.zeros((B, 1), bool)
+        prev = tuple(np.where(zero, 0, p) for p in prev)
+        d[0] = np.where(active, d[0] + dy[rows, t], d[0])
+        gx, gr, dprev = step_backward(ax[rows, t], ar_seq[rows, t], prev, tuple(d))
+        dgx[rows, t] = np.where(active, gx, dgx[rows, t])
+        dgr[rows, t] = np.where(active, gr, dgr[rows, t])
+        dprev = list(dprev)
+        dprev[0] = dprev[0] + recurrent_transpose(gr, R)
+        # a reset cuts the gradient: the state before it did not influence anything after
+        d = [np.where(active, np.where(zero, 0, n), o) for n, o in zip(dprev, d)]
     return dgx, dgr, np.stack(d)
+
+
+def previous_hidden(y, state0, lengths=None, reverse=False, reset=None):
+    """The hidden state each step's recurrent matmul saw, [B, T, H] (0 at padded steps).
+
+    y [B, T, H] is the forward output (0 at padded steps), state0 [S, B, H]: the factor of
+    the recurrent-weight gradient dR = sum over steps of dgr^T h_prev.
+    """
+    B, T, H = y.shape
+    h_prev = np.zeros_like(y)
+    if B == 0 or T == 0:
+        return h_prev
+    lengths = _row_lengths(B, T, lengths)
+    valid = np.arange(T) < lengths[:, None]
+    if reverse:          # time t follows time t+1; the row's last valid step follows state0
+        h_prev[:, :-1] = y[:, 1:]
+        first = lengths - 1
+    else:
+        h_prev[:, 1:] = y[:, :-1]
+        first = np.zeros(B, np.int64)
+    has = lengths > 0
+    h_prev[np.nonzero(has)[0], first[has]] = state0[0][has]
+    h_prev[~valid] = 0
+    if reset is not None:
+        h_prev[reset] = 0
+    return h_prev
