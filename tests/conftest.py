@@ -198,3 +198,8 @@ def vjp_grads(problem, cot_seed=1):
     """(out, grads) of statescan.vjp on `problem` with a random cotangent."""
     out, pb = ss.vjp(problem.fn, *problem.args(), **problem.kwargs())
     return out, pb(random_cotangent(problem.cell, out, cot_seed))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=400,
+                     help="examples for tests/test_fuzz.py (CI: a few hundred; long runs: 20000)")
