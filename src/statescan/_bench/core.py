@@ -120,6 +120,13 @@ class Measurement:
     flops: float
     max_error: Optional[float] = None
     ok: Optional[bool] = None       # None: not verified
+    cpu_ratio: Optional[float] = None   # process CPU time / wall time over the timed calls
+
+    @property
+    def over_share(self):
+        """True when the runner used more cores than the run's thread count allows (a peer
+        that ignored its thread setting: its time is not comparable)."""
+        return self.cpu_ratio is not None and self.cpu_ratio > threads() * 1.15 + 0.05
 
     @property
     def us_per_step(self):
@@ -151,8 +158,33 @@ _settings = {"threads": 1, "peers": None}   # peers: None = all, else a set of e
 
 
 def configure(threads, peers=None):
+    """Set the run's thread count and peers; pin the process to that many cores (Linux).
+
+    Pinning happens before any peer is imported, so the threads a peer starts (JAX, ONNX
+    Runtime, OpenMP pools) inherit it: statescan and every peer then share the same cores,
+    whatever thread settings a peer honours."""
     _settings["threads"] = int(threads)
     _settings["peers"] = None if peers is None else set(peers)
+    _settings["cores"] = pin_to_cores(int(threads))
+
+
+def pin_to_cores(n):
+    """Restrict this process to `n` of the cores it may run on; the cores used, or None where
+    affinity cannot be set."""
+    import os
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if n >= len(allowed):
+        return tuple(allowed)
+    cores = tuple(allowed[:n])
+    os.sched_setaffinity(0, cores)
+    return cores
+
+
+def cores():
+    """The cores the run is pinned to (None when not pinned)."""
+    return _settings.get("cores")
 
 
 def threads():
@@ -286,17 +318,22 @@ def run_case(case, budget=0.6, on_runner=None, statistic="median"):
         live[name], times[name] = (runner, m), []
     del runners, reference_out
 
+    cpu = {name: 0.0 for name in live}
     for round_ in range(max((m.repeats for _, m in live.values()), default=0)):
         for name, (runner, m) in list(live.items()):
             if round_ >= m.repeats:
                 continue
             try:
+                c0 = time.process_time()
                 times[name].append(_timed(runner.fn)[0])
+                cpu[name] += time.process_time() - c0
             except Exception as exc:
                 result.skipped[name] = f"failed: {type(exc).__name__}: {exc}"
                 del live[name]
     for name, (runner, m) in live.items():
         m.seconds = min(times[name]) if statistic == "min" else statistics.median(times[name])
+        wall = sum(times[name])
+        m.cpu_ratio = cpu[name] / wall if wall > 0 else None
         result.runs[name] = m
     if on_runner:
         for name in ordered:
