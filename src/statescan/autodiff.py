@@ -22,8 +22,9 @@ def vjp(fn, *args, **kwargs):
     Gradients are exact (backpropagation through the kernels), and ``out`` is identical to
     what ``fn`` returns without vjp.
     """
+    rule = getattr(fn, "_vjp", None)       # objects (statescan.nn layers) carry their rule
     try:
-        rule = _RULES[fn]
+        rule = rule or _RULES[fn]
     except (KeyError, TypeError):
         names = ", ".join(sorted(f.__name__ for f in _RULES))
         raise TypeError(f"vjp: {getattr(fn, '__name__', fn)!r} is not differentiable "

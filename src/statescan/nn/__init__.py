@@ -2,3 +2,4 @@
 
 Arrays in, arrays out (numpy, batch-first); no deep-learning framework at run time.
 """
+from .rnn import LSTM, GRU, RNN, SLSTM, LayerStream

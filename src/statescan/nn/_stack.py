@@ -1,0 +1,110 @@
+"""The computation behind the recurrent stacks of :mod:`statescan.nn.rnn`: one input GEMM per
+layer (both directions' weights stacked), one cell-kernel call per layer and direction, and
+the reverse pass through the same calls.
+
+Everything here works on validated arrays; the layer classes do the checking.
+"""
+import numpy as np
+
+from .. import _dispatch, _memory
+from ..autodiff import vjp as _vjp
+
+
+def project(x, W, b):
+    """``x @ W.T + b`` over all B*T rows, [B, T, M] (W [M, I], b [M] or None).
+
+    Uses the same projection as the cell kernels' own input side (row by row, so a row's
+    result does not depend on the batch it sits in or the chunk of time it is in): a layer
+    run in chunks, by :func:`statescan.run_sequences` or through a stream gives the same bits.
+    """
+    B, T, M = x.shape[0], x.shape[1], W.shape[0]
+    out = _memory.empty((B, T, M), x.dtype)
+    if B * T == 0 or M == 0:
+        return out
+    if not _dispatch.use_compiled():
+        for t in range(T):       # the reference's order: chunks see the same GEMMs
+            np.matmul(x[:, t], W.T, out=out[:, t])
+        if b is not None:
+            out += b
+        return out
+    _dispatch.ext_module("rnn").project(x, W, b, out, _dispatch.get_num_threads())
+    return out
+
+
+def _direction_kw(d, lengths):
+    """Keywords of the cell call for direction d (1 = backward: each row read from its last
+    valid step down to step 0)."""
+    kw = {} if lengths is None else {"lengths": lengths}
+    if d == 1:
+        kw["reverse"] = True
+    return kw
+
+
+def _split(a, d, size, dirs):
+    """Direction d's part of the last axis (the whole array for one direction)."""
+    return a if dirs == 1 else a[..., d * size:(d + 1) * size]
+
+
+def forward(spec, params, x, state0, lengths, save=False):
+    """Run the stack.
+
+    spec: the layer (cell function, sizes); params: per layer (W_ih [dirs*G*H, I_l],
+    R [dirs, ...], b_ih [dirs*G*H] or None, b_hh [dirs, G*H] or None); state0: per layer and
+    direction the cell's initial state (None for zeros).  Returns y [B, T, dirs*H], the
+    final states per layer and direction, and (with `save`) what :func:`backward` needs.
+    """
+    dirs, GH, H = spec.num_directions, spec._gates * spec.hidden_size, spec.hidden_size
+    fn, heads = spec._cell_fn, spec.heads
+    inp, finals, tape = x, [], []
+    for layer, (W_ih, R, b_ih, b_hh) in enumerate(params):
+        ax = project(inp, W_ih, b_ih)
+        ys, pullbacks = [], []
+        for d in range(dirs):
+            ax_d = _split(ax, d, GH, dirs)
+            args = (ax_d, None, R[d], None, None if b_hh is None else b_hh[d])
+            kw = dict(heads=heads, state=state0[layer * dirs + d], **_direction_kw(d, lengths))
+            if save:
+                (y_d, s_d), pullback = _vjp(fn, *args, **kw)
+                pullbacks.append(pullback)
+            else:
+                y_d, s_d = fn(*args, **kw)
+            ys.append(y_d)
+            finals.append(s_d)
+        if save:
+            tape.append((inp, pullbacks))
+        inp = ys[0] if dirs == 1 else np.concatenate(ys, axis=2)
+    return inp, finals, tape
+
+
+def backward(spec, params, tape, dy, dstates):
+    """Gradients from the saved forward: dx, per layer (dW_ih, dR [dirs, ...], db_ih,
+    db_hh [dirs, G*H]) and the initial states' gradients per layer and direction.
+
+    dy [B, T, dirs*H]; dstates per layer and direction: the cell's state cotangent (or None).
+    The forward must have been run with an explicit initial state for every direction, so
+    that each cell pullback returns the state gradient last.
+    """
+    dirs, H = spec.num_directions, spec.hidden_size
+    grads, dstate0 = [None] * len(params), [None] * (len(params) * dirs)
+    d_out = dy
+    for layer in reversed(range(len(params))):
+        W_ih, _, b_ih, b_hh = params[layer]
+        inp, pullbacks = tape[layer]
+        dax, dR, db_hh = [], [], []
+        for d in range(dirs):
+            g = pullbacks[d]((np.ascontiguousarray(_split(d_out, d, H, dirs)),
+                              dstates[layer * dirs + d]))
+            dax.append(g[0])
+            dR.append(g[2])
+            if b_hh is not None:
+                db_hh.append(g[4])
+            dstate0[layer * dirs + d] = g[-1]
+        dax = dax[0] if dirs == 1 else np.concatenate(dax, axis=2)
+        B, T, M = dax.shape
+        dax2 = dax.reshape(B * T, M)
+        inp2 = inp.reshape(B * T, inp.shape[2])
+        dW = dax2.T @ inp2
+        db = None if b_ih is None else dax2.sum(axis=0)
+        grads[layer] = (dW, np.stack(dR), db, None if b_hh is None else np.stack(db_hh))
+        d_out = (dax2 @ W_ih).reshape(B, T, W_ih.shape[1])
+    return d_out, grads, dstate0
