@@ -8,6 +8,7 @@ from .autodiff import vjp
 from .rnn import lstm, gru, elman, slstm, stream
 from .scan import linear_scan, selective_scan
 from .attention import linear_attention, ssd, attention
+from .conv import causal_conv1d
 from .parallel import matrix_scan, solve_recurrence
 from .batching import run_sequences
 
@@ -16,4 +17,4 @@ __version__ = "0.1.0"
 __all__ = ["lstm", "gru", "elman", "slstm", "stream", "linear_scan", "selective_scan", "vjp",
            "linear_attention", "ssd", "attention", "matrix_scan", "solve_recurrence",
            "backend", "set_backend", "set_num_threads", "get_num_threads", "build_info",
-           "set_cache_limit", "run_sequences"]
+           "set_cache_limit", "run_sequences", "causal_conv1d"]
