@@ -12,11 +12,6 @@ _ACTIVATIONS = (None, "silu")
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _built():
-    # TEMPORARY until ext/conv.pyx lands: the numpy reference serves the compiled backend.
-    return "conv" in (_dispatch._EXT or {})
-
-
 def _activation(activation):
     """True for "silu", False for None; ValueError listing the choices otherwise."""
     if activation is None:
@@ -66,7 +61,7 @@ def _run(name, args, out_state):
     ...); the new state is written into `out_state` when given."""
     x, st = args[0], args[4]
     y, new = _dispatch.run(
-        "conv", name, *args, empty=x.size == 0 or not _built(),
+        "conv", name, *args, empty=x.size == 0,
         out=lambda: (np.empty_like(x), np.empty_like(st) if out_state is None else out_state))
     if out_state is not None and new is not out_state:
         out_state[...] = new
@@ -176,8 +171,7 @@ def _causal_conv1d_vjp(x, weight, bias=None, *, activation=None, state=None, len
     def pullback(cot):
         dy, ds = cotangent(cot, [("dy", y.shape), ("dstate", new.shape)], dtype)
         dx, dw, db, dstate0 = _dispatch.run(
-            "conv", "causal_conv1d_backward", *kernel_args, dy, ds,
-            empty=y.size == 0 or not _built(),
+            "conv", "causal_conv1d_backward", *kernel_args, dy, ds, empty=y.size == 0,
             out=lambda: (np.empty_like(y), np.empty_like(kernel_args[1]),
                          np.empty(y.shape[2], dtype), np.empty_like(new)))
         grads = (dx, dw)
