@@ -1,6 +1,7 @@
-# Compiled linear-recurrence scans h_t = A_t h_{t-1} + b_t, the inner solve of the parallel-in-time
-# solvers.  Work is split into jobs over (batch row, block) -- or channel chunks for the diagonal
-# scan -- and, when the caller asks for it, into `nseg` time segments of fixed length
+# Compiled block scan h_t = A_t h_{t-1} + b_t (dense m x m blocks), the inner solve of the
+# parallel-in-time solvers and matrix_scan's dense case (the diagonal case is scan.pyx's
+# linear_scan).  Work is split into jobs over (batch row, block) and, when the caller asks for
+# it, into `nseg` time segments of fixed length
 # ceil(T / nseg).  A segmented scan runs in three phases: every segment but the first composes
 # its pairs (A, b) into one affine map; the segment carries are chained sequentially; every
 # segment but the first is re-run from its carry.  The segmentation comes from the caller (it
@@ -8,25 +9,11 @@
 # number of threads.
 from cython cimport floating
 from cython.parallel cimport prange, parallel
-from libc.stdlib cimport malloc, free
+
+from _scratch cimport scratch_alloc, scratch_free
 
 
-cdef extern from *:
-    """
-    /* out += A x, A row-major: one dot product per row; `omp simd` lets the compiler
-       vectorise the reduction (a fixed order for a given build, whatever the threads). */
-    #define STATESCAN_DOT_ROWS(T, NAME)                                              \
-    static inline void NAME(Py_ssize_t m, const T* A, const T* x, T* out) {          \
-        for (Py_ssize_t i = 0; i < m; i++) {                                          \
-            T acc = 0;                                                                \
-            _Pragma("omp simd reduction(+:acc)")                                      \
-            for (Py_ssize_t j = 0; j < m; j++) acc += A[i * m + j] * x[j];            \
-            out[i] += acc;                                                            \
-        }                                                                             \
-    }
-    STATESCAN_DOT_ROWS(float, statescan_dot_rows_f)
-    STATESCAN_DOT_ROWS(double, statescan_dot_rows_d)
-    """
+cdef extern from "_dot_rows.h":
     void statescan_dot_rows_f(Py_ssize_t m, const float* A, const float* x, float* out) nogil
     void statescan_dot_rows_d(Py_ssize_t m, const double* A, const double* x, double* out) nogil
 
@@ -111,13 +98,14 @@ def block_scan(const floating[:, :, :, :, ::1] At, bint transposed,
     cdef floating* hj
     nseg = (T + L - 1) // L
     if nseg > 1:
-        Pt = <floating*> malloc(jobs * nseg * m * m * sizeof(floating))
-        v = <floating*> malloc(jobs * nseg * m * sizeof(floating))
-        carry = <floating*> malloc(jobs * nseg * m * sizeof(floating))
-        tmp = <floating*> malloc(jobs * nseg * m * sizeof(floating))
+        Pt = <floating*> scratch_alloc(jobs * nseg * m * m * sizeof(floating))
+        v = <floating*> scratch_alloc(jobs * nseg * m * sizeof(floating))
+        carry = <floating*> scratch_alloc(jobs * nseg * m * sizeof(floating))
+        tmp = <floating*> scratch_alloc(jobs * nseg * m * sizeof(floating))
         if Pt == NULL or v == NULL or carry == NULL or tmp == NULL:
-            free(Pt); free(v); free(carry); free(tmp)
-            raise MemoryError()
+            scratch_free(Pt); scratch_free(v); scratch_free(carry); scratch_free(tmp)
+            raise MemoryError(f"block_scan: no memory for {nseg} time segments of "
+                              f"{jobs} [{m}, {m}] maps")
     with nogil:
         for job in prange(jobs * nseg, schedule="dynamic", num_threads=num_threads):
             seg = job % nseg
@@ -156,96 +144,7 @@ def block_scan(const floating[:, :, :, :, ::1] At, bint transposed,
             t0 = seg * L
             run_blocks(rows, m, t0, min(T, t0 + L), step, &At[bb, 0, k, 0, 0],
                        &b[bb, 0, k, 0], carry + job * m, &h[bb, 0, k, 0])
-    free(Pt)
-    free(v)
-    free(carry)
-    free(tmp)
-
-
-cdef inline void run_diag(Py_ssize_t nc, Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t n,
-                          const floating* a, const floating* b, const floating* start,
-                          floating* h) noexcept nogil:
-    cdef Py_ssize_t t, i
-    cdef const floating* prev = start
-    for t in range(t0, t1):
-        for i in range(nc):
-            h[t * n + i] = a[t * n + i] * prev[i] + b[t * n + i]
-        prev = h + t * n
-
-
-cdef inline void compose_diag(Py_ssize_t nc, Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t n,
-                              const floating* a, const floating* b, floating* p,
-                              floating* v) noexcept nogil:
-    cdef Py_ssize_t t, i
-    for i in range(nc):
-        p[i] = 1
-        v[i] = 0
-    for t in range(t0, t1):
-        for i in range(nc):
-            v[i] = a[t * n + i] * v[i] + b[t * n + i]
-            p[i] = a[t * n + i] * p[i]
-
-
-def diag_scan(const floating[:, :, ::1] a, const floating[:, :, ::1] b,
-              const floating[:, ::1] h0, floating[:, :, ::1] h, Py_ssize_t nseg,
-              Py_ssize_t chunk, int num_threads):
-    """h[:, t] = a[:, t] * h[:, t-1] + b[:, t] elementwise; a, b, h [B,T,n]; h0 [B,n].
-
-    Channels are independent: jobs are (batch row, chunk of `chunk` channels, time segment).
-    Requires B, T, n >= 1.
-    """
-    cdef Py_ssize_t B = b.shape[0], T = b.shape[1], n = b.shape[2]
-    cdef Py_ssize_t L = (T + nseg - 1) // nseg
-    cdef Py_ssize_t nchunks = (n + chunk - 1) // chunk
-    cdef Py_ssize_t jobs = B * nchunks
-    cdef Py_ssize_t job, seg, t0, bb, c0, nc, i, base
-    cdef floating* p = NULL
-    cdef floating* v = NULL
-    cdef floating* carry = NULL
-    nseg = (T + L - 1) // L
-    if nseg > 1:
-        p = <floating*> malloc(B * nseg * n * sizeof(floating))
-        v = <floating*> malloc(B * nseg * n * sizeof(floating))
-        carry = <floating*> malloc(B * nseg * n * sizeof(floating))
-        if p == NULL or v == NULL or carry == NULL:
-            free(p); free(v); free(carry)
-            raise MemoryError()
-    with nogil:
-        for job in prange(jobs * nseg, schedule="dynamic", num_threads=num_threads):
-            seg = job % nseg
-            bb = job // nseg // nchunks
-            c0 = job // nseg % nchunks * chunk
-            nc = min(chunk, n - c0)
-            t0 = seg * L
-            if seg == 0:
-                run_diag(nc, t0, min(T, t0 + L), n, &a[bb, 0, c0], &b[bb, 0, c0],
-                         &h0[bb, c0], &h[bb, 0, c0])
-            else:
-                base = (bb * nseg + seg) * n + c0
-                compose_diag(nc, t0, min(T, t0 + L), n, &a[bb, 0, c0], &b[bb, 0, c0],
-                             p + base, v + base)
-        if nseg > 1:
-            for job in prange(jobs, schedule="static", num_threads=num_threads):
-                bb = job // nchunks
-                c0 = job % nchunks * chunk
-                nc = min(chunk, n - c0)
-                base = bb * nseg * n + c0
-                for i in range(nc):
-                    carry[base + n + i] = h[bb, L - 1, c0 + i]
-                for seg in range(2, nseg):
-                    for i in range(nc):
-                        carry[base + seg * n + i] = (p[base + (seg - 1) * n + i]
-                                                     * carry[base + (seg - 1) * n + i]
-                                                     + v[base + (seg - 1) * n + i])
-            for job in prange(jobs * nseg, schedule="dynamic", num_threads=num_threads):
-                seg = job % nseg
-                if seg == 0:
-                    continue
-                bb = job // nseg // nchunks
-                c0 = job // nseg % nchunks * chunk
-                t0 = seg * L
-                run_diag(min(chunk, n - c0), t0, min(T, t0 + L), n, &a[bb, 0, c0],
-                         &b[bb, 0, c0], carry + (bb * nseg + seg) * n + c0, &h[bb, 0, c0])
-    free(p)
-    free(v)
-    free(carry)
+    scratch_free(Pt)
+    scratch_free(v)
+    scratch_free(carry)
+    scratch_free(tmp)

@@ -18,6 +18,7 @@ KW_ORDER = ("z", "dt_bias", "state")
 # ---- problems --------------------------------------------------------------------------------
 
 def linear_problem(B=2, T=5, D=7, dtype=np.float64, h0=True, seed=0):
+    """(a, b, state or None) of a random linear_scan call."""
     rng = np.random.default_rng(seed)
     a = rng.uniform(-1.1, 1.1, (B, T, D)).astype(dtype)
     b = rng.standard_normal((B, T, D)).astype(dtype)
@@ -352,8 +353,8 @@ def test_linear_vjp_matches_finite_differences(h0, backend_name):
         cot = (np.random.default_rng(2).standard_normal(out.shape),)
         grads = pb(cot[0])
         assert len(grads) == len(args)
-        _directional_check(ss.linear_scan, args, {}, ("a", "b", "h0"), grads,
-                           ("a", "b", "h0")[:len(args)], cot)
+        _directional_check(ss.linear_scan, args, {}, ("a", "b", "state"), grads,
+                           ("a", "b", "state")[:len(args)], cot)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -453,17 +454,50 @@ def test_linear_bad_arguments_name_the_argument():
         ss.linear_scan(a[:, :2], b)
     with pytest.raises(ValueError, match="b"):
         ss.linear_scan(a[0], b[0])
-    with pytest.raises(ValueError, match="h0"):
+    with pytest.raises(ValueError, match="state"):
         ss.linear_scan(a, b, h[:, :3])
     with pytest.raises(TypeError, match="a"):
         ss.linear_scan(a.astype(np.int32), b)
-    with pytest.raises(TypeError, match="h0"):
+    with pytest.raises(TypeError, match="state"):
         ss.linear_scan(a, b, h.astype(np.float32))
+    with pytest.warns(DeprecationWarning, match="h0"), pytest.raises(ValueError, match="h0"):
+        ss.linear_scan(a, b, h0=h[:, :3])
     with pytest.raises(TypeError, match="b"):
         ss.linear_scan(a, None)
     _, pb = ss.vjp(ss.linear_scan, a, b)
     with pytest.raises(ValueError, match="dh"):
         pb(np.zeros((2, 3)))
+    with pytest.raises(TypeError, match="h1"):
+        ss.linear_scan(a, b, h1=h)
+    with pytest.raises(TypeError, match="reverse"):
+        ss.linear_scan(a, b, reverse=1)
+
+
+def test_linear_state_keyword_and_deprecated_h0():
+    a, b, h = linear_problem(B=2, T=4, D=3)
+    expected = ss.linear_scan(a, b, state=h)
+    with pytest.warns(DeprecationWarning, match="state="):
+        assert_all_equal((ss.linear_scan(a, b, h0=h),), (expected,))
+    with pytest.warns(DeprecationWarning):
+        out, pb = ss.vjp(ss.linear_scan, a, b, h0=h)
+    assert len(pb(None)) == 3 and not any(np.any(g) for g in pb(None))
+    with pytest.raises(TypeError, match="not both"):
+        ss.linear_scan(a, b, h, h0=h)
+
+
+@pytest.mark.parametrize("backend_name", ["compiled", "python"])
+def test_linear_scalar_decay_broadcasts(backend_name):
+    """a = 0.9 (or a per-channel list) broadcasts; its gradient is summed to its shape."""
+    _, b, h = linear_problem(B=2, T=5, D=3)
+    with using_backend(backend_name):
+        full = ss.linear_scan(np.full(b.shape, 0.9), b, h)
+        assert_all_equal((ss.linear_scan(0.9, b, h),), (full,))
+        assert_all_equal((ss.linear_scan([0.9, 0.9, 0.9], b, h),), (full,))
+        _, pb = ss.vjp(ss.linear_scan, 0.9, b, h)
+        _, pb_full = ss.vjp(ss.linear_scan, np.full(b.shape, 0.9), b, h)
+        dh = np.ones_like(full)
+        assert np.shape(pb(dh)[0]) == ()
+        assert_close(pb(dh)[0], pb_full(dh)[0].sum(), tol=1e-12)
 
 
 _dims = st.integers(0, 4)

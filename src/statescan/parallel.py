@@ -27,7 +27,8 @@ import numpy as np
 from . import _dispatch, _validate
 from ._reference import parallel as _ref
 from ._reference import rnn as _ref_rnn
-from .autodiff import defvjp
+from .autodiff import cotangent, defvjp
+from .scan import _state_argument
 
 METHODS = ("newton", "quasi-newton", "jacobi")
 
@@ -68,21 +69,15 @@ def _threads(jobs, work):
 
 
 def _diag_scan(a, b, h0, nseg=None):
-    """h_t = a_t * h_{t-1} + b_t; a, b [B,T,n], h0 [B,n]; segmented by shape when nseg is None."""
+    """h_t = a_t * h_{t-1} + b_t; a, b [B,T,n], h0 [B,n] (contiguous); segmented by shape
+    when nseg is None.  The one compiled diagonal scan: linear_scan's kernel."""
     B, T, n = b.shape
-    if B == 0 or T == 0 or n == 0:
-        return np.empty_like(b)
-    if not _dispatch.use_compiled():
-        return _ref.diag_scan(a, b, h0)
     if nseg is None:
         rows = B * -(-n // _DIAG_CHUNK)
         nseg = _SEGMENTS if T >= _SEGMENT_MIN_T and rows < _SEGMENT_MAX_JOBS else 1
     a, b, h0 = (np.ascontiguousarray(v) for v in (a, b, h0))
-    h = np.empty_like(b)
-    jobs = B * -(-n // _DIAG_CHUNK) * nseg
-    _dispatch.ext_module("parallel").diag_scan(a, b, h0, h, nseg, _DIAG_CHUNK,
-                                               _threads(jobs, 2 * b.size))
-    return h
+    return _dispatch.run("scan", "linear_scan", a, b, h0, None, None, False, nseg,
+                         out=lambda: np.empty_like(b), empty=b.size == 0)
 
 
 def _block_scan(M, transposed, b, h0, nseg=1):
@@ -104,32 +99,31 @@ def _block_scan(M, transposed, b, h0, nseg=1):
     return h
 
 
-def _prepare_scan(A, b, h0):
-    """Validate matrix_scan's arguments: (kind, A, b, h0) contiguous, h0 zeros when None."""
-    A = _validate.float_array("A", A)
-    b = _validate.float_array("b", b)
-    h0 = None if h0 is None else _validate.float_array("h0", h0)
-    dtype = _validate.common_dtype(A=A, b=b, h0=h0)
-    if b.ndim not in (3, 4):
-        raise ValueError(f"b must have shape [B, T, n] or [B, T, K, m], got {b.shape}")
-    if A.ndim == b.ndim:
-        kind = "diagonal"
-        _validate.check_shape("A", A, b.shape, f"{list(b.shape)} (diagonal, the shape of b)")
-    elif A.ndim == b.ndim + 1:
-        kind = "dense"
-        m = b.shape[-1]
-        _validate.check_shape("A", A, b.shape + (m,),
-                              f"{list(b.shape + (m,))} (dense blocks [..., m, m] for b {b.shape})")
+def _prepare_scan(A, b, state, deprecated):
+    """Validate matrix_scan's arguments: (kind, A, b, state) contiguous, state zeros when
+    None; `deprecated` holds the old ``h0=`` keyword, if used."""
+    state, name = _state_argument(state, deprecated, "matrix_scan")
+    b_ndim = np.ndim(b) if b is not None else 3
+    if b_ndim not in (3, 4):
+        raise ValueError(f"b must have shape [B, T, n] or [B, T, K, m], got {np.shape(b)}")
+    dims = "B T n" if b_ndim == 3 else "B T K n"
+    A_ndim = np.ndim(A) if A is not None else b_ndim
+    if A_ndim == b_ndim:
+        kind, A_spec = "diagonal", dims
+    elif A_ndim == b_ndim + 1:
+        kind, A_spec = "dense", dims + " n"
     else:
-        raise ValueError(f"A must have shape {list(b.shape)} (diagonal) or "
-                         f"{list(b.shape + (b.shape[-1],))} (dense), got {A.shape}")
-    state_shape = (b.shape[0],) + b.shape[2:]
-    if h0 is None:
-        h0 = np.zeros(state_shape, dtype)
-    else:
-        _validate.check_shape("h0", h0, state_shape, f"{list(state_shape)} (b without T)")
-    return kind, _validate.contiguous(A, dtype), _validate.contiguous(b, dtype), \
-        _validate.contiguous(h0, dtype)
+        shape = list(np.shape(b))
+        raise ValueError(f"A must have shape {shape} (diagonal) or {shape + shape[-1:]} "
+                         f"(dense), got {np.shape(A)}")
+    arrs, sizes, dtype = _validate.arrays(
+        {"b": dims, "A": A_spec, name + "?": dims.replace(" T", "")},
+        {"A": A, "b": b, name: state})
+    b = arrs["b"]
+    state = arrs[name]
+    if state is None:
+        state = np.zeros((b.shape[0],) + b.shape[2:], dtype)
+    return kind, arrs["A"], b, state
 
 
 def _scan(kind, A, b, h0, transposed=False):
@@ -142,7 +136,7 @@ def _scan(kind, A, b, h0, transposed=False):
                        h0.reshape(B, K, m)).reshape(b.shape)
 
 
-def matrix_scan(A, b, h0=None):
+def matrix_scan(A, b, state=None, **deprecated):
     """Linear recurrence ``h_t = A_t h_{t-1} + b_t`` over a whole sequence (compiled).
 
     Parameters
@@ -151,42 +145,51 @@ def matrix_scan(A, b, h0=None):
         [B, T, n, n] dense, [B, T, n] diagonal (elementwise ``a_t * h``), or with K
         independent blocks: [B, T, K, m, m] dense blocks / [B, T, K, m] diagonal.
     b : ndarray [B, T, n] or [B, T, K, m]
-    h0 : ndarray [B, n] or [B, K, m], optional
-        Initial state (zeros when None).
+    state : ndarray [B, n] or [B, K, m], optional
+        Initial state (zeros when None).  ``h0=`` is a deprecated alias.
 
     Returns
     -------
     h : ndarray, the shape of b
         The state after every step.
 
+    Gradients: ``vjp(matrix_scan, A, b, state)`` gives a pullback taking ``dh`` (None =
+    zero) and returning ``(dA, db)``, then ``dstate`` when a state was given.
+
     Parallel over batch rows and blocks; long diagonal scans with few rows are also split into
     a fixed number of time segments (composed as affine maps, then chained).  Results do not
-    depend on the thread count.
+    depend on the thread count.  The diagonal case runs :func:`statescan.linear_scan`'s kernel.
     """
-    return _scan(*_prepare_scan(A, b, h0))
+    return _scan(*_prepare_scan(A, b, state, deprecated))
 
 
-def _matrix_scan_vjp(A, b, h0=None):
-    given = h0 is not None
-    kind, A, b, h0 = _prepare_scan(A, b, h0)
+def _matrix_scan_vjp(A, b, state=None, **deprecated):
+    given = state is not None or deprecated.get("h0") is not None
+    kind, A, b, h0 = _prepare_scan(A, b, state, deprecated)
     h = _scan(kind, A, b, h0)
 
     def pullback(dh):
-        dh = _validate.float_array("dh", dh)
-        _validate.check_shape("dh", dh, b.shape, f"{list(b.shape)} (the shape of h)")
-        dh = _validate.contiguous(dh, b.dtype)
+        dh = cotangent(dh, ("dh", b.shape), b.dtype)
+        B, T = b.shape[:2]
+        if kind == "diagonal":
+            # the diagonal scan's own backward (linear_scan's kernel)
+            n = h0.size // max(B, 1)
+            dA, db, dh0 = _dispatch.run(
+                "scan", "linear_scan_backward", A.reshape(B, T, n), h0.reshape(B, n), None,
+                None, False, h.reshape(B, T, n), dh.reshape(B, T, n),
+                out=lambda: (np.empty((B, T, n), b.dtype), np.empty((B, T, n), b.dtype),
+                             np.empty((B, n), b.dtype)),
+                empty=b.size == 0)
+            dA, db, dh0 = dA.reshape(b.shape), db.reshape(b.shape), dh0.reshape(h0.shape)
+            return (dA, db, dh0) if given else (dA, db)
         # lam_t = dh_t + A_{t+1}^T lam_{t+1}: the transposed recurrence, run backwards in time
         # (A itself is the transposed layout of the coefficient A^T).
         coeff = np.concatenate([np.zeros_like(A[:, :1]), A[:, :0:-1]], axis=1)
         lam = _scan(kind, coeff, dh[:, ::-1], np.zeros_like(h0), transposed=True)[:, ::-1]
         h_prev = np.concatenate([h0[:, None], h[:, :-1]], axis=1)
-        if kind == "diagonal":
-            dA = lam * h_prev
-            dh0 = A[:, 0] * lam[:, 0] if A.shape[1] else np.zeros_like(h0)
-        else:
-            dA = lam[..., :, None] * h_prev[..., None, :]
-            dh0 = (np.matmul(lam[:, 0, ..., None, :], A[:, 0])[..., 0, :] if A.shape[1]
-                   else np.zeros_like(h0))
+        dA = lam[..., :, None] * h_prev[..., None, :]
+        dh0 = (np.matmul(lam[:, 0, ..., None, :], A[:, 0])[..., 0, :] if A.shape[1]
+               else np.zeros_like(h0))
         db = np.ascontiguousarray(lam)
         return (dA, db, dh0) if given else (dA, db)
 

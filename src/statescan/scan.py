@@ -1,102 +1,151 @@
 """Linear recurrences: the diagonal linear scan and Mamba-1's selective scan.
 
 Both run the whole sequence in one compiled call (or the numpy step loops of
-``_reference/scan.py`` when the python backend is active), accept an initial state and
-return what is needed to continue the sequence, and have exact vjps.
+``_reference/scan.py`` when the python backend is active), accept an initial state,
+variable-length batches (``lengths=``), the reverse direction and resets, and have exact
+vjps.  A one-step selective scan with a state (decoding) runs a dedicated step kernel.
 """
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _dispatch, _validate
 from ._reference import scan as _ref
-from .autodiff import defvjp
+from .autodiff import cotangent, defvjp
 
 
 def _ext():
     return _dispatch.ext_module("scan")
 
 
+def _state_argument(state, deprecated, fn):
+    """(initial state, its name): `state`, or the deprecated ``h0=`` keyword (warned)."""
+    unknown = sorted(set(deprecated) - {"h0"})
+    if unknown:
+        raise TypeError(f"{fn}() got an unexpected keyword argument {unknown[0]!r}")
+    if "h0" not in deprecated:
+        return state, "state"
+    if state is not None:
+        raise TypeError(f"{fn}: pass state= (or the deprecated h0=), not both")
+    warnings.warn(f"{fn}(h0=...) is deprecated; use state=", DeprecationWarning, stacklevel=3)
+    return deprecated["h0"], "h0"
+
+
+def _unbroadcast(grad, shape):
+    """Sum `grad` down to `shape`: the gradient of an argument that was broadcast."""
+    if grad is None or grad.shape == tuple(shape):
+        return grad
+    lead = grad.ndim - len(shape)
+    grad = grad.sum(axis=tuple(range(lead))) if lead else grad
+    axes = tuple(i for i, s in enumerate(shape) if s == 1 and grad.shape[i] != 1)
+    return grad.sum(axis=axes, keepdims=True) if axes else grad
+
+
+def _options(lengths, reverse, reset, B, T):
+    """Validated (lengths int64 [B] | None, reset uint8 [B, T] | None, reverse bool)."""
+    lengths = _validate.lengths(lengths, B, T)
+    reset = _validate.reset(reset, B, T)
+    return lengths, None if reset is None else reset.view(np.uint8), \
+        _validate.boolean("reverse", reverse)
+
+
 # ---- linear scan -----------------------------------------------------------------------------
 
-def _prepare_linear(a, b, h0):
-    a = _validate.float_array("a", a)
-    b = _validate.float_array("b", b)
-    h0 = None if h0 is None else _validate.float_array("h0", h0)
-    dtype = _validate.common_dtype(a=a, b=b, h0=h0)
-    if b.ndim != 3:
-        raise ValueError(f"b must have shape [B, T, D], got {b.shape}")
-    B, T, D = b.shape
-    _validate.check_shape("a", a, b.shape, f"[B, T, D] = {list(b.shape)} (the shape of b)")
-    if h0 is None:
-        h0 = np.zeros((B, D), dtype)
-    else:
-        _validate.check_shape("h0", h0, (B, D), f"[B, D] = [{B}, {D}]")
-    return (_validate.contiguous(a, dtype), _validate.contiguous(b, dtype),
-            _validate.contiguous(h0, dtype))
+@dataclass
+class _Linear:
+    """A validated linear_scan call."""
+    a: np.ndarray
+    b: np.ndarray
+    state: np.ndarray
+    lengths: object
+    reset: object
+    reverse: bool
+    a_shape: tuple         # the shape `a` was given in (a may broadcast)
 
 
-def _linear_forward(a, b, h0):
-    if b.size == 0 or not _dispatch.use_compiled():
-        return _ref.linear_scan_forward(a, b, h0)
-    h = np.empty_like(b)
-    _ext().linear_forward(a, b, h0, h, _dispatch.get_num_threads())
-    return h
+def _prepare_linear(a, b, state, lengths, reverse, reset, deprecated):
+    state, name = _state_argument(state, deprecated, "linear_scan")
+    a_shape = np.shape(a) if a is not None else None
+    arrs, dims, dtype = _validate.arrays({"b": "B T D", "a": "~B T D", name + "?": "B D"},
+                                         {"b": b, "a": a, name: state})
+    B, T, D = dims["B"], dims["T"], dims["D"]
+    lengths, reset, reverse = _options(lengths, reverse, reset, B, T)
+    state = arrs[name] if arrs[name] is not None else np.zeros((B, D), dtype)
+    return _Linear(arrs["a"], arrs["b"], state, lengths, reset, reverse, a_shape)
 
 
-def linear_scan(a, b, h0=None):
+def _linear_forward(c, nseg=1):
+    return _dispatch.run("scan", "linear_scan", c.a, c.b, c.state, c.lengths, c.reset,
+                         c.reverse, nseg, out=lambda: np.empty_like(c.b), empty=c.b.size == 0)
+
+
+def linear_scan(a, b, state=None, *, lengths=None, reverse=False, reset=None, **deprecated):
     """Diagonal linear recurrence ``h_t = a_t * h_{t-1} + b_t`` (elementwise), t = 1..T.
 
     Parameters
     ----------
-    a : ndarray [B, T, D]
-        Per-step multipliers (decays), float32 or float64.
+    a : array_like [B, T, D]
+        Per-step multipliers (decays), float32 or float64; anything that broadcasts to
+        [B, T, D] (a scalar decay ``0.9``, a per-channel list [D]) is accepted.
     b : ndarray [B, T, D]
-        Per-step inputs.
-    h0 : ndarray [B, D], optional
-        State before the first step (zeros when None).
+        Per-step inputs (fixes the dtype).
+    state : ndarray [B, D], optional
+        State before the first step (zeros when None).  ``h0=`` is a deprecated alias.
+    lengths : int array_like [B], optional
+        Valid steps per row, 0 <= lengths[b] <= T.  Steps t >= lengths[b] are padding:
+        their output is 0 and they do not touch the state.
+    reverse : bool
+        Process each row from its last valid step down to step 0 (the output at t is the
+        state after processing step t).
+    reset : bool array_like [B, T], optional
+        True at (b, t): the state is zeroed before step t (in processing order), so one row
+        can hold several sequences.
 
     Returns
     -------
     h : ndarray [B, T, D]
-        The state after every step.  ``h[:, -1]`` is the final state: passing it as ``h0``
-        of the next call continues the sequence exactly (streaming).
+        The state after every step.  The final state of row b is ``h[b, lengths[b] - 1]``
+        (``h[b, 0]`` when reverse; ``h[:, -1]`` without lengths): passing it as ``state`` of
+        the next call continues the sequence exactly (streaming).
 
-    Gradients: ``vjp(linear_scan, a, b, h0)`` gives a pullback taking ``dh`` [B, T, D] and
-    returning ``(da, db)``, followed by ``dh0`` when ``h0`` was given.
+    Gradients: ``vjp(linear_scan, a, b, state)`` gives a pullback taking ``dh`` [B, T, D]
+    (None = zero) and returning ``(da, db)``, followed by ``dstate`` when a state was given;
+    gradients at padded steps are exactly 0.  Memory: the forward allocates the output only
+    (1x); the vjp keeps h and allocates da, db (3x the output).
     """
-    return _linear_forward(*_prepare_linear(a, b, h0))
+    return _linear_forward(_prepare_linear(a, b, state, lengths, reverse, reset, deprecated))
 
 
-def _linear_scan_vjp(a, b, h0=None):
-    given = h0 is not None
-    a, b, h0 = _prepare_linear(a, b, h0)
-    h = _linear_forward(a, b, h0)
+def _linear_backward(c, h, dh):
+    """(da, db, dstate) of the call `c` whose output is h, for the cotangent dh."""
+    return _dispatch.run("scan", "linear_scan_backward", c.a, c.state, c.lengths, c.reset,
+                         c.reverse, h, dh,
+                         out=lambda: (np.empty_like(h), np.empty_like(h),
+                                      np.empty_like(c.state)),
+                         empty=h.size == 0)
+
+
+def _linear_scan_vjp(a, b, state=None, *, lengths=None, reverse=False, reset=None,
+                     **deprecated):
+    c = _prepare_linear(a, b, state, lengths, reverse, reset, deprecated)
+    given = state is not None or deprecated.get("h0") is not None
+    h = _linear_forward(c)
 
     def pullback(dh):
-        dh = _cotangent_array("dh", dh, h.shape, "[B, T, D]", h.dtype)
-        if h.size == 0:
-            da, db, dh0 = np.zeros_like(h), np.zeros_like(h), np.zeros_like(h0)
-        elif not _dispatch.use_compiled():
-            da, db, dh0 = _ref.linear_scan_backward(a, h0, h, dh)
-        else:
-            da, db, dh0 = np.empty_like(h), np.empty_like(h), np.empty_like(h0)
-            _ext().linear_backward(a, h0, h, dh, da, db, dh0, _dispatch.get_num_threads())
-        return (da, db, dh0) if given else (da, db)
+        dh = cotangent(dh, ("dh", h.shape), h.dtype)
+        da, db, dstate = _linear_backward(c, h, dh)
+        da = _unbroadcast(da, c.a_shape)
+        return (da, db, dstate) if given else (da, db)
 
     return h, pullback
 
 
-def _cotangent_array(name, value, shape, desc, dtype):
-    """A cotangent as a contiguous array of `shape` (zeros when None)."""
-    if value is None:
-        return np.zeros(shape, dtype)
-    value = _validate.float_array(name, value)
-    _validate.check_shape(name, value, shape, f"{desc} = {list(shape)}")
-    return _validate.contiguous(value, dtype)
-
-
 # ---- selective scan --------------------------------------------------------------------------
+
+_SELECTIVE_SPEC = {"x": "B T Dm", "dt": "B T Dm", "A": "Dm N", "B": "B T N", "C": "B T N",
+                   "D?": "~Dm", "z?": "B T Dm", "dt_bias?": "~Dm", "state?": "B Dm N"}
+
 
 @dataclass
 class _Selective:
@@ -111,61 +160,108 @@ class _Selective:
     dt_bias: object
     dt_softplus: bool
     state0: np.ndarray
+    lengths: object
+    reset: object
+    reverse: bool
 
     def arrays(self):
+        """The arguments of the kernels (compiled and reference), in their order."""
         return (self.x, self.dt, self.A, self.B, self.C, self.D, self.z, self.dt_bias,
-                self.dt_softplus, self.state0)
+                self.dt_softplus, self.state0, self.lengths, self.reset, self.reverse)
 
     @property
     def empty(self):
         return self.x.size == 0 or self.A.shape[1] == 0
 
 
-def _prepare_selective(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state):
-    names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "state")
-    values = (x, dt, A, B, C, D, z, dt_bias, state)
-    optional = {"D", "z", "dt_bias", "state"}
-    arr = {n: (None if v is None and n in optional else _validate.float_array(n, v))
-           for n, v in zip(names, values)}
-    if not isinstance(dt_softplus, (bool, np.bool_)):
-        raise TypeError(f"dt_softplus must be a bool, got {type(dt_softplus).__name__}")
-    dtype = _validate.common_dtype(**arr)
-    x = arr["x"]
-    if x.ndim != 3:
-        raise ValueError(f"x must have shape [Bt, T, Dm], got {x.shape}")
-    Bt, T, Dm = x.shape
-    if arr["A"].ndim != 2:
-        raise ValueError(f"A must have shape [Dm, N] = [{Dm}, N], got {arr['A'].shape}")
-    N = arr["A"].shape[1]
-    expected = {"dt": ((Bt, T, Dm), "[Bt, T, Dm]"), "A": ((Dm, N), "[Dm, N]"),
-                "B": ((Bt, T, N), "[Bt, T, N]"), "C": ((Bt, T, N), "[Bt, T, N]"),
-                "D": ((Dm,), "[Dm]"), "z": ((Bt, T, Dm), "[Bt, T, Dm]"),
-                "dt_bias": ((Dm,), "[Dm]"), "state": ((Bt, Dm, N), "[Bt, Dm, N]")}
-    for name, (shape, desc) in expected.items():
-        if arr[name] is not None:
-            _validate.check_shape(name, arr[name], shape, f"{desc} = {list(shape)}")
-            arr[name] = _validate.contiguous(arr[name], dtype)
-    state0 = arr["state"] if arr["state"] is not None else np.zeros((Bt, Dm, N), dtype)
-    return _Selective(_validate.contiguous(x, dtype), arr["dt"], arr["A"], arr["B"], arr["C"],
-                      arr["D"], arr["z"], arr["dt_bias"], bool(dt_softplus), state0)
+def _prepare_selective(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths=None,
+                       reverse=False, reset=None):
+    arrs, dims, _ = _validate.arrays(
+        _SELECTIVE_SPEC, {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z,
+                          "dt_bias": dt_bias, "state": state})
+    dt_softplus = _validate.boolean("dt_softplus", dt_softplus)
+    Bt, T, Dm, N = dims["B"], dims["T"], dims["Dm"], dims["N"]
+    lengths, reset, reverse = _options(lengths, reverse, reset, Bt, T)
+    state0 = arrs["state"]
+    if state0 is None:
+        state0 = np.zeros((Bt, Dm, N), arrs["x"].dtype)
+    return _Selective(arrs["x"], arrs["dt"], arrs["A"], arrs["B"], arrs["C"], arrs["D"],
+                      arrs["z"], arrs["dt_bias"], dt_softplus, state0, lengths, reset, reverse)
 
 
 def _selective_forward(call, save=False):
     """(y, final state, saved): saved is what _selective_backward needs, when `save`."""
-    if call.empty or not _dispatch.use_compiled():
-        return _ref.selective_scan_forward(*call.arrays(), save=save)
-    ext = _ext()
-    y = np.empty_like(call.x)
-    state = np.empty_like(call.state0)
-    ckpt = None
-    if save:
-        ckpt = np.empty(ext.checkpoint_shape(*call.x.shape, call.A.shape[1]), y.dtype)
-    ext.selective_forward(*call.arrays(), y, state, ckpt, _dispatch.get_num_threads())
-    return y, state, ckpt
+    def out():
+        y, state = np.empty_like(call.x), np.empty_like(call.state0)
+        shape = _ext().checkpoint_shape(*call.x.shape, call.A.shape[1])
+        return y, state, (np.empty(shape, y.dtype) if save else None)
+
+    return _dispatch.run("scan", "selective_scan", *call.arrays(), save, out=out,
+                         empty=call.empty)
+
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state):
+    """One decoding step on validated arrays: (y, new state), the new state written into
+    out_state when it is given."""
+    y, new = _dispatch.run("scan", "selective_step", x, dt, A, B, C, D, z, dt_bias,
+                           dt_softplus, state,
+                           out=lambda: (np.empty_like(x), np.empty_like(state)
+                                        if out_state is None else out_state))
+    if out_state is not None and new is not out_state:     # the reference returns new arrays
+        np.copyto(out_state, new)
+        new = out_state
+    return y, new
+
+
+def _fast_step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state):
+    """The decoding loop's call -- T = 1, a state, every array already a C-contiguous ndarray
+    of one float dtype with matching shapes -- checked in a few microseconds and run; None
+    for any other call (which then gets the full validation)."""
+    if type(x) is not np.ndarray or x.dtype not in _FLOATS or type(dt_softplus) is not bool:
+        return None
+    dtype = x.dtype
+    if A is None or B is None or C is None or dt is None:
+        return None
+    for v in (x, dt, A, B, C, state, D, z, dt_bias, out_state):
+        if v is not None and (type(v) is not np.ndarray or v.dtype != dtype
+                              or not v.flags.c_contiguous):
+            return None
+    shape = x.shape
+    if len(shape) != 3 or shape[1] != 1 or len(A.shape) != 2 or shape[2] != A.shape[0]:
+        return None
+    Bt, _, Dm = shape
+    N = A.shape[1]
+    if Bt == 0 or Dm == 0 or N == 0 or dt.shape != shape or B.shape != (Bt, 1, N) \
+            or C.shape != B.shape or state.shape != (Bt, Dm, N) \
+            or (z is not None and z.shape != shape) \
+            or (D is not None and D.shape != (Dm,)) \
+            or (dt_bias is not None and dt_bias.shape != (Dm,)) \
+            or (out_state is not None and (out_state.shape != state.shape
+                                           or not out_state.flags.writeable)):
+        return None
+    return _step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state)
+
+
+def _check_out_state(out_state, call):
+    if out_state is None:
+        return None
+    shape = call.state0.shape
+    if not isinstance(out_state, np.ndarray):
+        raise TypeError(f"out_state must be an ndarray, got {type(out_state).__name__}")
+    if out_state.dtype != call.x.dtype:
+        raise TypeError(f"out_state is {out_state.dtype} but x is {call.x.dtype}")
+    if out_state.shape != shape or not out_state.flags.c_contiguous \
+            or not out_state.flags.writeable:
+        raise ValueError(f"out_state must be a writeable C-contiguous array of shape "
+                         f"[B, Dm, N] = {list(shape)}, got shape {out_state.shape}")
+    return out_state
 
 
 def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=False,
-                   state=None):
+                   state=None, lengths=None, reverse=False, reset=None, out_state=None):
     """Mamba-1 selective scan (S6) over a whole sequence.
 
     With ``delta = dt (+ dt_bias)``, passed through softplus when ``dt_softplus``::
@@ -176,51 +272,87 @@ def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=
 
     Parameters
     ----------
-    x : ndarray [Bt, T, Dm]
+    x : ndarray [B, T, Dm]
         Input sequence (float32 or float64; every array shares the dtype).
-    dt : ndarray [Bt, T, Dm]
+    dt : ndarray [B, T, Dm]
         Step sizes (before dt_bias and softplus).
     A : ndarray [Dm, N]
         State matrix (diagonal per channel; negative entries make the state decay).
-    B, C : ndarray [Bt, T, N]
+    B, C : ndarray [B, T, N]
         Input and output projections, shared by all channels.
-    D : ndarray [Dm], optional
-        Skip connection.
-    z : ndarray [Bt, T, Dm], optional
+    D : array_like [Dm], optional
+        Skip connection; a scalar broadcasts to every channel.
+    z : ndarray [B, T, Dm], optional
         Gate: the output is multiplied by silu(z).
-    dt_bias : ndarray [Dm], optional
-        Added to dt before the optional softplus (Mamba's delta_bias).
+    dt_bias : array_like [Dm], optional
+        Added to dt before the optional softplus (Mamba's delta_bias); a scalar broadcasts.
     dt_softplus : bool
         Pass dt (+ dt_bias) through softplus (Mamba's delta_softplus).
-    state : ndarray [Bt, Dm, N], optional
+    state : ndarray [B, Dm, N], optional
         State before the first step (zeros when None).
+    lengths : int array_like [B], optional
+        Valid steps per row (0 <= lengths[b] <= T): steps t >= lengths[b] are padding, with
+        output 0; the returned state of row b is the one after its last valid step.
+    reverse : bool
+        Process each row from its last valid step down to step 0.
+    reset : bool array_like [B, T], optional
+        True at (b, t): the state of row b is zeroed before step t (in processing order).
+    out_state : ndarray [B, Dm, N], optional
+        Where to write the final state (C-contiguous, the call's dtype); it may be `state`
+        itself, which is then updated in place -- the decoding loop's way to avoid a new
+        state array per token.  The returned state is `out_state`.
 
     Returns
     -------
-    y : ndarray [Bt, T, Dm]
-    state : ndarray [Bt, Dm, N]
+    y : ndarray [B, T, Dm]
+    state : ndarray [B, Dm, N]
         The final state; passing it as ``state=`` of the next call continues the sequence
-        exactly, so a sequence processed in chunks gives the result of one call.
+        exactly, so a sequence processed in chunks (or token by token) gives the result of
+        one call, bit for bit.
+
+    Decoding: a call with T = 1, a state and neither lengths nor reset runs a one-step
+    kernel on the state in its [B, Dm, N] layout (no transposes or copies); when every array
+    is already a C-contiguous ndarray of the same dtype, argument checking takes a few
+    microseconds.
 
     Gradients: ``vjp(selective_scan, x, dt, A, B, C, D, z=..., dt_bias=..., state=...)``
     gives a pullback taking ``(dy, dstate)`` (either may be None) and returning
     ``(dx, ddt, dA, dB, dC)``, then ``dD`` when D was given, then, in this order, ``dz``,
-    ``ddt_bias`` and ``dstate`` for each of z, dt_bias, state that was given.  The compiled
-    vjp keeps the state every ~sqrt(T) steps (Bt*Dm*N*sqrt(T) values) and recomputes the
-    rest in the backward.
+    ``ddt_bias`` and ``dstate`` for each of z, dt_bias, state that was given (gradients at
+    padded steps are exactly 0).
+
+    Memory (in units of y's size, Bt*T*Dm): the forward allocates y (1x) and the state; the
+    compiled vjp keeps the state every ~sqrt(T) steps (Bt*Dm*N*sqrt(T) values) and
+    allocates dx, ddt (and dz) plus dB, dC partial sums per group of 64 channels.
 
     Notes
     -----
     The compiled kernel evaluates exp with its own vectorised polynomial (about 1 ulp);
     decays below 2^-125 (float32) or 2^-1021 (float64) are flushed to 0.
     """
-    call = _prepare_selective(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state)
-    return _selective_forward(call)[:2]
+    if state is not None and lengths is None and reset is None:
+        fast = _fast_step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state)
+        if fast is not None:
+            return fast
+    call = _prepare_selective(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths,
+                              reverse, reset)
+    out_state = _check_out_state(out_state, call)
+    if (call.x.shape[1] == 1 and state is not None and call.lengths is None
+            and call.reset is None and not call.empty):
+        return _step(*call.arrays()[:10], out_state)
+    y, final, _ = _selective_forward(call)
+    if out_state is not None:
+        np.copyto(out_state, final)
+        final = out_state
+    return y, final
 
 
 def _selective_backward(call, kernel, saved, dy, dstate):
     """(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dstate0) of the call, given (dy, dstate) and
-    what the forward saved (every state for the reference, checkpoints for the kernel)."""
+    what the forward saved (every state for the reference, checkpoints for the kernel).
+
+    The backend is the one that ran the forward (`kernel`), not the active one: what was
+    saved only suits its own backward."""
     if call.empty or not kernel:
         return _ref.selective_scan_backward(*call.arrays(), saved, dy, dstate)
     ext = _ext()
@@ -234,8 +366,8 @@ def _selective_backward(call, kernel, saved, dy, dstate):
     dB_p, dC_p = np.zeros((G, Bt, T, N), dtype), np.zeros((G, Bt, T, N), dtype)
     dD_p, dbias_p = np.empty((Bt, Dm), dtype), np.empty((Bt, Dm), dtype)
     dstate0 = np.empty_like(call.state0)
-    ext.selective_backward(*call.arrays(), dy, dstate, dx, ddt, dA_p, dB_p, dC_p, dD_p, dz,
-                           dbias_p, dstate0, saved, _dispatch.get_num_threads())
+    ext.selective_scan_backward(*call.arrays(), saved, dy, dstate, dx, ddt, dA_p, dB_p, dC_p,
+                                dD_p, dz, dbias_p, dstate0, _dispatch.get_num_threads())
     # partial sums over batch rows / channel groups, added in a fixed order
     return (dx, ddt, dA_p.sum(axis=0), dB_p.sum(axis=0), dC_p.sum(axis=0),
             None if call.D is None else dD_p.sum(axis=0), dz,
@@ -243,21 +375,22 @@ def _selective_backward(call, kernel, saved, dy, dstate):
 
 
 def _selective_scan_vjp(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=False,
-                        state=None):
-    call = _prepare_selective(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state)
+                        state=None, lengths=None, reverse=False, reset=None):
+    call = _prepare_selective(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths,
+                              reverse, reset)
     kernel = _dispatch.use_compiled()       # the backward must match what the forward saved
     y, final, saved = _selective_forward(call, save=True)
+    shapes = {"D": np.shape(D), "dt_bias": np.shape(dt_bias)}
 
-    def pullback(cotangent):
-        if not isinstance(cotangent, (tuple, list)) or len(cotangent) != 2:
-            raise TypeError("cotangent must be a pair (dy, dstate) matching the output "
-                            "(y, state)")
-        dy = _cotangent_array("dy", cotangent[0], y.shape, "[Bt, T, Dm]", y.dtype)
-        ds = _cotangent_array("dstate", cotangent[1], final.shape, "[Bt, Dm, N]", y.dtype)
+    def pullback(cot):
+        dy, ds = cotangent(cot, [("dy", y.shape), ("dstate", final.shape)], y.dtype)
         dx, ddt, dA, dB, dC, dD, dz, dbias, dstate0 = _selective_backward(call, kernel, saved,
                                                                           dy, ds)
-        grads = (dx, ddt, dA, dB, dC) + ((dD,) if D is not None else ())
-        for given, grad in ((z, dz), (dt_bias, dbias), (state, dstate0)):
+        grads = (dx, ddt, dA, dB, dC)
+        if D is not None:
+            grads += (_unbroadcast(dD, shapes["D"]),)
+        for given, grad in ((z, dz), (dt_bias, _unbroadcast(dbias, shapes["dt_bias"])),
+                            (state, dstate0)):
             if given is not None:
                 grads += (grad,)
         return grads

@@ -1,34 +1,94 @@
 """numpy reference for the linear scans: plain step loops over time.
 
-Shapes (the same interface as the compiled ``statescan._ext.scan``):
-  linear scan     a, b [B, T, D]; h0 [B, D]
+Shapes (the same interface as the compiled ``statescan._ext.scan``, function for function):
+  linear scan     a, b [B, T, D]; state [B, D]
   selective scan  x, dt, z [Bt, T, Dm]; A [Dm, N]; Bm, C [Bt, T, N]; D, dt_bias [Dm];
                   state [Bt, Dm, N]
+  options         lengths int64 [B] or None; reset bool/uint8 [B, T] or None; reverse bool
+                  (statescan.linear_scan documents them).
+
+A row is processed one step p = 0, 1, ... at a time; the time index of its p-th step is p,
+or lengths[b] - 1 - p when `reverse`; steps t >= lengths[b] are padding (output 0, state
+untouched).  All rows advance together: a padded row keeps its state through `np.where`.
 """
 import numpy as np
 from scipy.special import expit as sigmoid
 
 
-def linear_scan_forward(a, b, h0):
-    """h_t = a_t * h_{t-1} + b_t; returns h [B, T, D]."""
-    h = np.empty_like(b)
-    prev = h0
-    for t in range(b.shape[1]):
-        prev = a[:, t] * prev + b[:, t]
-        h[:, t] = prev
+def _schedule(B, T, lengths, reverse):
+    """Per processed step p: (time index of every row [B] (or one int), active rows [B] or
+    None when every row is active)."""
+    L = np.full(B, T, np.int64) if lengths is None else np.asarray(lengths, np.int64)
+    for p in range(T):
+        if lengths is None and not reverse:
+            yield p, None
+            continue
+        active = p < L
+        t = np.where(active, L - 1 - p, 0) if reverse else np.full(B, p)
+        yield t, active
+
+
+def _where(active, new, old):
+    """new where the row is active, else old (rows on the first axis)."""
+    if active is None:
+        return new
+    return np.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+
+def _reset_at(reset, rows, t, shape_tail):
+    """The rows whose state is zeroed before their step at t, as a mask broadcastable to
+    [B, *shape_tail]; None without resets."""
+    if reset is None:
+        return None
+    return np.asarray(reset, bool)[rows, t].reshape((-1,) + (1,) * len(shape_tail))
+
+
+def linear_scan(a, b, state, lengths=None, reset=None, reverse=False, nseg=1):
+    """h_t = a_t * h_prev + b_t (h_prev = 0 at a reset); returns h [B, T, D].
+
+    `nseg` (time segments of the compiled scan: a rounding difference only) is ignored.
+    """
+    B, T, D = b.shape
+    h = np.zeros_like(b)
+    if h.size == 0:
+        return h
+    rows = np.arange(B)
+    prev = state
+    for t, active in _schedule(B, T, lengths, reverse):
+        r = _reset_at(reset, rows, t, (D,))
+        p = prev if r is None else np.where(r, 0, prev)
+        new = a[rows, t] * p + b[rows, t]
+        h[rows, t] = _where(active, new, 0)
+        prev = _where(active, new, prev)
     return h
 
 
-def linear_scan_backward(a, h0, h, dh):
-    """Gradients (da, db, dh0) of sum(dh * h) for h = linear_scan_forward(a, b, h0)."""
-    T = h.shape[1]
-    da, db = np.empty_like(h), np.empty_like(h)
-    carry = np.zeros_like(h0)               # a_{t+1} * g_{t+1}: what flows into h_t from later
-    for t in range(T - 1, -1, -1):
-        g = dh[:, t] + carry
-        db[:, t] = g
-        da[:, t] = g * (h[:, t - 1] if t > 0 else h0)
-        carry = a[:, t] * g
+def linear_scan_backward(a, state, lengths, reset, reverse, h, dh):
+    """Gradients (da, db, dstate) of sum(dh * h) for h = linear_scan(a, b, state, ...)."""
+    B, T, D = h.shape
+    da, db = np.zeros_like(h), np.zeros_like(h)
+    if h.size == 0:
+        return da, db, np.zeros_like(state)
+    rows = np.arange(B)
+    steps = list(_schedule(B, T, lengths, reverse))
+    carry = np.zeros_like(state)            # a_next * g_next: what flows into h_t from later
+    for p in range(T - 1, -1, -1):
+        t, active = steps[p]
+        g = dh[rows, t] + carry
+        if p > 0:
+            prev_t, _ = steps[p - 1]
+            h_prev = h[rows, prev_t]
+        else:
+            h_prev = state
+        r = _reset_at(reset, rows, t, (D,))
+        if r is not None:
+            h_prev = np.where(r, 0, h_prev)
+        db[rows, t] = _where(active, g, 0)
+        da[rows, t] = _where(active, g * h_prev, 0)
+        new_carry = a[rows, t] * g
+        if r is not None:
+            new_carry = np.where(r, 0, new_carry)
+        carry = _where(active, new_carry, carry)
     return da, db, carry
 
 
@@ -46,68 +106,110 @@ def silu(z):
     return z * sigmoid(z)
 
 
-def selective_scan_forward(x, dt, A, Bm, C, D, z, dt_bias, dt_softplus, state0, save=False):
+def selective_scan(x, dt, A, Bm, C, D, z, dt_bias, dt_softplus, state0, lengths=None,
+                   reset=None, reverse=False, save=False):
     """Mamba-1 selective scan, one time step at a time over arrays [Bt, Dm, N].
 
-    Returns y [Bt, T, Dm], the final state [Bt, Dm, N] and, when `save`, every state
-    [Bt, T, Dm, N] (for the backward).
+    Returns y [Bt, T, Dm], the final state [Bt, Dm, N] and, when `save`, every state in
+    processing order [Bt, T, Dm, N] (for the backward; else None).
     """
+    Bt, T, Dm = x.shape
+    N = A.shape[1]
+    states = np.zeros(x.shape + (N,), x.dtype) if save else None
+    y = np.zeros_like(x)
+    if Bt == 0 or T == 0 or Dm == 0:
+        return y, state0.copy(), states
+    if N == 0:                              # no state: y = D x (gated) at the valid steps
+        y = (x * D if D is not None else np.zeros_like(x))
+        if z is not None:
+            y = y * silu(z)
+        if lengths is not None:
+            y = np.where(np.arange(T)[None, :, None] < np.asarray(lengths)[:, None, None], y, 0)
+        return y, state0.copy(), states
     delta = delta_of(dt, dt_bias, dt_softplus)
-    T = x.shape[1]
-    y = np.empty_like(x)
-    states = np.empty(x.shape + (A.shape[1],), x.dtype) if save else None
+    rows = np.arange(Bt)
     h = state0
-    for t in range(T):
-        dA = np.exp(delta[:, t, :, None] * A)
-        h = dA * h + (delta[:, t] * x[:, t])[:, :, None] * Bm[:, t, None, :]
-        yt = np.einsum("bdn,bn->bd", h, C[:, t])
+    for p, (t, active) in enumerate(_schedule(Bt, T, lengths, reverse)):
+        r = _reset_at(reset, rows, t, (Dm, N))
+        hp = h if r is None else np.where(r, 0, h)
+        dA = np.exp(delta[rows, t][:, :, None] * A)
+        new = dA * hp + (delta[rows, t] * x[rows, t])[:, :, None] * Bm[rows, t][:, None, :]
+        yt = np.einsum("bdn,bn->bd", new, C[rows, t])
         if D is not None:
-            yt = yt + D * x[:, t]
-        y[:, t] = yt
+            yt = yt + D * x[rows, t]
+        y[rows, t] = _where(active, yt, 0)
+        h = _where(active, new, h)
         if save:
-            states[:, t] = h
+            states[:, p] = h
     if z is not None:
         y = y * silu(z)
     return y, h, states
 
 
-def selective_scan_backward(x, dt, A, Bm, C, D, z, dt_bias, dt_softplus, state0, states,
-                            dy, dstate):
-    """Gradients of sum(dy * y) + sum(dstate * final state) for selective_scan_forward.
+def selective_step(x, dt, A, Bm, C, D, z, dt_bias, dt_softplus, state):
+    """One step (T = 1) from `state`: (y [Bt, 1, Dm], new state [Bt, Dm, N])."""
+    return selective_scan(x, dt, A, Bm, C, D, z, dt_bias, dt_softplus, state)[:2]
 
-    Returns (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dstate0); dD, dz, ddt_bias are None
-    when D, z, dt_bias are None.
+
+def selective_scan_backward(x, dt, A, Bm, C, D, z, dt_bias, dt_softplus, state0, lengths,
+                            reset, reverse, states, dy, dstate):
+    """Gradients of sum(dy * y) + sum(dstate * final state) for selective_scan.
+
+    `states`: what selective_scan saved.  Returns (dx, ddt, dA, dB, dC, dD, dz, ddt_bias,
+    dstate0); dD, dz, ddt_bias are None when D, z, dt_bias are None.
     """
+    Bt, T, Dm = x.shape
+    N = A.shape[1]
     v = dt if dt_bias is None else dt + dt_bias
     delta = softplus(v) if dt_softplus else v
-    T = x.shape[1]
+    valid = (np.ones((Bt, T, 1), bool) if lengths is None
+             else np.arange(T)[None, :, None] < np.asarray(lengths)[:, None, None])
     dz = None
     if z is not None:
-        y0, _, _ = selective_scan_forward(x, dt, A, Bm, C, D, None, dt_bias, dt_softplus, state0)
+        y0, _, _ = selective_scan(x, dt, A, Bm, C, D, None, dt_bias, dt_softplus, state0,
+                                  lengths, reset, reverse)
         sz = sigmoid(z)
-        dz = dy * y0 * sz * (1 + z * (1 - sz))
+        dz = np.where(valid, dy * y0 * sz * (1 + z * (1 - sz)), 0)
         dy = dy * z * sz
-    dx, ddelta = np.empty_like(x), np.empty_like(x)
-    dB, dC = np.empty_like(Bm), np.empty_like(C)
+    dy = np.where(valid, dy, 0)
+    dx, ddelta = np.zeros_like(x), np.zeros_like(x)
+    dB, dC = np.zeros_like(Bm), np.zeros_like(C)
     dA = np.zeros_like(A)
-    g = dstate.copy()                       # gradient of h_t, carried back through a_{t+1}
-    for t in range(T - 1, -1, -1):
-        h = states[:, t]
-        h_prev = states[:, t - 1] if t > 0 else state0
-        dA_t = np.exp(delta[:, t, :, None] * A)
-        g = g + dy[:, t, :, None] * C[:, t, None, :]
-        dC[:, t] = np.einsum("bd,bdn->bn", dy[:, t], h)
-        dxd = delta[:, t] * x[:, t]
-        dB[:, t] = np.einsum("bdn,bd->bn", g, dxd)
-        gB = np.einsum("bdn,bn->bd", g, Bm[:, t])
-        dx[:, t] = gB * delta[:, t]
-        decay = g * h_prev * dA_t            # d/d(delta*A) of the decay term
-        ddelta[:, t] = np.einsum("bdn,dn->bd", decay, A) + gB * x[:, t]
-        dA += np.einsum("bdn,bd->dn", decay, delta[:, t])
-        g = g * dA_t
+    g = dstate.copy()                       # gradient of the state, carried back
+    if x.size and N:
+        rows = np.arange(Bt)
+        steps = list(_schedule(Bt, T, lengths, reverse))
+        for p in range(T - 1, -1, -1):
+            t, active = steps[p]
+            h = states[:, p]
+            h_prev = states[:, p - 1] if p > 0 else state0
+            r = _reset_at(reset, rows, t, (Dm, N))
+            if r is not None:
+                h_prev = np.where(r, 0, h_prev)
+            dl = delta[rows, t]
+            xt = x[rows, t]
+            dA_t = np.exp(dl[:, :, None] * A)
+            gn = g + dy[rows, t][:, :, None] * C[rows, t][:, None, :]
+            dC_t = np.einsum("bd,bdn->bn", dy[rows, t], h)
+            dB_t = np.einsum("bdn,bd->bn", gn, dl * xt)
+            gB = np.einsum("bdn,bn->bd", gn, Bm[rows, t])
+            decay = gn * h_prev * dA_t       # d/d(delta*A) of the decay term
+            ddelta_t = np.einsum("bdn,dn->bd", decay, A) + gB * xt
+            g_new = gn * dA_t
+            if r is not None:
+                g_new = np.where(r, 0, g_new)
+            if active is not None:
+                decay = np.where(active[:, None, None], decay, 0)
+            dA += np.einsum("bdn,bd->dn", decay, dl)
+            dC[rows, t] = _where(active, dC_t, dC[rows, t])
+            dB[rows, t] = _where(active, dB_t, dB[rows, t])
+            dx[rows, t] = _where(active, gB * dl, dx[rows, t])
+            ddelta[rows, t] = _where(active, ddelta_t, ddelta[rows, t])
+            g = _where(active, g_new, g)
     if D is not None:
-        dx += dy * D
-    dD = None if D is None else np.einsum("btd,btd->d", dy, x)
+        dx = np.where(valid, dx + dy * D, 0)
+    dD = None if D is None else np.einsum("btd,btd->d", dy, np.where(valid, x, 0))
     ddt = ddelta * sigmoid(v) if dt_softplus else ddelta
+    ddt = np.where(valid, ddt, 0)
     ddt_bias = None if dt_bias is None else ddt.sum(axis=(0, 1))
     return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, g
