@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import statescan as ss
-from statescan import _dispatch
+from statescan import _dispatch, _threads
 from statescan._reference.rnn import CELLS as CELL_SIZES   # name -> (gates G, state parts S)
 
 CELLS = ("elman", "lstm", "gru", "slstm")
@@ -151,13 +151,9 @@ def using_backend(name):
 
 @contextlib.contextmanager
 def using_threads(n):
-    """Run the body with `n` kernel threads, restoring the previous setting afterwards."""
-    old = _dispatch._state["threads"]
-    ss.set_num_threads(n)
-    try:
+    """Run the body with `n` kernel threads (in this Python thread), then the previous count."""
+    with ss.threads(n):
         yield
-    finally:
-        _dispatch._state["threads"] = old
 
 
 def on_backends(fn, *args, **kwargs):
@@ -172,10 +168,10 @@ def on_backends(fn, *args, **kwargs):
 @pytest.fixture(autouse=True)
 def _restore_backend_and_threads():
     """No test leaks a backend or thread-count change into the next one."""
-    backend, threads = ss.backend(), _dispatch._state["threads"]
+    backend, threads = ss.backend(), _threads._process_threads
     yield
     _dispatch._state["backend"] = backend
-    _dispatch._state["threads"] = threads
+    _threads._process_threads = threads
 
 
 @pytest.fixture(params=["compiled", "python"])

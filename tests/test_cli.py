@@ -1,14 +1,16 @@
 """Smoke tests of ``statescan bench``: table and JSON structure, the regression guard, and the
 benchmark core's verification.  Tiny cases, no peers (torch/jax are not needed)."""
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from statescan import cli
-from statescan._bench import core, load_cases
+from statescan._bench import core, guard, load_cases, report
 
 TINY = ["--quick", "--family", "rnn", "--peers", "none", "--no-plot"]
 GUARD_CASE = "lstm B=16 H=256 heads=1"
@@ -122,12 +124,70 @@ def test_add_peer_turns_missing_packages_into_notes():
 
     runners = {}
     core.configure(1, None)
-    core.add_peer(runners, "ghost", needs_missing_package)
-    assert isinstance(runners["ghost"], core.Skipped) and "not installed" in runners["ghost"].reason
+    core.add_peer(runners, "jax", needs_missing_package)
+    assert isinstance(runners["jax"], core.Skipped) and "not installed" in runners["jax"].reason
     core.configure(1, [])
-    core.add_peer(runners, "other", lambda: (lambda: None))
-    assert "other" not in runners
+    core.add_peer(runners, "torch", lambda: (lambda: None))
+    assert "torch" not in runners
     core.configure(1, None)
+    with pytest.raises(ValueError, match="'ghost' is not in statescan._bench.core.PEERS"):
+        core.add_peer(runners, "ghost", lambda: (lambda: None))
+
+
+def test_every_peer_a_family_adds_is_listed():
+    # --peers validates against core.PEERS: a family adding an unlisted name must fail here.
+    sources = (Path(core.__file__).parent).glob("*_cases.py")
+    names = {m for f in sources for m in re.findall(r'add_peer\(\w+, "([^"]+)"', f.read_text())}
+    assert names and names <= set(core.PEERS), names - set(core.PEERS)
+
+
+def test_unknown_peer_is_an_error_listing_the_valid_ones(capsys):
+    assert cli.main(["bench", "--peers", "torch,pytorch", "--list"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown peer 'pytorch'" in err and all(p in err for p in core.PEERS)
+    assert "'none'" in err
+
+
+def test_the_baseline_ships_inside_the_package(tmp_path, monkeypatch, capsys):
+    assert cli.DEFAULT_BASELINE.is_file()
+    assert cli.DEFAULT_BASELINE.parent == Path(core.__file__).parent
+    baseline = guard.load(cli.DEFAULT_BASELINE)
+    monkeypatch.chdir(tmp_path)                      # --check from anywhere
+    code = cli.main(["bench", "--check", "--list"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0 and sorted(line.split("  (T=")[0] for line in out) == sorted(baseline["cases"])
+
+
+def test_table_header_explains_every_column(capsys):
+    code, out, _ = run_cli(capsys, "--filter", "lstm B=1 H=64")
+    assert code == 0
+    legend, table = out.split("== rnn ==")
+    header = table.strip().splitlines()[0]
+    columns = re.split(r"\s{2,}", header.strip())
+    assert columns[:2] == ["case", "T"] and columns[-1] == "check"
+    for column in columns:
+        assert re.search(rf"^  {re.escape(column)}\s{{2,}}\S", legend, flags=re.M), column
+
+
+def test_plot_has_a_title_legend_and_fixed_colours(tmp_path):
+    pytest.importorskip("matplotlib")
+    ones = np.ones((1, 10, 2))
+
+    def make():
+        return {"statescan": lambda: ones, "numpy-ref": lambda: ones, "torch": lambda: ones}
+    results = [core.run_case(_fake_case(make), budget=0.0)]
+    meta = {"statescan": "0", "machine": {"cpu": "TestCPU", "logical_cpus": 3},
+            "threads": 2, "dtype": "float64", "statistic": "median"}
+    assert report.title(meta) == ("statescan 0 bench -- TestCPU, 3 logical CPUs; threads=2, "
+                                  "dtype=float64")
+    path = tmp_path / "plot.png"
+    assert report.write_plot(results, path, meta)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same runner gets the same colour whatever else ran
+    assert (report.runner_colours(["torch", "jax"])["jax"]
+            == report.runner_colours(["jax"])["jax"])
+    spare = report.runner_colours(["new-a", "new-b"])
+    assert len(set(spare.values())) == 2
 
 
 def test_python_dash_m_entry_point(tmp_path):

@@ -3,6 +3,7 @@
 Arrays in, arrays out (numpy), batch-first ``[B, T, ...]``, float32 or float64.
 """
 from ._dispatch import backend, set_backend, set_num_threads, get_num_threads, build_info
+from ._threads import threads
 from ._memory import set_cache_limit
 from .autodiff import vjp
 from .rnn import lstm, gru, elman, slstm, stream
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = ["lstm", "gru", "elman", "slstm", "stream", "linear_scan", "selective_scan", "vjp",
            "linear_attention", "ssd", "attention", "matrix_scan", "solve_recurrence",
-           "backend", "set_backend", "set_num_threads", "get_num_threads", "build_info",
+           "backend", "set_backend", "set_num_threads", "get_num_threads", "threads", "build_info",
            "set_cache_limit", "run_sequences", "causal_conv1d"]

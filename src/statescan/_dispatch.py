@@ -2,7 +2,7 @@
 
 ``STATESCAN_BACKEND=python`` forces the numpy references at import;
 :func:`set_backend` switches at run time; :func:`backend` tells which is active.
-``OMP_NUM_THREADS`` or :func:`set_num_threads` set the threads the kernels use.
+The thread count the kernels get comes from :mod:`statescan._threads` (:func:`get_num_threads`).
 
 The kernels are built twice (setup.py): ``statescan._ext.<name>`` for any CPU of the
 architecture and ``statescan._ext.native.<name>`` for the installing machine's SIMD.  At import
@@ -14,7 +14,9 @@ import importlib.machinery
 import os
 import warnings
 
-_state = {"backend": None, "threads": None, "ext_error": None, "build": None}
+from ._threads import get_num_threads, set_num_threads   # noqa: F401 - kernels call them here
+
+_state = {"backend": None, "ext_error": None, "build": None}
 _VARIANTS = ("native", "portable")
 
 
@@ -198,32 +200,6 @@ def backend():
 
 def use_compiled():
     return _state["backend"] == "compiled"
-
-
-def set_num_threads(n):
-    """Set the number of threads the compiled kernels use (results do not depend on it)."""
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    _state["threads"] = n
-
-
-def get_num_threads():
-    """Threads the compiled kernels use: set_num_threads, else OMP_NUM_THREADS, else all cores."""
-    threads = _state["threads"]
-    return threads if threads is not None else _DEFAULT_THREADS
-
-
-def _default_threads():
-    # Read once: this sits on the path of every (possibly tiny, streaming) kernel call.
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    try:
-        return max(1, int(env.split(",")[0]))
-    except ValueError:
-        return os.cpu_count() or 1
-
-
-_DEFAULT_THREADS = _default_threads()
 
 
 def _initial_backend():

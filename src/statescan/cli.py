@@ -10,10 +10,8 @@ DEFAULT_TOLERANCE = 0.25
 RECHECKS = 2      # a case below the baseline is measured again up to this many times
 
 
-def _default_baseline():
-    # The repository's benchmarks/baseline.json when running from a checkout, else ./benchmarks.
-    repo = Path(__file__).resolve().parents[2] / "benchmarks" / "baseline.json"
-    return repo if repo.exists() else Path("benchmarks") / "baseline.json"
+# Shipped inside the package (package data), so --check works from any directory.
+DEFAULT_BASELINE = Path(__file__).resolve().parent / "_bench" / "baseline.json"
 
 
 def _parser():
@@ -26,16 +24,17 @@ def _parser():
                     "PyTorch / ONNX Runtime / JAX when they are installed.")
     bench.add_argument("--quick", action="store_true", help="a small grid (under a minute)")
     bench.add_argument("--family", action="append", metavar="NAME",
-                       help="only this family (rnn, scan, attention, parallel); repeatable or "
-                            "comma-separated")
+                       help=f"only this family ({', '.join(_bench_core().FAMILIES)}); "
+                            "repeatable or comma-separated")
     bench.add_argument("--filter", action="append", metavar="TEXT",
                        help="only cases whose id contains TEXT (e.g. 'lstm B=16'); repeatable")
     bench.add_argument("--threads", type=int, default=1,
                        help="threads for statescan, BLAS and every peer (default 1)")
     bench.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     bench.add_argument("--peers", metavar="LIST",
-                       help="comma-separated peers to run (torch, torch-loop, onnxruntime, jax, "
-                            "...); 'none' for statescan and its numpy reference only")
+                       help="comma-separated peers to run (default: every installed one): "
+                            f"{', '.join(_bench_core().PEERS)}; 'none' for statescan and its numpy "
+                            "reference only")
     bench.add_argument("--json", type=Path, metavar="PATH",
                        help="results file (default bench-results/bench-<timestamp>.json)")
     bench.add_argument("--plot", type=Path, metavar="PATH",
@@ -48,7 +47,8 @@ def _parser():
     guard.add_argument("--update-baseline", action="store_true",
                        help="run the guard cases and write the baseline")
     guard.add_argument("--baseline", type=Path, metavar="PATH",
-                       help="baseline file (default benchmarks/baseline.json)")
+                       help="baseline file (default: the one shipped with statescan, "
+                            "statescan/_bench/baseline.json)")
     guard.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                        help="largest accepted relative drop of a ratio (default 0.25)")
     return parser
@@ -56,9 +56,12 @@ def _parser():
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    if args.command == "bench":
-        return _bench(args)
-    return 2
+    return _bench(args)      # the only command (argparse requires one)
+
+
+def _bench_core():
+    from ._bench import core
+    return core
 
 
 def _split(values):
@@ -74,8 +77,13 @@ def _bench(args):
     if unknown:
         return _fail(f"unknown family {unknown[0]!r}; choose from {', '.join(core.FAMILIES)}")
     peers = _split([args.peers]) if args.peers else None
+    if peers is not None and peers != ["none"]:
+        unknown = [p for p in peers if p not in core.PEERS]
+        if unknown:
+            return _fail(f"unknown peer {unknown[0]!r}; choose from "
+                         f"{', '.join(core.PEERS)}, or 'none'")
     guard_mode = args.check or args.update_baseline
-    baseline_path = args.baseline or _default_baseline()
+    baseline_path = args.baseline or DEFAULT_BASELINE
     baseline = None
     if args.check:
         try:
@@ -173,7 +181,7 @@ def _write_outputs(args, results, peaks, meta, report):
     print(f"results written to {json_path}")
     if not args.no_plot:
         plot_path = args.plot or json_path.with_suffix(".png")
-        if report.write_plot(results, plot_path):
+        if report.write_plot(results, plot_path, meta):
             print(f"plot written to {plot_path}")
         elif args.plot:
             print("no plot: matplotlib is not installed", file=sys.stderr)

@@ -69,8 +69,16 @@ import statescan
 FAMILIES = ("rnn", "scan", "attention", "parallel")
 STATESCAN = "statescan"
 NUMPY_REF = "numpy-ref"
-# Column order in tables; unknown peer names follow in the order cases return them.
-RUNNER_ORDER = (STATESCAN, NUMPY_REF, "torch", "torch-loop", "onnxruntime", "jax", "jax-loop")
+# Other libraries, the names `add_peer` and ``--peers`` take (a new peer is added here).
+PEERS = ("torch", "torch-loop", "torch-packed", "onnxruntime", "jax", "jax-loop")
+# Runners that are statescan itself in another form: compared with, but not peers.
+OWN = {NUMPY_REF: "statescan's numpy reference",
+       "sequential": "statescan's sequential kernel (the solver cases)",
+       "padded-static": "statescan, padded static batches",
+       "padded-lengths": "statescan, padded batches with lengths=",
+       "ideal": "statescan, one full batch (the bound)"}
+# Column order in tables; unknown runner names follow in the order cases return them.
+RUNNER_ORDER = (STATESCAN, *OWN, *PEERS)
 
 
 @dataclass
@@ -208,8 +216,10 @@ def import_peer(name):
 
 
 def add_peer(runners, name, build, *args, **kwargs):
-    """``runners[name] = build(*args, **kwargs)`` if peer `name` is enabled; a missing package
-    or a failing build becomes a :class:`Skipped` with the reason."""
+    """``runners[name] = build(*args, **kwargs)`` if peer `name` (one of :data:`PEERS`) is
+    enabled; a missing package or a failing build becomes a :class:`Skipped` with the reason."""
+    if name not in PEERS:
+        raise ValueError(f"peer {name!r} is not in statescan._bench.core.PEERS")
     if not peer_enabled(name):
         return
     try:
@@ -303,18 +313,19 @@ def run_case(case, budget=0.6, on_runner=None, statistic="median"):
         flops = runner.flops if runner.flops is not None else case.flops * steps / case.steps
         try:
             first, out = _timed(runner.fn)
+            # a runner's own expected output is computed here too: its failure skips it
+            expected = (None if name == STATESCAN or out is None else
+                        runner.expected() if runner.expected is not None
+                        else reference_out if steps == reference_steps else None)
         except Exception as exc:
             result.skipped[name] = f"failed: {type(exc).__name__}: {exc}"
             continue
         m = Measurement(first, steps, repeats_for(first, budget), flops)
         if name == STATESCAN:
             reference_out, reference_steps = out, steps
-        elif out is not None:
-            expected = (runner.expected() if runner.expected is not None
-                        else reference_out if steps == reference_steps else None)
-            if expected is not None:
-                m.max_error = max_error(out, expected)
-                m.ok = m.max_error <= case.tolerance
+        elif expected is not None:
+            m.max_error = max_error(out, expected)
+            m.ok = m.max_error <= case.tolerance
         live[name], times[name] = (runner, m), []
     del runners, reference_out
 

@@ -2,7 +2,7 @@
 import json
 from collections import Counter
 
-from .core import RUNNER_ORDER, STATESCAN
+from .core import OWN, RUNNER_ORDER, STATESCAN
 
 SCHEMA = "statescan-bench/1"
 
@@ -20,15 +20,10 @@ def runner_columns(results):
 
 def format_table(results, peaks, meta):
     """The human-readable report: one table per family, then notes."""
-    lines = [f"statescan {meta['statescan']} bench -- {meta['machine']['cpu']}, "
-             f"{meta['machine']['logical_cpus']} logical CPUs; threads={meta['threads']}, "
-             f"dtype={meta['dtype']}",
+    lines = [title(meta),
              "measured GEMM peak (numpy, same threads): " +
              ", ".join(f"{dt} {v:.1f} GFLOP/s" for dt, v in peaks.items()),
-             f"us/step: statescan's {meta['statistic']} time per call / steps;  %peak: its "
-             "GFLOP/s as a fraction of the peak of its dtype;",
-             "peer columns: peer time per step / statescan time per step "
-             "(>1 = statescan is faster).", ""]
+             *_column_legend(runner_columns(results), meta), ""]
     families = []
     for r in results:
         if r.case.family not in families:
@@ -38,6 +33,30 @@ def format_table(results, peaks, meta):
         lines += _family_table(family, rows, peaks) + [""]
     lines += _notes(results, meta)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def title(meta):
+    """One line: statescan's version, the machine, threads and dtype of the run."""
+    machine = meta["machine"]
+    return (f"statescan {meta['statescan']} bench -- {machine['cpu']}, "
+            f"{machine['logical_cpus']} logical CPUs; threads={meta['threads']}, "
+            f"dtype={meta['dtype']}")
+
+
+def _column_legend(runners, meta):
+    """What every column of the tables means."""
+    rows = [("case", "kernel and sizes: B batch rows, H hidden units, heads, D/Dm channels, "
+                     "N state size, NH heads, d/P head size, K blocks, m block size"),
+            ("T", "time steps (tokens) per statescan call"),
+            ("us/step", f"statescan's {meta['statistic']} time per call / T"),
+            ("GFLOP/s", "statescan's floating-point rate"),
+            ("%peak", "GFLOP/s as a fraction of the measured GEMM peak of its dtype")]
+    rows += [(f"{name} x", f"{OWN.get(name, 'a peer library')}: its time per step / "
+                           "statescan's (>1: statescan is faster)") for name in runners]
+    rows.append(("check", "each runner's output compared with statescan's on the same input: "
+                          "ok, or MISMATCH and the largest error"))
+    width = max(len(key) for key, _ in rows)
+    return ["columns:"] + [f"  {key.ljust(width)}  {text}" for key, text in rows]
 
 
 def _family_table(family, rows, peaks):
@@ -58,7 +77,8 @@ def _family_table(family, rows, peaks):
                  "" if gf is None or not peak else f"{100 * gf / peak:.0f}%"]
         for p in peers:
             ratio = r.ratio(p)
-            cells.append("-" if ratio is None else f"{ratio:.2f}")
+            cells.append("-" if ratio is None else f"{ratio:.2f}" if ratio >= 0.1
+                         else f"{ratio:.2g}")
         bad = [f"{p} err={m.max_error:.1e}" for p, m in r.runs.items() if m.ok is False]
         cells.append("MISMATCH " + ", ".join(bad) if bad else "ok")
         table.append(cells)
@@ -118,11 +138,33 @@ def write_json(doc, path):
     path.write_text(json.dumps(doc, indent=1, default=float) + "\n")
 
 
-def write_plot(results, path):
-    """Speed-up of statescan over each peer, one panel per family (log scale).  Returns False
-    when matplotlib is not installed."""
+# One colour per runner in every panel: peers in colour, statescan's own runners in greys.
+_COLOURS = {"torch": "#1f77b4", "torch-loop": "#17becf", "torch-packed": "#9467bd",
+            "onnxruntime": "#ff7f0e", "jax": "#2ca02c", "jax-loop": "#98df8a",
+            "numpy-ref": "#8c8c8c", "sequential": "#404040", "padded-static": "#b0b0b0",
+            "padded-lengths": "#6e6e6e", "ideal": "#d6d6d6"}
+_SPARE = ("#d62728", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f")
+_PANEL_NOTES = {"parallel": "statescan = a parallel-in-time solver; 'sequential' = statescan's "
+                            "own sequential kernel (bars left of 1: the sequential kernel is faster)"}
+
+
+def runner_colours(names):
+    """{runner: colour}: fixed for the known runners, spare colours for others in order."""
+    spare = iter(_SPARE * (1 + len(names) // len(_SPARE)))
+    return {n: _COLOURS[n] if n in _COLOURS else next(spare) for n in names}
+
+
+def _label(name):
+    return f"{name} ({OWN[name]})" if name in OWN else name
+
+
+def write_plot(results, path, meta):
+    """Speed-up of statescan over each other runner, one panel per family (log scale), one
+    colour per runner across the panels, a legend and a title with the machine, threads and
+    dtype.  Returns False when matplotlib is not installed."""
     try:
         import matplotlib
+        import matplotlib.patches
         import matplotlib.ticker
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -134,42 +176,56 @@ def write_plot(results, path):
             families.append(r.case.family)
     if not families:
         return False
-    heights = [max(2.0, 0.22 * sum(r.case.family == f for r in results)) for f in families]
-    fig, axes = plt.subplots(len(families), 1, figsize=(10, sum(heights) + 1.5),
-                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    ran = [p for p in runner_columns(results)
+           if any(r.ratio(p) is not None for r in results)]
+    colours = runner_colours(ran)
+    heights = [max(1.6, 0.22 * sum(r.case.family == f for r in results)) for f in families]
+    fig, axes = plt.subplots(len(families), 1, figsize=(10, sum(heights) + 2.2),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False,
+                             layout="constrained")
     for ax, family in zip(axes[:, 0], families):
         rows = [r for r in results if r.case.family == family and STATESCAN in r.runs]
-        # only peers that ran somewhere in this family get a bar colour and a legend entry
-        peers = [p for p in runner_columns(rows) if any(r.ratio(p) is not None for r in rows)]
-        width = 0.8 / max(len(peers), 1)
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for k, peer in enumerate(peers):
-            ys, xs = [], []
-            for i, r in enumerate(rows):
-                ratio = r.ratio(peer)
-                if ratio is not None:
-                    ys.append(i + (k - (len(peers) - 1) / 2) * width)
-                    xs.append(ratio)
-            # bars grow from 1 (parity): right when statescan is faster, left when slower
-            ax.barh(ys, [x - 1 for x in xs], left=1.0, height=width, label=peer,
-                    color=colors[k % len(colors)])
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xscale("log")
-        ratios = [r.ratio(p) for r in rows for p in peers if r.ratio(p) is not None]
-        if ratios:   # at least 0.5..2 so that a panel of near-parity bars still has ticks
-            ax.set_xlim(min(0.5, min(ratios) / 1.2), max(2.0, max(ratios) * 1.2))
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels([f"{r.case.name} " + " ".join(f"{k}={v}" for k, v in
-                                                         r.case.params.items()) for r in rows],
-                           fontsize=6)
-        ax.set_ylim(len(rows) - 0.5, -0.5)          # first case on top, no empty margins
-        ax.set_title(f"{family}: peer time / statescan time (>1: statescan faster)", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+        _panel(ax, family, rows, [p for p in ran if any(r.ratio(p) is not None for r in rows)],
+               colours, matplotlib)
+    handles = [matplotlib.patches.Patch(facecolor=colours[p],
+                                        hatch="//" if p in OWN else None, label=_label(p))
+               for p in ran]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)),
+                   fontsize=7, frameon=False)
+    fig.suptitle(title(meta) + "\nbars: other runner's time / statescan's time per step "
+                 "(log scale; right of 1: statescan is faster)", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _panel(ax, family, rows, runners, colours, matplotlib):
+    width = 0.8 / max(len(runners), 1)
+    for k, name in enumerate(runners):
+        ys, xs = [], []
+        for i, r in enumerate(rows):
+            ratio = r.ratio(name)
+            if ratio is not None:
+                ys.append(i + (k - (len(runners) - 1) / 2) * width)
+                xs.append(ratio)
+        # bars grow from 1 (parity): right when statescan is faster, left when slower
+        ax.barh(ys, [x - 1 for x in xs], left=1.0, height=width, color=colours[name],
+                hatch="//" if name in OWN else None, edgecolor="white", linewidth=0.3)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ratios = [r.ratio(p) for r in rows for p in runners if r.ratio(p) is not None]
+    if ratios:   # at least 0.5..2 so that a panel of near-parity bars still has ticks
+        ax.set_xlim(min(0.5, min(ratios) / 1.2), max(2.0, max(ratios) * 1.2))
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{r.case.name} " + " ".join(f"{k}={v}" for k, v in
+                                                     r.case.params.items()) for r in rows],
+                       fontsize=6)
+    ax.set_ylim(len(rows) - 0.5, -0.5)          # first case on top, no empty margins
+    note = _PANEL_NOTES.get(family)
+    ax.set_title(family + (f": {note}" if note else ""), fontsize=8, loc="left")
