@@ -275,10 +275,9 @@ class Mamba(_Mixer):
         dt = _matmul(self._linear(x, "x_proj", self._dt_rows), self._params["dt_proj.weight"])
         Bm = self._linear(x, "x_proj", self._B_rows)
         Cm = self._linear(x, "x_proj", self._C_rows)
-        y, state = selective_scan(x, dt, self._A, Bm, Cm, self._params["D"], z=z,
-                                  dt_bias=self._params["dt_proj.bias"], dt_softplus=True,
-                                  state=cache.ssm_state, lengths=lengths)
-        cache.ssm_state[...] = state
+        y = selective_scan(x, dt, self._A, Bm, Cm, self._params["D"], z=z,
+                           dt_bias=self._params["dt_proj.bias"], dt_softplus=True,
+                           state=cache.ssm_state, lengths=lengths, out_state=cache.ssm_state)[0]
         return self._linear(y, "out_proj")
 
     def _step(self, u, cache):
@@ -286,11 +285,9 @@ class Mamba(_Mixer):
         x = self._conv(x, cache, None)
         xdbc = _matmul(x, self._params["x_proj.weight"])                # [B, 1, R + 2N]
         dt = _matmul(xdbc[..., self._dt_rows], self._params["dt_proj.weight"])
-        y, state = selective_scan(x, dt, self._A, xdbc[..., self._B_rows],
-                                  xdbc[..., self._C_rows], self._params["D"], z=z,
-                                  dt_bias=self._params["dt_proj.bias"], dt_softplus=True,
-                                  state=cache.ssm_state)
-        cache.ssm_state[...] = state
+        y = selective_scan(x, dt, self._A, xdbc[..., self._B_rows], xdbc[..., self._C_rows],
+                           self._params["D"], z=z, dt_bias=self._params["dt_proj.bias"],
+                           dt_softplus=True, state=cache.ssm_state, out_state=cache.ssm_state)[0]
         return self._linear(y, "out_proj")
 
 
