@@ -1,5 +1,5 @@
-"""Benchmark grid of the linear scans: selective_scan (Mamba-1; forward, and forward+backward)
-and linear_scan.
+"""Benchmark grid of the linear scans: selective_scan (Mamba-1; forward, forward+backward, and
+one-token decoding steps) and linear_scan.
 
 Peers: a vanilla PyTorch step loop ("torch-loop": exp(delta*A) and delta*B*x precomputed for all
 steps, then a Python loop over time, the shape of Mamba's reference code) and JAX lax.scan under
@@ -26,6 +26,7 @@ _MAX_STEPS = 16384
 _SELECTIVE_FULL = [(1, 256, 16, False), (16, 1024, 16, False), (4, 2048, 16, False),
                    (64, 512, 16, False), (1, 256, 16, True), (16, 1024, 16, True)]
 _SELECTIVE_QUICK = [(1, 256, 16, False), (16, 1024, 16, False), (1, 256, 16, True)]
+_DECODE = [(1, 1536, 16), (8, 1536, 16)]        # (B, Dm, N): Mamba-130m..370m-like widths
 _LINEAR_FULL = [(1, 1024), (16, 4096), (64, 256)]
 _LINEAR_QUICK = [(16, 1024)]
 _GUARD = {("selective", 1, 256, 16, False), ("selective", 1, 256, 16, True),
@@ -38,6 +39,8 @@ def cases(quick):
         for B, Dm, N, backward in (_SELECTIVE_QUICK if quick else _SELECTIVE_FULL):
             out.append(_selective_case(B, Dm, N, backward, dtype, quick,
                                        quick and ("selective", B, Dm, N, backward) in _GUARD))
+        for B, Dm, N in (_DECODE[:1] if quick else _DECODE):
+            out.append(_decode_case(B, Dm, N, dtype))
         for B, D in (_LINEAR_QUICK if quick else _LINEAR_FULL):
             out.append(_linear_case(B, D, dtype, quick, quick and ("linear", B, D) in _GUARD))
     return out
@@ -164,6 +167,27 @@ def _jax_selective(x, dt, A, Bm, C, D, bias, dy, backward):
     else:
         fn = jax.jit(forward)
     return lambda: np.asarray(fn(*args).block_until_ready())
+
+
+# ---- selective scan: one decoding step -------------------------------------------------------
+
+def _decode_case(B, Dm, N, dtype):
+    """One token with a state (the T = 1 step kernel, the state in its [B, Dm, N] layout),
+    the new state written into a preallocated array (out_state), as a decoding loop does."""
+    return Case("scan", "selective_scan-decode", {"B": B, "Dm": Dm, "N": N}, dtype, 1,
+                16.0 * B * Dm * N, lambda: _decode_make(B, Dm, N, dtype))
+
+
+def _decode_make(B, Dm, N, dtype):
+    x, dt, A, Bm, C, D, bias, _ = _selective_inputs(B, Dm, N, 1, dtype)
+    z = np.random.default_rng(Dm).standard_normal((B, 1, Dm)).astype(dtype)
+    state = (0.1 * np.random.default_rng(N).standard_normal((B, Dm, N))).astype(dtype)
+    new_state = np.empty_like(state)
+
+    def run():
+        return ss.selective_scan(x, dt, A, Bm, C, D, z=z, dt_bias=bias, dt_softplus=True,
+                                 state=state, out_state=new_state)[0]
+    return {STATESCAN: run, NUMPY_REF: numpy_reference(run)}
 
 
 # ---- linear scan -----------------------------------------------------------------------------

@@ -24,8 +24,8 @@ def _schedule(B, T, lengths, reverse):
             yield p, None
             continue
         active = p < L
-        t = np.where(active, L - 1 - p, 0) if reverse else np.full(B, p)
-        yield t, active
+        # a finished row (p >= L) points at step p: padding, whose output stays 0
+        yield (np.where(active, L - 1 - p, p) if reverse else np.full(B, p)), active
 
 
 def _where(active, new, old):
@@ -143,6 +143,8 @@ def selective_scan(x, dt, A, Bm, C, D, z, dt_bias, dt_softplus, state0, lengths=
             states[:, p] = h
     if z is not None:
         y = y * silu(z)
+        if lengths is not None:             # padding stays 0 whatever z holds there
+            y = np.where(np.arange(T)[None, :, None] < np.asarray(lengths)[:, None, None], y, 0)
     return y, h, states
 
 
@@ -198,8 +200,9 @@ def selective_scan_backward(x, dt, A, Bm, C, D, z, dt_bias, dt_softplus, state0,
             g_new = gn * dA_t
             if r is not None:
                 g_new = np.where(r, 0, g_new)
-            if active is not None:
+            if active is not None:              # finished rows add nothing, even NaN
                 decay = np.where(active[:, None, None], decay, 0)
+                dl = np.where(active[:, None], dl, 0)
             dA += np.einsum("bdn,bd->dn", decay, dl)
             dC[rows, t] = _where(active, dC_t, dC[rows, t])
             dB[rows, t] = _where(active, dB_t, dB[rows, t])
