@@ -4,10 +4,15 @@ the reverse pass through the same calls.
 
 Everything here works on validated arrays; the layer classes do the checking.
 """
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
 import numpy as np
 
-from .. import _dispatch, _memory
+from .. import _dispatch, _memory, _threads
 from ..autodiff import vjp as _vjp
+
+_POOL = []      # one worker thread, made on first use, for the second direction
 
 
 def project(x, W, b):
@@ -40,6 +45,34 @@ def _direction_kw(d, lengths):
     return kw
 
 
+def _each_direction(tasks):
+    """Run the directions' kernel calls (zero-argument callables) and return their results.
+
+    With two or more kernel threads the two directions run at the same time, each with half
+    the threads: they are independent, and one sequence per core scales better than one
+    sequence split over cores with a barrier per step.  Results do not depend on this.
+    """
+    n = _threads.get_num_threads()
+    if len(tasks) == 1 or n < 2 or not _dispatch.use_compiled():
+        return [task() for task in tasks]
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="statescan-direction"))
+
+    def run(task):
+        with _threads.threads(n // 2):
+            return task()
+    other = _POOL[0].submit(run, tasks[1])
+    first = run(tasks[0])
+    return [first, other.result()]
+
+
+def _cell_call(fn, save, ax_d, R_d, b_hh_d, kw):
+    """One direction of one layer: the cell on pre-activations (W=None); with `save`, its
+    vjp.  Returns ((y, state), pullback or None)."""
+    args = (ax_d, None, R_d, None, b_hh_d)
+    return _vjp(fn, *args, **kw) if save else (fn(*args, **kw), None)
+
+
 def _split(a, d, size, dirs):
     """Direction d's part of the last axis (the whole array for one direction)."""
     return a if dirs == 1 else a[..., d * size:(d + 1) * size]
@@ -58,20 +91,15 @@ def forward(spec, params, x, state0, lengths, save=False):
     inp, finals, tape = x, [], []
     for layer, (W_ih, R, b_ih, b_hh) in enumerate(params):
         ax = project(inp, W_ih, b_ih)
-        ys, pullbacks = [], []
-        for d in range(dirs):
-            ax_d = _split(ax, d, GH, dirs)
-            args = (ax_d, None, R[d], None, None if b_hh is None else b_hh[d])
-            kw = dict(heads=heads, state=state0[layer * dirs + d], **_direction_kw(d, lengths))
-            if save:
-                (y_d, s_d), pullback = _vjp(fn, *args, **kw)
-                pullbacks.append(pullback)
-            else:
-                y_d, s_d = fn(*args, **kw)
-            ys.append(y_d)
-            finals.append(s_d)
+        results = _each_direction([
+            partial(_cell_call, fn, save, _split(ax, d, GH, dirs), R[d],
+                    None if b_hh is None else b_hh[d],
+                    dict(heads=heads, state=state0[layer * dirs + d], **_direction_kw(d, lengths)))
+            for d in range(dirs)])
+        ys = [y_d for (y_d, _), _ in results]
+        finals.extend(s_d for (_, s_d), _ in results)
         if save:
-            tape.append((inp, pullbacks))
+            tape.append((inp, [pullback for _, pullback in results]))
         inp = ys[0] if dirs == 1 else np.concatenate(ys, axis=2)
     return inp, finals, tape
 
@@ -91,9 +119,11 @@ def backward(spec, params, tape, dy, dstates):
         W_ih, _, b_ih, b_hh = params[layer]
         inp, pullbacks = tape[layer]
         dax, dR, db_hh = [], [], []
-        for d in range(dirs):
-            g = pullbacks[d]((np.ascontiguousarray(_split(d_out, d, H, dirs)),
-                              dstates[layer * dirs + d]))
+        results = _each_direction([
+            partial(pullbacks[d], (np.ascontiguousarray(_split(d_out, d, H, dirs)),
+                                   dstates[layer * dirs + d]))
+            for d in range(dirs)])
+        for d, g in enumerate(results):
             dax.append(g[0])
             dR.append(g[2])
             if b_hh is not None:
