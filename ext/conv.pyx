@@ -13,7 +13,7 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange, parallel
 from libc.stdint cimport int64_t
-from libc.string cimport memset
+from libc.string cimport memmove, memset
 
 from _math cimport sigmoid
 from _scratch cimport scratch_alloc, scratch_free
@@ -410,31 +410,49 @@ def causal_conv1d_backward(cnp.ndarray x, cnp.ndarray weight, object bias, bint 
 
 # ---- one-token decode step ----------------------------------------------------------------------
 
+cdef inline void step_row(Py_ssize_t C, Py_ssize_t K, const floating* x, const floating* w,
+                          const floating* bias, bint silu, const floating* state, floating* y,
+                          floating* state_out) noexcept nogil:
+    # One row: the forward's sum per channel (bias, then the taps j = 0..K-1), accumulated in
+    # y a tap at a time so the loops run over channels; then the window shifts by one.  The
+    # sums read the whole window before the shift writes it, so state_out may be state.
+    cdef Py_ssize_t Km = K - 1, c, j
+    if bias != NULL:
+        for c in range(C):
+            y[c] = bias[c]
+    else:
+        for c in range(C):
+            y[c] = 0
+    for j in range(Km):
+        for c in range(C):
+            y[c] += w[c * K + j] * state[c * Km + j]
+    for c in range(C):
+        y[c] += w[c * K + Km] * x[c]
+    if Km > 0:
+        # every value moves one place left; the newest slot of channel c receives from
+        # channel c+1's oldest, then x[c] overwrites it
+        memmove(state_out, state + 1, (C * Km - 1) * sizeof(floating))
+        for c in range(C):
+            state_out[c * Km + Km - 1] = x[c]
+    if silu:
+        silu_row(y, C)
+
+
 cdef void step_rows(Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t C, Py_ssize_t K,
                     const floating* x, const floating* w, const floating* bias, bint silu,
                     const floating* state, floating* y, floating* state_out) noexcept nogil:
-    # Rows b0..b1-1: the forward's sum per channel, then the window shifts by one.  Each
-    # channel's window is read before it is written, so state_out may be state.
-    cdef Py_ssize_t Km = K - 1, b, c, j
-    cdef const floating* wc
-    cdef const floating* sc
-    cdef floating* oc
-    cdef floating acc, xv
+    # Mamba's kernel sizes get constant K, so the strided tap loops vectorise
+    cdef Py_ssize_t b, off
     for b in range(b0, b1):
-        for c in range(C):
-            wc = w + c * K
-            sc = state + (b * C + c) * Km
-            oc = state_out + (b * C + c) * Km
-            xv = x[b * C + c]
-            acc = 0 if bias == NULL else bias[c]
-            for j in range(Km):
-                acc += wc[j] * sc[j]
-            acc += wc[Km] * xv
-            for j in range(Km - 1):
-                oc[j] = sc[j + 1]
-            if Km > 0:
-                oc[Km - 1] = xv
-            y[b * C + c] = acc * sigmoid(acc) if silu else acc
+        off = b * C * (K - 1)
+        if K == 4:
+            step_row(C, 4, x + b * C, w, bias, silu, state + off, y + b * C, state_out + off)
+        elif K == 3:
+            step_row(C, 3, x + b * C, w, bias, silu, state + off, y + b * C, state_out + off)
+        elif K == 2:
+            step_row(C, 2, x + b * C, w, bias, silu, state + off, y + b * C, state_out + off)
+        else:
+            step_row(C, K, x + b * C, w, bias, silu, state + off, y + b * C, state_out + off)
 
 
 cdef void step_impl(Py_ssize_t B, Py_ssize_t C, Py_ssize_t K, const floating* x,
