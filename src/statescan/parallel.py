@@ -590,7 +590,7 @@ def solve_recurrence(f, s0, xs, jac=None, method="newton", tol=None, max_iter=No
         s = _validate.float_array("guess", guess)
         _validate.check_shape("guess", s, (B, T, n), f"[B, T, n] = [{B}, {T}, {n}]")
         s = _validate.contiguous(s, dtype)
-    if B == 0 or T == 0:
+    if B == 0 or T == 0 or n == 0:      # nothing to solve (a 0-size state: no loop, no reshape)
         return s, SolverInfo(method, 0, 0.0, True, tol)
     problem = _UserProblem(f, xs, B, T, n, dtype, jac)
     s0 = _validate.contiguous(s0, dtype)
