@@ -6,6 +6,8 @@ from hypothesis import given, settings, strategies as st
 
 import statescan as ss
 from statescan._reference import attention as ref
+from statescan._reference import linear_attention as lref
+from statescan._reference import ssd as sref
 from conftest import assert_close, using_backend, using_threads
 
 F64, F32 = np.float64, np.float32
@@ -58,8 +60,8 @@ def test_reference_forms_agree():
     attention vs Mamba-2's own recurrence."""
     (q, k, v), kw = la_problem(T=17)
     g, S0 = la_operands(q, k, v, **kw)
-    o1, s1 = ref.recurrence(q, k, v, g, S0)
-    for o, s in (ref.quadratic(q, k, v, g, S0), ref.chunked_forward(q, k, v, g, S0, 5)):
+    o1, s1 = lref.recurrence(q, k, v, g, S0)
+    for o, s in (lref.quadratic(q, k, v, g, S0), lref.linear_forward(q, k, v, g, S0, 5)):
         assert_close(o, o1, tol=1e-12)
         assert_close(s, s1, tol=1e-12)
 
@@ -71,7 +73,7 @@ def test_linear_attention_vs_naive(backend, chunk, decay, state):
     (q, k, v), kw = la_problem(T=37, decay=decay, state=state)
     g, S0 = la_operands(q, k, v, **kw)
     o, s = ss.linear_attention(q, k, v, chunk=chunk, **kw)
-    for o_ref, s_ref in (ref.recurrence(q, k, v, g, S0), ref.quadratic(q, k, v, g, S0)):
+    for o_ref, s_ref in (lref.recurrence(q, k, v, g, S0), lref.quadratic(q, k, v, g, S0)):
         assert_close(o, o_ref, tol=1e-10)
         assert_close(s, s_ref, tol=1e-10)
 
@@ -81,7 +83,7 @@ def test_linear_attention_vs_naive(backend, chunk, decay, state):
 def test_ssd_vs_recurrence(backend, chunk, state):
     (x, dt, A, B, C), kw = ssd_problem(T=37, state=state)
     h0 = kw.get("state", np.zeros((2, 3, 4, 5)))
-    y_ref, h_ref = ref.ssd_recurrence(x, dt, A, B, C, h0)
+    y_ref, h_ref = sref.ssd_recurrence(x, dt, A, B, C, h0)
     y, h = ss.ssd(x, dt, A, B, C, chunk=chunk, **kw)
     assert_close(y, y_ref, tol=1e-10)
     assert_close(h, h_ref, tol=1e-10)
@@ -93,7 +95,7 @@ def test_ssd_strong_decay_does_not_overflow(dtype):
     (<= 0) are exponentiated, so nothing overflows."""
     (x, dt, A, B, C), kw = ssd_problem(T=300, NH=2, state=True, seed=3)
     dt, A = dt * 50, np.array([-20.0, -0.01])
-    y_ref, h_ref = ref.ssd_recurrence(x, dt, A, B, C, kw["state"])
+    y_ref, h_ref = sref.ssd_recurrence(x, dt, A, B, C, kw["state"])
     y, h = ss.ssd(*(a.astype(dtype) for a in (x, dt, A, B, C)), chunk=128,
                   state=kw["state"].astype(dtype))
     assert_close(y, y_ref, dtype=dtype, tol=1e-10 if dtype == F64 else 1e-4)
@@ -410,7 +412,7 @@ def test_property_never_crashes_and_matches_reference(B, NH, T, dk, dv, chunk, f
     o, s = ss.linear_attention(q, k, v, chunk=chunk, **kw)
     g, S0 = la_operands(*(a.astype(F64) for a in (q, k, v)),
                         **{n: a.astype(F64) for n, a in kw.items()})
-    o_ref, s_ref = ref.recurrence(q.astype(F64), k.astype(F64), v.astype(F64), g, S0)
+    o_ref, s_ref = lref.recurrence(q.astype(F64), k.astype(F64), v.astype(F64), g, S0)
     assert o.dtype == dtype
     assert_close(o, o_ref, dtype=dtype, tol=tol)
     assert_close(s, s_ref, dtype=dtype, tol=tol)
@@ -418,7 +420,7 @@ def test_property_never_crashes_and_matches_reference(B, NH, T, dk, dv, chunk, f
     args, kw = ssd_problem(B, T, NH, dv, dk, state=state, dtype=dtype, seed=seed)
     y, h = ss.ssd(*args, chunk=chunk, **kw)
     h0 = kw["state"] if state else np.zeros((B, NH, dv, dk), dtype)
-    y_ref, h_ref = ref.ssd_recurrence(*(a.astype(F64) for a in args + (h0,)))
+    y_ref, h_ref = sref.ssd_recurrence(*(a.astype(F64) for a in args + (h0,)))
     assert_close(y, y_ref, dtype=dtype, tol=tol)
     assert_close(h, h_ref, dtype=dtype, tol=tol)
 

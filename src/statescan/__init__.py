@@ -8,7 +8,9 @@ from ._memory import set_cache_limit
 from .autodiff import vjp
 from .rnn import lstm, gru, elman, slstm, stream
 from .scan import linear_scan, selective_scan
-from .attention import linear_attention, ssd, attention
+from .linear_attention import linear_attention
+from .ssd import ssd
+from .attention import attention
 from .conv import causal_conv1d
 from .parallel import matrix_scan, solve_recurrence
 from .batching import run_sequences

@@ -1,0 +1,443 @@
+# The chunked causal linear recurrence shared by linear attention and SSD, its backward, and
+# the one-step decode kernel of linear attention.
+#
+#   S_t = exp(g_t) S_{t-1} + k_t v_t^T,   o_t = S_t^T q_t        (S [dk, dv] per job)
+#
+# One job per (batch row, head) runs its sequence in blocks of `chunk` rows; the block
+# matmuls go to BLAS (single-threaded at these sizes), the masks are vectorised loops.  A
+# job's arithmetic never depends on the number of jobs or threads: results are bit-identical
+# for any thread count.
+#
+# Strided inputs: q, k [B, G, T, dk] and v [B, NH, T, dv] may have any strides as long as the
+# last axis is contiguous; head h reads group h // group of q and k (SSD's B and C are shared
+# by the heads of a group, linear attention has group = 1).  A row's sequence may end early
+# (lengths: later rows are padding, outputs and gradients 0) and restart (reset[b, t]: the
+# state is zeroed before step t, i.e. a zero decay there; blocks are cut at resets).
+from cython cimport floating
+from cython.parallel cimport prange, parallel
+from libc.stdint cimport int64_t, uint8_t
+
+from _gemm cimport gemm
+from _math cimport exp_
+from _scratch cimport scratch_alloc, scratch_free
+
+cimport numpy as cnp
+
+cnp.import_array()
+
+
+cdef struct Rows:
+    # one job's view of a [B, NH, T, d] array (or the [B, NH, T] log-decays): step t of job
+    # (b, h) at ptr + b*sb + h*sh + t*ld
+    Py_ssize_t sb, sh, ld
+
+
+cdef inline Rows rows_of(object arr):
+    cdef Rows r
+    isz = arr.itemsize
+    r.sb = arr.strides[0] // isz
+    r.sh = arr.strides[1] // isz
+    r.ld = arr.strides[2] // isz
+    # numpy may give a length-1 axis any stride (0 after broadcasting); BLAS wants ld >= d
+    if arr.ndim == 4 and arr.shape[2] == 1:
+        r.ld = arr.shape[3]
+    return r
+
+
+cdef struct Block:
+    Py_ssize_t c       # rows in the block
+    Py_ssize_t m       # rows that see the state entering the block: c, or 0 after a reset
+
+
+# Blocks end at multiples of the chunk and before every reset, so a reset is always a block's
+# first row: the state entering that block is dropped (never multiplied by a zero decay, so
+# nothing non-finite from before the reset reaches later steps).
+
+cdef inline Py_ssize_t block_end(Py_ssize_t t0, Py_ssize_t Tb, Py_ssize_t C,
+                                 const uint8_t* rs) noexcept nogil:
+    cdef Py_ssize_t t, t1 = min(Tb, (t0 // C + 1) * C)
+    if rs != NULL:
+        for t in range(t0 + 1, t1):
+            if rs[t]:
+                return t
+    return t1
+
+
+cdef inline Py_ssize_t block_start(Py_ssize_t t1, Py_ssize_t C, const uint8_t* rs) noexcept nogil:
+    cdef Py_ssize_t t, t0 = ((t1 - 1) // C) * C
+    if rs != NULL:
+        for t in range(t1 - 1, t0, -1):
+            if rs[t]:
+                return t
+    return t0
+
+
+cdef Block block_decay(const floating* g, Py_ssize_t sg, const uint8_t* rs, Py_ssize_t t0,
+                       Py_ssize_t c, floating* G) noexcept nogil:
+    """G[s] = cumulative log-decay from the block start to row s (NULL g: no decay; a reset
+    at the first row drops that row's own decay, which would multiply a zeroed state)."""
+    cdef floating acc = 0
+    cdef Py_ssize_t s
+    cdef Block blk
+    cdef bint fresh = rs != NULL and rs[t0]
+    blk.c = c
+    blk.m = 0 if fresh else c
+    if g != NULL:
+        g = g + t0 * sg
+        for s in range(c):
+            if s > 0 or not fresh:
+                acc = acc + g[s * sg]
+            G[s] = acc
+    return blk
+
+
+cdef void apply_mask(floating* A, Py_ssize_t lda, Py_ssize_t c, const floating* G) noexcept nogil:
+    """A[s, t] *= exp(G[s] - G[t]) for t <= s (exponent <= 0), 0 above the diagonal."""
+    cdef Py_ssize_t s, t
+    cdef floating* row
+    cdef floating Gs
+    for s in range(c):
+        row = A + s * lda
+        if G != NULL:
+            Gs = G[s]
+            for t in range(s + 1):
+                row[t] = row[t] * exp_(Gs - G[t])
+        for t in range(s + 1, c):
+            row[t] = 0
+
+
+cdef const floating* decayed(const floating* X, Py_ssize_t* ldx, Py_ssize_t n, Py_ssize_t c,
+                             Py_ssize_t d, const floating* G, bint to_end,
+                             floating* W) noexcept nogil:
+    """The first n of X's c rows of d, row s scaled by its decay from the block start,
+    exp(G[s]), or with to_end by its decay to the block end, exp(G[c-1] - G[s]); written to
+    W (contiguous, *ldx set to d).  X itself when there is no decay (G NULL)."""
+    cdef Py_ssize_t s, i, ld = ldx[0]
+    cdef floating w
+    if G == NULL:
+        return X
+    for s in range(n):
+        w = exp_(G[c - 1] - G[s]) if to_end else exp_(G[s])
+        for i in range(d):
+            W[s * d + i] = w * X[s * ld + i]
+    ldx[0] = d
+    return W
+
+
+cdef void scale(floating* X, Py_ssize_t n, floating w) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        X[i] = w * X[i]
+
+
+cdef inline void masked_scores(const floating* X, Py_ssize_t ldx, const floating* Y,
+                               Py_ssize_t ldy, Py_ssize_t c, Py_ssize_t d, const floating* G,
+                               floating* out, Py_ssize_t ldo) noexcept nogil:
+    """out [c, c] = (X Y^T) * M, the block's causal (and decayed) scores, M as in apply_mask."""
+    gemm(False, True, c, c, d, 1, X, ldx, Y, ldy, 0, out, ldo)
+    apply_mask(out, ldo, c, G)
+
+
+cdef void state_update(const floating* X, Py_ssize_t ldx, const floating* Y, Py_ssize_t ldy,
+                       Block blk, Py_ssize_t dx, Py_ssize_t dy, const floating* G,
+                       bint to_end, floating* S, floating* W) noexcept nogil:
+    """S [dx, dy] = exp(G[c-1]) S + decayed(X)^T Y: a state carried forward across the block
+    (to_end), or a state gradient carried backward (the rows that saw the entering state).
+    A reset at the block start replaces the carried part by exact zeros."""
+    cdef Py_ssize_t i, n = blk.c if to_end else blk.m
+    if blk.m < blk.c:
+        for i in range(dx * dy):
+            S[i] = 0
+    elif G != NULL:
+        scale(S, dx * dy, exp_(G[blk.c - 1]))
+    if n > 0:
+        X = decayed(X, &ldx, n, blk.c, dx, G, to_end, W)
+        gemm(True, False, dx, dy, n, 1, X, ldx, Y, ldy, 1, S, dy)
+
+
+cdef void linear_forward_job(Py_ssize_t T, Py_ssize_t Tb, Py_ssize_t dk, Py_ssize_t dv,
+                             Py_ssize_t C, const floating* q, Py_ssize_t ldq,
+                             const floating* k, Py_ssize_t ldk, const floating* v,
+                             Py_ssize_t ldv, const floating* g, Py_ssize_t sg,
+                             const uint8_t* rs, const floating* S0, floating* o,
+                             Py_ssize_t ldo, floating* S, floating* A, floating* G,
+                             floating* W) noexcept nogil:
+    # Tb <= T valid rows; rows Tb..T-1 of o are padding (zeros)
+    cdef Py_ssize_t t0 = 0, t1, c, i, j, ldx
+    cdef Block blk
+    cdef const floating* Q
+    cdef const floating* K
+    cdef const floating* V
+    cdef const floating* X
+    cdef const floating* Gp = G if g != NULL else NULL
+    for i in range(dk * dv):
+        S[i] = S0[i]
+    while t0 < Tb:
+        t1 = block_end(t0, Tb, C, rs)
+        c = t1 - t0
+        Q, K, V = q + t0 * ldq, k + t0 * ldk, v + t0 * ldv
+        blk = block_decay(g, sg, rs, t0, c, G)
+        # intra-block: ((Q K^T) * M) V
+        masked_scores(Q, ldq, K, ldk, c, dk, Gp, A, C)
+        gemm(False, False, c, dv, c, 1, A, C, V, ldv, 0, o + t0 * ldo, ldo)
+        # inter-block: diag(exp(G)) Q S_prev (unless the block starts with a reset)
+        if blk.m > 0:
+            ldx = ldq
+            X = decayed(Q, &ldx, c, c, dk, Gp, False, W)
+            gemm(False, False, c, dv, dk, 1, X, ldx, S, dv, 1, o + t0 * ldo, ldo)
+        state_update(K, ldk, V, ldv, blk, dk, dv, Gp, True, S, W)
+        t0 = t1
+    for i in range(Tb, T):
+        for j in range(dv):
+            o[i * ldo + j] = 0
+
+
+def linear_forward(q, k, v, g, const floating[:, :, :, ::1] S0, Py_ssize_t chunk,
+                   Py_ssize_t group, lengths, reset, floating[:, :, :, :] o,
+                   floating[:, :, :, ::1] S_out, int num_threads):
+    """o, S_out = chunked linear recurrence S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t.
+
+    q, k [B,G,T,dk] (head h reads group h // group), v [B,NH,T,dv] (strided, last axis
+    contiguous), g [B,NH,T] strided or None (no decay; required with reset), S0 [B,NH,dk,dv],
+    lengths int64 [B] or None, reset uint8 [B,T] or None; outputs o [B,NH,T,dv] (strided),
+    S_out [B,NH,dk,dv].  Requires every size >= 1."""
+    cdef const floating[:, :, :, :] qm = q
+    cdef const floating[:, :, :, :] km = k
+    cdef const floating[:, :, :, :] vm = v
+    cdef const floating[:, :, :] gm
+    cdef const int64_t[::1] lm
+    cdef const uint8_t[:, ::1] rm
+    cdef Py_ssize_t B = o.shape[0], NH = o.shape[1], T = o.shape[2]
+    cdef Py_ssize_t dk = qm.shape[3], dv = vm.shape[3]
+    cdef Py_ssize_t C = min(chunk, T), job, b, h, Tb, failed = 0
+    cdef Rows rq = rows_of(qm), rk = rows_of(km), rv = rows_of(vm), ro = rows_of(o)
+    cdef Rows rg = Rows(0, 0, 0)
+    cdef const floating* gp = NULL
+    cdef const int64_t* lp = NULL
+    cdef const uint8_t* rp = NULL
+    cdef floating* A
+    if g is not None:
+        gm = g
+        gp = &gm[0, 0, 0]
+        rg = rows_of(gm)
+    if lengths is not None:
+        lm = lengths
+        lp = &lm[0]
+    if reset is not None:
+        rm = reset
+        rp = &rm[0, 0]
+    with nogil, parallel(num_threads=num_threads):
+        A = <floating*> scratch_alloc((C * C + C + C * max(dk, dv)) * sizeof(floating))
+        for job in prange(B * NH, schedule="static"):
+            b = job // NH
+            h = job % NH
+            if A == NULL:
+                failed += 1
+                continue
+            Tb = lp[b] if lp != NULL else T
+            linear_forward_job(T, Tb, dk, dv, C,
+                               &qm[0, 0, 0, 0] + b * rq.sb + (h // group) * rq.sh, rq.ld,
+                               &km[0, 0, 0, 0] + b * rk.sb + (h // group) * rk.sh, rk.ld,
+                               &vm[0, 0, 0, 0] + b * rv.sb + h * rv.sh, rv.ld,
+                               (gp + b * rg.sb + h * rg.sh) if gp != NULL else NULL, rg.ld,
+                               (rp + b * T) if rp != NULL else NULL,
+                               &S0[b, h, 0, 0], &o[0, 0, 0, 0] + b * ro.sb + h * ro.sh, ro.ld,
+                               &S_out[b, h, 0, 0], A, A + C * C, A + C * C + C)
+        scratch_free(A)
+    if failed:
+        raise MemoryError(f"linear attention: no memory for a {C} x {C} block (chunk)")
+
+
+cdef void linear_backward_job(Py_ssize_t T, Py_ssize_t Tb, Py_ssize_t dk, Py_ssize_t dv,
+                              Py_ssize_t C, const floating* q, Py_ssize_t ldq,
+                              const floating* k, Py_ssize_t ldk, const floating* v,
+                              Py_ssize_t ldv, const floating* g, Py_ssize_t sg,
+                              const uint8_t* rs, const floating* S0,
+                              const floating* do, Py_ssize_t lddo, const floating* dS,
+                              floating* dq, floating* dk_, floating* dv_, floating* dS0,
+                              floating* A, floating* P, floating* G, floating* W,
+                              floating* S) noexcept nogil:
+    # dq, dk_, dv_ are contiguous [T, dk] / [T, dv]; dS0 doubles as the running state gradient H.
+    cdef Py_ssize_t t0 = 0, t1, c, i, ldx
+    cdef Block blk
+    cdef const floating* Q
+    cdef const floating* K
+    cdef const floating* V
+    cdef const floating* dO
+    cdef const floating* X
+    cdef const floating* Gp = G if g != NULL else NULL
+    cdef floating* H = dS0
+    # forward sweep: dQ = (dO V^T * M) K + diag(exp(G)) dO S_prev^T
+    for i in range(dk * dv):
+        S[i] = S0[i]
+    while t0 < Tb:
+        t1 = block_end(t0, Tb, C, rs)
+        c = t1 - t0
+        Q, K, V, dO = q + t0 * ldq, k + t0 * ldk, v + t0 * ldv, do + t0 * lddo
+        blk = block_decay(g, sg, rs, t0, c, G)
+        masked_scores(dO, lddo, V, ldv, c, dv, Gp, P, C)
+        gemm(False, False, c, dk, c, 1, P, C, K, ldk, 0, dq + t0 * dk, dk)
+        if blk.m > 0:
+            ldx = lddo
+            X = decayed(dO, &ldx, c, c, dv, Gp, False, W)
+            gemm(False, True, c, dk, dv, 1, X, ldx, S, dv, 1, dq + t0 * dk, dk)
+        state_update(K, ldk, V, ldv, blk, dk, dv, Gp, True, S, W)
+        t0 = t1
+    # reverse sweep over the same blocks, H = gradient of the state leaving the block:
+    # dK = (P*M)^T Q + diag(w) V H^T,  dV = (A*M)^T dO + diag(w) K H,  w = exp(G[c-1] - G)
+    for i in range(dk * dv):
+        H[i] = dS[i]
+    t1 = Tb
+    while t1 > 0:
+        t0 = block_start(t1, C, rs)
+        c = t1 - t0
+        Q, K, V, dO = q + t0 * ldq, k + t0 * ldk, v + t0 * ldv, do + t0 * lddo
+        blk = block_decay(g, sg, rs, t0, c, G)
+        masked_scores(dO, lddo, V, ldv, c, dv, Gp, P, C)
+        masked_scores(Q, ldq, K, ldk, c, dk, Gp, A, C)
+        gemm(True, False, c, dk, c, 1, P, C, Q, ldq, 0, dk_ + t0 * dk, dk)
+        gemm(True, False, c, dv, c, 1, A, C, dO, lddo, 0, dv_ + t0 * dv, dv)
+        ldx = ldv
+        X = decayed(V, &ldx, c, c, dv, Gp, True, W)
+        gemm(False, True, c, dk, dv, 1, X, ldx, H, dv, 1, dk_ + t0 * dk, dk)
+        ldx = ldk
+        X = decayed(K, &ldx, c, c, dk, Gp, True, W)
+        gemm(False, False, c, dv, dk, 1, X, ldx, H, dv, 1, dv_ + t0 * dv, dv)
+        # H = exp(G[c-1]) H + (diag(exp(G)) Q)^T dO  (0 + nothing after a reset)
+        state_update(Q, ldq, dO, lddo, blk, dk, dv, Gp, False, H, W)
+        t1 = t0
+    for i in range(Tb * dk, T * dk):
+        dq[i] = 0
+        dk_[i] = 0
+    for i in range(Tb * dv, T * dv):
+        dv_[i] = 0
+
+
+def linear_backward(q, k, v, g, const floating[:, :, :, ::1] S0, Py_ssize_t chunk,
+                    Py_ssize_t group, lengths, reset, do, const floating[:, :, :, ::1] dS,
+                    floating[:, :, :, ::1] dq, floating[:, :, :, ::1] dk,
+                    floating[:, :, :, ::1] dv, floating[:, :, :, ::1] dS0, int num_threads):
+    """Gradients of `linear_forward` for the cotangents do [B,NH,T,dv] (strided) and dS
+    [B,NH,dk,dv]: dq, dk [B,NH,T,dk] (per head: the caller sums a group's heads),
+    dv [B,NH,T,dv], dS0 [B,NH,dk,dv] (all contiguous).  The log-decay gradient follows from
+    these (see _reference.linear_attention.log_decay_grad)."""
+    cdef const floating[:, :, :, :] qm = q
+    cdef const floating[:, :, :, :] km = k
+    cdef const floating[:, :, :, :] vm = v
+    cdef const floating[:, :, :, :] dom = do
+    cdef const floating[:, :, :] gm
+    cdef const int64_t[::1] lm
+    cdef const uint8_t[:, ::1] rm
+    cdef Py_ssize_t B = dq.shape[0], NH = dq.shape[1], T = dq.shape[2]
+    cdef Py_ssize_t dk_ = dq.shape[3], dv_ = dv.shape[3]
+    cdef Py_ssize_t C = min(chunk, T), job, b, h, Tb, failed = 0
+    cdef Py_ssize_t w = C * max(dk_, dv_)
+    cdef Rows rq = rows_of(qm), rk = rows_of(km), rv = rows_of(vm), rd = rows_of(dom)
+    cdef Rows rg = Rows(0, 0, 0)
+    cdef const floating* gp = NULL
+    cdef const int64_t* lp = NULL
+    cdef const uint8_t* rp = NULL
+    cdef floating* A
+    if g is not None:
+        gm = g
+        gp = &gm[0, 0, 0]
+        rg = rows_of(gm)
+    if lengths is not None:
+        lm = lengths
+        lp = &lm[0]
+    if reset is not None:
+        rm = reset
+        rp = &rm[0, 0]
+    with nogil, parallel(num_threads=num_threads):
+        A = <floating*> scratch_alloc((2 * C * C + C + w + dk_ * dv_) * sizeof(floating))
+        for job in prange(B * NH, schedule="static"):
+            b = job // NH
+            h = job % NH
+            if A == NULL:
+                failed += 1
+                continue
+            Tb = lp[b] if lp != NULL else T
+            linear_backward_job(T, Tb, dk_, dv_, C,
+                                &qm[0, 0, 0, 0] + b * rq.sb + (h // group) * rq.sh, rq.ld,
+                                &km[0, 0, 0, 0] + b * rk.sb + (h // group) * rk.sh, rk.ld,
+                                &vm[0, 0, 0, 0] + b * rv.sb + h * rv.sh, rv.ld,
+                                (gp + b * rg.sb + h * rg.sh) if gp != NULL else NULL, rg.ld,
+                                (rp + b * T) if rp != NULL else NULL,
+                                &S0[b, h, 0, 0], &dom[0, 0, 0, 0] + b * rd.sb + h * rd.sh, rd.ld,
+                                &dS[b, h, 0, 0], &dq[b, h, 0, 0], &dk[b, h, 0, 0],
+                                &dv[b, h, 0, 0], &dS0[b, h, 0, 0], A, A + C * C,
+                                A + 2 * C * C, A + 2 * C * C + C, A + 2 * C * C + C + w)
+        scratch_free(A)
+    if failed:
+        raise MemoryError(f"linear attention: no memory for two {C} x {C} blocks (chunk)")
+
+
+# ---- one decoding step on the state in its public layout ---------------------------------------
+
+cdef void linear_step_job(Py_ssize_t dk, Py_ssize_t dv, floating lam, const floating* q,
+                          const floating* k, const floating* v, const floating* S_in,
+                          floating* S_out, floating* o) noexcept nogil:
+    """S_out = lam S_in + k v^T; o = S_out^T q (S_out may be S_in: each entry is read before
+    it is written)."""
+    cdef Py_ssize_t i, j
+    cdef floating s, ki, qi
+    for j in range(dv):
+        o[j] = 0
+    for i in range(dk):
+        ki = k[i]
+        qi = q[i]
+        for j in range(dv):
+            s = lam * S_in[i * dv + j] + ki * v[j]
+            S_out[i * dv + j] = s
+            o[j] = o[j] + qi * s
+
+
+cdef void linear_step_impl(Py_ssize_t B, Py_ssize_t NH, Py_ssize_t dk, Py_ssize_t dv,
+                           const floating* q, const floating* k, const floating* v,
+                           const floating* decay, const floating* S_in, floating* o,
+                           floating* S_out, int num_threads) noexcept nogil:
+    cdef Py_ssize_t job, h
+    cdef floating lam
+    if num_threads <= 1 or B * NH * dk * dv < 65536:     # a parallel region costs more
+        for job in range(B * NH):
+            h = job % NH
+            lam = decay[h] if decay != NULL else 1
+            linear_step_job(dk, dv, lam, q + job * dk, k + job * dk, v + job * dv,
+                            S_in + job * dk * dv, S_out + job * dk * dv, o + job * dv)
+        return
+    for job in prange(B * NH, schedule="static", num_threads=num_threads):
+        h = job % NH
+        lam = decay[h] if decay != NULL else 1
+        linear_step_job(dk, dv, lam, q + job * dk, k + job * dk, v + job * dv,
+                        S_in + job * dk * dv, S_out + job * dk * dv, o + job * dv)
+
+
+cdef inline char* data(object a) noexcept:
+    """The data pointer of a (C-contiguous) ndarray, NULL for None."""
+    return <char*> cnp.PyArray_DATA(<cnp.ndarray> a) if a is not None else NULL
+
+
+def linear_step(q, k, v, decay, state, o, out_state, int num_threads):
+    """One step (T = 1) of linear attention on the state in its public layout.
+
+    q, k [B,NH,1,dk], v [B,NH,1,dv], decay [NH] (the factor, not its log) or None,
+    state [B,NH,dk,dv]; outputs o [B,NH,1,dv] and out_state [B,NH,dk,dv], which may be
+    `state` itself.  Every array C-contiguous, one dtype (the caller checks)."""
+    cdef Py_ssize_t B = q.shape[0], NH = q.shape[1], dk = q.shape[3], dv = v.shape[3]
+    cdef char* pq = data(q)
+    cdef char* pk = data(k)
+    cdef char* pv = data(v)
+    cdef char* pd = data(decay)
+    cdef char* ps = data(state)
+    cdef char* po = data(o)
+    cdef char* pso = data(out_state)
+    if q.dtype.itemsize == 4:
+        with nogil:
+            linear_step_impl[float](B, NH, dk, dv, <float*> pq, <float*> pk, <float*> pv,
+                                    <float*> pd, <float*> ps, <float*> po, <float*> pso,
+                                    num_threads)
+    else:
+        with nogil:
+            linear_step_impl[double](B, NH, dk, dv, <double*> pq, <double*> pk, <double*> pv,
+                                     <double*> pd, <double*> ps, <double*> po, <double*> pso,
+                                     num_threads)

@@ -1,0 +1,276 @@
+"""Chunked causal linear attention, and the linear recurrence it shares with SSD.
+
+The recurrence ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T q_t`` runs in blocks of
+``chunk`` rows (intra-block masked quadratic part plus the carried state): constant work per
+token for any T.  Variable lengths and resets are handled inside the kernel (a reset is a
+zero decay at its step); ``reverse=`` reads each row's valid steps backwards through a
+per-row permutation of the inputs.
+"""
+import numpy as np
+
+from . import _dispatch, _validate
+from ._reference import linear_attention as _ref
+from .autodiff import cotangent, defvjp
+
+_FAMILY = "linear_attention"
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# ---- the shared recurrence (also SSD's) ------------------------------------------------------
+
+def recurrence_forward(q, k, v, g, S0, chunk, group=1, lengths=None, reset=None, out=None):
+    """(o [B,NH,T,dv], S_T) of the recurrence; q, k [B,G,T,dk] (head h reads group
+    h // group), v [B,NH,T,dv] and g [B,NH,T] (None: no decay) strided with a contiguous last
+    axis; S0 contiguous; lengths int64 [B] / reset bool [B,T] or None.  `out` optionally
+    gives o as a (strided) view to write into."""
+    B, NH, T, dv = v.shape
+    dk = S0.shape[2]
+    if reset is not None and g is None:      # a reset is a zero decay: the kernel needs g
+        g = np.broadcast_to(np.zeros((), S0.dtype), (B, NH, T))
+
+    def alloc():
+        return (np.empty((B, NH, T, dv), S0.dtype) if out is None else out), np.empty_like(S0)
+
+    o, S = _dispatch.run(_FAMILY, "linear_forward", q, k, v, g, S0, chunk, group, lengths,
+                         _as_bytes(reset), out=alloc, empty=B * NH * T * dk * dv == 0)
+    if out is not None and o is not out:
+        out[...] = o
+        o = out
+    return o, S
+
+
+def recurrence_backward(q, k, v, g, S0, S_T, do, dS, chunk, group=1, lengths=None,
+                        reset=None, need_dg=True):
+    """(dq, dk, dv, dS0, dg) of `recurrence_forward`: dq, dk [B,NH,T,dk] per head (the
+    caller sums a group's heads), dg [B,NH,T] (None without decay or when not `need_dg`)."""
+    B, NH, T, dv = v.shape
+    dk = S0.shape[2]
+    g_kernel = g
+    if reset is not None and g is None:
+        g_kernel = np.broadcast_to(np.zeros((), S0.dtype), (B, NH, T))
+    dtype = S0.dtype
+
+    def alloc():
+        return (np.empty((B, NH, T, dk), dtype), np.empty((B, NH, T, dk), dtype),
+                np.empty((B, NH, T, dv), dtype), np.empty_like(S0))
+
+    dq, dk_, dv_, dS0 = _dispatch.run(_FAMILY, "linear_backward", q, k, v, g_kernel, S0, chunk,
+                                      group, lengths, _as_bytes(reset), do,
+                                      np.ascontiguousarray(dS), out=alloc,
+                                      empty=B * NH * T * dk * dv == 0)
+    dg = None
+    if g is not None and need_dg:
+        dg = _ref.log_decay_grad(q, k, dq, dk_, dS, S_T, group, lengths, reset)
+    return dq, dk_, dv_, dS0, dg
+
+
+def _as_bytes(reset):
+    """The kernel reads resets as uint8 (same bytes as numpy's bool)."""
+    return reset.view(np.uint8) if reset is not None and _dispatch.use_compiled() else reset
+
+
+# ---- options shared with SSD -------------------------------------------------------------------
+
+def steps(lengths, reverse, reset, B, T):
+    """Validated (lengths, reverse, reset, permutation): `permutation` [B, T] (or None) maps
+    processing order to time (an involution: each row's valid part reversed, padding kept)."""
+    lengths = _validate.lengths(lengths, B, T)
+    reverse = _validate.boolean("reverse", reverse)
+    reset = _validate.reset(reset, B, T)
+    perm = None
+    if reverse and B * T:
+        t = np.arange(T)
+        n = np.full((B, 1), T) if lengths is None else lengths[:, None]
+        perm = np.where(t < n, n - 1 - t, t)
+        if reset is not None:
+            reset = np.take_along_axis(reset, perm, axis=1)
+    return lengths, reverse, reset, perm
+
+
+def permute(a, perm, axis):
+    """`a` with its time axis (`axis`) read in the order `perm` [B, T] (None: unchanged)."""
+    if perm is None or a is None:
+        return a
+    shape = [1] * a.ndim
+    shape[0], shape[axis] = perm.shape
+    return np.ascontiguousarray(np.take_along_axis(a, perm.reshape(shape), axis=axis))
+
+
+def zero_padding(a, lengths, axis):
+    """Set the padded steps (t >= lengths[b] along `axis`) of `a` to exactly 0, in place."""
+    if lengths is not None and a is not None:
+        valid = np.arange(a.shape[axis])[None, :] < lengths[:, None]
+        np.moveaxis(a, axis, 1)[~valid] = 0
+    return a
+
+
+def check_chunk(chunk, T):
+    """`chunk` as an int in [1, max(T, 1)] (a longer block is the same as one of T rows)."""
+    if chunk is None:
+        return None
+    return min(_validate.positive_int("chunk", chunk), max(T, 1))
+
+
+def out_state_array(out_state, shape, dtype):
+    """`out_state=` checked: a writeable C-contiguous ndarray of the state's shape and dtype."""
+    if out_state is None:
+        return None
+    if not isinstance(out_state, np.ndarray):
+        raise TypeError(f"out_state must be an ndarray, got {type(out_state).__name__}")
+    if out_state.dtype != dtype:
+        raise TypeError(f"out_state must be {dtype}, got {out_state.dtype}")
+    if out_state.shape != tuple(shape):
+        raise ValueError(f"out_state must have shape {list(shape)}, got {out_state.shape}")
+    if not out_state.flags.c_contiguous or not out_state.flags.writeable:
+        raise ValueError("out_state must be a writeable C-contiguous array")
+    return out_state
+
+
+def store_state(S, out_state):
+    """The final state, written into `out_state` when one was given."""
+    if out_state is None or S is out_state:
+        return S
+    out_state[...] = S
+    return out_state
+
+
+def fast_arrays(arrays, dtype):
+    """True when every entry is None or a C-contiguous ndarray of `dtype` (the decode fast
+    path's check; the general path validates and explains anything else)."""
+    for a in arrays:
+        if a is not None and (type(a) is not np.ndarray or a.dtype != dtype
+                              or not a.flags.c_contiguous):
+            return False
+    return True
+
+
+# ---- linear attention --------------------------------------------------------------------------
+
+def _prepare(q, k, v, decay, state, chunk, lengths, reverse, reset):
+    arr, dims, dtype = _validate.arrays(
+        {"q": "B NH T dk", "k": "B NH T dk", "v": "B NH T dv", "decay?": "~NH",
+         "state?": "B NH dk dv"},
+        {"q": q, "k": k, "v": v, "decay": decay, "state": state})
+    B, NH, T = dims["B"], dims["NH"], dims["T"]
+    lam = arr["decay"]
+    if lam is not None and not np.all((lam > 0) & (lam <= 1)):
+        raise ValueError(f"decay must lie in (0, 1], got {lam}")
+    chunk = check_chunk(chunk, T)
+    lengths, reverse, reset, perm = steps(lengths, reverse, reset, B, T)
+    q, k, v = (permute(arr[n], perm, 2) for n in ("q", "k", "v"))
+    S0 = arr["state"]
+    if S0 is None:
+        S0 = np.zeros((B, NH, dims["dk"], dims["dv"]), dtype)
+    g = None
+    if lam is not None:
+        g = np.broadcast_to(np.log(lam)[None, :, None], (B, NH, T))
+    return q, k, v, lam, g, S0, chunk, lengths, reset, perm
+
+
+def linear_attention(q, k, v, *, decay=None, chunk=64, state=None, lengths=None,
+                     reverse=False, reset=None, out_state=None):
+    """Causal linear attention with an optional per-head decay, in O(T) time and memory.
+
+    ``S_t = decay * S_{t-1} + k_t v_t^T``,  ``o_t = S_t^T q_t``  (no softmax, no scaling).
+    Evaluated in blocks of ``chunk`` rows (Lightning Attention-2 tiling): the intra-block part
+    ``((Q K^T) * M) V`` with ``M[s, t] = decay**(s - t)`` for ``s >= t``, plus the carried
+    state's contribution; the result does not depend on ``chunk`` (up to rounding).
+
+    Parameters
+    ----------
+    q, k : ndarray [B, NH, T, dk]
+        Queries and keys (float32 or float64).
+    v : ndarray [B, NH, T, dv]
+        Values.
+    decay : float, sequence or ndarray [NH], optional
+        Per-head decay lambda in (0, 1] (a scalar applies to every head); None means 1
+        (plain linear attention).
+    chunk : int
+        Block size of the tiled algorithm (speed only).
+    state : ndarray [B, NH, dk, dv], optional
+        Initial state S_0 (zeros when None); passing the returned state back continues the
+        sequence exactly.
+    lengths : int array-like [B], optional
+        Valid steps per row; steps t >= lengths[b] are padding: their outputs are 0, they do
+        not touch the state, and the returned state is the one after the last valid step.
+    reverse : bool
+        Process each row's valid steps from the last to the first (the output at t is the
+        state after processing step t).
+    reset : bool array-like [B, T], optional
+        True at (b, t) zeroes row b's state before step t (in processing order).
+    out_state : ndarray [B, NH, dk, dv], optional
+        A C-contiguous array of the call's dtype that receives the final state and is
+        returned as it; it may be ``state`` itself (an in-place update, e.g. when decoding).
+
+    Returns
+    -------
+    o : ndarray [B, NH, T, dv]
+    state : ndarray [B, NH, dk, dv]
+        The final state S_T.
+
+    Notes
+    -----
+    T = 1 with ``state`` and contiguous arrays runs a dedicated decoding step on the state
+    in place of its layout (no transposes or copies).
+    ``statescan.vjp(linear_attention, q, k, v, decay=..., state=...)`` returns a pullback
+    taking ``(do, dstate)`` (either may be None) and returning ``(dq, dk, dv)``, followed by
+    ``ddecay`` when ``decay`` was passed and ``dstate`` when ``state`` was passed.
+    Memory: the forward needs the output plus one ``chunk x chunk`` block per thread; the
+    vjp keeps the inputs and adds gradients of the inputs' size.
+    """
+    fast = _decode(q, k, v, decay, state, lengths, reverse, reset, out_state)
+    if fast is not None:
+        return fast
+    q, k, v, lam, g, S0, chunk, lengths, reset, perm = _prepare(q, k, v, decay, state, chunk,
+                                                                lengths, reverse, reset)
+    out_state = out_state_array(out_state, S0.shape, S0.dtype)
+    o, S = recurrence_forward(q, k, v, g, S0, chunk, 1, lengths, reset)
+    return permute(o, perm, 2), store_state(S, out_state)
+
+
+def _decode(q, k, v, decay, state, lengths, reverse, reset, out_state):
+    """The T = 1 step with a state on already-valid contiguous arrays (None otherwise)."""
+    if (state is None or lengths is not None or reset is not None or reverse is not False
+            or type(q) is not np.ndarray or q.ndim != 4 or q.shape[2] != 1
+            or not _dispatch.use_compiled()):
+        return None
+    dtype = q.dtype
+    B, NH, _, dk = q.shape
+    if (dtype not in _FLOATS or not fast_arrays((q, k, v, decay, state, out_state), dtype)
+            or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]):
+        return None
+    dv = v.shape[3]
+    if (state.shape != (B, NH, dk, dv) or (decay is not None and decay.shape != (NH,))
+            or (out_state is not None and out_state.shape != state.shape)
+            or B * NH * dk * dv == 0):
+        return None
+    if decay is not None and not np.all((decay > 0) & (decay <= 1)):
+        return None
+    return _dispatch.run(_FAMILY, "linear_step", q, k, v, decay, state,
+                         out=lambda: (np.empty((B, NH, 1, dv), dtype),
+                                      np.empty_like(state) if out_state is None else out_state))
+
+
+def _linear_attention_vjp(q, k, v, *, decay=None, chunk=64, state=None, lengths=None,
+                          reverse=False, reset=None):
+    q, k, v, lam, g, S0, chunk, lengths, reset, perm = _prepare(q, k, v, decay, state, chunk,
+                                                                lengths, reverse, reset)
+    o, S_T = recurrence_forward(q, k, v, g, S0, chunk, 1, lengths, reset)
+
+    def pullback(cot):
+        do, dS = cotangent(cot, [("do", o.shape), ("dstate", S_T.shape)], o.dtype)
+        do = permute(do, perm, 2)
+        dq, dk, dv, dS0, dg = recurrence_backward(q, k, v, g, S0, S_T, do, dS, chunk, 1,
+                                                  lengths, reset)
+        grads = tuple(permute(a, perm, 2) for a in (dq, dk, dv))
+        if lam is not None:
+            # g = log(decay) at every step: d/d decay = sum of d/dg over steps / decay
+            grads += (dg.sum(axis=(0, 2)) / lam,)
+        if state is not None:
+            grads += (dS0,)
+        return grads
+
+    return (permute(o, perm, 2), S_T), pullback
+
+
+defvjp(linear_attention, _linear_attention_vjp)

@@ -1,0 +1,240 @@
+"""Mamba-2's SSD (state-space duality) operator: chunked prefill on the linear recurrence of
+`linear_attention` (q = C, k = B, v = delta x, log-decay delta A) and a one-step decoding
+kernel on the state in its public layout."""
+import numpy as np
+
+from . import _dispatch, _validate
+from ._reference.ssd import softplus
+from .autodiff import cotangent, defvjp
+from .linear_attention import (check_chunk, fast_arrays, out_state_array, permute,
+                               recurrence_backward, recurrence_forward, steps, store_state,
+                               zero_padding, _FLOATS)
+
+_DEFAULT_CHUNK = 64
+
+
+class _Call:
+    """One validated call: the arrays in processing order and the recurrence's operands."""
+
+    def __init__(self, x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state, lengths,
+                 reverse, reset):
+        grouped = np.ndim(B) == 4
+        bc = "B T G N" if grouped else "B T N"
+        arr, dims, dtype = _validate.arrays(
+            {"x": "B T NH P", "dt": "B T NH", "A": "~NH", "B": bc, "C": bc,
+             "D?": "NH P" if np.ndim(D) == 2 else "~NH", "z?": "B T NH P", "dt_bias?": "~NH",
+             "state?": "B NH P N"},
+            {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias,
+             "state": state})
+        Bt, T, NH, P, N = (dims[n] for n in ("B", "T", "NH", "P", "N"))
+        G = dims.get("G", 1)
+        if grouped and (NH % G if G else NH):
+            raise ValueError(f"B and C must have shape [B, T, G, N] with G (ngroups) dividing "
+                             f"NH = {NH}, got G = {G}")
+        self.sp = _validate.boolean("dt_softplus", dt_softplus)
+        self.chunk = check_chunk(_DEFAULT_CHUNK if chunk is None else chunk, T)
+        self.lengths, _, self.reset, self.perm = steps(lengths, reverse, reset, Bt, T)
+        self.x, self.dt, self.B, self.C, self.z = (permute(arr[n], self.perm, 1)
+                                                    for n in ("x", "dt", "B", "C", "z"))
+        self.A, self.D, self.dt_bias = arr["A"], arr["D"], arr["dt_bias"]
+        self.dtype, self.G, self.grouped = dtype, G, grouped
+        self.dtr = self.dt if self.dt_bias is None else self.dt + self.dt_bias
+        self.delta = softplus(self.dtr) if self.sp else self.dtr
+        # the recurrence's view: q = C, k = B shared by the heads of a group
+        if grouped:
+            self.q, self.k = self.C.transpose(0, 2, 1, 3), self.B.transpose(0, 2, 1, 3)
+            self.group = NH // G if G else 1
+        else:
+            self.q, self.k = self.C[:, None], self.B[:, None]
+            self.group = max(NH, 1)
+        self.v = (self.delta[..., None] * self.x).transpose(0, 2, 1, 3)
+        self.g = (self.delta * self.A).transpose(0, 2, 1)
+        self.S0 = (np.zeros((Bt, NH, N, P), dtype) if arr["state"] is None
+                   else np.ascontiguousarray(np.swapaxes(arr["state"], -1, -2)))
+        self.Dm = None if self.D is None else (self.D[:, None] if self.D.ndim == 1 else self.D)
+
+    def forward(self):
+        """(y, y_pre, h, S): output in processing order, the output before the gate, the
+        final state [B, NH, P, N] and its transposed kernel layout."""
+        y = np.empty_like(self.x)
+        _, S = recurrence_forward(self.q, self.k, self.v, self.g, self.S0, self.chunk,
+                                  self.group, self.lengths, self.reset,
+                                  out=y.transpose(0, 2, 1, 3))
+        if self.Dm is not None:
+            y = y + self.Dm * self.x
+        y_pre = y
+        if self.z is not None:
+            y = y_pre * (self.z / (1 + np.exp(-self.z)))
+        if self.Dm is not None or self.z is not None:
+            zero_padding(y, self.lengths, 1)
+        return y, y_pre, np.swapaxes(S, -1, -2).copy(), S
+
+    def backward(self, y_pre, S, dy, dh):
+        """Gradients (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dstate) in processing order."""
+        if self.lengths is not None:
+            dy = zero_padding(dy.copy(), self.lengths, 1)
+        dz = None
+        if self.z is not None:
+            sz = 1 / (1 + np.exp(-self.z))
+            dz = dy * y_pre * (sz * (1 + self.z * (1 - sz)))
+            dy = dy * (self.z * sz)
+        dD = None
+        if self.Dm is not None:
+            dD = np.sum(zero_padding(dy * self.x, self.lengths, 1), axis=(0, 1))
+            dD = dD.sum(axis=-1) if self.D.ndim == 1 else dD
+        dq, dk, dv, dS0, dg = recurrence_backward(
+            self.q, self.k, self.v, self.g, self.S0, S, dy.transpose(0, 2, 1, 3),
+            np.swapaxes(dh, -1, -2), self.chunk, self.group, self.lengths, self.reset)
+        dv = dv.transpose(0, 2, 1, 3)                  # [B, T, NH, P]
+        dg = dg.transpose(0, 2, 1)                     # [B, T, NH]
+        dx = dv * self.delta[..., None]
+        if self.Dm is not None:
+            dx = dx + self.Dm * dy
+        ddelta = np.sum(dv * self.x, axis=-1) + dg * self.A
+        dA = np.sum(zero_padding(dg * self.delta, self.lengths, 1), axis=(0, 1))
+        ddt = ddelta * (1 / (1 + np.exp(-self.dtr))) if self.sp else ddelta
+        for a in (dx, ddt, dz):             # padded inputs may hold anything, even NaN
+            zero_padding(a, self.lengths, 1)
+        dbias = None if self.dt_bias is None else ddt.sum(axis=(0, 1))
+        dB, dC = self._group_sum(dk), self._group_sum(dq)
+        return dx, ddt, dA, dB, dC, dD, dz, dbias, np.swapaxes(dS0, -1, -2).copy()
+
+    def _group_sum(self, d):
+        """Per-head gradients [B, NH, T, N] summed over each group's heads, as B / C."""
+        if not self.grouped:
+            return d.sum(axis=1)
+        Bt, NH, T, N = d.shape
+        return np.ascontiguousarray(
+            d.reshape(Bt, self.G, NH // self.G, T, N).sum(axis=2).transpose(0, 2, 1, 3))
+
+
+def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, chunk=64,
+        state=None, lengths=None, reverse=False, reset=None, out_state=None):
+    """Mamba-2's state-space duality operator (scalar decay per head), chunked.
+
+    With ``delta = dt (+ dt_bias)``, passed through softplus when ``dt_softplus``, per head h
+    (state [P, N]) and group g = h // (NH / G)::
+
+        h_t = exp(delta_t[h] * A[h]) h_{t-1} + (delta_t[h] x_t[h]) B_t[g]^T
+        y_t[h] = h_t C_t[g] + D[h] * x_t[h]
+        y_t[h] *= silu(z_t[h])          (z given: the gate multiplies the whole output,
+                                          D skip included, as mamba_ssm's chunk scan with z)
+
+    computed as linear attention with q = C, k = B, v = delta x and data-dependent decay
+    (cumulative log-decays within a block, differences only, so nothing overflows).
+
+    Parameters
+    ----------
+    x : ndarray [B, T, NH, P]
+        Input per head (float32 or float64; every array shares the dtype).
+    dt : ndarray [B, T, NH]
+        Step sizes (before dt_bias and softplus).
+    A : ndarray [NH] (or a scalar)
+        Per-head scalar (negative for a decaying state).
+    B, C : ndarray [B, T, N] or [B, T, G, N]
+        Input and output projections: shared by all heads, or per group (ngroups G dividing
+        NH; heads are split evenly over the groups, head h uses group h // (NH / G)).
+    D : ndarray [NH] or [NH, P] (or a scalar), optional
+        Skip connection: ``y += D * x``.
+    z : ndarray [B, T, NH, P], optional
+        Gate: the output (after the D skip) is multiplied by ``silu(z) = z * sigmoid(z)``.
+        (Mamba-2 blocks that normalise with RMSNormGated apply z there instead.)
+    dt_bias : ndarray [NH] (or a scalar), optional
+        Added to dt before the optional softplus.
+    dt_softplus : bool
+        Pass dt (+ dt_bias) through softplus.
+    chunk : int
+        Block size (speed only); None means the default (64).
+    state : ndarray [B, NH, P, N], optional
+        Initial state h_0 (zeros when None).
+    lengths : int array-like [B], optional
+        Valid steps per row; outputs at padded steps are 0, the returned state is the one
+        after each row's last valid step.
+    reverse : bool
+        Process each row's valid steps from the last to the first.
+    reset : bool array-like [B, T], optional
+        True at (b, t) zeroes row b's state before step t (in processing order).
+    out_state : ndarray [B, NH, P, N], optional
+        A C-contiguous array of the call's dtype that receives the final state and is
+        returned as it; it may be ``state`` itself (in-place decoding, no allocation).
+
+    Returns
+    -------
+    y : ndarray [B, T, NH, P]
+    state : ndarray [B, NH, P, N]
+
+    Notes
+    -----
+    T = 1 with ``state`` (and C-contiguous arrays of one dtype, no lengths / reset /
+    reverse) runs a dedicated decoding step on the state in its public layout: no
+    transposes or copies of the state, a few microseconds of checks.
+    The vjp pullback takes ``(dy, dstate)`` (either may be None) and returns
+    ``(dx, ddt, dA, dB, dC)``, then, in this order, ``dD``, ``dz``, ``ddt_bias`` and
+    ``dstate`` for each of D, z, dt_bias, state that was given.
+    Memory: the forward needs about 2x the output (delta x and the output) plus one
+    ``chunk x chunk`` block per thread; the vjp adds per-head gradients of B and C
+    ([B, NH, T, N] each).
+    """
+    fast = _decode(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths, reverse, reset,
+                   out_state)
+    if fast is not None:
+        return fast
+    call = _Call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state, lengths, reverse,
+                 reset)
+    out_state = out_state_array(out_state, (call.S0.shape[0], call.S0.shape[1],
+                                            call.S0.shape[3], call.S0.shape[2]), call.dtype)
+    y, _, h, _ = call.forward()
+    return permute(y, call.perm, 1), store_state(h, out_state)
+
+
+def _decode(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths, reverse, reset,
+            out_state):
+    """The T = 1 step with a state on already-valid contiguous arrays (None otherwise: the
+    general path then validates and explains)."""
+    if (state is None or lengths is not None or reset is not None or reverse is not False
+            or type(x) is not np.ndarray or x.ndim != 4 or x.shape[1] != 1
+            or type(dt_softplus) is not bool or not _dispatch.use_compiled()):
+        return None
+    dtype = x.dtype
+    if dtype not in _FLOATS or not fast_arrays((x, dt, A, B, C, D, z, dt_bias, state,
+                                                out_state), dtype):
+        return None
+    Bt, _, NH, P = x.shape
+    N = B.shape[-1]
+    if (dt.shape != (Bt, 1, NH) or A.shape != (NH,) or C.shape != B.shape
+            or B.shape[:2] != (Bt, 1) or state.shape != (Bt, NH, P, N)
+            or (B.ndim == 4 and (B.shape[2] == 0 or NH % B.shape[2])) or B.ndim not in (3, 4)
+            or (D is not None and D.shape != (NH,) and D.shape != (NH, P))
+            or (z is not None and z.shape != x.shape)
+            or (dt_bias is not None and dt_bias.shape != (NH,))
+            or (out_state is not None and (out_state.shape != state.shape
+                                           or not out_state.flags.writeable))
+            or state.size == 0):
+        return None
+    return _dispatch.run("ssd", "ssd_step", x, dt, A, B, C, D, z, dt_bias, dt_softplus, state,
+                         out=lambda: (np.empty_like(x), np.empty_like(state)
+                                      if out_state is None else out_state))
+
+
+def _ssd_vjp(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, chunk=64,
+             state=None, lengths=None, reverse=False, reset=None):
+    call = _Call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state, lengths, reverse,
+                 reset)
+    y, y_pre, h, S = call.forward()
+
+    def pullback(cot):
+        dy, dh = cotangent(cot, [("dy", y.shape), ("dstate", h.shape)], call.dtype)
+        grads = call.backward(y_pre, S, permute(dy, call.perm, 1), dh)
+        dx, ddt, dA, dB, dC, dD, dz, dbias, dstate = grads
+        out = tuple(permute(a, call.perm, 1) for a in (dx, ddt)) + (dA,)
+        out += tuple(permute(a, call.perm, 1) for a in (dB, dC))
+        for given, grad in ((D, dD), (z, permute(dz, call.perm, 1)), (dt_bias, dbias),
+                            (state, dstate)):
+            if given is not None:
+                out += (grad,)
+        return out
+
+    return (permute(y, call.perm, 1), h), pullback
+
+
+defvjp(ssd, _ssd_vjp)
