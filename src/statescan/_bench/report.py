@@ -144,8 +144,8 @@ _COLOURS = {"torch": "#1f77b4", "torch-loop": "#17becf", "torch-packed": "#9467b
             "numpy-ref": "#8c8c8c", "sequential": "#404040", "padded-static": "#b0b0b0",
             "padded-lengths": "#6e6e6e", "ideal": "#d6d6d6"}
 _SPARE = ("#d62728", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f")
-_PANEL_NOTES = {"parallel": "statescan = a parallel-in-time solver; 'sequential' = statescan's "
-                            "own sequential kernel (bars left of 1: the sequential kernel is faster)"}
+_PANEL_NOTES = {"parallel": "statescan = a parallel-in-time solver; sequential = statescan's own "
+                            "sequential kernel, not a peer"}
 
 
 def runner_colours(names):
@@ -155,7 +155,7 @@ def runner_colours(names):
 
 
 def _label(name):
-    return f"{name} ({OWN[name]})" if name in OWN else name
+    return f"{name}: {OWN[name]}" if name in OWN else name
 
 
 def write_plot(results, path, meta):
