@@ -75,23 +75,58 @@ cdef inline void silu_row(floating* y, Py_ssize_t n) noexcept nogil:
         y[c] = y[c] * sigmoid(y[c])
 
 
-cdef inline void pre_row(floating* acc, floating** src, const floating* wT, Py_ssize_t ldw,
-                         const floating* bias, Py_ssize_t K, Py_ssize_t n) noexcept nogil:
-    # acc = bias + sum_j wT[j] * src[j], the taps added in order j = 0..K-1
+cdef inline void out_row4(floating* out, floating** src, const floating* wT, Py_ssize_t ldw,
+                          const floating* bias, bint silu, Py_ssize_t n) noexcept nogil:
+    # out_row for K = 4 (Mamba's kernel) in one pass: the same additions in the same order
+    cdef Py_ssize_t c
+    cdef floating v, zero = 0
+    cdef const floating* s0 = src[0]
+    cdef const floating* s1 = src[1]
+    cdef const floating* s2 = src[2]
+    cdef const floating* s3 = src[3]
+    cdef const floating* w0 = wT
+    cdef const floating* w1 = wT + ldw
+    cdef const floating* w2 = wT + 2 * ldw
+    cdef const floating* w3 = wT + 3 * ldw
+    if bias != NULL and silu:
+        for c in range(n):
+            v = bias[c] + w0[c] * s0[c] + w1[c] * s1[c] + w2[c] * s2[c] + w3[c] * s3[c]
+            out[c] = v * sigmoid(v)
+    elif bias != NULL:
+        for c in range(n):
+            out[c] = bias[c] + w0[c] * s0[c] + w1[c] * s1[c] + w2[c] * s2[c] + w3[c] * s3[c]
+    elif silu:
+        for c in range(n):
+            v = zero + w0[c] * s0[c] + w1[c] * s1[c] + w2[c] * s2[c] + w3[c] * s3[c]
+            out[c] = v * sigmoid(v)
+    else:
+        for c in range(n):
+            out[c] = zero + w0[c] * s0[c] + w1[c] * s1[c] + w2[c] * s2[c] + w3[c] * s3[c]
+
+
+cdef inline void out_row(floating* out, floating** src, const floating* wT, Py_ssize_t ldw,
+                         const floating* bias, bint silu, Py_ssize_t K,
+                         Py_ssize_t n) noexcept nogil:
+    # out = act(bias (or 0) + sum_j wT[j] * src[j]), the taps added in order j = 0..K-1
     cdef Py_ssize_t c, j
     cdef const floating* w
     cdef const floating* s
+    if K == 4:
+        out_row4(out, src, wT, ldw, bias, silu, n)
+        return
     if bias != NULL:
         for c in range(n):
-            acc[c] = bias[c]
+            out[c] = bias[c]
     else:
         for c in range(n):
-            acc[c] = 0
+            out[c] = 0
     for j in range(K):
         w = wT + j * ldw
         s = src[j]
         for c in range(n):
-            acc[c] += w[c] * s[c]
+            out[c] += w[c] * s[c]
+    if silu:
+        silu_row(out, n)
 
 
 cdef void transpose_weight(const floating* w, floating* wT, Py_ssize_t C,
@@ -143,9 +178,7 @@ cdef void forward_job(Py_ssize_t b, Py_ssize_t c0, Py_ssize_t nc, Py_ssize_t nb,
         for j in range(K):
             src[j] = source(xr, hist, zero, t - Km + j, start, C, nb, K)
         yt = y + (b * T + t) * C + c0
-        pre_row(yt, src, wT + c0, C, bc, K, nc)
-        if silu:
-            silu_row(yt, nc)
+        out_row(yt, src, wT + c0, C, bc, silu, K, nc)
     for t in range(L, T):
         memset(y + (b * T + t) * C + c0, 0, nc * sizeof(floating))
     start = window_start(rs, L - 1, K)
@@ -292,7 +325,7 @@ cdef void backward_job(Py_ssize_t b, Py_ssize_t c0, Py_ssize_t nc, Py_ssize_t nb
             dst[j] = source(dxr, dhist, sink, t - Km + j, start, C, nb, K)
         dyt = dy + (b * T + t) * C + c0
         if silu:
-            pre_row(dpre, src, wT + c0, C, bc, K, nc)
+            out_row(dpre, src, wT + c0, C, bc, False, K, nc)     # the pre-activation
             for c in range(nc):
                 sg = sigmoid(dpre[c])
                 dpre[c] = dyt[c] * (sg * (1 + dpre[c] * (1 - sg)))
