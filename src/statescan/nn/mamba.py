@@ -18,13 +18,7 @@ from .. import _validate, causal_conv1d, selective_scan, ssd
 from ._norm import grouped_rms_norm
 
 _DTYPES = ("float32", "float64")
-
-
-def _matmul(u, W):
-    """u [..., n] @ W[m, n].T as one GEMM over all leading rows (u C-contiguous in its last
-    axis' rows, or a view numpy can flatten without a copy)."""
-    lead = u.shape[:-1]
-    return (u.reshape(-1, u.shape[-1]) @ W.T).reshape(lead + (W.shape[0],))
+_DERIVED = ("_A", "_conv_w", "_parts")
 
 
 class MambaCache(NamedTuple):
@@ -115,10 +109,13 @@ class _Mixer:
         self._conv_w = params["conv1d.weight"][:, 0, :]     # [C, K], a contiguous view
         self._derive()
 
+    def __getstate__(self):
+        # derived arrays are views of the parameters: rebuilt on unpickling, not duplicated
+        return {k: v for k, v in self.__dict__.items() if k not in _DERIVED}
+
     def __setstate__(self, state):
         self.__dict__.update(state)
-        for arr in self._params.values():      # unpickled arrays come back writeable
-            arr.setflags(write=False)
+        self._load(self._params)
 
     # ---- calls ---------------------------------------------------------------------------
 
@@ -166,19 +163,25 @@ class _Mixer:
                                  f"shape {[B, *shape]}, got {list(arr.shape)}")
         return cache if isinstance(cache, MambaCache) else MambaCache(*cache)
 
-    def _linear(self, u, name, rows=None):
-        """u @ W[rows].T (+ bias[rows]) over the last axis; row slices of a C-contiguous
-        weight are contiguous, so each part of a projection is one GEMM without copies."""
-        W = self._params[name + ".weight"]
-        b = self._params.get(name + ".bias")
-        if rows is not None:
-            W = W[rows]
-            b = None if b is None else b[rows]
-        y = _matmul(u, W)
+    def _set_parts(self, parts):
+        """Projections as (W[rows].T, bias[rows] or None) per part: row slices of a
+        C-contiguous weight are contiguous, so each part is one GEMM (GEMV when decoding)
+        straight from the stored weight, no copies."""
+        self._parts = {}
+        for part, (name, rows, with_bias) in parts.items():
+            W = self._params[name] if name.endswith("weight") else self._params[name + ".weight"]
+            b = self._params.get(name + ".bias") if with_bias else None
+            if rows is not None:
+                W, b = W[rows], None if b is None else b[rows]
+            self._parts[part] = (W.T, b)
+
+    def _proj(self, part, u2):
+        """u2 [rows, n] @ W.T (+ bias) for projection `part`."""
+        WT, b = self._parts[part]
+        y = u2 @ WT
         if b is not None:
             y += b
         return y
-
 
     def _conv(self, xc, cache, lengths):
         """silu(causal conv1d) over xc [B, T, C], continuing and updating cache.conv_state."""
@@ -260,35 +263,42 @@ class Mamba(_Mixer):
     def _derive(self):
         self._A = -np.exp(self._params["A_log"])
         Di, R, N = self.d_inner, self.dt_rank, self.d_state
-        self._x_rows, self._z_rows = slice(0, Di), slice(Di, 2 * Di)
-        self._dt_rows, self._B_rows, self._C_rows = (slice(0, R), slice(R, R + N),
-                                                     slice(R + N, R + 2 * N))
-
-    def _scan_inputs(self, u):
-        """(x, z) from the normalised input u [B, T, d_model]."""
-        return self._linear(u, "in_proj", self._x_rows), self._linear(u, "in_proj", self._z_rows)
+        # dt_proj's bias is not added here: the kernel adds it inside the softplus
+        self._set_parts({"x": ("in_proj", slice(0, Di), True),
+                         "z": ("in_proj", slice(Di, 2 * Di), True),
+                         "xdbc": ("x_proj", None, False),
+                         "dt_low": ("x_proj", slice(0, R), False),
+                         "B": ("x_proj", slice(R, R + N), False),
+                         "C": ("x_proj", slice(R + N, R + 2 * N), False),
+                         "dt": ("dt_proj.weight", None, False),
+                         "out": ("out_proj", None, True)})
 
     def _prefill(self, u, cache, lengths):
-        x, z = self._scan_inputs(u)
-        x = self._conv(x, cache, lengths)
-        # dt_proj's bias goes to the kernel as dt_bias (it is added inside the softplus)
-        dt = _matmul(self._linear(x, "x_proj", self._dt_rows), self._params["dt_proj.weight"])
-        Bm = self._linear(x, "x_proj", self._B_rows)
-        Cm = self._linear(x, "x_proj", self._C_rows)
-        y = selective_scan(x, dt, self._A, Bm, Cm, self._params["D"], z=z,
+        Bt, T, d = u.shape
+        Di, N = self.d_inner, self.d_state
+        u2 = u.reshape(Bt * T, d)
+        x = self._conv(self._proj("x", u2).reshape(Bt, T, Di), cache, lengths)
+        x2 = x.reshape(Bt * T, Di)
+        dt = self._proj("dt", self._proj("dt_low", x2)).reshape(Bt, T, Di)
+        y = selective_scan(x, dt, self._A, self._proj("B", x2).reshape(Bt, T, N),
+                           self._proj("C", x2).reshape(Bt, T, N), self._params["D"],
+                           z=self._proj("z", u2).reshape(Bt, T, Di),
                            dt_bias=self._params["dt_proj.bias"], dt_softplus=True,
                            state=cache.ssm_state, lengths=lengths, out_state=cache.ssm_state)[0]
-        return self._linear(y, "out_proj")
+        return self._proj("out", y.reshape(Bt * T, Di)).reshape(Bt, T, d)
 
     def _step(self, u, cache):
-        x, z = self._scan_inputs(u)
-        x = self._conv(x, cache, None)
-        xdbc = _matmul(x, self._params["x_proj.weight"])                # [B, 1, R + 2N]
-        dt = _matmul(xdbc[..., self._dt_rows], self._params["dt_proj.weight"])
-        y = selective_scan(x, dt, self._A, xdbc[..., self._B_rows], xdbc[..., self._C_rows],
-                           self._params["D"], z=z, dt_bias=self._params["dt_proj.bias"],
+        # [B, 1, n] arrays for the kernels; at B = 1 the slices below are contiguous, so the
+        # kernels' one-token paths take them as they are
+        Bt, R, N = u.shape[0], self.dt_rank, self.d_state
+        u2 = u.reshape(Bt, -1)
+        x = self._conv(self._proj("x", u2)[:, None], cache, None)
+        xdbc = self._proj("xdbc", x.reshape(Bt, -1))
+        y = selective_scan(x, self._proj("dt", xdbc[:, :R])[:, None], self._A,
+                           xdbc[:, None, R:R + N], xdbc[:, None, R + N:], self._params["D"],
+                           z=self._proj("z", u2)[:, None], dt_bias=self._params["dt_proj.bias"],
                            dt_softplus=True, state=cache.ssm_state, out_state=cache.ssm_state)[0]
-        return self._linear(y, "out_proj")
+        return self._proj("out", y.reshape(Bt, -1))[:, None]
 
 
 class Mamba2(_Mixer):
@@ -377,31 +387,33 @@ class Mamba2(_Mixer):
 
     def _derive(self):
         self._A = -np.exp(self._params["A_log"])
-        Di, GN = self.d_inner, self.ngroups * self.d_state
-        self._z_rows = slice(0, Di)
-        self._xbc_rows = slice(Di, 2 * Di + 2 * GN)
-        self._dt_rows = slice(2 * Di + 2 * GN, 2 * Di + 2 * GN + self.nheads)
+        Di, GN, H = self.d_inner, self.ngroups * self.d_state, self.nheads
+        self._set_parts({"z": ("in_proj", slice(0, Di), True),
+                         "xbc": ("in_proj", slice(Di, 2 * Di + 2 * GN), True),
+                         "dt": ("in_proj", slice(2 * Di + 2 * GN, 2 * Di + 2 * GN + H), True),
+                         "out": ("out_proj", None, True)})
         self._limited = self.time_step_limit != (0.0, math.inf)
 
     def _run(self, u, cache, lengths):
-        Bt, T, _ = u.shape
+        Bt, T, d = u.shape
         H, P, G, N, Di = self.nheads, self.headdim, self.ngroups, self.d_state, self.d_inner
-        z = self._linear(u, "in_proj", self._z_rows)
-        xbc = self._conv(self._linear(u, "in_proj", self._xbc_rows), cache, lengths)
-        dt = self._linear(u, "in_proj", self._dt_rows)
+        u2 = u.reshape(Bt * T, d)
+        xbc = self._conv(self._proj("xbc", u2).reshape(Bt, T, -1), cache, lengths)
+        # at B = T = 1 these slices are contiguous: the decoding step takes them as they are
         x = xbc[..., :Di].reshape(Bt, T, H, P)
         Bm = xbc[..., Di:Di + G * N].reshape(Bt, T, G, N)
         Cm = xbc[..., Di + G * N:].reshape(Bt, T, G, N)
+        dt = self._proj("dt", u2).reshape(Bt, T, H)
         dt_kw = dict(dt_bias=self._params["dt_bias"], dt_softplus=True)
         if self._limited:        # clamp after softplus: the kernel then takes dt as is
             dt = np.clip(np.logaddexp(0, dt + self._params["dt_bias"]), *self.time_step_limit)
             dt_kw = {}
-        y = ssd(x, dt, self._A, Bm, Cm, D=self._params["D"], z=z.reshape(Bt, T, H, P),
-                chunk=self.chunk_size, state=cache.ssm_state, lengths=lengths,
-                out_state=cache.ssm_state, **dt_kw)[0]
-        y = grouped_rms_norm(y.reshape(Bt, T, Di), self._params["norm.weight"], self.norm_eps,
+        y = ssd(x, dt, self._A, Bm, Cm, D=self._params["D"],
+                z=self._proj("z", u2).reshape(Bt, T, H, P), chunk=self.chunk_size,
+                state=cache.ssm_state, lengths=lengths, out_state=cache.ssm_state, **dt_kw)[0]
+        y = grouped_rms_norm(y.reshape(Bt * T, Di), self._params["norm.weight"], self.norm_eps,
                              G)
-        return self._linear(y, "out_proj")
+        return self._proj("out", y).reshape(Bt, T, d)
 
     def _prefill(self, u, cache, lengths):
         return self._run(u, cache, lengths)
