@@ -360,3 +360,38 @@ def test_bad_checkpoints(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         nn.MambaLM.from_pretrained(tmp_path)
+
+
+def _write_safetensors(path, tensors):
+    """The safetensors format by hand (8-byte header length, JSON header, raw data), so
+    bfloat16 tensors (uint16 arrays here) can be written without torch."""
+    header, blobs, offset = {}, [], 0
+    for name, (dtype, arr) in tensors.items():
+        raw = np.ascontiguousarray(arr).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    path.write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+def test_from_pretrained_shards_and_bfloat16(tmp_path):
+    pytest.importorskip("safetensors")
+    cfg = LM_CONFIGS["mamba2"]
+    lm = nn.MambaLM(cfg, seed=4)
+    sd = {k: np.asarray(v, np.float32) for k, v in lm.state_dict().items()}
+    bf16 = {k: (v.view(np.uint32) >> 16).astype(np.uint16) for k, v in sd.items()}
+    names = sorted(sd)
+    half = len(names) // 2
+    _write_safetensors(tmp_path / "a.safetensors", {k: ("BF16", bf16[k]) for k in names[:half]})
+    _write_safetensors(tmp_path / "b.safetensors", {k: ("F32", sd[k]) for k in names[half:]})
+    index = {"weight_map": {k: ("a" if i < half else "b") + ".safetensors"
+                            for i, k in enumerate(names)}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = nn.MambaLM.from_pretrained(tmp_path)
+    expected = {k: ((bf16[k].astype(np.uint32) << 16).view(np.float32) if i < half else sd[k])
+                for i, k in enumerate(names)}
+    for k, v in loaded.state_dict().items():
+        assert np.array_equal(v, expected[k]), k

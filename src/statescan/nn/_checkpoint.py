@@ -181,7 +181,36 @@ def read_tensors(path):
     st_numpy = _safetensors_numpy()
     tensors = {}
     for file in files:
-        tensors.update(st_numpy.load_file(file))
+        try:
+            tensors.update(st_numpy.load_file(file))
+        except TypeError as exc:
+            if "bfloat16" not in str(exc):
+                raise
+            tensors.update(_read_bfloat16_file(file))
+    return tensors
+
+
+def _read_bfloat16_file(file):
+    """A safetensors file with bfloat16 tensors (numpy has no bfloat16, so the safetensors
+    numpy API refuses it): the format is an 8-byte header length, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the raw little-endian data.  bfloat16 is the
+    top half of a float32, so it widens exactly."""
+    kinds = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        data = f.read()
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in kinds:
+            raise TypeError(f"checkpoint tensor {name!r} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        arr = np.frombuffer(data[begin:end], kinds[info["dtype"]])
+        if info["dtype"] == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        tensors[name] = arr.reshape(info["shape"])
     return tensors
 
 
