@@ -67,6 +67,22 @@ cdef extern from *:
                     *(ss_v##SFX*)(out + r * ldo + p * SS_NT + v * SS_VL_##SFX) +=            \\
                         acc[r][p * SS_NV_##SFX + v];                                         \\
     }                                                                                        \\
+    /* rows < MR rows with a literal row count per case (the block unrolls over rows) */  \\
+    static void ss_rest_##SFX(const T* a, Py_ssize_t lda, const T* mp, Py_ssize_t K,         \\
+                              T* out, Py_ssize_t ldo, Py_ssize_t rows) {                     \\
+        switch (rows < SS_MR_##SFX ? rows : 0) {                                             \\
+        case 7: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 7 ? 7 : 1, 1); break;  \\
+        case 6: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 6 ? 6 : 1, 1); break;  \\
+        case 5: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 5 ? 5 : 1, 1); break;  \\
+        case 4: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 4 ? 4 : 1, 1); break;  \\
+        case 3: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 3 ? 3 : 1, 1); break;  \\
+        case 2: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 2 ? 2 : 1, 1); break;  \\
+        case 1: ss_block_##SFX(a, lda, mp, K, out, ldo, 1, 1); break;                        \\
+        default:                                                                             \\
+            for (Py_ssize_t r = 0; r < rows; r++)                                            \\
+                ss_block_##SFX(a + r * lda, lda, mp, K, out + r * ldo, ldo, 1, 1);           \\
+        }                                                                                    \\
+    }                                                                                        \\
     static void ss_matmul_acc_##SFX(const T* a, Py_ssize_t lda, const T* mp, Py_ssize_t K,   \\
                                     Py_ssize_t ntiles, T* out, Py_ssize_t ldo,               \\
                                     Py_ssize_t nrows) {                                      \\
@@ -82,12 +98,10 @@ cdef extern from *:
             for (r = 0; r + SS_MR_##SFX <= nrows; r += SS_MR_##SFX)                           \\
                 ss_block_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, ldo, \\
                                SS_MR_##SFX, 1);                                              \\
-            if (SS_MR_##SFX > 4)                                                             \\
-                for (; r + 4 <= nrows; r += 4)                                               \\
-                    ss_block_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, \\
-                                   ldo, 4, 1);                                               \\
-            for (; r < nrows; r++)                                                           \\
-                ss_block_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, ldo, 1, 1); \\
+            /* the rest (fewer than MR rows, e.g. rows still running in a variable-length   \\
+               batch) in one block: a single-row block would re-read the panel per row */    \\
+            ss_rest_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, ldo,     \\
+                          nrows - r);                                                        \\
         }                                                                                    \\
     }
 
