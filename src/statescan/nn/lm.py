@@ -64,9 +64,10 @@ class MambaLM:
             return Mamba(c.hidden_size, d_state=c.state_size, d_conv=c.conv_kernel,
                          expand=c.expand, dt_rank=c.time_step_rank, bias=c.use_bias,
                          conv_bias=c.use_conv_bias, dtype=self.dtype, seed=seed)
+        # config.chunk_size is mamba_ssm's GPU block size; on a CPU the kernel picks its own
         return Mamba2(c.hidden_size, d_state=c.state_size, d_conv=c.conv_kernel,
                       expand=c.expand, headdim=c.head_dim, ngroups=c.n_groups,
-                      chunk_size=c.chunk_size, bias=c.use_bias, conv_bias=c.use_conv_bias,
+                      chunk_size=None, bias=c.use_bias, conv_bias=c.use_conv_bias,
                       norm_eps=c.layer_norm_epsilon, time_step_limit=c.time_step_limit,
                       dtype=self.dtype, seed=seed)
 

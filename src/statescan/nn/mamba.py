@@ -321,8 +321,9 @@ class Mamba2(_Mixer):
         P; nheads = d_inner / headdim.
     ngroups : int
         Groups of heads sharing B and C (divides nheads).
-    chunk_size : int
-        Block size of the chunked SSD algorithm (speed only).
+    chunk_size : int or None
+        Block size of the chunked SSD algorithm (speed only); None: :func:`statescan.ssd`'s
+        default.
     bias, conv_bias : bool
     norm_eps : float
         Epsilon of the gated RMS norm.
@@ -349,7 +350,8 @@ class Mamba2(_Mixer):
         self.expand = _validate.positive_int("expand", expand)
         self.headdim = _validate.positive_int("headdim", headdim)
         self.ngroups = _validate.positive_int("ngroups", ngroups)
-        self.chunk_size = _validate.positive_int("chunk_size", chunk_size)
+        self.chunk_size = (None if chunk_size is None
+                           else _validate.positive_int("chunk_size", chunk_size))
         self.bias = _validate.boolean("bias", bias)
         self.conv_bias = _validate.boolean("conv_bias", conv_bias)
         self.norm_eps = float(norm_eps)
