@@ -395,3 +395,20 @@ def test_from_pretrained_shards_and_bfloat16(tmp_path):
                 for i, k in enumerate(names)}
     for k, v in loaded.state_dict().items():
         assert np.array_equal(v, expected[k]), k
+
+
+@pytest.mark.parametrize("kind", LM_CONFIGS)
+def test_lm_padded_batch_equals_rows(kind):
+    lm = nn.MambaLM(LM_CONFIGS[kind], dtype="float64", seed=5)
+    ids = np.random.default_rng(6).integers(0, 37, (3, 8))
+    lengths = np.array([8, 2, 5])
+    logits, cache = lm(ids, lengths=lengths)
+    out = lm.generate(ids, max_new_tokens=5, lengths=lengths)
+    for b, n in enumerate(lengths):
+        row, row_cache = lm(ids[b:b + 1, :n])
+        assert _err(logits[b:b + 1, :n], row) < 1e-10 and np.all(logits[b, n:] == 0)
+        for c, rc in zip(cache, row_cache):
+            assert _err(c.ssm_state[b:b + 1], rc.ssm_state) < 1e-10
+        expected = lm.generate(ids[b:b + 1, :n], max_new_tokens=5)
+        assert np.array_equal(out[b, 8:], expected[0, n:])
+        assert np.array_equal(out[b, :8], ids[b])

@@ -33,9 +33,10 @@ class MambaLM:
 
     Call
     ----
-    ``logits, cache = lm(input_ids, cache=None)``: input_ids int [B, T] -> logits
-    [B, T, vocab_size]; ``cache`` is a list with one :class:`~statescan.nn.MambaCache` per
-    layer; pass it back to continue the sequences (it is updated in place).
+    ``logits, cache = lm(input_ids, cache=None, lengths=None)``: input_ids int [B, T] ->
+    logits [B, T, vocab_size]; ``cache`` is a list with one :class:`~statescan.nn.MambaCache`
+    per layer; pass it back to continue the sequences (it is updated in place).  ``lengths``
+    [B] marks a right-padded batch.
     """
 
     def __init__(self, config, state_dict=None, *, dtype="float32", seed=None):
@@ -152,38 +153,50 @@ class MambaLM:
                             "returned by a previous call")
         return [layer._check_cache(c, B) for layer, c in zip(self.layers, cache)]
 
-    def _hidden(self, ids, cache):
-        """Final normalised hidden states [B, T, d] of ids, continuing and updating cache."""
+    def _hidden(self, ids, cache, lengths=None):
+        """Final normalised hidden states [B, T, d] of ids, continuing and updating cache
+        (positions past `lengths` hold garbage; the caches skip them)."""
         h = self.embeddings[ids]
         eps = self.config.layer_norm_epsilon
-        T = ids.shape[1]
+        step = ids.shape[1] == 1 and lengths is None
         for norm, layer, c in zip(self.norms, self.layers, cache):
             u = rms_norm(h, norm, eps)
-            h += layer._step(u, c) if T == 1 else layer._prefill(u, c, None)
+            h += layer._step(u, c) if step else layer._prefill(u, c, lengths)
         return rms_norm(h, self.norm_f, eps)
 
     def _logits(self, h):
         lead = h.shape[:-1]
         return (h.reshape(-1, h.shape[-1]) @ self.lm_head.T).reshape(lead + (-1,))
 
-    def __call__(self, input_ids, cache=None):
-        """(logits [B, T, vocab_size], cache) for input_ids [B, T]; see the class docstring."""
+    def __call__(self, input_ids, cache=None, lengths=None):
+        """(logits [B, T, vocab_size], cache) for input_ids [B, T]; see the class docstring.
+
+        ``lengths`` [B]: a right-padded batch; row b's tokens past lengths[b] are padding
+        (their logits are 0, the caches skip them, so each row's cache is the state after
+        its own last token)."""
         ids = self._ids(input_ids)
         B, T = ids.shape
+        lengths = _validate.lengths(lengths, B, T)
         cache = self._cache(cache, B)
         if T == 0 or B == 0:
             return np.zeros((B, T, self.config.vocab_size), self.dtype), cache
-        return self._logits(self._hidden(ids, cache)), cache
+        logits = self._logits(self._hidden(ids, cache, lengths))
+        if lengths is not None:
+            logits[np.arange(T)[None, :] >= lengths[:, None]] = 0
+        return logits, cache
 
     def generate(self, input_ids, max_new_tokens=32, temperature=0.0, seed=None,
-                 eos_token_id=None):
+                 eos_token_id=None, lengths=None):
         """Continue input_ids [B, T] by `max_new_tokens` tokens.
 
         Greedy (argmax) when ``temperature == 0``, else sampling from
         softmax(logits / temperature) with a generator seeded by `seed`.  With
         `eos_token_id`, a row that produced it keeps producing it (as Hugging Face pads
-        finished rows).  Returns int64 [B, T + max_new_tokens] (the prompt, then the new
-        tokens).  The prompt runs as one prefill, then one decoding step per token.
+        finished rows).  ``lengths`` [B] (each >= 1): prompts of different lengths,
+        right-padded to T; row b continues after its own lengths[b] tokens.
+        Returns int64 [B, T + max_new_tokens]: the prompts as given (padding included),
+        then the new tokens.  The prompts run as one prefill, then one decoding step per
+        token for the whole batch.
         """
         ids = self._ids(input_ids).astype(np.int64)
         n = int(max_new_tokens)
@@ -193,16 +206,18 @@ class MambaLM:
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         B, T = ids.shape
-        if T == 0:
+        lengths = _validate.lengths(lengths, B, T)
+        if T == 0 or (lengths is not None and B and lengths.min() == 0):
             raise ValueError("input_ids must hold at least one token per row")
         rng = np.random.default_rng(seed)
         cache = self.empty_cache(B)
         out = np.empty((B, T + n), np.int64)
         out[:, :T] = ids
         done = np.zeros(B, bool)
-        last = ids
+        last, last_pos = ids, (np.full(B, T - 1) if lengths is None else lengths - 1)
         for i in range(n):
-            h = self._hidden(last, cache)[:, -1]
+            h = self._hidden(last, cache, lengths if i == 0 else None)
+            h = h[np.arange(B), last_pos if i == 0 else -1]
             logits = h @ self.lm_head.T                               # [B, V]
             token = self._pick(logits, temperature, rng)
             if eos_token_id is not None:
