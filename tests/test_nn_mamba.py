@@ -291,6 +291,14 @@ def test_lm_matches_transcription_and_decodes(kind):
     assert np.array_equal(out[:, 4:], np.argmax(full[:, 3:-1], axis=-1))
 
 
+def test_lm_pickles_with_tied_head():
+    lm = nn.MambaLM(LM_CONFIGS["mamba"], seed=2)
+    clone = pickle.loads(pickle.dumps(lm))
+    assert clone.lm_head is clone.embeddings
+    ids = np.array([[4, 5, 6]])
+    assert np.array_equal(clone(ids)[0], lm(ids)[0])
+
+
 def test_lm_sampling_is_seeded():
     lm = nn.MambaLM(LM_CONFIGS["mamba"], seed=2)
     ids = np.array([[1, 2, 3]])
