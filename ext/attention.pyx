@@ -53,6 +53,32 @@ cdef inline floating row_sum(const floating* x, Py_ssize_t n) noexcept nogil:
     return acc
 
 
+cdef bint all_finite(const floating* x, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating acc = 0
+    for i in range(n):
+        acc = acc + x[i] * 0        # 0 for finite entries, NaN once one is inf or NaN
+    return acc == 0
+
+
+cdef void add_values(const floating* P, Py_ssize_t ldp, Py_ssize_t nq, Py_ssize_t bk,
+                     const floating* V, Py_ssize_t dv, floating* O, Py_ssize_t i0,
+                     Py_ssize_t j0, Py_ssize_t off, bint causal) noexcept nogil:
+    """O += P V for a block of nq queries and bk keys.  P is 0 where a query does not see a
+    key, but 0 times a non-finite value is NaN: when V holds one, the rows that see only part
+    of the chunk multiply only their visible keys (causality holds for any input)."""
+    cdef Py_ssize_t i, nv, full = 0
+    if causal:
+        full = max(0, min(nq, j0 + bk - 1 - off - i0))    # rows before `full` see < bk keys
+    if full == 0 or all_finite(V, bk * dv):
+        gemm(False, False, nq, dv, bk, 1, P, ldp, V, dv, 1, O, dv)
+        return
+    for i in range(full):
+        nv = n_visible(i0 + i, j0, bk, off, causal)
+        gemm(False, False, 1, dv, nv, 1, P + i * ldp, ldp, V, dv, 1, O + i * dv, dv)
+    gemm(False, False, nq - full, dv, bk, 1, P + full * ldp, ldp, V, dv, 1, O + full * dv, dv)
+
+
 cdef void flash_forward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize_t dv,
                             Py_ssize_t BQ, Py_ssize_t BK, bint causal, floating sc,
                             const floating* q, const floating* k, const floating* v,
@@ -91,8 +117,7 @@ cdef void flash_forward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize
                 m[i] = mx
                 if alpha != 1:
                     scale(o + (i0 + i) * dv, dv, alpha)
-            gemm(False, False, nq, dv, bk, 1, S, BK, v + j0 * dv,
-                 dv, 1, o + i0 * dv, dv)
+            add_values(S, BK, nq, bk, v + j0 * dv, dv, o + i0 * dv, i0, j0, off, causal)
         for i in range(nq):
             if l[i] > 0:
                 scale(o + (i0 + i) * dv, dv, 1 / l[i])

@@ -7,7 +7,7 @@
 #   y[p] *= silu(z[p])                              (g = h // heads per group)
 #
 # One job per (batch row, head); each state row is read once and written once (the step is
-# bound by streaming the state).
+# bound by streaming the state); the row updates are C in _ssd_step.h.
 from cython cimport floating
 from cython.parallel cimport prange
 
@@ -17,36 +17,35 @@ cimport numpy as cnp
 
 cnp.import_array()
 
-cdef enum:
-    PARTS = 16     # partial sums per row: a fixed association that vectorises
+cdef extern from "_ssd_step.h":
+    void statescan_ssd_rows4f(const float* h_in, float* h_out, Py_ssize_t N, const float* B,
+                              const float* C, float a, const float* u, float* out) noexcept nogil
+    void statescan_ssd_rows4(const double* h_in, double* h_out, Py_ssize_t N, const double* B,
+                             const double* C, double a, const double* u,
+                             double* out) noexcept nogil
+    float statescan_ssd_row1f(const float* h_in, float* h_out, Py_ssize_t N, const float* B,
+                              const float* C, float a, float u) noexcept nogil
+    double statescan_ssd_row1(const double* h_in, double* h_out, Py_ssize_t N, const double* B,
+                              const double* C, double a, double u) noexcept nogil
 
 
-cdef inline floating row_step(const floating* h_in, floating* h_out, const floating* Bv,
-                              const floating* Cv, floating a, floating u,
-                              Py_ssize_t N) noexcept nogil:
-    """h_out = a h_in + u Bv, returns h_out . Cv (h_out may be h_in)."""
-    cdef floating part[PARTS]
-    cdef floating hv[PARTS]
-    cdef floating acc = 0, s
-    cdef Py_ssize_t n = 0, j
-    for j in range(PARTS):
-        part[j] = 0
-    while n + PARTS <= N:
-        # every load of the block before any store: vectorises even when h_out is h_in
-        for j in range(PARTS):
-            hv[j] = a * h_in[n + j] + u * Bv[n + j]
-        for j in range(PARTS):
-            h_out[n + j] = hv[j]
-            part[j] = part[j] + hv[j] * Cv[n + j]
-        n += PARTS
-    while n < N:
-        s = a * h_in[n] + u * Bv[n]
-        h_out[n] = s
-        acc = acc + s * Cv[n]
-        n += 1
-    for j in range(PARTS):
-        acc = acc + part[j]
-    return acc
+cdef inline void rows4(const floating* h_in, floating* h_out, Py_ssize_t N,
+                       const floating* Bv, const floating* Cv, floating a, const floating* u,
+                       floating* out) noexcept nogil:
+    """Four state rows: h_out = a h_in + u[r] Bv, out[r] = h_out[r] . Cv."""
+    if floating is float:
+        statescan_ssd_rows4f(h_in, h_out, N, Bv, Cv, a, u, out)
+    else:
+        statescan_ssd_rows4(h_in, h_out, N, Bv, Cv, a, u, out)
+
+
+cdef inline floating row1(const floating* h_in, floating* h_out, Py_ssize_t N,
+                          const floating* Bv, const floating* Cv, floating a,
+                          floating u) noexcept nogil:
+    if floating is float:
+        return statescan_ssd_row1f(h_in, h_out, N, Bv, Cv, a, u)
+    else:
+        return statescan_ssd_row1(h_in, h_out, N, Bv, Cv, a, u)
 
 
 cdef void ssd_step_job(Py_ssize_t P, Py_ssize_t N, floating delta, floating A,
@@ -54,15 +53,26 @@ cdef void ssd_step_job(Py_ssize_t P, Py_ssize_t N, floating delta, floating A,
                        const floating* D, Py_ssize_t sD, const floating* z,
                        const floating* h_in, floating* h_out, floating* y) noexcept nogil:
     cdef floating a = exp_(delta * A), out, zp
-    cdef Py_ssize_t p
-    for p in range(P):
-        out = row_step(h_in + p * N, h_out + p * N, Bv, Cv, a, delta * x[p], N)
-        if D != NULL:
-            out = out + D[p * sD] * x[p]
-        if z != NULL:
-            zp = z[p]
-            out = out * (zp * sigmoid(zp))
-        y[p] = out
+    cdef floating u[4]
+    cdef floating acc[4]
+    cdef Py_ssize_t p = 0, r, nr
+    while p < P:
+        nr = 4 if p + 4 <= P else 1
+        if nr == 4:
+            for r in range(4):
+                u[r] = delta * x[p + r]
+            rows4(h_in + p * N, h_out + p * N, N, Bv, Cv, a, u, acc)
+        else:
+            acc[0] = row1(h_in + p * N, h_out + p * N, N, Bv, Cv, a, delta * x[p])
+        for r in range(nr):
+            out = acc[r]
+            if D != NULL:
+                out = out + D[(p + r) * sD] * x[p + r]
+            if z != NULL:
+                zp = z[p + r]
+                out = out * (zp * sigmoid(zp))
+            y[p + r] = out
+        p += nr
 
 
 cdef void ssd_step_impl(Py_ssize_t Bt, Py_ssize_t NH, Py_ssize_t P, Py_ssize_t N,

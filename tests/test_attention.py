@@ -428,3 +428,56 @@ def test_property_never_crashes_and_matches_reference(B, NH, T, dk, dv, chunk, f
     o = ss.attention(q, k, v, causal=causal, chunk=chunk)
     assert_close(o, ref.softmax_attention(q.astype(F64), k.astype(F64), v.astype(F64), causal,
                                           1 / np.sqrt(dk)), dtype=dtype, tol=tol)
+
+
+# ---- hardening (issue 13) ----------------------------------------------------------------------
+
+def test_huge_scale_and_chunk(backend):
+    q, k, v = att_problem()
+    with pytest.raises(ValueError, match="scale"):
+        ss.attention(q, k, v, scale=10 ** 400)
+    with pytest.raises(ValueError, match="scale"):
+        ss.attention(q, k, v, scale=float("nan"))
+    assert np.array_equal(ss.attention(q, k, v, chunk=2 ** 63), ss.attention(q, k, v, chunk=13))
+
+
+def test_long_chunk_does_not_overflow_offsets():
+    """chunk >= 46342 made chunk*chunk overflow 32-bit offsets; blocks are capped and offsets
+    are 64-bit."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 1, 50000, 2)) * 0.1 for _ in range(3))
+    o, s = ss.linear_attention(q, k, v, decay=0.99, chunk=50000)
+    o2, s2 = ss.linear_attention(q, k, v, decay=0.99, chunk=2048)
+    assert np.array_equal(o, o2) and np.array_equal(s, s2)
+
+
+def test_zero_width_keys_build_no_score_matrix(backend):
+    """d = 0: every visible key scores 0 (a causal running mean of v), without a Tq x Tk
+    mask (it would take 144 MB here)."""
+    import tracemalloc
+    T = 12000 if backend == "compiled" else 4000
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((1, 1, T, 1))
+    q = k = np.zeros((1, 1, T, 0))
+    tracemalloc.start()
+    o = ss.attention(q, k, v, chunk=64)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < (20e6 if backend == "compiled" else T * T)     # a bool mask: T * T bytes
+    expected = np.cumsum(v[0, 0, :, 0]) / np.arange(1, T + 1)
+    assert_close(o[0, 0, :, 0], expected, tol=1e-10)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_key_or_value_stays_causal(backend, bad):
+    """A non-finite key or value at t = 5 reaches no output (and no gradient) before t = 5."""
+    q, k, v = att_problem(B=1, NH=1, Tq=9, Tk=9)
+    for which in (1, 2):
+        args = [q, k.copy(), v.copy()]
+        args[which][0, 0, 5, 0] = bad
+        out, pb = ss.vjp(ss.attention, *args, chunk=4)
+        assert np.isfinite(out[0, 0, :5]).all()
+        if backend == "python":      # the compiled backward is exact on finite inputs only
+            dq, dk, dv = pb(np.ones_like(out))
+            assert np.isfinite(dq[0, 0, :5]).all()
+        assert np.isfinite(ref.softmax_attention(*args, True, 0.5)[0, 0, :5]).all()

@@ -331,3 +331,18 @@ def test_bad_input_names_the_argument():
         ss.ssd(x, dt, A, B, C, reverse="yes")
     with pytest.raises(TypeError, match="chunk"):
         ss.ssd(x, dt, A, B, C, chunk=2.0)
+
+
+def test_thread_count_does_not_change_results_with_lengths_and_resets():
+    from conftest import using_threads
+    args, kw = problem(Bt=3, T=20, dtype=F32, **FULL)
+    reset = np.zeros((3, 20), bool)
+    reset[:, [5, 13]] = True
+    extra = dict(lengths=[20, 11, 3], reset=reset, chunk=4)
+    results = []
+    for n in (1, 2):
+        with using_threads(n):
+            out, pb = ss.vjp(ss.ssd, *args, **kw, **extra)
+            results.append(list(out) + list(pb((np.ones_like(out[0]), None))))
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)

@@ -8,6 +8,7 @@ from . import _dispatch, _validate
 from .autodiff import cotangent, defvjp
 
 _ATTENTION_CHUNK = 256        # default key chunk
+_MAX_CHUNK = 4096
 
 
 def _prepare(q, k, v, causal, chunk, scale):
@@ -16,7 +17,8 @@ def _prepare(q, k, v, causal, chunk, scale):
     causal = _validate.boolean("causal", causal)
     Tk, d = dims["Tk"], dims["d"]
     chunk = _ATTENTION_CHUNK if chunk is None else _validate.positive_int("chunk", chunk)
-    chunk = min(chunk, max(Tk, 1))          # a longer chunk is the same as one of Tk keys
+    # a chunk longer than Tk is one of Tk keys; beyond _MAX_CHUNK only the scratch would grow
+    chunk = min(chunk, max(Tk, 1), _MAX_CHUNK)
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating,
@@ -66,7 +68,8 @@ def attention(q, k, v, *, causal=True, chunk=None, scale=None):
         *last* Tq keys (with Tk > Tq the extra keys are a prefix every query sees, as in
         decoding with a cache).  A query that sees no key (Tk < Tq) outputs zeros.
     chunk : int, optional
-        Keys per chunk (speed and scratch size only); default 256.
+        Keys per chunk (speed and scratch size only; values above 4096 act as 4096);
+        default 256.
     scale : float, optional
         Score scale (finite); default ``1/sqrt(d)``.
 

@@ -104,11 +104,14 @@ def zero_padding(a, lengths, axis):
     return a
 
 
+# Blocks longer than this are no faster (the block's quadratic part grows) and their
+# chunk x chunk scratch would not fit in any cache: larger `chunk` values act as this one.
+MAX_CHUNK = 2048
+
+
 def check_chunk(chunk, T):
-    """`chunk` as an int in [1, max(T, 1)] (a longer block is the same as one of T rows)."""
-    if chunk is None:
-        return None
-    return min(_validate.positive_int("chunk", chunk), max(T, 1))
+    """`chunk` as an int in [1, min(T, MAX_CHUNK)] (a block longer than T is one of T rows)."""
+    return min(_validate.positive_int("chunk", chunk), max(T, 1), MAX_CHUNK)
 
 
 def out_state_array(out_state, shape, dtype):
@@ -186,7 +189,7 @@ def linear_attention(q, k, v, *, decay=None, chunk=64, state=None, lengths=None,
         Per-head decay lambda in (0, 1] (a scalar applies to every head); None means 1
         (plain linear attention).
     chunk : int
-        Block size of the tiled algorithm (speed only).
+        Block size of the tiled algorithm (speed only; values above 2048 act as 2048).
     state : ndarray [B, NH, dk, dv], optional
         Initial state S_0 (zeros when None); passing the returned state back continues the
         sequence exactly.

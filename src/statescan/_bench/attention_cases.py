@@ -8,10 +8,11 @@ sequence.
 import numpy as np
 
 import statescan as ss
+from statescan.ssd import default_chunk
 
 from .core import NUMPY_REF, STATESCAN, Case, Runner, add_peer, import_peer, numpy_reference
 
-CHUNK = 64      # linear_attention / ssd block size used by the cases (the default)
+CHUNK = 64      # linear_attention's block size used by the cases (its default)
 
 
 def cases(quick):
@@ -21,6 +22,8 @@ def cases(quick):
             kind, params, backward = spec
             out.append(_CASE[kind](params, dtype, backward, quick,
                                    guard=quick and spec in _GUARD))
+        for params in (_DECODE[:1] if quick else _DECODE):
+            out.append(_decode_case(params, dtype))
     return out
 
 
@@ -35,6 +38,11 @@ _QUICK = [("linear", dict(NH=8, d=64, decay=1), False), ("linear", dict(NH=8, d=
           ("softmax", dict(NH=4, T=1024, d=64, causal=1), False),
           ("softmax", dict(NH=4, T=1024, d=64, causal=1), True)]
 _GUARD = list(_QUICK)
+# one-token decoding (T = 1 with a state, updated in place): Mamba-2 shapes (N=128; P=64 with
+# 48 heads as Mamba-2-130m x2, P=80 with 128 heads) and a linear-attention head set
+_DECODE = [dict(kind="ssd", NH=48, P=64, N=128), dict(kind="ssd", NH=128, P=80, N=128),
+           dict(kind="linear", NH=8, d=128)]
+DECODE_STEPS = 100      # decoding steps per timed call (us per step = us per token)
 
 
 def _linear_flops(T, NH, dk, dv, C=CHUNK):
@@ -120,7 +128,8 @@ def _ssd_case(p, dtype, backward, quick, guard):
     NH, P, N = p["NH"], p["P"], p["N"]
     T = (4096 if quick else 16384) // (2 if backward else 1)
     T_ref = 1024 if quick else 2048
-    flops = (_linear_flops(T, NH, N, P) + 2.0 * NH * T * CHUNK * N) * (3 if backward else 1)
+    C = default_chunk(N, P)          # the block ssd picks by default (chunk=None)
+    flops = (_linear_flops(T, NH, N, P, C) + 2.0 * NH * T * C * N) * (3 if backward else 1)
 
     def make():
         rng = np.random.default_rng(N)
@@ -186,6 +195,57 @@ def _torch_sdpa(q, k, v, do, causal, backward):
         sdpa(qs, ks, vs, is_causal=causal).backward(dot)
         return qs.grad, ks.grad, vs.grad
     return run_bwd
+
+
+def _decode_case(p, dtype):
+    """DECODE_STEPS one-token calls on one state, updated in place with ``out_state=`` (the
+    state is reset from a saved copy first, so every call returns the same result)."""
+    kind = p["kind"]
+    params = {k: v for k, v in p.items() if k != "kind"}
+    if kind == "ssd":
+        NH, P, N = p["NH"], p["P"], p["N"]
+        flops = 5.0 * NH * P * N * DECODE_STEPS
+    else:
+        NH, P, N = p["NH"], p["d"], p["d"]
+        flops = 4.0 * NH * P * N * DECODE_STEPS
+
+    def make():
+        rng = np.random.default_rng(NH)
+        if kind == "ssd":
+            x = _rand(rng, (1, DECODE_STEPS, NH, P), dtype)
+            dt = (0.01 + 0.1 * rng.random((1, DECODE_STEPS, NH))).astype(dtype)
+            A = -np.linspace(0.5, 4.0, NH).astype(dtype)
+            B, C = (_rand(rng, (1, DECODE_STEPS, N), dtype, N ** -0.5) for _ in range(2))
+            D = _rand(rng, (NH,), dtype)
+            s0 = _rand(rng, (1, NH, P, N), dtype, 0.1)
+            tokens = [tuple(np.ascontiguousarray(a[:, t:t + 1]) for a in (x, dt))
+                      + (A,) + tuple(np.ascontiguousarray(a[:, t:t + 1]) for a in (B, C))
+                      for t in range(DECODE_STEPS)]
+
+            def step(tok, state):
+                return ss.ssd(*tok, D=D, state=state, out_state=state)
+        else:
+            q, k, v = (_rand(rng, (1, NH, DECODE_STEPS, P), dtype, 0.1) for _ in range(3))
+            lam = np.linspace(0.9, 0.999, NH).astype(dtype)
+            s0 = _rand(rng, (1, NH, P, N), dtype, 0.1)
+            tokens = [tuple(np.ascontiguousarray(a[:, :, t:t + 1]) for a in (q, k, v))
+                      for t in range(DECODE_STEPS)]
+
+            def step(tok, state):
+                return ss.linear_attention(*tok, decay=lam, state=state, out_state=state)
+        state = s0.copy()
+
+        def run():
+            np.copyto(state, s0)
+            for tok in tokens:
+                y, _ = step(tok, state)
+            return y, state.copy()
+        runners = {STATESCAN: run}
+        runners[NUMPY_REF] = Runner(numpy_reference(run))
+        return runners
+
+    name = "ssd-decode" if kind == "ssd" else "linear_attention-decode"
+    return Case("attention", name, dict(B=1, **params), dtype, DECODE_STEPS, flops, make)
 
 
 _CASE = {"linear": _linear_case, "ssd": _ssd_case, "softmax": _softmax_case}

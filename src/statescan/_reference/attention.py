@@ -16,6 +16,15 @@ def visible(Tq, Tk, causal, j0=0, j1=None):
     return np.arange(j0, j1)[None, :] <= np.arange(Tq)[:, None] + (Tk - Tq)
 
 
+def _visible_matmul(w, vis, X):
+    """w @ X over the visible pairs only (w [..., m, c], vis [m, c], X [..., c, d]): a
+    masked weight (0) times a non-finite entry of X gives 0, so nothing crosses the causal
+    mask."""
+    if np.isfinite(X).all():
+        return w @ X
+    return np.where(vis[..., None], w[..., None] * X[..., None, :, :], 0).sum(axis=-2)
+
+
 def softmax_attention(q, k, v, causal, scale):
     """softmax(q k^T * scale) v, materialising the [.., Tq, Tk] scores.  Queries that see no
     key (causal with Tk < Tq) output zeros."""
@@ -25,7 +34,7 @@ def softmax_attention(q, k, v, causal, scale):
     m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
     p = np.exp(s - np.where(np.isfinite(m), m, 0))
     l = p.sum(axis=-1, keepdims=True)
-    return (p @ v) / np.where(l > 0, l, 1)
+    return _visible_matmul(p, vis, v) / np.where(l > 0, l, 1)
 
 
 def flash_forward(q, k, v, causal, scale, chunk):
@@ -46,7 +55,7 @@ def flash_forward(q, k, v, causal, scale, chunk):
         alpha = np.exp(m - base)
         p = np.exp(s - base[..., None])
         l = alpha * l + p.sum(axis=-1)
-        acc = alpha[..., None] * acc + p @ v[..., j0:j1, :]
+        acc = alpha[..., None] * acc + _visible_matmul(p, vis, v[..., j0:j1, :])
         m = m_new
     with np.errstate(divide="ignore"):
         lse = m + np.log(l)
@@ -68,8 +77,8 @@ def flash_backward(q, k, v, o, lse, do, causal, scale, chunk):
         vis = visible(Tq, Tk, causal, j0, j1)
         s = np.where(vis, (q @ np.swapaxes(K, -1, -2)) * scale, -np.inf)
         p = np.exp(s - base[..., None])
-        dv[..., j0:j1, :] = np.swapaxes(p, -1, -2) @ do
-        ds = p * (do @ np.swapaxes(V, -1, -2) - D[..., None]) * scale
-        dq += ds @ K
-        dk[..., j0:j1, :] = np.swapaxes(ds, -1, -2) @ q
+        dv[..., j0:j1, :] = _visible_matmul(np.swapaxes(p, -1, -2), vis.T, do)
+        ds = np.where(vis, p * (do @ np.swapaxes(V, -1, -2) - D[..., None]) * scale, 0)
+        dq += _visible_matmul(ds, vis, K)
+        dk[..., j0:j1, :] = _visible_matmul(np.swapaxes(ds, -1, -2), vis.T, q)
     return dq, dk, dv
