@@ -20,6 +20,8 @@ cdef enum:
 
 
 # ---- diagonal linear scan --------------------------------------------------------------------
+# (Jobs are handed out dynamically here and in the selective scan: with `lengths` their costs
+# differ, and a job's arithmetic does not depend on which thread runs it.)
 # The one compiled diagonal scan: linear_scan and matrix_scan's diagonal case.  A job is one
 # batch row and a contiguous range of channels: as few ranges per row as keep every thread
 # busy, so each step reads and writes long contiguous runs (elementwise work: results do not
@@ -134,7 +136,7 @@ def linear_scan(const floating[:, :, ::1] a, const floating[:, :, ::1] b,
             raise MemoryError(f"linear_scan: no memory for {nseg} time segments of "
                               f"[{B}, {D}] carries")
     with nogil:
-        for job in prange(jobs * nseg, schedule="static", num_threads=threads):
+        for job in prange(jobs * nseg, schedule="dynamic", num_threads=threads):
             seg = job % nseg
             r = job // nseg // nblk
             d0 = job // nseg % nblk * LB
@@ -212,7 +214,7 @@ def linear_scan_backward(const floating[:, :, ::1] a, const floating[:, ::1] sta
     if reset is not None:
         rp = &reset[0, 0]
     with nogil:
-        for job in prange(B * nblk, schedule="static", num_threads=threads):
+        for job in prange(B * nblk, schedule="dynamic", num_threads=threads):
             r = job // nblk
             d0 = (job % nblk) * LB
             nd = min(LB, D - d0)
@@ -530,7 +532,7 @@ def selective_scan(const floating[:, :, ::1] x, const floating[:, :, ::1] dt,
     with nogil, parallel(num_threads=num_threads):
         scratch = <floating*> scratch_alloc(((2 * gb + 1) * N * W + 7 * gb * W)
                                             * sizeof(floating))
-        for job in prange(Bt * groups, schedule="static"):
+        for job in prange(Bt * groups, schedule="dynamic"):
             r = job // groups
             k0 = (job % groups) * gb
             if scratch == NULL:
@@ -919,7 +921,7 @@ def selective_scan_backward(const floating[:, :, ::1] x, const floating[:, :, ::
     with nogil, parallel(num_threads=num_threads):
         scratch = <floating*> scratch_alloc(((5 + 2 * K) * NW + 6 * K * W)
                                             * sizeof(floating))
-        for job in prange(Bt * ngroups, schedule="static"):
+        for job in prange(Bt * ngroups, schedule="dynamic"):
             r = job // ngroups
             grp = job % ngroups
             if scratch == NULL:

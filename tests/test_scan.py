@@ -555,3 +555,20 @@ def test_pullback_after_a_backend_switch():
         with using_backend(second):
             grads[first] = pb(cot)
     assert_all_close(grads["compiled"], grads["python"], tol=1e-11)
+
+
+@pytest.mark.parametrize("backend_name", ["compiled", "python"])
+def test_scalar_D_and_dt_bias_broadcast(backend_name):
+    """D = 0.5 and dt_bias = 0.1 broadcast to [Dm]; their gradients are summed back."""
+    args, kw = selective_problem(Bt=2, T=4, Dm=7, N=3, z=True, softplus=True)
+    full = args[:5] + (np.full(7, 0.5),)
+    with using_backend(backend_name):
+        expected, pb_full = ss.vjp(ss.selective_scan, *full, **kw, dt_bias=np.full(7, 0.1))
+        out, pb = ss.vjp(ss.selective_scan, *args[:5], 0.5, **kw, dt_bias=0.1)
+        assert_all_equal(out, expected)
+        cot = (np.cos(out[0]), None)
+        grads, grads_full = pb(cot), pb_full(cot)
+    assert np.shape(grads[5]) == () and np.shape(grads[7]) == ()
+    assert_close(grads[5], grads_full[5].sum(), tol=1e-12)
+    assert_close(grads[7], grads_full[7].sum(), tol=1e-12)
+
