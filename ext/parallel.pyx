@@ -1,14 +1,14 @@
 # Compiled block scan h_t = A_t h_{t-1} + b_t (dense m x m blocks), the inner solve of the
 # parallel-in-time solvers and matrix_scan's dense case (the diagonal case is scan.pyx's
 # linear_scan).  Work is split into jobs over (batch row, block) and, when the caller asks for
-# it, into `nseg` time segments of fixed length
-# ceil(T / nseg).  A segmented scan runs in three phases: every segment but the first composes
+# it, into `nseg` time segments of fixed length ceil(T / nseg).  A segmented scan runs in
+# three phases: every segment but the first composes
 # its pairs (A, b) into one affine map; the segment carries are chained sequentially; every
 # segment but the first is re-run from its carry.  The segmentation comes from the caller (it
 # depends on the shape only), never from the thread count, so results are bit-identical for any
 # number of threads.
 from cython cimport floating
-from cython.parallel cimport prange, parallel
+from cython.parallel cimport prange
 
 from _scratch cimport scratch_alloc, scratch_free
 
