@@ -70,7 +70,7 @@ FAMILIES = ("rnn", "scan", "attention", "parallel", "layers", "batching")
 STATESCAN = "statescan"
 NUMPY_REF = "numpy-ref"
 # Other libraries, the names `add_peer` and ``--peers`` take (a new peer is added here).
-PEERS = ("torch", "torch-loop", "torch-packed", "onnxruntime", "jax", "jax-loop")
+PEERS = ("torch", "torch-loop", "torch-packed", "onnxruntime", "jax", "jax-loop", "transformers")
 # Runners that are statescan itself in another form: compared with, but not peers.
 OWN = {NUMPY_REF: "statescan's numpy reference",
        "sequential": "statescan's sequential kernel (the solver cases)",

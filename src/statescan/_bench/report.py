@@ -141,9 +141,10 @@ def write_json(doc, path):
 # One colour per runner in every panel: peers in colour, statescan's own runners in greys.
 _COLOURS = {"torch": "#1f77b4", "torch-loop": "#17becf", "torch-packed": "#9467bd",
             "onnxruntime": "#ff7f0e", "jax": "#2ca02c", "jax-loop": "#98df8a",
+            "transformers": "#d62728",
             "numpy-ref": "#8c8c8c", "sequential": "#404040", "padded-static": "#b0b0b0",
             "padded-lengths": "#6e6e6e", "ideal": "#d6d6d6"}
-_SPARE = ("#d62728", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f")
+_SPARE = ("#8c564b", "#e377c2", "#bcbd22", "#7f7f7f", "#aec7e8")
 _PANEL_NOTES = {"parallel": "statescan = a parallel-in-time solver; sequential = statescan's own "
                             "sequential kernel, not a peer"}
 
