@@ -1,6 +1,17 @@
 """statescan: fast CPU kernels for computations that carry a state along a sequence.
 
-Arrays in, arrays out (numpy), batch-first ``[B, T, ...]``, float32 or float64.
+Arrays in, arrays out (numpy), batch-first ``[B, T, ...]``, float32 or float64.  Every stateful
+function takes ``state=`` and returns the final state; ``lengths=`` handles padded batches.
+
+Recurrent cells        lstm, gru, elman, slstm; stream (one step per call, weights packed once)
+Linear recurrences     linear_scan, selective_scan (Mamba), ssd (Mamba-2), linear_attention
+Convolution, attention causal_conv1d, attention (O(T) memory)
+Parallel in time       matrix_scan, solve_recurrence; solver= in the cells
+Many sequences         run_sequences (continuous batching)
+Gradients              vjp
+Threads and backends   set_num_threads, get_num_threads, threads, set_backend, backend,
+                       build_info, set_cache_limit
+Layers and models      statescan.nn (LSTM, GRU, RNN, SLSTM, Mamba, Mamba2, MambaLM)
 """
 from ._dispatch import backend, set_backend, set_num_threads, get_num_threads, build_info
 from ._threads import threads
