@@ -14,6 +14,11 @@ cdef enum:
     SLSTM = 3
 
 
+cdef inline dict cell_ids():
+    """Kernel id by cell name (the names of src/statescan/_cells.py), for rnn.pyx's CELL_IDS."""
+    return {"elman": ELMAN, "lstm": LSTM, "gru": GRU, "slstm": SLSTM}
+
+
 cdef inline void elman_forward(Py_ssize_t D, const floating* ax, Py_ssize_t sx,
                                const floating* ar, Py_ssize_t sr,
                                floating* st, Py_ssize_t ss) noexcept nogil:

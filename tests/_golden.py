@@ -73,7 +73,7 @@ def cases(dtype):
     out["matrix_scan_vjp"] = lambda: _vjp(ss.matrix_scan, (mA, mb, mh), {})
     xs = r(B, T, n)
     out["solve_recurrence"] = lambda: ss.solve_recurrence(
-        lambda s, x: np.tanh(0.5 * s + x), mh, xs, method="jacobi")[0]
+        lambda s, x: np.tanh(0.5 * s + x), mh, xs, solver="jacobi")[0]
     return out
 
 

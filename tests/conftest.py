@@ -8,11 +8,12 @@ import pytest
 
 import statescan as ss
 from statescan import _dispatch, _threads
-from statescan._reference.rnn import CELLS as CELL_SIZES   # name -> (gates G, state parts S)
+from statescan._cells import CELLS as _REGISTRY
 
-CELLS = ("elman", "lstm", "gru", "slstm")
+CELLS = tuple(_REGISTRY)
+CELL_SIZES = {name: (c.gates, c.states) for name, c in _REGISTRY.items()}  # name -> (G, S)
 FNS = {name: getattr(ss, name) for name in CELLS}
-STATE_NAMES = {"elman": ("h",), "gru": ("h",), "lstm": ("h", "c"), "slstm": ("h", "c", "n", "m")}
+STATE_NAMES = {name: c.state_names for name, c in _REGISTRY.items()}
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
 
 

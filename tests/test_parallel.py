@@ -176,7 +176,8 @@ def test_nan_in_nan_out_without_iterating_T_times():
 
 def test_bad_solver_arguments():
     args, kw = make_cell("lstm", T=5)
-    with pytest.raises(ValueError, match="solver"):
+    with pytest.raises(ValueError, match="solver must be one of 'sequential', 'newton', "
+                                         "'quasi-newton', 'jacobi'"):
         ss.lstm(*args, solver="gauss")
     with pytest.raises(ValueError, match="tol"):
         ss.lstm(*args, solver="newton", tol=-1.0)
@@ -211,14 +212,14 @@ def user_problem(n=4, B=2, T=25, seed=8):
     return f, jac, s0, xs, expected
 
 
-@pytest.mark.parametrize("method", SOLVERS)
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("with_jac", [True, False])
-def test_solve_recurrence(method, with_jac):
+def test_solve_recurrence(solver, with_jac):
     f, jac, s0, xs, expected = user_problem()
-    s, info = ss.solve_recurrence(f, s0, xs, jac=jac if with_jac else None, method=method)
+    s, info = ss.solve_recurrence(f, s0, xs, jac=jac if with_jac else None, solver=solver)
     assert info.converged and s.shape == expected.shape
     np.testing.assert_allclose(s, expected, atol=1e-7, rtol=0)
-    if method == "newton" and with_jac:
+    if solver == "newton" and with_jac:
         assert info.iterations < 12
 
 
@@ -230,29 +231,49 @@ def test_solve_recurrence_diagonal_jacobian_and_float32():
     s0 = np.zeros((3, 6), np.float32)
     xs = rng.standard_normal((3, 40, 6)).astype(np.float32)
     expected = parallel._UserProblem(f, xs, 3, 40, 6, np.float32, None).sequential(s0)
-    for method in SOLVERS:
-        s, info = ss.solve_recurrence(f, s0, xs, jac=jac, method=method)
+    for solver in SOLVERS:
+        s, info = ss.solve_recurrence(f, s0, xs, jac=jac, solver=solver)
         assert s.dtype == np.float32 and info.converged
         np.testing.assert_allclose(s, expected, atol=1e-4)
+
+
+def test_solve_recurrence_deprecated_keywords():
+    """method= and s0= (the old spellings of solver= and state=) still work, with a warning;
+    a bad name given through method= is reported under that name."""
+    f, jac, s0, xs, expected = user_problem()
+    s, _ = ss.solve_recurrence(f, s0, xs, solver="jacobi")
+    with pytest.warns(DeprecationWarning, match="method="):
+        old, _ = ss.solve_recurrence(f, s0, xs, method="jacobi")
+    np.testing.assert_array_equal(old, s)
+    with pytest.warns(DeprecationWarning, match="s0="):
+        old, _ = ss.solve_recurrence(f, s0=s0, xs=xs, solver="jacobi")
+    np.testing.assert_array_equal(old, s)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="method"):
+        ss.solve_recurrence(f, s0, xs, method="gauss")
+    with pytest.raises(TypeError, match="s0"):
+        ss.solve_recurrence(f, s0, xs, s0=s0)
+    with pytest.raises(TypeError, match="state"):
+        ss.solve_recurrence(f, xs=xs)
 
 
 def test_solve_recurrence_non_convergence_and_bad_input():
     f, jac, s0, xs, expected = user_problem(T=30)
     with pytest.warns(RuntimeWarning):
-        s, info = ss.solve_recurrence(f, s0, xs, method="jacobi", max_iter=2)
+        s, info = ss.solve_recurrence(f, s0, xs, solver="jacobi", max_iter=2)
     assert not info.converged
     np.testing.assert_allclose(info.sequential, expected, atol=1e-12)
     with pytest.raises(TypeError, match="f must be callable"):
         ss.solve_recurrence(None, s0, xs)
     with pytest.raises(TypeError, match="jac"):
         ss.solve_recurrence(f, s0, xs, jac=3)
-    with pytest.raises(ValueError, match="method"):
-        ss.solve_recurrence(f, s0, xs, method="gauss")
+    with pytest.raises(ValueError, match="solver must be one of 'newton', 'quasi-newton', "
+                                         "'jacobi'"):
+        ss.solve_recurrence(f, s0, xs, solver="gauss")
     with pytest.raises(ValueError, match=r"xs must have shape \[B, T, ...\] with B = 2"):
         ss.solve_recurrence(f, s0, xs[:1])
-    with pytest.raises(ValueError, match=r"s0 must have shape \[B, n\]"):
+    with pytest.raises(ValueError, match=r"state must have shape \[B, n\]"):
         ss.solve_recurrence(f, s0[0], xs)
-    with pytest.raises(TypeError, match="s0"):
+    with pytest.raises(TypeError, match="state"):
         ss.solve_recurrence(f, s0.astype(int), xs)
     with pytest.raises(ValueError, match="f must return shape"):
         ss.solve_recurrence(lambda s, x: s[:, :2], s0, xs)

@@ -62,7 +62,7 @@ def test_size_mismatches_name_the_argument(cell, backend):
     G = CELL_SIZES[cell][0]
     with pytest.raises(ValueError, match=r"\bW\b.*shape"):          # H from R is 6
         _call(p, W=np.zeros((G * 5, 4)))
-    with pytest.raises(ValueError, match=r"\bW\b.*shape"):          # I from x is 4
+    with pytest.raises(ValueError, match=r"\bx\b.*shape"):          # I from W is 3: x is wrong
         _call(p, W=np.zeros((G * 6, 3)))
     with pytest.raises(ValueError, match=r"\bR\b.*shape"):
         _call(p, R=np.zeros((G * 6, 5)))

@@ -4,7 +4,8 @@ The T step equations are solved for all t at once (DEER / ParaRNN): each iterati
 (and, for Newton, its Jacobian) over all B*T rows in one batched computation, then solves the
 linearised recurrence s_t = J_t s_{t-1} + u_t with a compiled scan (:func:`matrix_scan`).
 
-Solvers (``method`` / the cells' ``solver=``):
+Solvers (``solver=`` of :func:`solve_recurrence` and of the RNN cells, see
+:mod:`statescan.cell_solvers`):
   "newton"        exact Jacobian, dense per block (per head for the RNN cells);
   "quasi-newton"  diagonal of the Jacobian only: an O(T*n) scan per iteration;
   "jacobi"        fixed point s^{k+1}_t = f(s^k_{t-1}): no Jacobian, no scan.
@@ -26,7 +27,6 @@ import numpy as np
 
 from . import _dispatch, _validate
 from ._reference import parallel as _ref
-from ._reference import rnn as _ref_rnn
 from .autodiff import cotangent, defvjp
 from .scan import _state_argument
 
@@ -216,12 +216,6 @@ def _tolerance(tol, dtype):
     return float(tol)
 
 
-def _method(method, name):
-    if method not in METHODS:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
-    return method
-
-
 def _shift(s, s0):
     """The previous state of every step: [s0, s_1, ..., s_{T-1}]."""
     return np.concatenate([s0[:, None], s[:, :-1]], axis=1)
@@ -266,211 +260,6 @@ def _not_converged_warning(info, where, stacklevel):
     warnings.warn(f"{where}: {info.method} stopped after {info.iterations} iterations with "
                   f"residual {info.residual:.3g} > tol {info.tol:.3g}; the sequential result is "
                   "in info.sequential", RuntimeWarning, stacklevel=stacklevel + 1)
-
-
-# ---- the RNN cells ---------------------------------------------------------------------------
-
-class _CellProblem:
-    """A cell call as the recurrence s_t = f(s_{t-1}) over all B*T rows.
-
-    The state of a row is laid out [heads, S, D] (n = S*H): head k's block of the Jacobian
-    covers all S components of its D units, an (S*D) x (S*D) block.
-    """
-
-    def __init__(self, call, ax):
-        from . import rnn
-        self.rnn = rnn
-        self.call = call
-        self.cell = call.cell
-        self.B, self.T, self.H = call.shape
-        self.G, self.S = _ref_rnn.CELLS[call.cell]
-        self.heads, GD, self.D = call.R.shape
-        self.N = self.B * self.T
-        self.n = self.S * self.H
-        self.dtype = ax.dtype
-        self.ax = ax
-        self.ax2 = ax.reshape(self.N, self.G * self.H)
-        self.R = call.R
-        self.b_r = (np.zeros(self.G * self.H, self.dtype) if call.b_r is None
-                    else call.b_r.astype(self.dtype, copy=False))
-        self.step = _ref_rnn.STEPS[call.cell]
-        self.step_backward = _ref_rnn.STEP_BACKWARDS[call.cell]
-
-    # layout conversions
-    def components(self, s):
-        """[..., n] in solver layout -> tuple of S arrays [rows, H]."""
-        v = s.reshape(-1, self.heads, self.S, self.D)
-        return tuple(np.ascontiguousarray(v[:, :, c]).reshape(-1, self.H) for c in range(self.S))
-
-    def pack(self, comps, shape):
-        v = np.stack([c.reshape(-1, self.heads, self.D) for c in comps], axis=2)
-        return v.reshape(shape)
-
-    def recurrent(self, h):
-        """R h + b_r per head as batched GEMMs: h [rows, H] -> [rows, G*H] gate-major."""
-        rows = h.shape[0]
-        hk = h.reshape(rows, self.heads, self.D).transpose(1, 0, 2)
-        ar = np.matmul(hk, self.R.transpose(0, 2, 1))          # [heads, rows, G*D]
-        ar = ar.reshape(self.heads, rows, self.G, self.D).transpose(1, 2, 0, 3)
-        return ar.reshape(rows, self.G * self.H) + self.b_r
-
-    def evaluate(self, prev, jac):
-        comps = self.components(prev)
-        ar = self.recurrent(comps[0])
-        fs = self.pack(self.step(self.ax2, ar, comps), prev.shape)
-        if jac is None:
-            return fs, None
-        if jac == "diagonal":
-            return fs, self.jacobian_diagonal(ar, comps).reshape(prev.shape)
-        return fs, self.jacobian_blocks(ar, comps).reshape(
-            self.B, self.T, self.heads, self.S * self.D, self.S * self.D)
-
-    def _partials(self, ar, comps):
-        """For each output component s: d s_new / d ar (per gate, pointwise) [N, G, heads, D]
-        and the direct d s_new / d s_prev[c] (pointwise) [N, heads, D] for every c.
-
-        The cell is pointwise given ar, so one step-backward per component with a cotangent
-        of ones recovers those diagonal derivatives exactly."""
-        ones = np.ones((self.N, self.H), self.dtype)
-        zeros = np.zeros_like(ones)
-        shape = (self.N, self.heads, self.D)
-        for s in range(self.S):
-            cot = tuple(ones if c == s else zeros for c in range(self.S))
-            _, dgr, dprev = self.step_backward(self.ax2, ar, comps, cot)
-            yield (dgr.reshape(self.N, self.G, self.heads, self.D),
-                   [d.reshape(shape) for d in dprev])
-
-    def jacobian_diagonal(self, ar, comps):
-        Rk = self.R.reshape(self.heads, self.G, self.D, self.D)
-        Rdiag = np.diagonal(Rk, axis1=2, axis2=3)                 # [heads, G, D]
-        out = np.empty((self.N, self.heads, self.S, self.D), self.dtype)
-        for s, (pg, pd) in enumerate(self._partials(ar, comps)):
-            out[:, :, s] = pd[s]
-            if s == 0:
-                out[:, :, 0] += np.einsum("ngkd,kgd->nkd", pg, Rdiag)
-        return out
-
-    def jacobian_blocks(self, ar, comps):
-        """Per-head Jacobians, stored transposed: Jt[n, k, (c, e), (s, d)] = d s_new[s, d] /
-        d s_prev[c, e] for head k."""
-        S, D = self.S, self.D
-        Jt = np.zeros((self.N, self.heads, S, D, S, D), self.dtype)
-        RkT = self.R.reshape(self.heads, self.G, D, D).transpose(1, 0, 3, 2)  # [G, k, e, d]
-        idx = np.arange(D)
-        for s, (pg, pd) in enumerate(self._partials(ar, comps)):
-            for c in range(1, S):
-                Jt[:, :, c, idx, s, idx] = pd[c]
-            np.einsum("ngkd,gked->nked", pg, RkT, out=Jt[:, :, 0, :, s, :])
-            Jt[:, :, 0, idx, s, idx] += pd[0]
-        return Jt
-
-    # the state and initial guess in solver layout
-    def state0(self):
-        return self.pack(tuple(self.call.state0), (self.B, self.n))
-
-    def guess(self, guess):
-        if guess is None:
-            return np.zeros((self.B, self.T, self.n), self.dtype)
-        g = _validate.float_array("guess", guess)
-        if g.dtype != self.dtype:
-            raise TypeError(f"guess is {g.dtype} but x is {self.dtype}: "
-                            "all arrays must share one dtype")
-        B, T, H, S = self.B, self.T, self.H, self.S
-        if g.ndim == 3 and g.shape[2] == H:
-            comps = (g.reshape(-1, H),) + (np.zeros((B * T, H), self.dtype),) * (S - 1)
-        else:
-            _validate.check_shape("guess", g, (B, T, S * H),
-                                  f"[B, T, H] = [{B}, {T}, {H}] or [B, T, S*H] = "
-                                  f"[{B}, {T}, {S * H}] (all {S} state components)")
-            comps = tuple(g.reshape(B * T, S, H)[:, c] for c in range(S))
-        return self.pack(comps, (B, T, self.n))
-
-    def trajectory(self, s):
-        """Solver layout [B,T,n] -> the states after every step [S,B,T,H]."""
-        return np.stack([c.reshape(self.B, self.T, self.H) for c in self.components(s)])
-
-    def outputs(self, seq):
-        return self.rnn._outputs(self.cell, np.ascontiguousarray(seq[0]),
-                                 np.ascontiguousarray(seq[:, :, -1]))
-
-
-def _solve_cell_trajectory(call, ax, solver, tol, max_iter, guess):
-    method = _method(solver, "solver")
-    problem = _CellProblem(call, ax)
-    tol = _tolerance(tol, ax.dtype)
-    T = problem.T
-    max_iter = T if max_iter is None else _validate.positive_int("max_iter", max_iter)
-    s = problem.guess(guess)
-    if problem.B == 0 or T == 0:
-        return problem, s, SolverInfo(method, 0, 0.0, True, tol)
-    s, info = _iterate(problem.evaluate, problem.state0(), s, method, tol, max_iter,
-                       problem.heads)
-    if not info.converged:
-        seq, _, final = problem.rnn._kernel_forward(call, ax, save=False)
-        info.sequential = problem.rnn._outputs(call.cell, seq[0], final)
-        _not_converged_warning(info, call.cell, stacklevel=5)    # user -> lstm -> _run -> ...
-    return problem, s, info
-
-
-def solve_cell(call, ax, solver, tol=None, max_iter=None, guess=None):
-    """Run an RNN cell (a validated ``rnn._Call`` with ax = W x + b) with a parallel solver.
-
-    Returns (y [B,T,H], state as the sequential call returns it, info)."""
-    problem, s, info = _solve_cell_trajectory(call, ax, solver, tol, max_iter, guess)
-    if problem.B == 0 or problem.T == 0:
-        y = np.empty((problem.B, problem.T, problem.H), ax.dtype)
-        return problem.rnn._outputs(call.cell, y, call.state0.copy()) + (info,)
-    return problem.outputs(problem.trajectory(s)) + (info,)
-
-
-def solve_cell_vjp(call, ax, solver, tol=None, max_iter=None, guess=None):
-    """vjp of :func:`solve_cell`: ``((y, state, info), pullback)``.
-
-    The backward is the transposed linear recurrence lam_t = g_t + J_{t+1}^T lam_{t+1} with
-    the per-head Jacobians at the solution, solved backwards in time by the same scan; the
-    pre-activation gradients then come from the step backward functions over all rows."""
-    problem, s, info = _solve_cell_trajectory(call, ax, solver, tol, max_iter, guess)
-    rnn = problem.rnn
-    if problem.B == 0 or problem.T == 0:
-        y = np.empty((problem.B, problem.T, problem.H), ax.dtype)
-        out = rnn._outputs(call.cell, y, call.state0.copy()) + (info,)
-    else:
-        out = problem.outputs(problem.trajectory(s)) + (info,)
-    if not info.converged:   # differentiate the exact trajectory, not the stalled iterate
-        seq, _, _ = rnn._kernel_forward(call, ax, save=True)
-        s = problem.pack(tuple(c.reshape(-1, problem.H) for c in seq), s.shape)
-
-    def pullback(cotangent):
-        if isinstance(cotangent, (tuple, list)) and len(cotangent) == 3:
-            cotangent = cotangent[:2]        # info carries no gradient
-        B, T, H, n = problem.B, problem.T, problem.H, problem.n
-        dy, dstate = rnn._cotangent(call.cell, cotangent, call)
-        y = np.ascontiguousarray(problem.trajectory(s)[0]) if B and T else out[0]
-        if B == 0 or T == 0:
-            dgx = np.zeros_like(ax)
-            return rnn._parameter_grads(call, y, dgx, dgx, dstate.copy())
-        s0 = problem.state0()
-        comps = problem.components(_shift(s, s0))
-        ar = problem.recurrent(comps[0])
-        K, m = problem.heads, problem.S * problem.D
-        Jt = problem.jacobian_blocks(ar, comps).reshape(B, T, K, m, m)
-        g = np.zeros((B, T, n), ax.dtype)
-        zeros = np.zeros((B * T, H), ax.dtype)
-        g[:] = problem.pack((dy.reshape(-1, H),) + (zeros,) * (problem.S - 1), g.shape)
-        g[:, -1] += problem.pack(tuple(dstate), (B, n))
-        # reversed time tau = T-1-t; coefficient J_{t+1}^T, which Jt holds row-major.
-        coeff = np.concatenate([np.zeros_like(Jt[:, :1]), Jt[:, :0:-1]], axis=1)
-        rev = np.ascontiguousarray(g[:, ::-1]).reshape(B, T, K, m)
-        lam = _block_scan(coeff, False, rev, np.zeros((B, K, m), ax.dtype))[:, ::-1]
-        lam = lam.reshape(B, T, n)
-        dgx, dgr, dprev = problem.step_backward(problem.ax2, ar, comps, problem.components(lam))
-        dgx = dgx.reshape(ax.shape)
-        dgr = dgr.reshape(ax.shape)
-        dstate0 = np.stack([d.reshape(B, T, H)[:, 0] for d in dprev])
-        dstate0[0] += _ref_rnn.recurrent_transpose(np.ascontiguousarray(dgr[:, 0]), call.R)
-        return rnn._parameter_grads(call, y, dgx, dgr, dstate0)
-
-    return out, pullback
 
 
 # ---- user recurrences ------------------------------------------------------------------------
@@ -542,24 +331,24 @@ class _UserProblem:
         return out
 
 
-def solve_recurrence(f, s0, xs, jac=None, method="newton", tol=None, max_iter=None,
-                     guess=None):
+def solve_recurrence(f, state=None, xs=None, jac=None, solver="newton", tol=None,
+                     max_iter=None, guess=None, *, method=None, s0=None):
     """Solve ``s_t = f(s_{t-1}, x_t)``, t = 1..T, for all t at once.
 
     Parameters
     ----------
     f : callable ``f(s_prev [N, n], x [N, ...]) -> s [N, n]``
         One step, vectorised over N rows (the solver calls it with all N = B*T rows at once).
-    s0 : ndarray [B, n]
+    state : ndarray [B, n]
         Initial state (float32 or float64; fixes the dtype).
     xs : ndarray [B, T, ...]
         Per-step inputs, passed through to f row by row.
     jac : callable ``jac(s_prev, x) -> [N, n, n]`` (or [N, n] when diagonal), optional
         d f / d s_prev.  Without it, "newton" uses n forward differences and "quasi-newton"
         one simultaneous perturbation (exact when f acts elementwise on s).
-    method : {"newton", "quasi-newton", "jacobi"}
+    solver : {"newton", "quasi-newton", "jacobi"}
     tol : float, optional
-        Stop when max |s^{k+1} - s^k| <= tol (default 1e-10 float64, 1e-5 float32).
+        Stop when ``max |s^{k+1} - s^k| <= tol`` (default 1e-10 float64, 1e-5 float32).
     max_iter : int, optional
         Iteration cap (default and upper limit T: every solver is exact after T iterations).
     guess : ndarray [B, T, n], optional
@@ -571,20 +360,27 @@ def solve_recurrence(f, s0, xs, jac=None, method="newton", tol=None, max_iter=No
         The state after every step.
     info : SolverInfo
         iterations, residual, converged (and the sequential result when not converged).
+
+    ``method=`` and ``s0=`` are deprecated spellings of ``solver=`` and ``state=``.
     """
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     if jac is not None and not callable(jac):
         raise TypeError(f"jac must be callable or None, got {type(jac).__name__}")
-    method = _method(method, "method")
-    s0 = _validate.float_array("s0", s0)
+    s0, state_name = _renamed("state", state, "s0", s0)
+    solver, solver_name = _renamed("solver", solver, "method", method, default="newton")
+    if xs is None:
+        raise TypeError("solve_recurrence() missing required argument: 'xs'")
+    method = _validate.choice(solver_name, solver, METHODS)
+    s0 = _validate.float_array(state_name, s0)
     if s0.ndim != 2:
-        raise ValueError(f"s0 must have shape [B, n], got {s0.shape}")
+        raise ValueError(f"{state_name} must have shape [B, n], got {s0.shape}")
     dtype = s0.dtype
     B, n = s0.shape
     xs = np.asarray(xs)
     if xs.ndim < 2 or xs.shape[0] != B:
-        raise ValueError(f"xs must have shape [B, T, ...] with B = {B} (from s0), got {xs.shape}")
+        raise ValueError(f"xs must have shape [B, T, ...] with B = {B} (from {state_name}), "
+                         f"got {xs.shape}")
     T = xs.shape[1]
     tol = _tolerance(tol, dtype)
     max_iter = T if max_iter is None else _validate.positive_int("max_iter", max_iter)
@@ -603,3 +399,18 @@ def solve_recurrence(f, s0, xs, jac=None, method="newton", tol=None, max_iter=No
         info.sequential = problem.sequential(s0)
         _not_converged_warning(info, "solve_recurrence", stacklevel=2)
     return s, info
+
+
+def _renamed(name, value, old_name, old_value, default=None):
+    """The value of a keyword argument that `old_name` used to spell: (value, name used).
+    The old spelling still works, with a DeprecationWarning."""
+    if old_value is None:
+        if value is None and default is None:
+            raise TypeError(f"solve_recurrence() missing required argument: {name!r}")
+        return value, name
+    if value is not default:
+        raise TypeError(f"solve_recurrence() got both {name}= and its deprecated spelling "
+                        f"{old_name}=")
+    warnings.warn(f"solve_recurrence: {old_name}= is deprecated; use {name}=",
+                  DeprecationWarning, stacklevel=3)
+    return old_value, old_name

@@ -1,24 +1,66 @@
 """numpy reference for the RNN cells: a plain step loop over time.
 
-Shapes (the same interface as the compiled ``statescan._ext.rnn``):
+Shapes (the same interface as the compiled ``statescan._ext.rnn``; ``cell`` is a name of
+``statescan._cells.CELLS``, whose pointwise functions here are ``<cell>_step`` and
+``<cell>_step_backward``):
+  x       [B, T, I]     inputs; W [G*H, I] input weights, b [G*H] input-side bias
   ax      [B, T, G*H]   input-side pre-activations W x + b, gate-major (gate g at g*H:(g+1)*H)
   R       [heads, G*D, D] recurrent weights, H = heads*D
   b_r     [G*H]         recurrent-side bias
   state   [S, B, H]     stacked state components (0 = h; lstm: c; slstm: c, n, m)
+
+The forward step functions take an ``ops`` namespace (numpy by default) so that the bench
+peers run the very same equations in PyTorch and JAX.
 """
+from typing import Callable, NamedTuple
+
 import numpy as np
 from scipy.special import expit as sigmoid, log_expit as log_sigmoid
 
-# name -> (gates G, state components S)
-CELLS = {"elman": (1, 1), "lstm": (4, 2), "gru": (3, 1), "slstm": (4, 4)}
+
+class ArrayOps(NamedTuple):
+    """The array functions the cell equations use, from one array library."""
+    sigmoid: Callable
+    log_sigmoid: Callable
+    tanh: Callable
+    exp: Callable
+    where: Callable
+    einsum: Callable
+    split: Callable         # split(a, k): k equal parts along the last axis
+    permute: Callable       # permute(a, axes)
 
 
-def recurrent_preactivation(h, R, b_r):
+NUMPY = ArrayOps(sigmoid, log_sigmoid, np.tanh, np.exp, np.where, np.einsum,
+                 lambda a, k: np.split(a, k, axis=-1), np.transpose)
+
+
+def project(x, W, b):
+    """W x + b over every row: x [B, T, I], W [M, I], b [M] or None -> [B, T, M].
+
+    One time step at a time, so a sequence fed in chunks sees the same GEMMs."""
+    B, T, _ = x.shape
+    out = np.empty((B, T, W.shape[0]), x.dtype)
+    for t in range(T):
+        np.matmul(x[:, t], W.T, out=out[:, t])
+    if b is not None:
+        out += b
+    return out
+
+
+def project_valid(x, W, b, lengths):
+    """`project` with the padded steps t >= lengths[b] set to 0 (the compiled kernel skips
+    them: they are never read)."""
+    out = project(x, W, b)
+    out[np.arange(x.shape[1]) >= np.asarray(lengths)[:, None]] = 0
+    return out
+
+
+def recurrent_preactivation(h, R, b_r, ops=NUMPY):
     """R h + b_r per head: h [B, H] -> [B, G*H], gate-major."""
     B = h.shape[0]
     heads, GD, D = R.shape
-    ar = np.einsum("bkd,kgd->bkg", h.reshape(B, heads, D), R)
-    return ar.reshape(B, heads, GD // D, D).transpose(0, 2, 1, 3).reshape(B, -1) + b_r
+    ar = ops.einsum("bkd,kgd->bkg", h.reshape(B, heads, D), R)
+    return ops.permute(ar.reshape(B, heads, GD // D, D), (0, 2, 1, 3)).reshape(B, -1) + b_r
 
 
 def recurrent_transpose(dgr, R):
@@ -30,47 +72,47 @@ def recurrent_transpose(dgr, R):
 
 
 # ---- one step of each cell: (ax, ar, state) -> state -----------------------------------------
+# Equations: PyTorch's nn.RNN (tanh), nn.LSTM and nn.GRU; sLSTM as in Beck et al., "xLSTM:
+# Extended Long Short-Term Memory" (2024), with the stabiliser m_t = max(log sigmoid(f~) +
+# m_{t-1}, i~) taken as i~ while the normaliser is still 0 (the first step).
 
-def elman_step(ax, ar, state):
-    return (np.tanh(ax + ar),)
+def elman_step(ax, ar, state, ops=NUMPY):
+    return (ops.tanh(ax + ar),)
 
 
-def lstm_step(ax, ar, state):
+def lstm_step(ax, ar, state, ops=NUMPY):
     h, c = state
-    i, f, g, o = np.split(ax + ar, 4, axis=-1)
-    c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
-    return (sigmoid(o) * np.tanh(c), c)
+    i, f, g, o = ops.split(ax + ar, 4)
+    c = ops.sigmoid(f) * c + ops.sigmoid(i) * ops.tanh(g)
+    return (ops.sigmoid(o) * ops.tanh(c), c)
 
 
-def gru_step(ax, ar, state):
+def gru_step(ax, ar, state, ops=NUMPY):
     (h,) = state
-    xr, xz, xn = np.split(ax, 3, axis=-1)
-    hr, hz, hn = np.split(ar, 3, axis=-1)
-    r, z = sigmoid(xr + hr), sigmoid(xz + hz)
-    n = np.tanh(xn + r * hn)
+    xr, xz, xn = ops.split(ax, 3)
+    hr, hz, hn = ops.split(ar, 3)
+    r, z = ops.sigmoid(xr + hr), ops.sigmoid(xz + hz)
+    n = ops.tanh(xn + r * hn)
     return ((1 - z) * n + z * h,)
 
 
-def _slstm_parts(ax, ar, state):
+def _slstm_parts(ax, ar, state, ops=NUMPY):
     h, c_prev, n_prev, m_prev = state
-    it, ft, zt, ot = np.split(ax + ar, 4, axis=-1)
-    l = log_sigmoid(ft) + m_prev
+    it, ft, zt, ot = ops.split(ax + ar, 4)
+    l = ops.log_sigmoid(ft) + m_prev
     m_is_i = ~((n_prev != 0) & (l > it))      # stabiliser m = i~ at the start, else max(i~, l)
-    m = np.where(m_is_i, it, l)
-    i, f = np.exp(it - m), np.exp(l - m)
-    tz, o = np.tanh(zt), sigmoid(ot)
+    m = ops.where(m_is_i, it, l)
+    i, f = ops.exp(it - m), ops.exp(l - m)
+    tz, o = ops.tanh(zt), ops.sigmoid(ot)
     c = f * c_prev + i * tz
     nn = f * n_prev + i
-    n = np.where(nn < 1, 1, nn)
+    n = ops.where(nn < 1, 1, nn)
     return locals()
 
 
-def slstm_step(ax, ar, state):
-    p = _slstm_parts(ax, ar, state)
+def slstm_step(ax, ar, state, ops=NUMPY):
+    p = _slstm_parts(ax, ar, state, ops)
     return (p["o"] * p["c"] / p["n"], p["c"], p["n"], p["m"])
-
-
-STEPS = {"elman": elman_step, "lstm": lstm_step, "gru": gru_step, "slstm": slstm_step}
 
 
 # ---- one step backward: (ax, ar, prev state, dstate) -> (dgx, dgr, dprev) ------------------
@@ -129,8 +171,9 @@ def slstm_step_backward(ax, ar, prev, dstate):
     return grads, grads, (np.zeros_like(dh), dc * f, dn * f, dl)
 
 
-STEP_BACKWARDS = {"elman": elman_step_backward, "lstm": lstm_step_backward,
-                  "gru": gru_step_backward, "slstm": slstm_step_backward}
+def _pointwise(cell, suffix):
+    """`cell`'s pointwise function here: <cell>_step or <cell>_step_backward."""
+    return globals()[f"{cell}_{suffix}"]
 
 
 # ---- whole sequences -----------------------------------------------------------------------
@@ -157,7 +200,7 @@ def forward(cell, ax, R, b_r, state0, save, lengths=None, reverse=False, reset=N
     when `save`, else 1), ar_seq [B, T, G*H] (recurrent pre-activations R h + b_r, when `save`,
     else None), state [S, B, H] (each row's state after its last valid step).
     """
-    step = STEPS[cell]
+    step = _pointwise(cell, "step")
     B, T, _ = ax.shape
     S, _, H = state0.shape
     seq = np.zeros((S if save else 1, B, T, H), dtype=ax.dtype)
@@ -190,7 +233,7 @@ def backward(cell, ax, ar_seq, R, state0, seq, dy, dstate, lengths=None, reverse
     dy [B, T, H]; dstate [S, B, H].  Returns dgx, dgr [B, T, G*H] (gradients of the input-side
     and recurrent-side pre-activations, 0 at padded steps) and dstate0 [S, B, H].
     """
-    step_backward = STEP_BACKWARDS[cell]
+    step_backward = _pointwise(cell, "step_backward")
     B, T, _ = ax.shape
     H = state0.shape[2]
     dgx = np.zeros_like(ax)

@@ -1,0 +1,179 @@
+"""One validated call of an RNN cell and the steps every way of running it shares: input
+projection, the sequential kernels, the public output structure, the cotangent and the
+gradients of the arguments.  Used by ``rnn.py`` (the time loop) and ``cell_solvers.py`` (the
+parallel-in-time solvers).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _dispatch, _memory, _validate
+from ._cells import Cell
+from .autodiff import cotangent as _cotangent
+
+
+@dataclass
+class CellCall:
+    """A validated cell call: C-contiguous arrays of one float dtype, and the sizes."""
+    cell: Cell
+    x: np.ndarray          # [B, T, I] (or [B, T, G*H] when W is None)
+    W: object              # [G*H, I] or None
+    R: np.ndarray          # [heads, G*D, D]
+    b: object              # [G*H] or None
+    b_r: object            # [G*H] or None
+    state0: np.ndarray     # [S, B, H]
+    R_ndim: int
+    state_given: bool
+
+    @property
+    def shape(self):
+        return self.x.shape[0], self.x.shape[1], self.state0.shape[2]
+
+
+def _shape(name, value):
+    """The shape of an argument before validation (lists read as arrays; None raises)."""
+    if isinstance(value, np.ndarray):
+        return value.shape
+    return _validate.float_array(name, value).shape
+
+
+def prepare(cell, x, W, R, b, b_r, heads, state):
+    """Validate a call of `cell` (a :class:`Cell`) and return a :class:`CellCall`.
+
+    R fixes H (and D, the head size) and W fixes I before x is read, so a wrong size of x
+    is blamed on x.  Errors name the argument and the expected shape.
+    """
+    G = cell.gates
+    heads = _validate.positive_int("heads", heads)
+    R_shape = _shape("R", R)
+    if len(R_shape) == 2:
+        if heads != 1:
+            raise ValueError(f"R must have shape [heads, {G}*D, D] = [{heads}, {G}*D, D] when "
+                             f"heads={heads}, got {R_shape}")
+        R_spec, H = "G*H H", R_shape[1]
+    elif len(R_shape) == 3:
+        R_spec, H = "heads G*D D", heads * R_shape[2]
+    else:
+        raise ValueError(f"R must have shape [{G}*H, H] or [heads, {G}*D, D], got {R_shape}")
+    spec = {"R": R_spec, "W?": "G*H I", "b?": "G*H", "b_r?": "G*H",
+            "x": "B T I" if W is not None else "B T G*H"}
+    arrs, dims, dtype = _validate.arrays(spec, {"R": R, "W": W, "b": b, "b_r": b_r, "x": x},
+                                         dims={"G": G, "H": H, "heads": heads})
+    B = dims["B"]
+    state0 = state_array(cell, state, B, H, dtype)
+    R3 = arrs["R"].reshape(heads, G * H // heads, H // heads)
+    return CellCall(cell, arrs["x"], arrs["W"], R3, arrs["b"], arrs["b_r"], state0,
+                    len(R_shape), state is not None)
+
+
+def state_array(cell, state, B, H, dtype):
+    """`state=` (None, an array, or a tuple of `cell.states` arrays) as one [S, B, H] array."""
+    S = cell.states
+    if state is None:
+        return np.zeros((S, B, H), dtype=dtype)
+    names = cell.state_names
+    if S > 1 and (not isinstance(state, (tuple, list)) or len(state) != S):
+        got = (f"{len(state)} parts" if isinstance(state, (tuple, list))
+               else type(state).__name__)
+        raise TypeError(f"state must be a tuple ({', '.join(names)}) for {cell.name}, got {got}")
+    parts = (state,) if S == 1 else state
+    spec = {f"state {name}": "B H" for name in names}
+    arrs, _, _ = _validate.arrays(spec, dict(zip(spec, parts)), dims={"B": B, "H": H},
+                                  dtype=dtype)
+    return np.stack(list(arrs.values()))
+
+
+def outputs(cell, y, state):
+    """Public return value: (y, state) with state an array or a tuple as for PyTorch."""
+    if cell.states == 1:
+        return y, state[0]
+    return y, tuple(state)
+
+
+def input_preactivation(call):
+    """W x + b over all B*T rows, [B, T, G*H] (x itself, or x + b, when W is None)."""
+    x, W, b = call.x, call.W, call.b
+    if W is None:
+        return x if b is None else x + b
+    B, T, _ = x.shape
+    return _dispatch.run("rnn", "project", x, W, b,
+                         out=lambda: _memory.empty((B, T, W.shape[0]), x.dtype),
+                         empty=x.size == 0 or W.size == 0)
+
+
+def forward(call, ax, save):
+    """The time loop: (seq [S_save,B,T,H], ar_seq [B,T,G*H] or None, final state [S,B,H]);
+    seq holds every state component when `save` (for :func:`backward`), else only h."""
+    B, T, H = call.shape
+    S = call.cell.states
+    dtype = ax.dtype
+    b_r = np.zeros(ax.shape[2], dtype) if call.b_r is None else call.b_r
+
+    def out():
+        return (_memory.empty((S if save else 1, B, T, H), dtype),
+                _memory.empty(ax.shape, dtype) if save else None,
+                np.empty_like(call.state0))
+
+    return _dispatch.run("rnn", "forward", call.cell.name, ax, call.R, b_r, call.state0, save,
+                         None, False, None, out=out, empty=B == 0 or T == 0)
+
+
+def backward(call, ax, ar_seq, seq, dy, dstate):
+    """Backpropagate through :func:`forward` (save=True): dgx, dgr [B,T,G*H] (the gradients
+    of the input-side and recurrent-side pre-activations) and dstate0 [S,B,H]."""
+    B, T, _ = call.shape
+
+    def out():
+        dgx = _memory.empty(ax.shape, ax.dtype)
+        dgr = _memory.empty(ax.shape, ax.dtype) if call.cell.separate_dgr else dgx
+        return dgx, dgr, np.empty_like(dstate)
+
+    return _dispatch.run("rnn", "backward", call.cell.name, ax, ar_seq, call.R, call.state0,
+                         seq, dy, dstate, None, False, None, out=out, empty=B == 0 or T == 0)
+
+
+def cotangent(call, value):
+    """The cotangent of (y, state) as dy [B,T,H] and dstate [S,B,H]; None parts mean zero."""
+    B, T, H = call.shape
+    names = call.cell.state_names
+    state = ("dstate", (B, H)) if len(names) == 1 else [(f"dstate {n}", (B, H)) for n in names]
+    dy, dstate = _cotangent(value, [("dy", (B, T, H)), state], call.state0.dtype)
+    return dy, (dstate[None] if len(names) == 1 else np.stack(dstate))
+
+
+def parameter_grads(call, y, dgx, dgr, dstate0):
+    """Gradients of the positional arguments (and of state=) from the pre-activation gradients
+    dgx, dgr [B,T,G*H] and dstate0 [S,B,H]; y [B,T,H] is the forward output."""
+    W, b, b_r = call.W, call.b, call.b_r
+    B, T, H = call.shape
+    heads_, GD, D = call.R.shape
+    G = GD // D
+    N = B * T
+    gx = dgx.reshape(N, G * H)
+    if W is None:
+        dx, dW = dgx, None
+    else:
+        dx = _memory.empty(call.x.shape, gx.dtype)
+        np.matmul(gx, W, out=dx.reshape(N, W.shape[1]))
+        dW = gx.T @ call.x.reshape(N, call.x.shape[2])
+    h_prev = _memory.empty((B, T, H), y.dtype)
+    if T:
+        h_prev[:, 0] = call.state0[0]
+        h_prev[:, 1:] = y[:, :-1]
+    gr = dgr.reshape(N, G, heads_, D).transpose(2, 0, 1, 3).reshape(heads_, N, GD)
+    dR = gr.transpose(0, 2, 1) @ h_prev.reshape(N, heads_, D).transpose(1, 0, 2)
+    if call.R_ndim == 2:
+        dR = dR[0]
+    db = None if b is None else gx.sum(axis=0)
+    if b_r is None:
+        db_r = None
+    elif dgr is dgx and db is not None:      # every cell but the GRU: the same gradient
+        db_r = db.copy()
+    else:
+        db_r = dgr.reshape(N, G * H).sum(axis=0)
+    # x, W, R always; b and b_r count when passed (positionally or by keyword).
+    n_positional = 5 if b_r is not None else (4 if b is not None else 3)
+    grads = (dx, dW, dR, db, db_r)[:n_positional]
+    if call.state_given:
+        grads = grads + (outputs(call.cell, None, dstate0)[1],)
+    return grads
