@@ -105,3 +105,22 @@ def test_decode_logits_match_transformers_prefill(pair):
         steps.append(logits)
     tol = 1e-4 if dtype == "float32" else 1e-5
     assert np.max(np.abs(np.concatenate(steps, axis=1) - ref)) <= tol * np.max(np.abs(ref))
+
+
+def test_mamba2_time_step_limit_matches_transformers_prefill(tmp_path):
+    # transformers clamps dt only in its chunked (prefill) path, so only prefill compares
+    torch.manual_seed(3)
+    config = transformers.Mamba2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                       state_size=8, head_dim=16, num_heads=4, n_groups=1,
+                                       chunk_size=8, time_step_limit=(0.0, 0.02))
+    model = transformers.Mamba2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("dt_bias"):
+                p.add_(2.0)                 # softplus(dt) well above the limit: clamped
+    model.save_pretrained(tmp_path)
+    lm = nn.MambaLM.from_pretrained(tmp_path)
+    assert lm.config.time_step_limit == (0.0, 0.02)
+    ids = np.random.default_rng(4).integers(0, VOCAB, (2, 19))
+    ref = _hf_logits(model, ids)
+    assert np.max(np.abs(lm(ids)[0] - ref)) <= 1e-4 * np.max(np.abs(ref))
