@@ -31,8 +31,8 @@ class MambaLM:
 
     Use :meth:`from_pretrained` for a checkpoint directory.
 
-    Call
-    ----
+    Notes
+    -----
     ``logits, cache = lm(input_ids, cache=None, lengths=None)``: input_ids int [B, T] ->
     logits [B, T, vocab_size]; ``cache`` is a list with one :class:`~statescan.nn.MambaCache`
     per layer; pass it back to continue the sequences (it is updated in place).  ``lengths``

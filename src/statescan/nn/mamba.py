@@ -24,14 +24,16 @@ _DERIVED = ("_A", "_conv_w", "_parts")
 class MambaCache(NamedTuple):
     """What a mixer needs to continue a sequence.
 
+    A mixer call given a cache updates these arrays in place and returns the same cache;
+    ``cache.copy()`` keeps a branch point.
+
+    Attributes
+    ----------
     conv_state : ndarray [B, C, K-1]
         The last K-1 inputs of the causal convolution (C = its channel count).
     ssm_state : ndarray
         The scan state: [B, d_inner, d_state] (Mamba) or [B, nheads, headdim, d_state]
         (Mamba-2).
-
-    A mixer call given a cache updates these arrays in place and returns the same cache;
-    ``cache.copy()`` keeps a branch point.
     """
     conv_state: np.ndarray
     ssm_state: np.ndarray
@@ -215,8 +217,8 @@ class Mamba(_Mixer):
     seed : int, optional
         Seed of the random initialisation.
 
-    Call
-    ----
+    Notes
+    -----
     ``y, cache = blk(x, cache=None, lengths=None)``: x [B, T, d_model] -> y [B, T, d_model].
     ``cache`` (a :class:`MambaCache`: conv_state [B, d_inner, K-1], ssm_state
     [B, d_inner, N]) continues a sequence and is updated in place; None starts from zeros and
@@ -327,11 +329,14 @@ class Mamba2(_Mixer):
     bias, conv_bias : bool
     norm_eps : float
         Epsilon of the gated RMS norm.
+    time_step_limit : (float, float)
+        dt is clamped to this range after the softplus (Hugging Face's ``time_step_limit``;
+        the default clamps nothing).
     dtype : "float32" or "float64"
     seed : int, optional
 
-    Call
-    ----
+    Notes
+    -----
     ``y, cache = blk(x, cache=None, lengths=None)`` as :class:`Mamba`; the cache holds
     conv_state [B, d_inner + 2*ngroups*N, K-1] and ssm_state [B, nheads, headdim, N].
 
