@@ -273,3 +273,19 @@ def test_decode_path_bad_arguments_still_checked(backend):
         ss.causal_conv1d(x, w, b, state=s0, activation="gelu")
     with pytest.raises(ValueError, match="out_state"):
         ss.causal_conv1d(x, w, b, state=s0, out_state=s0[:, :, :2])
+
+
+def test_non_contiguous_and_list_inputs(backend):
+    x, w, b, s0 = problem(T=1, state=True)
+    want = ss.causal_conv1d(x, w, b, state=s0)
+    xs = np.asfortranarray(x)
+    ws = np.ascontiguousarray(w.T).T
+    got = ss.causal_conv1d(xs, ws, b.tolist(), state=np.asfortranarray(s0))
+    assert_all_equal(list(got), list(want))
+    x, w, b, _ = problem()
+    want = ss.causal_conv1d(x, w, b)
+    wide = np.zeros((2, 7, 10))
+    wide[:, :, ::2] = x
+    assert not wide[:, :, ::2].flags.c_contiguous
+    assert_all_equal(list(ss.causal_conv1d(wide[:, :, ::2], np.ascontiguousarray(w.T).T, b)),
+                     list(want))

@@ -3,6 +3,7 @@ with lengths and resets, on shapes with several channel blocks per row; results 
 of the thread count; decoding token by token equals one prefill call on large shapes."""
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import statescan as ss
 from conftest import assert_all_close, assert_all_equal, on_backends, using_threads
@@ -84,3 +85,39 @@ def test_token_by_token_equals_prefill_on_a_mamba_shape(dtype):
                                      out_state=cache)
         ys.append(yt)
     assert_all_equal([np.concatenate(ys, axis=1), cache], [y, st])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(0, 3), T=st.integers(0, 9), C=st.integers(0, 40), K=st.integers(1, 5),
+       silu=st.booleans(), bias=st.booleans(), varlen=st.booleans(),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_random_calls_match_reference(B, T, C, K, silu, bias, varlen, dtype, seed):
+    args, kw = call_args(B, T, C, K, dtype, seed, bias=bias, varlen=varlen)
+    kw["activation"] = "silu" if silu else None
+    out = on_backends(forward_and_grads, args, kw)
+    assert_all_close(out["compiled"], out["python"], dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(T=st.integers(1, 12), cuts=st.lists(st.integers(0, 12), max_size=4),
+       K=st.integers(1, 5), seed=st.integers(0, 2**16), dtype=st.sampled_from(DTYPES))
+def test_random_chunkings_with_resets_equal_one_call(T, cuts, K, seed, dtype):
+    (x, w, b), kw = call_args(2, T, 19, K, dtype, seed)
+    reset = np.random.default_rng(seed).random((2, T)) < 0.2
+    whole = ss.causal_conv1d(x, w, b, activation="silu", state=kw["state"], reset=reset)
+    bounds = sorted({0, T} | {min(c, T) for c in cuts})
+    ys, state = [], kw["state"]
+    for a, e in zip(bounds[:-1], bounds[1:]):
+        y, state = ss.causal_conv1d(x[:, a:e], w, b, activation="silu", state=state,
+                                    reset=reset[:, a:e])
+        ys.append(y)
+    assert_all_equal([np.concatenate(ys, axis=1), state], list(whole))
+
+
+def test_vjp_with_out_state_aliasing_state():
+    args, kw = call_args(2, 6, 30, 4, np.float64)
+    want = forward_and_grads(args, kw)
+    state = kw["state"].copy()
+    got = forward_and_grads(args, dict(kw, state=state, out_state=state))
+    assert_all_equal(got, want)
+    assert_all_equal([state], [want[1]])
