@@ -24,12 +24,13 @@ import importlib.util
 import operator
 import os
 import sys
+from typing import Iterator, Optional
 
 # This thread's / task's count; None: the process count.
 _override = contextvars.ContextVar("statescan_num_threads", default=None)
 
 
-def _count(name, n):
+def _count(name: str, n: object) -> int:
     """`n` as an int >= 1: any integer (numpy's too), but not a bool or a float like 2.7."""
     if isinstance(n, bool):
         raise TypeError(f"{name} must be an integer >= 1 or None, got a bool ({n})")
@@ -43,7 +44,7 @@ def _count(name, n):
     return value
 
 
-def _default_threads():
+def _default_threads() -> int:
     """OMP_NUM_THREADS (its first entry, for nested lists like "4,2"), else the CPUs this
     process may run on (a container's or taskset's limit, not the machine's core count)."""
     try:
@@ -59,7 +60,7 @@ def _default_threads():
 _process_threads = _default_threads()
 
 
-def set_num_threads(n):
+def set_num_threads(n: Optional[int]) -> None:
     """Set the number of threads the compiled kernels use, for the whole process.
 
     Parameters
@@ -84,7 +85,7 @@ def set_num_threads(n):
     _process_threads = _default_threads() if n is None else _count("n", n)
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """The number of threads a kernel called from this thread uses now.
 
     Returns
@@ -98,7 +99,7 @@ def get_num_threads():
 
 
 @contextlib.contextmanager
-def threads(n):
+def threads(n: Optional[int]) -> Iterator[None]:
     """Run a block with `n` kernel threads in the calling Python thread only.
 
     Other threads (a server's other requests, Dask's other tasks) keep their count; blocks

@@ -3,6 +3,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import statescan
 
@@ -54,7 +55,7 @@ def _parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     return _bench(args)      # the only command (argparse requires one)
 
