@@ -1,24 +1,36 @@
 """Benchmark grid of the parallel-in-time family: the compiled matrix scan (diagonal, dense
 blocks) and the RNN cells solved with newton / quasi-newton / jacobi.
 
-Each solver case also runs the sequential compiled kernel on the same input ("sequential"):
-on a 2-core CPU it is much faster (see the cost model in statescan.parallel's benchmark), and
-the table should say so.  The numpy reference runs on a shorter sequence.
+Each solver case (B=1, PyTorch's default initialisation, max_iter=200) also runs the
+sequential compiled kernel on the same input ("sequential"): on a few cores it is much
+faster, and the table should say so (benchmarks/PARALLEL.md: cost model and measurements;
+compare ``--threads 1`` with ``--threads 2``).  The numpy reference, an interpreted step loop
+as DEER and ParaRNN compare against, runs on a shorter sequence.
 """
 import numpy as np
 
 import statescan as ss
 
+from .._cells import CELLS
 from .core import NUMPY_REF, STATESCAN, Case, Runner, numpy_reference
 
-GATES = {"lstm": 4, "gru": 3, "elman": 1}
 SEQUENTIAL = "sequential"
+SOLVERS = ("newton", "quasi-newton", "jacobi")
+NEWTON_MAX_BYTES = 0.8e9        # newton stores T per-step Jacobians of (S*H)^2 floats
 
 
 def cases(quick):
     grid = _QUICK if quick else _FULL
     return [_case(*point, dtype, guard=quick and point in _GUARD)
-            for point in grid for dtype in ("float32", "float64")]
+            for point in grid for dtype in ("float32", "float64") if _fits(point, dtype)]
+
+
+def _fits(point, dtype):
+    """False for a newton solve whose T Jacobians of (S*H)^2 floats exceed NEWTON_MAX_BYTES."""
+    if point[0] != "solve" or point[2] != "newton":
+        return True
+    _, cell, _, H, T = point
+    return T * (CELLS[cell].states * H) ** 2 * np.dtype(dtype).itemsize <= NEWTON_MAX_BYTES
 
 
 # ("scan", kind, B, T, K, m) | ("solve", cell, solver, H, T)
@@ -27,8 +39,8 @@ _QUICK = [("scan", "diagonal", 1, 16384, 1, 16), ("scan", "dense", 4, 2048, 4, 8
 _GUARD = {("scan", "diagonal", 1, 16384, 1, 16)}
 _FULL = ([("scan", "diagonal", B, 65536, 1, n) for B, n in ((1, 16), (1, 256), (16, 256))]
          + [("scan", "dense", B, 4096, K, m) for B, K, m in ((1, 1, 64), (1, 8, 16), (16, 4, 8))]
-         + [("solve", cell, solver, H, T) for cell in ("lstm", "gru")
-            for solver in ("newton", "quasi-newton", "jacobi") for H, T in ((8, 4096), (64, 1024))])
+         + [("solve", cell, solver, H, T) for cell in ("lstm", "gru") for solver in SOLVERS
+            for H in (8, 64, 256) for T in (1000, 10000, 100000) if T < 100000 or H == 8])
 
 
 def _case(kind, *rest, guard=False):
@@ -66,7 +78,7 @@ def _solve_case(cell, solver, H, T, dtype, guard):
 
 
 def _solve_runners(cell, solver, H, T, dtype):
-    G = GATES[cell]
+    G = CELLS[cell].gates
     rng = np.random.default_rng(H * 17 + T)
     k = 1 / np.sqrt(H)                   # PyTorch's default initialisation: a contraction
     x = rng.standard_normal((1, T, H)).astype(dtype)

@@ -10,6 +10,8 @@ import sys
 
 import numpy as np
 
+from .._cells import CELLS
+from .._reference.rnn import ArrayOps, recurrent_preactivation
 from . import core
 
 # ONNX gate orders, as indices into PyTorch's gate blocks (LSTM i,f,g,o -> iofc; GRU r,z,n -> zrh)
@@ -101,49 +103,11 @@ def build_onnxruntime(cell, x, W, R, b, b_r):
 
 # ---- step loops written in a framework: vanilla PyTorch and JAX lax.scan ------------------
 
-class _Ops:
-    """The few array functions the cell equations need, from torch or jax.numpy."""
-
-    def __init__(self, sigmoid, log_sigmoid, tanh, exp, where, maximum, einsum, split, permute):
-        self.sigmoid, self.log_sigmoid, self.tanh, self.exp = sigmoid, log_sigmoid, tanh, exp
-        self.where, self.maximum, self.einsum, self.split = where, maximum, einsum, split
-        self.permute = permute
-
-
-def _step(ops, cell, ax, h_state, R, b_r):
-    """One step of `cell` (REFERENCES.md equations): returns (y, new state tuple)."""
-    h = h_state[0]
-    heads, GD, D = R.shape
-    B, G = h.shape[0], GD // D
-    ar = ops.einsum("bkd,kgd->bkg", h.reshape(B, heads, D), R)
-    # [B, heads, G, D] -> gate-major [B, G*H]
-    ar = ops.permute(ar.reshape(B, heads, G, D), (0, 2, 1, 3)).reshape(B, G * heads * D) + b_r
-    if cell == "elman":
-        h = ops.tanh(ax + ar)
-        return h, (h,)
-    if cell == "gru":
-        xr, xz, xn = ops.split(ax, 3)
-        hr, hz, hn = ops.split(ar, 3)
-        r, z = ops.sigmoid(xr + hr), ops.sigmoid(xz + hz)
-        n = ops.tanh(xn + r * hn)
-        h = (1 - z) * n + z * h
-        return h, (h,)
-    it, ft, zt, ot = ops.split(ax + ar, 4)
-    if cell == "lstm":
-        c = ops.sigmoid(ft) * h_state[1] + ops.sigmoid(it) * ops.tanh(zt)
-        h = ops.sigmoid(ot) * ops.tanh(c)
-        return h, (h, c)
-    _, c_prev, n_prev, m_prev = h_state
-    l = ops.log_sigmoid(ft) + m_prev
-    m = ops.where((n_prev != 0) & (l > it), l, it)
-    i, f = ops.exp(it - m), ops.exp(l - m)
-    c = f * c_prev + i * ops.tanh(zt)
-    n = ops.maximum(f * n_prev + i, 1.0)
-    h = ops.sigmoid(ot) * c / n
-    return h, (h, c, n, m)
-
-
-_STATE_SIZES = {"elman": 1, "gru": 1, "lstm": 2, "slstm": 4}
+def _step(ops, cell, ax, state, R, b_r):
+    """One step of `cell` with the reference's equations in `ops`' array library: (h, state)."""
+    ar = recurrent_preactivation(state[0], R, b_r, ops)
+    state = CELLS[cell].step(ax, ar, state, ops)
+    return state[0], state
 
 
 def build_torch_loop(cell, x, W, R3, b, b_r, dy=None):
@@ -151,9 +115,9 @@ def build_torch_loop(cell, x, W, R3, b, b_r, dy=None):
     a Python loop of per-step recurrent matmuls and pointwise ops.  With `dy`: forward and
     backward through autograd, returning dx."""
     torch = core.import_peer("torch")
-    ops = _Ops(torch.sigmoid, torch.nn.functional.logsigmoid, torch.tanh, torch.exp,
-               torch.where, lambda a, v: torch.clamp(a, min=v), torch.einsum,
-               lambda a, k: torch.chunk(a, k, dim=-1), lambda a, axes: a.permute(*axes))
+    ops = ArrayOps(torch.sigmoid, torch.nn.functional.logsigmoid, torch.tanh, torch.exp,
+                   torch.where, torch.einsum, lambda a, k: torch.chunk(a, k, dim=-1),
+                   lambda a, axes: a.permute(*axes))
     # With dy every input gets a gradient, as statescan's vjp computes them all.
     xt, Wt, Rt, bt, brt = (None if a is None else
                            torch.from_numpy(a.copy()).requires_grad_(dy is not None)
@@ -164,7 +128,7 @@ def build_torch_loop(cell, x, W, R3, b, b_r, dy=None):
     def forward():
         ax = (xt + bt if Wt is None       # W=None: x holds the input-side pre-activations
               else torch.addmm(bt, xt.reshape(B * T, -1), Wt.T).reshape(B, T, -1))
-        state = tuple(torch.zeros(B, H, dtype=xt.dtype) for _ in range(_STATE_SIZES[cell]))
+        state = tuple(torch.zeros(B, H, dtype=xt.dtype) for _ in range(CELLS[cell].states))
         ys = []
         for t in range(T):
             y, state = _step(ops, cell, ax[:, t], state, Rt, brt)
@@ -194,15 +158,15 @@ def build_jax(cell, x, W, R3, b, b_r, dy=None):
     jax = core.import_peer("jax")
     jax.config.update("jax_enable_x64", True)
     jnp = jax.numpy
-    ops = _Ops(jax.nn.sigmoid, jax.nn.log_sigmoid, jnp.tanh, jnp.exp, jnp.where, jnp.maximum,
-               jnp.einsum, lambda a, k: jnp.split(a, k, axis=-1), jnp.transpose)
+    ops = ArrayOps(jax.nn.sigmoid, jax.nn.log_sigmoid, jnp.tanh, jnp.exp, jnp.where,
+                   jnp.einsum, lambda a, k: jnp.split(a, k, axis=-1), jnp.transpose)
     B, T, _ = x.shape
     H = R3.shape[0] * R3.shape[2]
 
     def forward(x, W, R, b, b_r):
         ax = x + b if W is None else (x.reshape(B * T, -1) @ W.T + b).reshape(B, T, -1)
         ax = ax.transpose(1, 0, 2)
-        state = tuple(jnp.zeros((B, H), x.dtype) for _ in range(_STATE_SIZES[cell]))
+        state = tuple(jnp.zeros((B, H), x.dtype) for _ in range(CELLS[cell].states))
 
         def body(state, ax_t):
             y, state = _step(ops, cell, ax_t, state, R, b_r)

@@ -9,10 +9,10 @@ import numpy as np
 
 import statescan as ss
 
+from .._cells import CELLS
 from . import peers
 from .core import NUMPY_REF, STATESCAN, Case, Runner, add_peer, numpy_reference
 
-GATES = {"elman": 1, "lstm": 4, "gru": 3, "slstm": 4}
 FUSED_PEERS = ("lstm", "gru", "elman")          # cells PyTorch and ONNX Runtime implement
 
 # Seconds per step ~ overhead + flops / rate: picks each runner's sequence length so a call
@@ -65,7 +65,7 @@ _GUARD = {("lstm", 16, 256, 1, False), ("gru", 16, 256, 1, False),
 def _flops_per_step(cell, B, H, heads, recurrence_only=False):
     """Input projection (I = H; none when W x is given) plus the block-diagonal recurrent
     matmul, multiply-add = 2."""
-    G, D = GATES[cell], H // heads
+    G, D = CELLS[cell].gates, H // heads
     return 2.0 * B * G * H * (D if recurrence_only else H + D)
 
 
@@ -90,7 +90,7 @@ def _case(cell, B, H, heads, backward, dtype, quick, guard, recurrence_only=Fals
 
 
 def _inputs(cell, B, T, H, heads, dtype, recurrence_only=False):
-    G, D = GATES[cell], H // heads
+    G, D = CELLS[cell].gates, H // heads
     rng = np.random.default_rng(B * 7919 + H * 31 + heads)
     x = rng.standard_normal((B, T, G * H if recurrence_only else H)).astype(dtype)
     W = None if recurrence_only else (rng.standard_normal((G * H, H)) / np.sqrt(H)).astype(dtype)
