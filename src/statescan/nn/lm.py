@@ -9,7 +9,7 @@ import numpy as np
 from .. import _validate
 from ._checkpoint import MambaConfig, parse_config, read_config, read_tensors, take
 from ._norm import rms_norm
-from .mamba import Mamba, Mamba2
+from .mamba import NO_INIT, Mamba, Mamba2
 
 _PREFIX = "backbone."
 
@@ -46,6 +46,10 @@ class MambaLM:
         self.dtype = np.dtype(_validate.choice("dtype", str(np.dtype(dtype)),
                                                ("float32", "float64")))
         c = config
+        if state_dict is not None:           # no random weights only to overwrite them
+            self.layers = [self._mixer(NO_INIT) for _ in range(c.num_hidden_layers)]
+            self.load_state_dict(state_dict)
+            return
         seeds = np.random.SeedSequence(seed).spawn(c.num_hidden_layers + 1)
         self.layers = [self._mixer(np.random.default_rng(s)) for s in seeds[1:]]
         rng = np.random.default_rng(seeds[0])
@@ -55,12 +59,10 @@ class MambaLM:
         self.lm_head = self.embeddings if c.tie_word_embeddings else (
             rng.uniform(-1, 1, (c.vocab_size, c.hidden_size)) / np.sqrt(c.hidden_size)
         ).astype(self.dtype)
-        if state_dict is not None:
-            self.load_state_dict(state_dict)
 
     def _mixer(self, rng):
         c = self.config
-        seed = int(rng.integers(2**63))
+        seed = rng if rng is NO_INIT else int(rng.integers(2**63))
         if c.model_type == "mamba":
             return Mamba(c.hidden_size, d_state=c.state_size, d_conv=c.conv_kernel,
                          expand=c.expand, dt_rank=c.time_step_rank, bias=c.use_bias,
@@ -78,10 +80,7 @@ class MambaLM:
         or sharded safetensors with an index).  Needs the ``safetensors`` package
         (``pip install 'statescan[models]'``), not torch.  A missing tensor, a tensor of the
         wrong shape or an unsupported config field raises an error naming it."""
-        config = read_config(path)
-        lm = cls(config, dtype=dtype, seed=0)
-        lm.load_state_dict(read_tensors(path))
-        return lm
+        return cls(read_config(path), read_tensors(path), dtype=dtype)
 
     def __repr__(self):
         c = self.config

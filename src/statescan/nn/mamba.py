@@ -19,6 +19,9 @@ from ._norm import grouped_rms_norm
 
 _DTYPES = ("float32", "float64")
 _DERIVED = ("_A", "_conv_w", "_parts")
+# seed value for a mixer whose parameters are loaded right after construction (MambaLM
+# loading a checkpoint): skips drawing random weights that would be thrown away
+NO_INIT = object()
 
 
 class MambaCache(NamedTuple):
@@ -49,6 +52,8 @@ class _Mixer:
     def _init_params(self, shapes, dtype, seed):
         self.dtype = np.dtype(_validate.choice("dtype", str(np.dtype(dtype)), _DTYPES))
         self._shapes = shapes
+        if seed is NO_INIT:
+            return
         rng = np.random.default_rng(seed)
         self._load({name: self._init_value(name, shape, rng) for name, shape in shapes.items()})
 
