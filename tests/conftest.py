@@ -1,169 +1,28 @@
-"""Shared helpers for the RNN tests: random problems per cell, tolerance checks, and fixtures
-that restore the backend and thread count a test changes."""
-import contextlib
-from dataclasses import dataclass, field
-
-import numpy as np
+"""Fixtures shared by every test file (helper functions: tests/_helpers.py)."""
 import pytest
 
 import statescan as ss
 from statescan import _dispatch, _threads
-from statescan._cells import CELLS as _REGISTRY
-
-CELLS = tuple(_REGISTRY)
-CELL_SIZES = {name: (c.gates, c.states) for name, c in _REGISTRY.items()}  # name -> (G, S)
-FNS = {name: getattr(ss, name) for name in CELLS}
-STATE_NAMES = {name: c.state_names for name, c in _REGISTRY.items()}
-TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
-
-
-@dataclass
-class Problem:
-    """Arguments of one cell call: fn(x, W, R, b, b_r, heads=heads, state=state)."""
-    cell: str
-    x: np.ndarray
-    W: object
-    R: np.ndarray
-    b: object
-    b_r: object
-    heads: int
-    state: object
-    sizes: dict = field(default_factory=dict)
-
-    @property
-    def fn(self):
-        return FNS[self.cell]
-
-    def args(self):
-        return (self.x, self.W, self.R, self.b, self.b_r)
-
-    def kwargs(self):
-        return dict(heads=self.heads, state=self.state)
-
-    def call(self):
-        return self.fn(*self.args(), **self.kwargs())
-
-    def state_parts(self):
-        return state_parts(self.cell, self.state)
-
-
-def make_problem(cell, B=2, T=4, I=3, H=4, *, heads=1, dtype=np.float64, W=True, b=True,
-                 b_r=True, state=False, R3=False, seed=0, scale=1.0):
-    """A random, well-conditioned (unsaturated) problem for `cell`.
-
-    W=False makes x the pre-activations [B, T, G*H].  R is [G*H, H] when heads == 1 unless
-    `R3`, else [heads, G*D, D].  `state=True` passes a random initial state (for the sLSTM:
-    n >= 1 as reached after one step, so the non-initial branch is taken)."""
-    G, S = CELL_SIZES[cell]
-    assert H % heads == 0
-    D = H // heads
-    rng = np.random.default_rng(seed)
-
-    def rand(*shape, s=1.0):
-        return (scale * s * rng.standard_normal(shape)).astype(dtype)
-
-    x = rand(B, T, I) if W else rand(B, T, G * H)
-    Wa = rand(G * H, I, s=1 / np.sqrt(I)) if W else None
-    if heads == 1 and not R3:
-        R = rand(G * H, H, s=1 / np.sqrt(H))
-    else:
-        R = rand(heads, G * D, D, s=1 / np.sqrt(D))
-    ba = rand(G * H, s=0.5) if b else None
-    bra = rand(G * H, s=0.5) if b_r else None
-    st = None
-    if state:
-        parts = [rand(B, H, s=0.5) for _ in range(S)]
-        if cell == "slstm":
-            parts[2] = (1 + rng.random((B, H))).astype(dtype)
-        st = parts[0] if S == 1 else tuple(parts)
-    return Problem(cell, x, Wa, R, ba, bra, heads, st,
-                   dict(B=B, T=T, I=I, H=H, D=D, G=G, S=S))
-
-
-def state_parts(cell, state):
-    """The state of `cell` (array or tuple) as a tuple of arrays."""
-    if state is None:
-        return ()
-    return (state,) if CELL_SIZES[cell][1] == 1 else tuple(state)
-
-
-def flat_outputs(cell, out):
-    """(y, state) -> (y, state part 0, part 1, ...)."""
-    y, state = out
-    return (y,) + state_parts(cell, state)
-
-
-def assert_close(actual, expected, dtype=None, tol=None, what=""):
-    """max|a - b| <= tol * max(1, max|b|), with NaN only where the expected value is NaN."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    dtype = np.dtype(dtype if dtype is not None else expected.dtype)
-    tol = TOL[dtype] if tol is None else tol
-    if expected.size == 0:
-        return
-    nan_a, nan_e = np.isnan(actual), np.isnan(expected)
-    assert np.array_equal(nan_a, nan_e), f"{what}: NaN pattern differs"
-    ok = ~nan_e
-    if not ok.any():
-        return
-    err = np.max(np.abs(actual[ok].astype(np.float64) - expected[ok].astype(np.float64)))
-    ref = max(1.0, float(np.max(np.abs(expected[ok].astype(np.float64)))))
-    assert err <= tol * ref, f"{what}: max abs error {err:.3e} > {tol:.1e} * {ref:.3g}"
-
-
-def assert_all_close(actual, expected, dtype=None, tol=None, what=""):
-    """assert_close over matching sequences; None entries must match None."""
-    assert len(actual) == len(expected), f"{what}: {len(actual)} != {len(expected)} entries"
-    for k, (a, e) in enumerate(zip(actual, expected)):
-        if e is None:
-            assert a is None, f"{what}[{k}]: expected None"
-            continue
-        assert a is not None, f"{what}[{k}]: got None"
-        if isinstance(e, tuple):
-            assert_all_close(a, e, dtype, tol, f"{what}[{k}]")
-        else:
-            assert_close(a, e, dtype, tol, f"{what}[{k}]")
-
-
-def assert_all_equal(actual, expected, what=""):
-    """Bit-identical (np.array_equal with NaN == NaN) over matching sequences."""
-    assert len(actual) == len(expected), f"{what}: {len(actual)} != {len(expected)} entries"
-    for k, (a, e) in enumerate(zip(actual, expected)):
-        if e is None or a is None:
-            assert a is None and e is None, f"{what}[{k}]: None mismatch"
-        elif isinstance(e, tuple):
-            assert_all_equal(a, e, f"{what}[{k}]")
-        else:
-            assert a.dtype == e.dtype and a.shape == e.shape, f"{what}[{k}]: dtype/shape"
-            assert np.array_equal(a, e, equal_nan=True), (
-                f"{what}[{k}]: not bit-identical, max diff {np.nanmax(np.abs(a - e)):.3e}")
-
-
-@contextlib.contextmanager
-def using_backend(name):
-    """Run the body on backend `name`, restoring the previous backend afterwards."""
-    old = ss.backend()
-    ss.set_backend(name)
-    try:
-        yield
-    finally:
-        ss.set_backend(old)
-
-
-@contextlib.contextmanager
-def using_threads(n):
-    """Run the body with `n` kernel threads (in this Python thread), then the previous count."""
-    with ss.threads(n):
-        yield
-
-
-def on_backends(fn, *args, **kwargs):
-    """{backend: fn(*args, **kwargs)} for the compiled and the python backend."""
-    out = {}
-    for name in ("compiled", "python"):
-        with using_backend(name):
-            out[name] = fn(*args, **kwargs)
-    return out
+# Re-exported: test files written before tests/_helpers.py import these from conftest.
+from _helpers import (  # noqa: F401
+    CELLS,
+    CELL_SIZES,
+    FNS,
+    STATE_NAMES,
+    TOL,
+    Problem,
+    make_problem,
+    state_parts,
+    flat_outputs,
+    assert_close,
+    assert_all_close,
+    assert_all_equal,
+    using_backend,
+    using_threads,
+    on_backends,
+    random_cotangent,
+    vjp_grads,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -180,21 +39,6 @@ def backend(request):
     """Run the test on each backend."""
     ss.set_backend(request.param)
     return request.param
-
-
-def random_cotangent(cell, out, seed=1):
-    """(dy, dstate) of the structure of `out`, random normal."""
-    rng = np.random.default_rng(seed)
-    y, state = out
-    dy = rng.standard_normal(y.shape).astype(y.dtype)
-    parts = tuple(rng.standard_normal(p.shape).astype(p.dtype) for p in state_parts(cell, state))
-    return dy, parts[0] if len(parts) == 1 else parts
-
-
-def vjp_grads(problem, cot_seed=1):
-    """(out, grads) of statescan.vjp on `problem` with a random cotangent."""
-    out, pb = ss.vjp(problem.fn, *problem.args(), **problem.kwargs())
-    return out, pb(random_cotangent(problem.cell, out, cot_seed))
 
 
 def pytest_addoption(parser):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import statescan as ss
-from conftest import (CELLS, CELL_SIZES, assert_all_close, assert_all_equal, flat_outputs,
+from _helpers import (CELLS, CELL_SIZES, assert_all_close, assert_all_equal, flat_outputs,
                       make_problem, on_backends, random_cotangent, state_parts, using_backend,
                       using_threads, vjp_grads)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import statescan as ss
-from conftest import CELLS, CELL_SIZES, make_problem, random_cotangent, state_parts
+from _helpers import CELLS, CELL_SIZES, make_problem, random_cotangent, state_parts
 
 FD_CASES = [
     ("full", dict(state=True)),

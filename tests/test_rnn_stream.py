@@ -3,12 +3,11 @@ import numpy as np
 import pytest
 
 import statescan as ss
-
-GATES = {"lstm": 4, "gru": 3, "elman": 1, "slstm": 4}
+from _helpers import CELL_SIZES
 
 
 def _weights(cell, H, I, heads, dtype, rng, with_W=True):
-    G = GATES[cell]
+    G = CELL_SIZES[cell][0]
     D = H // heads
     W = (rng.standard_normal((G * H, I)) / np.sqrt(I)).astype(dtype) if with_W else None
     R = rng.standard_normal((G * H, H) if heads == 1 else (heads, G * D, D)) / np.sqrt(D)
@@ -18,14 +17,14 @@ def _weights(cell, H, I, heads, dtype, rng, with_W=True):
 
 
 @pytest.mark.parametrize("backend", ["compiled", "python"])
-@pytest.mark.parametrize("cell", sorted(GATES))
+@pytest.mark.parametrize("cell", sorted(CELL_SIZES))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("heads,with_W", [(1, True), (2, True), (1, False)])
 def test_stream_token_by_token_is_bit_identical(backend, cell, dtype, heads, with_W):
     rng = np.random.default_rng(7)
     B, T, H = 3, 9, 10
     W, R, b, b_r = _weights(cell, H, 6, heads, dtype, rng, with_W)
-    I = 6 if with_W else GATES[cell] * H
+    I = 6 if with_W else CELL_SIZES[cell][0] * H
     x = rng.standard_normal((B, T, I)).astype(dtype)
     previous = ss.backend()
     ss.set_backend(backend)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import statescan as ss
-from conftest import assert_all_close, make_problem, random_cotangent
+from _helpers import assert_all_close, make_problem, random_cotangent
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch

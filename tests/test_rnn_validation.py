@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import statescan as ss
-from conftest import (CELLS, CELL_SIZES, assert_all_close, flat_outputs, make_problem,
+from _helpers import (CELLS, CELL_SIZES, assert_all_close, flat_outputs, make_problem,
                       on_backends, random_cotangent, state_parts, using_backend)
 
 
