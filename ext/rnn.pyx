@@ -4,14 +4,18 @@
 # are bit-identical for any thread count.
 from cython cimport floating
 from cython.parallel cimport prange, parallel
-from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 import numpy as np
 
 cnp.import_array()
 
 from _microkernel cimport NT, matmul_acc, pack_panels, prefetch
-from _cells cimport cell_forward, cell_backward
+from _cells cimport cell_forward, cell_backward, cell_ids
+from _scratch cimport scratch_alloc, scratch_free
+from libc.string cimport memset
+
+# The Python-visible functions take a cell's name; its kernel id is the enum in _cells.pxd.
+CELL_IDS = cell_ids()
 
 
 cdef inline Py_ssize_t round_up(Py_ssize_t n, Py_ssize_t m) noexcept nogil:
@@ -24,32 +28,67 @@ cdef Py_ssize_t rows_per_job(Py_ssize_t B, Py_ssize_t heads, int num_threads) no
     return min(B, round_up((B + chunks - 1) // chunks, 8))
 
 
-cdef void forward_job(int cell, Py_ssize_t r0, Py_ssize_t nr, Py_ssize_t k,
+# ---- variable lengths (DESIGN.md "Variable lengths, reverse direction, resets") -----------------
+# A job owns `nr` batch rows, listed in `rows` in order of decreasing length, so at processing
+# step j the rows still running (length > j) are the first `nact`: the micro-kernel gets
+# nr = nact and finished rows cost nothing.  Row b's processing step j is time step j, or
+# lengths[b] - 1 - j with `reverse` (its valid part read backwards, in place).  Without
+# lengths every row runs all T steps and `rows` is a contiguous range (the arithmetic is the
+# same as a plain block: a row's results never depend on which rows share its block).
+
+cdef inline Py_ssize_t row_length(const cnp.int64_t* lens, Py_ssize_t b, Py_ssize_t T) noexcept nogil:
+    return T if lens == NULL else <Py_ssize_t> lens[b]
+
+
+cdef inline Py_ssize_t time_index(Py_ssize_t j, Py_ssize_t length, bint reverse) noexcept nogil:
+    return length - 1 - j if reverse else j
+
+
+cdef struct Varlen:
+    const cnp.int64_t* lens      # [B] or NULL (every row T steps)
+    const char* reset          # [B, T] bool or NULL
+    bint reverse
+
+
+cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k,
                       Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, Py_ssize_t G,
                       Py_ssize_t S, Py_ssize_t S_save,
                       const floating* ax, const floating* mp, const floating* b_r,
                       const floating* state0, floating* seq, floating* ar_seq,
-                      floating* state_out, floating* st, floating* gates) noexcept nogil:
+                      floating* state_out, floating* st, floating* gates,
+                      Varlen vl) noexcept nogil:
     cdef Py_ssize_t GH = G * H, GD = G * D
     cdef Py_ssize_t ntiles = (GD + NT - 1) // NT, GDp = ntiles * NT
     cdef Py_ssize_t ss = nr * D              # stride between state components in `st`
-    cdef Py_ssize_t t, r, b, s, g, d
+    cdef Py_ssize_t j, r, b, s, g, d, t, n, length
+    cdef Py_ssize_t nact = nr
+    cdef Py_ssize_t steps = row_length(vl.lens, rows[0], T)   # rows[0] is the longest
     cdef const floating* axp
     cdef const floating* mp_k = mp + k * ntiles * D * NT
     for s in range(S):
         for r in range(nr):
             for d in range(D):
-                st[s * ss + r * D + d] = state0[(s * B + r0 + r) * H + k * D + d]
-    for t in range(T):
-        for r in range(nr):
+                st[s * ss + r * D + d] = state0[(s * B + rows[r]) * H + k * D + d]
+    for j in range(steps):
+        while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
+            nact -= 1
+        for r in range(nact):
+            b = rows[r]
+            length = row_length(vl.lens, b, T)
+            if vl.reset != NULL and vl.reset[b * T + time_index(j, length, vl.reverse)]:
+                for s in range(S):
+                    for d in range(D):
+                        st[s * ss + r * D + d] = 0
             for g in range(G):
                 for d in range(D):
                     gates[r * GDp + g * D + d] = b_r[g * H + k * D + d]
-                if t + 1 < T:   # rows of different batch entries are far apart: help the prefetcher
-                    prefetch(ax + ((r0 + r) * T + t + 1) * GH + g * H + k * D, D)
-        matmul_acc(st, D, mp_k, D, ntiles, gates, GDp, nr)
-        for r in range(nr):
-            b = r0 + r
+                if j + 1 < length:   # rows of different batch entries are far apart: prefetch
+                    prefetch(ax + (b * T + time_index(j + 1, length, vl.reverse)) * GH
+                             + g * H + k * D, D)
+        matmul_acc(st, D, mp_k, D, ntiles, gates, GDp, nact)
+        for r in range(nact):
+            b = rows[r]
+            t = time_index(j, row_length(vl.lens, b, T), vl.reverse)
             axp = ax + (b * T + t) * GH + k * D
             if ar_seq != NULL:
                 for g in range(G):
@@ -59,10 +98,19 @@ cdef void forward_job(int cell, Py_ssize_t r0, Py_ssize_t nr, Py_ssize_t k,
             for s in range(S_save):
                 for d in range(D):
                     seq[((s * B + b) * T + t) * H + k * D + d] = st[s * ss + r * D + d]
-    for s in range(S):
-        for r in range(nr):
+    for r in range(nr):
+        b = rows[r]
+        for s in range(S):
             for d in range(D):
-                state_out[(s * B + r0 + r) * H + k * D + d] = st[s * ss + r * D + d]
+                state_out[(s * B + b) * H + k * D + d] = st[s * ss + r * D + d]
+        for t in range(row_length(vl.lens, b, T), T):    # padded steps: outputs are 0
+            for s in range(S_save):
+                for d in range(D):
+                    seq[((s * B + b) * T + t) * H + k * D + d] = 0
+            if ar_seq != NULL:
+                for g in range(G):
+                    for d in range(D):
+                        ar_seq[(b * T + t) * GH + g * H + k * D + d] = 0
 
 
 cdef void pack_recurrent(const floating* R, Py_ssize_t heads, Py_ssize_t GD, Py_ssize_t D,
@@ -78,103 +126,228 @@ cdef void pack_recurrent(const floating* R, Py_ssize_t heads, Py_ssize_t GD, Py_
             pack_panels(R + k * GD * D, D, 1, GD, D, mp + k * ((D + NT - 1) // NT) * GD * NT)
 
 
+cdef class JobRows:
+    """The batch rows of every job of a call: job block i owns rows[start[i]:start[i + 1]].
+
+    Without lengths: contiguous blocks of RB rows.  With lengths: the batch sorted by length
+    (descending, once per call) and dealt round-robin to the blocks, so every block holds rows
+    of decreasing length (its active rows stay at the front) and the blocks get similar work.
+    """
+    cdef object rows_arr, start_arr
+    cdef Py_ssize_t nblocks, RB
+    cdef Py_ssize_t* rows
+    cdef Py_ssize_t* start
+
+    def __init__(self, Py_ssize_t B, Py_ssize_t RB, lengths):
+        cdef Py_ssize_t i, p, pos = 0
+        self.RB = RB
+        self.nblocks = (B + RB - 1) // RB
+        rows = np.arange(B, dtype=np.intp)
+        start = np.empty(self.nblocks + 1, dtype=np.intp)
+        if lengths is None:
+            start[:] = np.minimum(np.arange(self.nblocks + 1) * RB, B)
+        else:
+            order = np.argsort(-np.asarray(lengths), kind="stable").astype(np.intp)
+            for i in range(self.nblocks):
+                start[i] = pos
+                part = order[i::self.nblocks]
+                rows[pos:pos + len(part)] = part
+                pos += len(part)
+            start[self.nblocks] = B
+        self.rows_arr, self.start_arr = rows, start
+        self.rows = <Py_ssize_t*> cnp.PyArray_DATA(rows)
+        self.start = <Py_ssize_t*> cnp.PyArray_DATA(start)
+
+
+cdef Py_ssize_t* contiguous_rows(Py_ssize_t B, Py_ssize_t RB) noexcept nogil:
+    """rows [B] then start [nblocks + 1] in one block (free it): contiguous blocks of RB rows,
+    as without lengths.  NULL when out of memory."""
+    cdef Py_ssize_t nblocks = (B + RB - 1) // RB, i
+    cdef Py_ssize_t* rows = <Py_ssize_t*> scratch_alloc((B + nblocks + 1) * sizeof(Py_ssize_t))
+    if rows != NULL:
+        for i in range(B):
+            rows[i] = i
+        for i in range(nblocks + 1):
+            rows[B + i] = min(i * RB, B)
+    return rows
+
+
+cdef inline Varlen no_varlen() noexcept nogil:
+    cdef Varlen vl
+    vl.lens = NULL
+    vl.reset = NULL
+    vl.reverse = False
+    return vl
+
+
+cdef Varlen varlen(const cnp.int64_t[::1] lengths, bint reverse, reset, Py_ssize_t B,
+                   Py_ssize_t T) except *:
+    cdef Varlen vl
+    cdef cnp.ndarray reset_arr
+    vl.lens = NULL
+    vl.reset = NULL
+    vl.reverse = reverse
+    if lengths is not None:
+        arr = np.asarray(lengths)
+        if arr.shape[0] != B or (B and (arr.min() < 0 or arr.max() > T)):
+            raise ValueError(f"lengths must have shape [B] = [{B}] and values in [0, {T}]")
+        vl.lens = &lengths[0]
+    if reset is not None:
+        reset_arr = reset
+        if (reset_arr.dtype != np.bool_ or reset_arr.ndim != 2 or reset_arr.shape[0] != B
+                or reset_arr.shape[1] != T or not reset_arr.flags.c_contiguous):
+            raise ValueError(f"reset must be a C-contiguous bool array [B, T] = [{B}, {T}]")
+        vl.reset = <const char*> cnp.PyArray_DATA(reset_arr)
+    return vl
+
+
 cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D,
                      Py_ssize_t G, Py_ssize_t S, Py_ssize_t S_save, const floating* ax,
                      const floating* mp, const floating* b_r, const floating* state0,
                      floating* seq, floating* ar_seq, floating* state_out,
-                     int num_threads) noexcept nogil:
-    """All jobs of a forward pass; -1 when scratch memory could not be allocated."""
-    cdef Py_ssize_t RB = rows_per_job(B, heads, num_threads)
-    cdef Py_ssize_t njobs = (B + RB - 1) // RB * heads
+                     const Py_ssize_t* rows, const Py_ssize_t* start, Py_ssize_t nblocks,
+                     Py_ssize_t RB, Varlen vl, int num_threads) noexcept nogil:
+    """All jobs of a forward pass; -1 when scratch memory could not be allocated.
+    `rows` and `start` as in JobRows; NULL: contiguous blocks of RB rows (no lengths)."""
+    cdef Py_ssize_t njobs
     cdef Py_ssize_t ntiles = (G * D + NT - 1) // NT
-    cdef Py_ssize_t job, k, r0
-    cdef int failed = 0
+    cdef Py_ssize_t job, blk
+    cdef int failed = 0, status
     cdef floating* st
     cdef floating* gates
+    cdef Py_ssize_t* own = NULL
+    if rows == NULL:
+        RB = rows_per_job(B, heads, num_threads)
+        nblocks = (B + RB - 1) // RB
+        own = contiguous_rows(B, RB)
+        if own == NULL:
+            return -1
+        status = run_forward(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq,
+                             ar_seq, state_out, own, own + B, nblocks, RB, vl, num_threads)
+        scratch_free(own)
+        return status
+    njobs = nblocks * heads
     if num_threads == 1 or njobs == 1:     # no OpenMP region: matters for T=1 streaming calls
-        st = <floating*> malloc(S * RB * D * sizeof(floating))
-        gates = <floating*> malloc(RB * ntiles * NT * sizeof(floating))
+        st = <floating*> scratch_alloc(S * RB * D * sizeof(floating))
+        gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
         if st != NULL and gates != NULL:
             for job in range(njobs):
-                r0 = (job // heads) * RB
-                forward_job(cell, r0, min(RB, B - r0), job % heads, B, T, heads * D, D, G, S,
-                            S_save, ax, mp, b_r, state0, seq, ar_seq, state_out, st, gates)
+                blk = job // heads
+                forward_job(cell, rows + start[blk], start[blk + 1] - start[blk], job % heads,
+                            B, T, heads * D, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
+                            state_out, st, gates, vl)
         else:
             failed = 1
-        free(st)
-        free(gates)
+        scratch_free(st)
+        scratch_free(gates)
         return -failed
     with parallel(num_threads=num_threads):
-        st = <floating*> malloc(S * RB * D * sizeof(floating))
-        gates = <floating*> malloc(RB * ntiles * NT * sizeof(floating))
+        st = <floating*> scratch_alloc(S * RB * D * sizeof(floating))
+        gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
         for job in prange(njobs, schedule="static"):
             if st == NULL or gates == NULL:
                 failed += 1
             else:
-                k = job % heads
-                r0 = (job // heads) * RB
-                forward_job(cell, r0, min(RB, B - r0), k, B, T, heads * D, D, G, S, S_save,
-                            ax, mp, b_r, state0, seq, ar_seq, state_out, st, gates)
-        free(st)
-        free(gates)
+                blk = job // heads
+                forward_job(cell, rows + start[blk], start[blk + 1] - start[blk], job % heads,
+                            B, T, heads * D, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
+                            state_out, st, gates, vl)
+        scratch_free(st)
+        scratch_free(gates)
     return -1 if failed else 0
 
 
-def forward(int cell, const floating[:, :, ::1] ax, const floating[:, :, ::1] R,
-            const floating[::1] b_r, const floating[:, :, ::1] state0,
+def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::1] R,
+            const floating[::1] b_r, const floating[:, :, ::1] state0, bint save,
+            const cnp.int64_t[::1] lengths, bint reverse, reset,
             floating[:, :, :, ::1] seq, floating[:, :, ::1] ar_seq,
             floating[:, :, ::1] state_out, int num_threads):
     """Run a cell over the sequence.
 
-    ax [B,T,G*H] input-side pre-activations; R [heads,G*D,D]; b_r [G*H]; state0 [S,B,H].
-    Outputs: seq [S_save,B,T,H] (states after each step; S_save=1 keeps only h),
-    ar_seq [B,T,G*H] or None (recurrent pre-activations, saved for the backward),
-    state_out [S,B,H].  Requires B >= 1 and T >= 1.
+    ax [B,T,G*H] input-side pre-activations; R [heads,G*D,D]; b_r [G*H]; state0 [S,B,H];
+    save: fill ar_seq (for the backward).  lengths: int64 [B] or None; reverse: process each
+    row's valid part backwards; reset: bool [B,T] or None (zero the row's state before that
+    step).  Outputs: seq [S_save,B,T,H] (states after each step; S_save=1 keeps only h; 0 at
+    padded steps), ar_seq [B,T,G*H] (recurrent pre-activations; None when not `save`),
+    state_out [S,B,H] (each row's state after its last valid step).  B, T or H = 0 return
+    at once.
     """
+    cdef int cell = CELL_IDS[cell_name]
+    cdef Py_ssize_t B = ax.shape[0], T = ax.shape[1]
     cdef Py_ssize_t heads = R.shape[0], GD = R.shape[1], D = R.shape[2]
     cdef floating* ar_ptr = NULL
     cdef floating* mp
     cdef int status
-    if ar_seq is not None:
+    cdef Varlen vl
+    cdef JobRows jr = None
+    cdef const Py_ssize_t* rows = NULL
+    cdef const Py_ssize_t* start = NULL
+    cdef Py_ssize_t nblocks = 0, RB = 0
+    if B == 0 or T == 0 or D == 0:
+        if T == 0:
+            state_out[...] = state0
+        return
+    if save and (ar_seq is None or seq.shape[0] != state0.shape[0]):
+        raise ValueError("save needs ar_seq and every state component in seq")
+    vl = varlen(lengths, reverse, reset, B, T)
+    if lengths is not None:
+        jr = JobRows(B, rows_per_job(B, heads, num_threads), lengths)
+        rows, start, nblocks, RB = jr.rows, jr.start, jr.nblocks, jr.RB
+    if save:
         ar_ptr = &ar_seq[0, 0, 0]
-    mp = <floating*> malloc(heads * ((GD + NT - 1) // NT) * D * NT * sizeof(floating))
+    mp = <floating*> scratch_alloc(heads * ((GD + NT - 1) // NT) * D * NT * sizeof(floating))
     if mp == NULL:
         raise MemoryError()
     with nogil:
         pack_recurrent(&R[0, 0, 0], heads, GD, D, True, mp)
-        status = run_forward(cell, ax.shape[0], ax.shape[1], heads, D, GD // D, state0.shape[0],
-                             seq.shape[0], &ax[0, 0, 0], mp, &b_r[0], &state0[0, 0, 0],
-                             &seq[0, 0, 0, 0], ar_ptr, &state_out[0, 0, 0], num_threads)
-    free(mp)
+        status = run_forward(cell, B, T, heads, D, GD // D, state0.shape[0], seq.shape[0],
+                             &ax[0, 0, 0], mp, &b_r[0], &state0[0, 0, 0], &seq[0, 0, 0, 0],
+                             ar_ptr, &state_out[0, 0, 0], rows, start, nblocks, RB, vl,
+                             num_threads)
+    scratch_free(mp)
     if status:
         raise MemoryError()
 
 
-cdef void backward_job(int cell, Py_ssize_t r0, Py_ssize_t nr, Py_ssize_t k,
+cdef void backward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k,
                        Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, Py_ssize_t G,
                        Py_ssize_t S, const floating* ax, const floating* ar_seq,
                        const floating* mb, const floating* state0, const floating* seq,
                        const floating* dy, const floating* dstate, floating* dgx, floating* dgr,
-                       floating* dstate0, floating* dst, floating* gbuf) noexcept nogil:
+                       floating* dstate0, floating* dst, floating* gbuf, floating* zeros,
+                       Varlen vl) noexcept nogil:
+    # Processing steps in reverse order; row r is active at step j while its length > j, so
+    # the active rows (a prefix of `rows`) grow as j decreases.  An inactive row's dst holds
+    # the cotangent of its final state until its last valid step is reached.
     cdef Py_ssize_t GH = G * H, GD = G * D
     cdef Py_ssize_t ntiles = (D + NT - 1) // NT, Dp = ntiles * NT
     cdef Py_ssize_t sds = nr * Dp
-    cdef Py_ssize_t t, r, b, s, g, d, row
+    cdef Py_ssize_t j, r, b, s, g, d, t, row, length
+    cdef Py_ssize_t nact = 0
     cdef const floating* prev
     cdef Py_ssize_t sp
     cdef const floating* mb_k = mb + k * ntiles * GD * NT
+    for d in range(D):
+        zeros[d] = 0
     for s in range(S):
         for r in range(nr):
             for d in range(Dp):
-                dst[s * sds + r * Dp + d] = dstate[(s * B + r0 + r) * H + k * D + d] if d < D else 0
-    for t in range(T - 1, -1, -1):
-        for r in range(nr):
-            b = r0 + r
+                dst[s * sds + r * Dp + d] = dstate[(s * B + rows[r]) * H + k * D + d] if d < D else 0
+    for j in range(row_length(vl.lens, rows[0], T) - 1, -1, -1):
+        while nact < nr and row_length(vl.lens, rows[nact], T) > j:
+            nact += 1
+        for r in range(nact):
+            b = rows[r]
+            length = row_length(vl.lens, b, T)
+            t = time_index(j, length, vl.reverse)
             row = (b * T + t) * GH + k * D
             for d in range(D):
                 dst[r * Dp + d] += dy[(b * T + t) * H + k * D + d]
-            if t > 0:
-                prev = seq + (b * T + t - 1) * H + k * D
+            if vl.reset != NULL and vl.reset[b * T + t]:
+                prev = zeros             # the state was zeroed before this step
+                sp = 0
+            elif j > 0:
+                prev = seq + (b * T + time_index(j - 1, length, vl.reverse)) * H + k * D
                 sp = B * T * H
             else:
                 prev = state0 + b * H + k * D
@@ -185,58 +358,84 @@ cdef void backward_job(int cell, Py_ssize_t r0, Py_ssize_t nr, Py_ssize_t k,
                 for g in range(G):
                     for d in range(D):
                         dgr[row + g * H + d] = gbuf[r * GD + g * D + d]
-        matmul_acc(gbuf, GD, mb_k, GD, ntiles, dst, Dp, nr)
-    for s in range(S):
-        for r in range(nr):
+        matmul_acc(gbuf, GD, mb_k, GD, ntiles, dst, Dp, nact)
+        if vl.reset != NULL:     # a reset cuts the gradient to the state before it
+            for r in range(nact):
+                b = rows[r]
+                if vl.reset[b * T + time_index(j, row_length(vl.lens, b, T), vl.reverse)]:
+                    for s in range(S):
+                        for d in range(Dp):
+                            dst[s * sds + r * Dp + d] = 0
+    for r in range(nr):
+        b = rows[r]
+        for s in range(S):
             for d in range(D):
-                dstate0[(s * B + r0 + r) * H + k * D + d] = dst[s * sds + r * Dp + d]
+                dstate0[(s * B + b) * H + k * D + d] = dst[s * sds + r * Dp + d]
+        for t in range(row_length(vl.lens, b, T), T):    # padded steps: gradients are 0
+            for g in range(G):
+                for d in range(D):
+                    dgx[(b * T + t) * GH + g * H + k * D + d] = 0
+                    dgr[(b * T + t) * GH + g * H + k * D + d] = 0
 
 
-def backward(int cell, const floating[:, :, ::1] ax, const floating[:, :, ::1] ar_seq,
+def backward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::1] ar_seq,
              const floating[:, :, ::1] R, const floating[:, :, ::1] state0,
              const floating[:, :, :, ::1] seq, const floating[:, :, ::1] dy,
-             const floating[:, :, ::1] dstate, floating[:, :, ::1] dgx,
-             floating[:, :, ::1] dgr, floating[:, :, ::1] dstate0, int num_threads):
+             const floating[:, :, ::1] dstate, const cnp.int64_t[::1] lengths, bint reverse,
+             reset, floating[:, :, ::1] dgx, floating[:, :, ::1] dgr,
+             floating[:, :, ::1] dstate0, int num_threads):
     """Backpropagate through the sequence run by `forward` (with every state saved).
 
-    seq [S,B,T,H] and ar_seq [B,T,G*H] come from forward; dy [B,T,H]; dstate [S,B,H] is the
-    cotangent of the final state.  Outputs: dgx, dgr [B,T,G*H] gradients of the input-side and
-    recurrent-side pre-activations (dgr may be the same array as dgx for cells where they are
-    equal: every cell but the GRU), dstate0 [S,B,H].  Requires B >= 1 and T >= 1.
+    seq [S,B,T,H] and ar_seq [B,T,G*H] come from forward (same lengths, reverse, reset);
+    dy [B,T,H]; dstate [S,B,H] is the cotangent of the final state.  Outputs: dgx, dgr
+    [B,T,G*H] gradients of the input-side and recurrent-side pre-activations, 0 at padded
+    steps (dgr may be the same array as dgx for cells where they are equal: every cell but
+    the GRU), dstate0 [S,B,H].  B, T or H = 0 return at once.
     """
+    cdef int cell = CELL_IDS[cell_name]
     cdef Py_ssize_t B = ax.shape[0], T = ax.shape[1]
     cdef Py_ssize_t heads = R.shape[0], GD = R.shape[1], D = R.shape[2]
-    cdef Py_ssize_t H = heads * D, G = GD // D, S = state0.shape[0]
-    cdef Py_ssize_t ntiles = (D + NT - 1) // NT
-    cdef Py_ssize_t RB = rows_per_job(B, heads, num_threads)
-    cdef Py_ssize_t nblocks = (B + RB - 1) // RB
-    cdef Py_ssize_t job, k, r0
+    cdef Py_ssize_t H = heads * D, S = state0.shape[0]
+    cdef Py_ssize_t G, ntiles = (D + NT - 1) // NT
+    cdef Py_ssize_t job, blk
     cdef floating* mb
     cdef floating* dst
     cdef floating* gbuf
-    cdef floating* dgr_ptr = &dgr[0, 0, 0]
+    cdef floating* dgr_ptr
     cdef int failed = 0
-    mb = <floating*> malloc(heads * ntiles * GD * NT * sizeof(floating))
+    cdef Varlen vl
+    cdef JobRows jr
+    if B == 0 or T == 0 or D == 0:
+        if T == 0:
+            dstate0[...] = dstate
+        return
+    G = GD // D
+    dgr_ptr = &dgr[0, 0, 0]
+    vl = varlen(lengths, reverse, reset, B, T)
+    # contiguous blocks without lengths (JobRows with lengths=None): the same rows as forward
+    jr = JobRows(B, rows_per_job(B, heads, num_threads), lengths)
+    mb = <floating*> scratch_alloc(heads * ntiles * GD * NT * sizeof(floating))
     if mb == NULL:
         raise MemoryError()
     with nogil:
         pack_recurrent(&R[0, 0, 0], heads, GD, D, False, mb)
         with parallel(num_threads=num_threads):
-            dst = <floating*> malloc(S * RB * ntiles * NT * sizeof(floating))
-            gbuf = <floating*> malloc(RB * GD * sizeof(floating))
-            for job in prange(nblocks * heads, schedule="static"):
+            dst = <floating*> scratch_alloc(S * jr.RB * ntiles * NT * sizeof(floating))
+            gbuf = <floating*> scratch_alloc((jr.RB * GD + D) * sizeof(floating))
+            for job in prange(jr.nblocks * heads, schedule="static"):
                 if dst == NULL or gbuf == NULL:
                     failed += 1
                 else:
-                    k = job % heads
-                    r0 = (job // heads) * RB
-                    backward_job(cell, r0, min(RB, B - r0), k, B, T, H, D, G, S,
+                    blk = job // heads
+                    backward_job(cell, jr.rows + jr.start[blk], jr.start[blk + 1] - jr.start[blk],
+                                 job % heads, B, T, H, D, G, S,
                                  &ax[0, 0, 0], &ar_seq[0, 0, 0], mb, &state0[0, 0, 0],
                                  &seq[0, 0, 0, 0], &dy[0, 0, 0], &dstate[0, 0, 0],
-                                 &dgx[0, 0, 0], dgr_ptr, &dstate0[0, 0, 0], dst, gbuf)
-            free(dst)
-            free(gbuf)
-    free(mb)
+                                 &dgx[0, 0, 0], dgr_ptr, &dstate0[0, 0, 0], dst, gbuf,
+                                 gbuf + jr.RB * GD, vl)
+            scratch_free(dst)
+            scratch_free(gbuf)
+    scratch_free(mb)
     if failed:
         raise MemoryError()
 
@@ -246,33 +445,37 @@ cdef enum:
 
 
 cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floating* wp,
-                     Py_ssize_t M, const floating* b, floating* out,
-                     int num_threads) noexcept nogil:
-    """out[N, M] = x[N, I] @ W^T (+ b) with W^T packed in panels; -1 on allocation failure."""
+                     Py_ssize_t M, const floating* b, floating* out, const Py_ssize_t* jobs,
+                     Py_ssize_t njobs, int num_threads) noexcept nogil:
+    """out[N, M] = x[N, I] @ W^T (+ b) with W^T packed in panels; -1 on allocation failure.
+    `jobs` NULL: every row, in jobs of PROJECT_ROWS rows; else only rows jobs[2j]:jobs[2j] +
+    jobs[2j+1] for j < njobs (each at most PROJECT_ROWS rows)."""
     cdef Py_ssize_t ntiles = (M + NT - 1) // NT, Mp = ntiles * NT
-    cdef Py_ssize_t njobs = (N + PROJECT_ROWS - 1) // PROJECT_ROWS
-    cdef Py_ssize_t job, r0
+    cdef Py_ssize_t job, r0, nr
     cdef int failed = 0
     cdef floating* buf
+    if jobs == NULL:
+        njobs = (N + PROJECT_ROWS - 1) // PROJECT_ROWS
     if num_threads == 1 or njobs == 1:
-        buf = <floating*> malloc(min(N, PROJECT_ROWS) * Mp * sizeof(floating))
+        buf = <floating*> scratch_alloc(min(N, PROJECT_ROWS) * Mp * sizeof(floating))
         if buf == NULL:
             return -1
         for job in range(njobs):
-            r0 = job * PROJECT_ROWS
-            project_job(x + r0 * I, min(PROJECT_ROWS, N - r0), I, wp, M, b, out + r0 * M, buf)
-        free(buf)
+            r0 = job * PROJECT_ROWS if jobs == NULL else jobs[2 * job]
+            nr = min(PROJECT_ROWS, N - r0) if jobs == NULL else jobs[2 * job + 1]
+            project_job(x + r0 * I, nr, I, wp, M, b, out + r0 * M, buf)
+        scratch_free(buf)
         return 0
     with parallel(num_threads=num_threads):
-        buf = <floating*> malloc(PROJECT_ROWS * Mp * sizeof(floating))
+        buf = <floating*> scratch_alloc(PROJECT_ROWS * Mp * sizeof(floating))
         for job in prange(njobs, schedule="static"):
             if buf == NULL:
                 failed += 1
             else:
-                r0 = job * PROJECT_ROWS
-                project_job(x + r0 * I, min(PROJECT_ROWS, N - r0), I, wp, M, b, out + r0 * M,
-                            buf)
-        free(buf)
+                r0 = job * PROJECT_ROWS if jobs == NULL else jobs[2 * job]
+                nr = min(PROJECT_ROWS, N - r0) if jobs == NULL else jobs[2 * job + 1]
+                project_job(x + r0 * I, nr, I, wp, M, b, out + r0 * M, buf)
+        scratch_free(buf)
     return -1 if failed else 0
 
 
@@ -292,14 +495,15 @@ cdef void project_job(const floating* x, Py_ssize_t nr, Py_ssize_t I, const floa
             out[r * M + m] = buf[r * Mp + m]
 
 
-def project(const floating[:, ::1] x, const floating[:, ::1] W, const floating[::1] b,
-            floating[:, ::1] out, int num_threads):
-    """out = x @ W.T (+ b): x [N, I], W [M, I], b [M] or None, out [N, M].
+def project(const floating[:, :, ::1] x, const floating[:, ::1] W, const floating[::1] b,
+            floating[:, :, ::1] out, int num_threads):
+    """out = x @ W.T (+ b) over all N = B*T rows: x [B, T, I], W [M, I], b [M] or None,
+    out [B, T, M].
 
     Every row is computed by the same sequence of operations whatever N is, so projecting a
     sequence in chunks gives bit-identical rows (BLAS picks different kernels for different N).
     """
-    cdef Py_ssize_t N = x.shape[0], I = x.shape[1], M = W.shape[0]
+    cdef Py_ssize_t N = x.shape[0] * x.shape[1], I = x.shape[2], M = W.shape[0]
     cdef const floating* bp = NULL
     cdef floating* wp
     cdef int status
@@ -307,13 +511,53 @@ def project(const floating[:, ::1] x, const floating[:, ::1] W, const floating[:
         return
     if b is not None:
         bp = &b[0]
-    wp = <floating*> malloc(((M + NT - 1) // NT) * I * NT * sizeof(floating) + 1)
+    wp = <floating*> scratch_alloc(((M + NT - 1) // NT) * I * NT * sizeof(floating))
     if wp == NULL:
         raise MemoryError()
     with nogil:
         pack_panels(&W[0, 0], 1, I, I, M, wp)
-        status = run_project(&x[0, 0], N, I, wp, M, bp, &out[0, 0], num_threads)
-    free(wp)
+        status = run_project(&x[0, 0, 0], N, I, wp, M, bp, &out[0, 0, 0], NULL, 0,
+                             num_threads)
+    scratch_free(wp)
+    if status:
+        raise MemoryError()
+
+
+def project_valid(const floating[:, :, ::1] x, const floating[:, ::1] W,
+                  const floating[::1] b, const cnp.int64_t[::1] lengths,
+                  floating[:, :, ::1] out, int num_threads):
+    """`project` of the valid steps t < lengths[b] of each row only; padded rows of out are 0.
+
+    Valid rows get the bits `project` gives them (a row's result does not depend on its job),
+    and the work follows sum(lengths), not B*T.
+    """
+    cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2], M = W.shape[0]
+    cdef Py_ssize_t b_, t
+    cdef const floating* bp = NULL
+    cdef floating* wp
+    cdef cnp.ndarray jobs
+    cdef int status
+    if B * T == 0 or M == 0:
+        return
+    lens = np.asarray(lengths)
+    starts = [np.arange(0, lens[b_], PROJECT_ROWS) for b_ in range(B)]
+    row0 = np.concatenate([b_ * T + s for b_, s in enumerate(starts)])
+    count = np.concatenate([np.minimum(PROJECT_ROWS, lens[b_] - s) for b_, s in enumerate(starts)])
+    jobs = np.ascontiguousarray(np.stack([row0, count], axis=1), dtype=np.intp)
+    if b is not None:
+        bp = &b[0]
+    wp = <floating*> scratch_alloc(((M + NT - 1) // NT) * I * NT * sizeof(floating))
+    if wp == NULL:
+        raise MemoryError()
+    with nogil:
+        pack_panels(&W[0, 0], 1, I, I, M, wp)
+        status = run_project(&x[0, 0, 0], B * T, I, wp, M, bp, &out[0, 0, 0],
+                             <const Py_ssize_t*> cnp.PyArray_DATA(jobs), jobs.shape[0],
+                             num_threads)
+        for b_ in range(B):            # padded steps: 0, as in the reference
+            for t in range(lengths[b_], T):
+                memset(&out[b_, t, 0], 0, M * sizeof(floating))
+    scratch_free(wp)
     if status:
         raise MemoryError()
 
@@ -327,19 +571,20 @@ cdef int stream_step(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssiz
     cdef floating* ax = NULL
     cdef int status
     if wp != NULL or b != NULL:
-        ax = <floating*> malloc(B * T * GH * sizeof(floating))
+        ax = <floating*> scratch_alloc(B * T * GH * sizeof(floating))
         if ax == NULL:
             return -1
         if wp != NULL:
-            if run_project(x, B * T, I, wp, GH, b, ax, num_threads):
-                free(ax)
+            if run_project(x, B * T, I, wp, GH, b, ax, NULL, 0, num_threads):
+                scratch_free(ax)
                 return -1
         else:                       # x already holds W x; only the bias to add
             for n in range(B * T * GH):
                 ax[n] = x[n] + b[n % GH]
-    status = run_forward(cell, B, T, heads, D, G, S, 1, <const floating*> ax if ax != NULL else x, rp, b_r,
-                         state0, y, NULL, state_out, num_threads)
-    free(ax)
+    status = run_forward(cell, B, T, heads, D, G, S, 1,
+                         <const floating*> ax if ax != NULL else x, rp, b_r, state0, y, NULL,
+                         state_out, NULL, NULL, 0, 0, no_varlen(), num_threads)
+    scratch_free(ax)
     return status
 
 
@@ -361,10 +606,10 @@ cdef class CellStream:
     cdef Py_ssize_t n_in, heads, D, G, S
     cdef object rp, wp, b, b_r
 
-    def __init__(self, int cell, int S, W, R, b, b_r):
-        self.cell, self.S = cell, S
+    def __init__(self, str cell_name, int S, W, R, b, b_r):
+        self.cell, self.S = CELL_IDS[cell_name], S
         self.heads, self.D = R.shape[0], R.shape[2]
-        self.G = R.shape[1] // self.D
+        self.G = R.shape[1] // self.D if self.D else 1    # hidden size 0: step does nothing
         self.n_in = W.shape[1] if W is not None else 0
         self.is_double = R.dtype == np.float64
         GH = self.G * self.heads * self.D
@@ -383,6 +628,10 @@ cdef class CellStream:
         cdef void* rp = cnp.PyArray_DATA(self.rp)
         cdef void* b_r = cnp.PyArray_DATA(self.b_r)
         cdef int status
+        if B == 0 or T == 0 or self.D == 0:     # nothing to compute (hidden size 0: no state)
+            if T == 0:
+                state_out[...] = state0
+            return
         with nogil:
             if self.is_double:
                 status = stream_step[double](
