@@ -10,7 +10,10 @@ Adding a cell touches exactly these files:
 3. ``src/statescan/_reference/rnn.py``: ``<name>_step`` and ``<name>_step_backward``, the
    numpy definition the kernels are tested against.
 
-The public function (``statescan.<name>``) is then one line in ``rnn.py``.
+The registry drives the solvers, the benchmarks' cases and peers (``statescan bench``) and the
+tests' cell lists.  The public API is written out, not generated: a cell that should be public
+also gets its function in ``rnn.py`` (a docstring and one ``_run`` call) and its name in
+``__init__.py``.
 """
 from dataclasses import dataclass
 from typing import Callable

@@ -45,7 +45,7 @@ _QUICK_RECURRENCE = [("slstm", 16, 256, 4)]
 
 def _full_grid():
     grid = []
-    for cell in ("lstm", "gru", "slstm", "elman"):
+    for cell in CELLS:
         for B in (1, 16, 64):
             for H in (64, 256, 1024):
                 for heads in sorted({1, 4, H // 64}):
