@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import statescan as ss
+from statescan import _dispatch
 from _helpers import (CELLS, CELL_SIZES, assert_all_close, assert_all_equal, flat_outputs,
                       make_problem, on_backends, random_cotangent, state_parts, using_backend,
                       using_threads, vjp_grads)
@@ -86,6 +87,14 @@ def _random_cases(n, seed):
 
 CASES += _random_cases(8, seed=2024)
 CASE_IDS = [c[0] for c in CASES]
+
+
+@pytest.mark.skipif(not _dispatch.compiled_available(), reason="compiled kernels not built")
+def test_registry_and_compiled_kernels_name_the_same_cells():
+    """The kernel ids live in ext/_cells.pxd only; the Python side names cells."""
+    ids = _dispatch.ext_module("rnn").CELL_IDS
+    assert set(ids) == set(CELLS)
+    assert sorted(ids.values()) == list(range(len(CELLS)))
 
 
 def _problem(cell, case, dtype):
