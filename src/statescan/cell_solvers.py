@@ -10,9 +10,15 @@ import numpy as np
 
 from . import _validate
 from ._cell_call import cotangent, forward, outputs, parameter_grads
-from ._reference.rnn import recurrent_transpose
+from ._reference.rnn import NUMPY, recurrent_preactivation, recurrent_transpose
 from .parallel import (METHODS, SolverInfo, _block_scan, _iterate, _not_converged_warning,
                        _shift, _tolerance)
+
+
+# The reference's equations with one batched GEMM per head for R h: rows = B*T here, where BLAS
+# pays (and the solvers' results were recorded with it).
+_GEMM_OPS = NUMPY._replace(head_matmul=lambda h, R: np.matmul(
+    h.transpose(1, 0, 2), R.transpose(0, 2, 1)).transpose(1, 0, 2))
 
 
 class _CellProblem:
@@ -50,14 +56,8 @@ class _CellProblem:
         return v.reshape(shape)
 
     def recurrent(self, h):
-        """R h + b_r per head (``_reference.rnn.recurrent_preactivation``) as one batched GEMM
-        over all rows: h [rows, H] -> [rows, G*H] gate-major.  BLAS matters here (rows = B*T),
-        and the reference's einsum would change the solvers' last bits."""
-        rows = h.shape[0]
-        hk = h.reshape(rows, self.heads, self.D).transpose(1, 0, 2)
-        ar = np.matmul(hk, self.R.transpose(0, 2, 1))          # [heads, rows, G*D]
-        ar = ar.reshape(self.heads, rows, self.G, self.D).transpose(1, 2, 0, 3)
-        return ar.reshape(rows, self.G * self.H) + self.b_r
+        """R h + b_r per head over all rows: h [rows, H] -> [rows, G*H] gate-major."""
+        return recurrent_preactivation(h, self.R, self.b_r, _GEMM_OPS)
 
     def evaluate(self, prev, jac):
         comps = self.components(prev)

@@ -116,7 +116,8 @@ def build_torch_loop(cell, x, W, R3, b, b_r, dy=None):
     backward through autograd, returning dx."""
     torch = core.import_peer("torch")
     ops = ArrayOps(torch.sigmoid, torch.nn.functional.logsigmoid, torch.tanh, torch.exp,
-                   torch.where, torch.einsum, lambda a, k: torch.chunk(a, k, dim=-1),
+                   torch.where, lambda h, R: torch.einsum("bkd,kgd->bkg", h, R),
+                   lambda a, k: torch.chunk(a, k, dim=-1),
                    lambda a, axes: a.permute(*axes))
     # With dy every input gets a gradient, as statescan's vjp computes them all.
     xt, Wt, Rt, bt, brt = (None if a is None else
@@ -159,7 +160,8 @@ def build_jax(cell, x, W, R3, b, b_r, dy=None):
     jax.config.update("jax_enable_x64", True)
     jnp = jax.numpy
     ops = ArrayOps(jax.nn.sigmoid, jax.nn.log_sigmoid, jnp.tanh, jnp.exp, jnp.where,
-                   jnp.einsum, lambda a, k: jnp.split(a, k, axis=-1), jnp.transpose)
+                   lambda h, R: jnp.einsum("bkd,kgd->bkg", h, R),
+                   lambda a, k: jnp.split(a, k, axis=-1), jnp.transpose)
     B, T, _ = x.shape
     H = R3.shape[0] * R3.shape[2]
 

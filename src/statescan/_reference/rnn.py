@@ -25,12 +25,13 @@ class ArrayOps(NamedTuple):
     tanh: Callable
     exp: Callable
     where: Callable
-    einsum: Callable
+    head_matmul: Callable   # head_matmul(h [B, heads, D], R [heads, GD, D]) -> [B, heads, GD]
     split: Callable         # split(a, k): k equal parts along the last axis
     permute: Callable       # permute(a, axes)
 
 
-NUMPY = ArrayOps(sigmoid, log_sigmoid, np.tanh, np.exp, np.where, np.einsum,
+NUMPY = ArrayOps(sigmoid, log_sigmoid, np.tanh, np.exp, np.where,
+                 lambda h, R: np.einsum("bkd,kgd->bkg", h, R),
                  lambda a, k: np.split(a, k, axis=-1), np.transpose)
 
 
@@ -59,7 +60,7 @@ def recurrent_preactivation(h, R, b_r, ops=NUMPY):
     """R h + b_r per head: h [B, H] -> [B, G*H], gate-major."""
     B = h.shape[0]
     heads, GD, D = R.shape
-    ar = ops.einsum("bkd,kgd->bkg", h.reshape(B, heads, D), R)
+    ar = ops.head_matmul(h.reshape(B, heads, D), R)
     return ops.permute(ar.reshape(B, heads, GD // D, D), (0, 2, 1, 3)).reshape(B, -1) + b_r
 
 
