@@ -66,6 +66,10 @@ def test_solve_recurrence_deprecated_keywords():
         ss.solve_recurrence(f, s0, xs, s0=s0)
     with pytest.raises(TypeError, match="state"):
         ss.solve_recurrence(f, xs=xs)
+    _, info = ss.solve_recurrence(f, s0, xs, solver="quasi-newton")
+    assert info.solver == "quasi-newton"
+    with pytest.warns(DeprecationWarning, match="SolverInfo.solver"):
+        assert info.method == "quasi-newton"
 
 
 def test_solve_recurrence_non_convergence_and_bad_input():

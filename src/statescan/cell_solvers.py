@@ -140,15 +140,15 @@ class _CellProblem:
 
 
 def _solve_cell_trajectory(call, ax, solver, tol, max_iter, guess):
-    method = _validate.choice("solver", solver, METHODS)
+    solver = _validate.choice("solver", solver, METHODS)
     problem = _CellProblem(call, ax)
     tol = _tolerance(tol, ax.dtype)
     T = problem.T
     max_iter = T if max_iter is None else _validate.positive_int("max_iter", max_iter)
     s = problem.guess(guess)
     if problem.B == 0 or T == 0:
-        return problem, s, SolverInfo(method, 0, 0.0, True, tol)
-    s, info = _iterate(problem.evaluate, problem.state0(), s, method, tol, max_iter,
+        return problem, s, SolverInfo(solver, 0, 0.0, True, tol)
+    s, info = _iterate(problem.evaluate, problem.state0(), s, solver, tol, max_iter,
                        problem.heads)
     if not info.converged:
         seq, _, final = forward(call, ax, save=False)

@@ -46,18 +46,26 @@ _MIN_WORK_PER_THREAD = 1 << 15      # multiply-adds
 class SolverInfo:
     """What a parallel solve did.
 
+    solver : the solver that ran ("newton", "quasi-newton" or "jacobi").
     iterations : iterations run.
     residual : max |s^{k+1} - s^k| of the last iteration.
     converged : residual <= tol, or T iterations run (then the trajectory is exact).
     sequential : when not converged, the sequential result (``(y, state)`` for the RNN cells,
         the trajectory [B,T,n] for :func:`solve_recurrence`); None otherwise.
     """
-    method: str
+    solver: str
     iterations: int
     residual: float
     converged: bool
     tol: float
     sequential: object = None
+
+    @property
+    def method(self):
+        """Deprecated name of :attr:`solver`."""
+        warnings.warn("SolverInfo.method is deprecated; use SolverInfo.solver",
+                      DeprecationWarning, stacklevel=2)
+        return self.solver
 
 
 # ---- compiled scans --------------------------------------------------------------------------
@@ -228,14 +236,14 @@ def _apply_blocks(Jt, v, K):
     return np.matmul(vb, Jt).reshape(B, T, n)
 
 
-def _iterate(evaluate, s0, s, method, tol, max_iter, K):
+def _iterate(evaluate, s0, s, solver, tol, max_iter, K):
     """Solve s_t = f(s_{t-1}) for all t starting from the trajectory s [B,T,n].
 
     evaluate(prev [B,T,n], jac) returns f(prev) [B,T,n] and, for jac "diagonal", the Jacobian
     diagonal [B,T,n], for jac "dense", the K per-block Jacobians transposed [B,T,K,m,m].
     """
     B, T, n = s.shape
-    jac = {"newton": "dense", "quasi-newton": "diagonal", "jacobi": None}[method]
+    jac = {"newton": "dense", "quasi-newton": "diagonal", "jacobi": None}[solver]
     residual, k = 0.0, 0
     for k in range(1, min(max_iter, T) + 1):     # exact after T: more cannot help
         prev = _shift(s, s0)
@@ -253,11 +261,11 @@ def _iterate(evaluate, s0, s, method, tol, max_iter, K):
         if residual <= tol or not np.isfinite(residual):
             break
     converged = bool(np.isfinite(residual) and (residual <= tol or k >= T))
-    return s, SolverInfo(method, k, residual, converged, tol)
+    return s, SolverInfo(solver, k, residual, converged, tol)
 
 
 def _not_converged_warning(info, where, stacklevel):
-    warnings.warn(f"{where}: {info.method} stopped after {info.iterations} iterations with "
+    warnings.warn(f"{where}: {info.solver} stopped after {info.iterations} iterations with "
                   f"residual {info.residual:.3g} > tol {info.tol:.3g}; the sequential result is "
                   "in info.sequential", RuntimeWarning, stacklevel=stacklevel + 1)
 
@@ -371,7 +379,7 @@ def solve_recurrence(f, state=None, xs=None, jac=None, solver="newton", tol=None
     solver, solver_name = _renamed("solver", solver, "method", method, default="newton")
     if xs is None:
         raise TypeError("solve_recurrence() missing required argument: 'xs'")
-    method = _validate.choice(solver_name, solver, METHODS)
+    solver = _validate.choice(solver_name, solver, METHODS)
     s0 = _validate.float_array(state_name, s0)
     if s0.ndim != 2:
         raise ValueError(f"{state_name} must have shape [B, n], got {s0.shape}")
@@ -391,10 +399,10 @@ def solve_recurrence(f, state=None, xs=None, jac=None, solver="newton", tol=None
         _validate.check_shape("guess", s, (B, T, n), f"[B, T, n] = [{B}, {T}, {n}]")
         s = _validate.contiguous(s, dtype)
     if B == 0 or T == 0 or n == 0:      # nothing to solve (a 0-size state: no loop, no reshape)
-        return s, SolverInfo(method, 0, 0.0, True, tol)
+        return s, SolverInfo(solver, 0, 0.0, True, tol)
     problem = _UserProblem(f, xs, B, T, n, dtype, jac)
     s0 = _validate.contiguous(s0, dtype)
-    s, info = _iterate(problem.evaluate, s0, s, method, tol, max_iter, 1)
+    s, info = _iterate(problem.evaluate, s0, s, solver, tol, max_iter, 1)
     if not info.converged:
         info.sequential = problem.sequential(s0)
         _not_converged_warning(info, "solve_recurrence", stacklevel=2)
