@@ -200,7 +200,7 @@ def _decode(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths, reverse,
     general path then validates and explains)."""
     if (state is None or lengths is not None or reset is not None or reverse is not False
             or type(x) is not np.ndarray or x.ndim != 4 or x.shape[1] != 1
-            or type(dt_softplus) is not bool or not _dispatch.use_compiled()):
+            or type(dt_softplus) is not bool):
         return None
     dtype = x.dtype
     if dtype not in _FLOATS or not fast_arrays((x, dt, A, B, C, D, z, dt_bias, state,

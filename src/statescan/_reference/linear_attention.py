@@ -42,6 +42,13 @@ def decay_mask(G):
     return np.exp(np.where(lower, G[..., :, None] - G[..., None, :], -np.inf))
 
 
+def causal(scores, M):
+    """scores * M with the entries above the diagonal exactly 0 (a future key's non-finite
+    score must not reach the past)."""
+    c = M.shape[-1]
+    return np.where(np.tril(np.ones((c, c), dtype=bool)), scores * M, 0)
+
+
 def quadratic(q, k, v, g, S0):
     """The masked quadratic form: o = ((Q K^T) * M) V + diag(exp(G)) Q S0."""
     T = q.shape[-2]
@@ -72,6 +79,10 @@ def _valid(lengths, B, T):
 
 def _segments(n, reset_row):
     """The sequences packed in a row's n valid steps: [(start, end, starts_fresh)]."""
+    if n == 0:
+        return []
+    if reset_row is None:
+        return [(0, n, False)]
     cuts = [0] + [t for t in range(1, n) if reset_row[t]] + [n]
     return [(a, e, a > 0 or bool(reset_row[0])) for a, e in zip(cuts[:-1], cuts[1:])]
 
@@ -83,40 +94,55 @@ def _block(g, t0, t1, lead, dtype):
     return np.cumsum(g[..., t0:t1], axis=-1)
 
 
-def linear_forward(q, k, v, g, S0, chunk, group=1, lengths=None, reset=None):
+def _starts(T, chunk, offset):
+    """Block starts of a sequence beginning at time `offset` of its row: blocks end at the
+    row's multiples of `chunk` (the compiled kernel's blocks, so non-finite inputs spread
+    alike)."""
+    first = chunk - offset % chunk
+    return [0] + list(range(first, T, chunk))
+
+
+def linear_forward(q, k, v, g, S0, chunk, group=1, lengths=None, reset=None, offset=0):
     """The tiled algorithm (blocks of `chunk` rows): intra-block masked quadratic part plus
-    the inter-block contribution of the carried state.  Returns (o, S_T).  With resets each
-    packed sequence runs on its own (from a zero state)."""
+    the inter-block contribution of the carried state.  Returns (o, S_T).  With lengths or
+    resets each row, and each sequence packed in it, runs on its own; `offset` is where the
+    sequence starts in its row."""
     B, NH, T, dv = v.shape
     if q.size == 0 or v.size == 0 or S0.size == 0:     # nothing to loop over
         return np.zeros((B, NH, T, dv), S0.dtype), S0.copy()
-    if reset is not None:
+    if lengths is not None or reset is not None:
         return _forward_by_sequence(q, k, v, g, S0, chunk, group, lengths, reset)
     q, k = _per_head(q, group), _per_head(k, group)
-    valid = _valid(lengths, B, T)
-    if valid is not None:                  # padded steps become no-ops (k, v = 0, no decay)
-        vm = valid[:, None, :, None]
-        q, k, v = np.where(vm, q, 0), np.where(vm, k, 0), np.where(vm, v, 0)
-        g = None if g is None else np.where(valid[:, None], g, 0)
     lead = (B, NH)
     S = S0.copy()
     o = np.empty(lead + (T, dv), dtype=S0.dtype)
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
+    starts = _starts(T, chunk, offset)
+    for t0, t1 in zip(starts, starts[1:] + [T]):
         Q, K, V = q[..., t0:t1, :], k[..., t0:t1, :], v[..., t0:t1, :]
         G = _block(g, t0, t1, lead, S0.dtype)
         M = decay_mask(G)
-        o[..., t0:t1, :] = ((Q @ np.swapaxes(K, -1, -2)) * M) @ V + np.exp(G)[..., None] * (Q @ S)
+        o[..., t0:t1, :] = causal(Q @ np.swapaxes(K, -1, -2), M) @ V + np.exp(G)[..., None] * (Q @ S)
         w = np.exp(G[..., -1:] - G)
         S = np.exp(G[..., -1])[..., None, None] * S + np.swapaxes(K * w[..., None], -1, -2) @ V
-    if valid is not None:
-        o[~np.broadcast_to(valid[:, None], o.shape[:3])] = 0
     return o, S
 
 
 def _rows(b, a, e, *arrays):
     return [None if x is None else x[b:b + 1, :, a:e] for x in arrays]
 
+
+def _fresh_decay(g, fresh):
+    """A sequence started by a reset: its first step's decay multiplies a zeroed state and is
+    dropped (as a decay of 1), so even an infinite one leaves no trace."""
+    if g is None or not fresh:
+        return g
+    g = g.copy()
+    g[..., 0] = 0
+    return g
+
+
+# Variable lengths and resets: each row on its own, each packed sequence from its own start
+# state, over the valid steps only (padded steps are never read).
 
 def _forward_by_sequence(q, k, v, g, S0, chunk, group, lengths, reset):
     B, NH, T, dv = v.shape
@@ -125,15 +151,16 @@ def _forward_by_sequence(q, k, v, g, S0, chunk, group, lengths, reset):
     for b in range(B):
         n = T if lengths is None else int(lengths[b])
         S = S0[b:b + 1]
-        for a, e, fresh in _segments(n, reset[b]):
+        for a, e, fresh in _segments(n, None if reset is None else reset[b]):
             qs, ks, vs, gs = _rows(b, a, e, q, k, v, g)
+            gs = _fresh_decay(gs, fresh)
             o[b:b + 1, :, a:e], S = linear_forward(qs, ks, vs, gs, np.zeros_like(S) if fresh else S,
-                                                   chunk, group)
+                                                   chunk, group, offset=a)
         S_T[b:b + 1] = S
     return o, S_T
 
 
-def linear_backward(q, k, v, g, S0, chunk, group, lengths, reset, do, dS):
+def linear_backward(q, k, v, g, S0, chunk, group, lengths, reset, do, dS, offset=0):
     """Gradients (dq, dk, dv, dS0) of `linear_forward`, dq and dk per head [B, NH, T, dk]
     (the caller sums a group's heads).  The log-decay gradient follows from dq and dk, see
     `log_decay_grad`."""
@@ -143,49 +170,38 @@ def linear_backward(q, k, v, g, S0, chunk, group, lengths, reset, do, dS):
     if q.size == 0 or v.size == 0 or S0.size == 0:
         return (np.zeros((B, NH, T, dk_), dtype), np.zeros((B, NH, T, dk_), dtype),
                 np.zeros((B, NH, T, dv_), dtype), dS.copy())
-    if reset is not None:
+    if lengths is not None or reset is not None:
         return _backward_by_sequence(q, k, v, g, S0, chunk, group, lengths, reset, do, dS)
     q, k = _per_head(q, group), _per_head(k, group)
-    valid = _valid(lengths, B, T)
-    if valid is not None:
-        vm = valid[:, None, :, None]
-        q, k, v = np.where(vm, q, 0), np.where(vm, k, 0), np.where(vm, v, 0)
-        do = np.where(vm, do, 0)
-        g = None if g is None else np.where(valid[:, None], g, 0)
     lead = (B, NH)
     dq = np.empty(lead + (T, dk_), dtype)
     dk = np.empty(lead + (T, dk_), dtype)
     dv = np.empty(lead + (T, dv_), dtype)
-    starts = list(range(0, T, chunk))
+    starts = _starts(T, chunk, offset)
+    ends = starts[1:] + [T]
     # forward sweep: the state entering each block (for dq)
     S = S0.copy()
-    for t0 in starts:
-        t1 = min(T, t0 + chunk)
+    for t0, t1 in zip(starts, ends):
         Q, K, V, dO = q[..., t0:t1, :], k[..., t0:t1, :], v[..., t0:t1, :], do[..., t0:t1, :]
         G = _block(g, t0, t1, lead, dtype)
         M = decay_mask(G)
         P = dO @ np.swapaxes(V, -1, -2)
-        dq[..., t0:t1, :] = (P * M) @ K + np.exp(G)[..., None] * (dO @ np.swapaxes(S, -1, -2))
+        dq[..., t0:t1, :] = causal(P, M) @ K + np.exp(G)[..., None] * (dO @ np.swapaxes(S, -1, -2))
         w = np.exp(G[..., -1:] - G)
         S = np.exp(G[..., -1])[..., None, None] * S + np.swapaxes(K * w[..., None], -1, -2) @ V
     # reverse sweep: H is the gradient of the state leaving the block
     H = dS.copy()
-    for t0 in reversed(starts):
-        t1 = min(T, t0 + chunk)
+    for t0, t1 in reversed(list(zip(starts, ends))):
         Q, K, V, dO = q[..., t0:t1, :], k[..., t0:t1, :], v[..., t0:t1, :], do[..., t0:t1, :]
         G = _block(g, t0, t1, lead, dtype)
         M = decay_mask(G)
         w = np.exp(G[..., -1:] - G)[..., None]
-        P = (dO @ np.swapaxes(V, -1, -2)) * M
-        A = (Q @ np.swapaxes(K, -1, -2)) * M
+        P = causal(dO @ np.swapaxes(V, -1, -2), M)
+        A = causal(Q @ np.swapaxes(K, -1, -2), M)
         dk[..., t0:t1, :] = np.swapaxes(P, -1, -2) @ Q + w * (V @ np.swapaxes(H, -1, -2))
         dv[..., t0:t1, :] = np.swapaxes(A, -1, -2) @ dO + w * (K @ H)
         H = (np.exp(G[..., -1])[..., None, None] * H
              + np.swapaxes(np.exp(G)[..., None] * Q, -1, -2) @ dO)
-    if valid is not None:
-        pad = ~np.broadcast_to(valid[:, None], dq.shape[:3])
-        for a in (dq, dk, dv):
-            a[pad] = 0
     return dq, dk, dv, H
 
 
@@ -201,10 +217,12 @@ def _backward_by_sequence(q, k, v, g, S0, chunk, group, lengths, reset, do, dS):
     for b in range(B):
         n = T if lengths is None else int(lengths[b])
         H = dS[b:b + 1]
-        for a, e, fresh in reversed(_segments(n, reset[b])):
+        for a, e, fresh in reversed(_segments(n, None if reset is None else reset[b])):
             qs, ks, vs, gs, dos = _rows(b, a, e, q, k, v, g, do)
+            gs = _fresh_decay(gs, fresh)
             start = np.zeros_like(S0[b:b + 1]) if fresh else S0[b:b + 1]
-            grads = linear_backward(qs, ks, vs, gs, start, chunk, group, None, None, dos, H)
+            grads = linear_backward(qs, ks, vs, gs, start, chunk, group, None, None, dos, H,
+                                    offset=a)
             dq[b:b + 1, :, a:e], dk[b:b + 1, :, a:e], dv[b:b + 1, :, a:e], H_in = grads
             H = np.zeros_like(H_in) if fresh else H_in
         dS0[b:b + 1] = H
