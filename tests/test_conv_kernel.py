@@ -121,3 +121,17 @@ def test_vjp_with_out_state_aliasing_state():
     got = forward_and_grads(args, dict(kw, state=state, out_state=state))
     assert_all_equal(got, want)
     assert_all_equal([state], [want[1]])
+
+
+@pytest.mark.torch
+def test_bench_family_runs_and_agrees_with_its_peers():
+    pytest.importorskip("torch")
+    from statescan._bench import conv_cases, core
+    core.configure(1, None)
+    cases = [c for c in conv_cases.cases(quick=True) if c.dtype == "float32"]
+    assert {c.name for c in cases} == {"causal_conv1d", "causal_conv1d-decode"}
+    for case in cases:
+        result = core.run_case(case, budget=0.0)
+        assert result.error is None and not result.skipped, (case.id, result.skipped)
+        assert set(result.runs) == {"statescan", "numpy-ref", "torch"}
+        assert all(m.ok for name, m in result.runs.items() if name != "statescan"), case.id
