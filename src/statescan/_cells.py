@@ -4,9 +4,10 @@ the tests need to know about a cell, in one place.
 Adding a cell touches exactly these files:
 
 1. ``src/statescan/_cells.py``: its :class:`Cell` entry in :data:`CELLS`;
-2. ``ext/_cells.pxd``: its id in the ``cdef enum``, its pointwise forward and backward, and
-   their cases in ``cell_forward`` / ``cell_backward`` (``ext/rnn.pyx`` exports the enum as
-   ``CELL_IDS``, keyed by name, so no id is written anywhere else);
+2. ``ext/_cells.pxd``: its id in the ``cdef enum`` and in ``cell_ids()`` (the name -> id map
+   that ``ext/rnn.pyx`` exports as ``CELL_IDS``: the kernels take the cell's name, so no id
+   is written anywhere else), its pointwise forward and backward, and their cases in
+   ``cell_forward`` / ``cell_backward``;
 3. ``src/statescan/_reference/rnn.py``: ``<name>_step`` and ``<name>_step_backward``, the
    numpy definition the kernels are tested against.
 
