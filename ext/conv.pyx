@@ -265,6 +265,44 @@ cdef inline Py_ssize_t backward_scratch(Py_ssize_t K, Py_ssize_t nb) noexcept no
     return (2 * K + 1) * nb + 4 * K + 4
 
 
+cdef inline void grad_row4(floating** dst, floating** src, const floating* wT, Py_ssize_t ldw,
+                           const floating* g, floating* dw, floating* db,
+                           Py_ssize_t n) noexcept nogil:
+    # One step's backward for K = 4 in one pass: dst[j] += w[j] * g (the inputs' gradients),
+    # dw[j] += g * src[j], db += g (dw rows ldw apart); the general loop's sums, in its order
+    cdef Py_ssize_t c
+    cdef floating gc
+    cdef floating* d0 = dst[0]
+    cdef floating* d1 = dst[1]
+    cdef floating* d2 = dst[2]
+    cdef floating* d3 = dst[3]
+    cdef const floating* s0 = src[0]
+    cdef const floating* s1 = src[1]
+    cdef const floating* s2 = src[2]
+    cdef const floating* s3 = src[3]
+    cdef const floating* w0 = wT
+    cdef const floating* w1 = wT + ldw
+    cdef const floating* w2 = wT + 2 * ldw
+    cdef const floating* w3 = wT + 3 * ldw
+    cdef floating* dw0 = dw
+    cdef floating* dw1 = dw + ldw
+    cdef floating* dw2 = dw + 2 * ldw
+    cdef floating* dw3 = dw + 3 * ldw
+    for c in range(n):
+        gc = g[c]
+        d0[c] += w0[c] * gc
+        d1[c] += w1[c] * gc
+        d2[c] += w2[c] * gc
+        d3[c] += w3[c] * gc
+    for c in range(n):
+        gc = g[c]
+        dw0[c] += gc * s0[c]
+        dw1[c] += gc * s1[c]
+        dw2[c] += gc * s2[c]
+        dw3[c] += gc * s3[c]
+        db[c] += gc
+
+
 cdef void backward_job(Py_ssize_t b, Py_ssize_t c0, Py_ssize_t nc, Py_ssize_t nb,
                        Py_ssize_t T, Py_ssize_t C, Py_ssize_t K, const floating* x,
                        const floating* wT, const floating* bias, bint silu,
@@ -332,6 +370,9 @@ cdef void backward_job(Py_ssize_t b, Py_ssize_t c0, Py_ssize_t nc, Py_ssize_t nb
         else:
             for c in range(nc):
                 dpre[c] = dyt[c]
+        if K == 4:
+            grad_row4(dst, src, wT + c0, C, dpre, dwr, dbr, nc)
+            continue
         for j in range(K):
             w = wT + j * C + c0
             d = dst[j]
