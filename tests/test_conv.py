@@ -273,6 +273,10 @@ def test_decode_path_bad_arguments_still_checked(backend):
         ss.causal_conv1d(x, w, b, state=s0, activation="gelu")
     with pytest.raises(ValueError, match="out_state"):
         ss.causal_conv1d(x, w, b, state=s0, out_state=s0[:, :, :2])
+    with pytest.raises(ValueError, match="out_state must be the state array itself"):
+        flat = np.zeros(2 * 5 * 3 + 1)     # two contiguous [2, C, K-1] views, one element apart
+        ss.causal_conv1d(x, w, b, state=flat[:-1].reshape(2, 5, 3),
+                         out_state=flat[1:].reshape(2, 5, 3))
 
 
 def test_non_contiguous_and_list_inputs(backend):

@@ -22,7 +22,7 @@ def _activation(activation):
                      + f"; got {activation!r}")
 
 
-def _check_out_state(out_state, shape, dtype):
+def _check_out_state(out_state, shape, dtype, state):
     if not isinstance(out_state, np.ndarray):
         raise TypeError(f"out_state must be an ndarray, got {type(out_state).__name__}")
     if out_state.dtype != dtype:
@@ -31,6 +31,8 @@ def _check_out_state(out_state, shape, dtype):
                           "[B, C, K-1] = [" + ", ".join(map(str, shape)) + "]")
     if not out_state.flags.c_contiguous or not out_state.flags.writeable:
         raise ValueError("out_state must be a writeable C-contiguous array")
+    if out_state is not state and np.may_share_memory(out_state, state):
+        raise ValueError("out_state must be the state array itself or not overlap it")
     return out_state
 
 
@@ -52,7 +54,7 @@ def _prepare(x, weight, bias, activation, state, lengths, reset, out_state):
     if rst is not None:
         rst = rst.view(np.uint8)         # the kernels read it as bytes
     if out_state is not None:
-        out_state = _check_out_state(out_state, (B, C, K - 1), dtype)
+        out_state = _check_out_state(out_state, (B, C, K - 1), dtype, st)
     return (arrs["x"], arrs["weight"], arrs["bias"], silu, st, lens, rst), out_state
 
 
@@ -94,7 +96,9 @@ def _decode_args(x, weight, bias, state, out_state):
                                       and out_state.dtype == dtype
                                       and out_state.shape == state.shape
                                       and out_state.flags.c_contiguous
-                                      and out_state.flags.writeable):
+                                      and out_state.flags.writeable
+                                      and (out_state is state
+                                           or not np.may_share_memory(out_state, state))):
         return None
     return x, weight, bias
 
