@@ -44,6 +44,29 @@ cdef inline Rows rows_of(object arr):
     return r
 
 
+cdef struct Options:
+    const void* g               # log-decays [B, NH, T] (strided, the call's dtype) or NULL
+    Rows rg
+    const int64_t* lengths      # [B] or NULL
+    const uint8_t* reset        # [B, T] or NULL
+
+
+cdef Options options_of(object g, object lengths, object reset):
+    """Raw pointers to the optional per-step inputs (checked by the caller: g of the call's
+    dtype, lengths int64 and reset uint8, both C-contiguous)."""
+    cdef Options opt
+    opt.g, opt.lengths, opt.reset = NULL, NULL, NULL
+    opt.rg = Rows(0, 0, 0)
+    if g is not None:
+        opt.g = cnp.PyArray_DATA(<cnp.ndarray> g)
+        opt.rg = rows_of(g)
+    if lengths is not None:
+        opt.lengths = <const int64_t*> cnp.PyArray_DATA(<cnp.ndarray> lengths)
+    if reset is not None:
+        opt.reset = <const uint8_t*> cnp.PyArray_DATA(<cnp.ndarray> reset)
+    return opt
+
+
 cdef struct Block:
     Py_ssize_t c       # rows in the block
     Py_ssize_t m       # rows that see the state entering the block: c, or 0 after a reset
@@ -204,28 +227,16 @@ def linear_forward(q, k, v, g, const floating[:, :, :, ::1] S0, Py_ssize_t chunk
     cdef const floating[:, :, :, :] qm = q
     cdef const floating[:, :, :, :] km = k
     cdef const floating[:, :, :, :] vm = v
-    cdef const floating[:, :, :] gm
-    cdef const int64_t[::1] lm
-    cdef const uint8_t[:, ::1] rm
     cdef Py_ssize_t B = o.shape[0], NH = o.shape[1], T = o.shape[2]
     cdef Py_ssize_t dk = qm.shape[3], dv = vm.shape[3]
     cdef Py_ssize_t C = min(chunk, T), job, b, h, Tb, failed = 0
     cdef Rows rq = rows_of(qm), rk = rows_of(km), rv = rows_of(vm), ro = rows_of(o)
-    cdef Rows rg = Rows(0, 0, 0)
-    cdef const floating* gp = NULL
-    cdef const int64_t* lp = NULL
-    cdef const uint8_t* rp = NULL
+    cdef Options opt = options_of(g, lengths, reset)
+    cdef Rows rg = opt.rg
+    cdef const floating* gp = <const floating*> opt.g
+    cdef const int64_t* lp = opt.lengths
+    cdef const uint8_t* rp = opt.reset
     cdef floating* A
-    if g is not None:
-        gm = g
-        gp = &gm[0, 0, 0]
-        rg = rows_of(gm)
-    if lengths is not None:
-        lm = lengths
-        lp = &lm[0]
-    if reset is not None:
-        rm = reset
-        rp = &rm[0, 0]
     with nogil, parallel(num_threads=num_threads):
         A = <floating*> scratch_alloc((C * C + C + C * max(dk, dv)) * sizeof(floating))
         for job in prange(B * NH, schedule="static"):
@@ -325,29 +336,17 @@ def linear_backward(q, k, v, g, const floating[:, :, :, ::1] S0, Py_ssize_t chun
     cdef const floating[:, :, :, :] km = k
     cdef const floating[:, :, :, :] vm = v
     cdef const floating[:, :, :, :] dom = do
-    cdef const floating[:, :, :] gm
-    cdef const int64_t[::1] lm
-    cdef const uint8_t[:, ::1] rm
     cdef Py_ssize_t B = dq.shape[0], NH = dq.shape[1], T = dq.shape[2]
     cdef Py_ssize_t dk_ = dq.shape[3], dv_ = dv.shape[3]
     cdef Py_ssize_t C = min(chunk, T), job, b, h, Tb, failed = 0
     cdef Py_ssize_t w = C * max(dk_, dv_)
     cdef Rows rq = rows_of(qm), rk = rows_of(km), rv = rows_of(vm), rd = rows_of(dom)
-    cdef Rows rg = Rows(0, 0, 0)
-    cdef const floating* gp = NULL
-    cdef const int64_t* lp = NULL
-    cdef const uint8_t* rp = NULL
+    cdef Options opt = options_of(g, lengths, reset)
+    cdef Rows rg = opt.rg
+    cdef const floating* gp = <const floating*> opt.g
+    cdef const int64_t* lp = opt.lengths
+    cdef const uint8_t* rp = opt.reset
     cdef floating* A
-    if g is not None:
-        gm = g
-        gp = &gm[0, 0, 0]
-        rg = rows_of(gm)
-    if lengths is not None:
-        lm = lengths
-        lp = &lm[0]
-    if reset is not None:
-        rm = reset
-        rp = &rm[0, 0]
     with nogil, parallel(num_threads=num_threads):
         A = <floating*> scratch_alloc((2 * C * C + C + w + dk_ * dv_) * sizeof(floating))
         for job in prange(B * NH, schedule="static"):

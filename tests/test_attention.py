@@ -481,3 +481,16 @@ def test_non_finite_key_or_value_stays_causal(backend, bad):
             dq, dk, dv = pb(np.ones_like(out))
             assert np.isfinite(dq[0, 0, :5]).all()
         assert np.isfinite(ref.softmax_attention(*args, True, 0.5)[0, 0, :5]).all()
+
+
+def test_compiled_kernels_carry_their_references_names():
+    """Every kernel of the family's compiled modules has a numpy reference of the same name."""
+    import importlib
+    from statescan import _dispatch
+    for family in ("attention", "linear_attention", "ssd"):
+        ext = _dispatch.ext_module(family)
+        reference = importlib.import_module(f"statescan._reference.{family}")
+        kernels = [n for n in dir(ext) if not n.startswith("_") and callable(getattr(ext, n))]
+        assert kernels
+        for name in kernels:
+            assert callable(getattr(reference, name, None)), f"{family}.{name}"

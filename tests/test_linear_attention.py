@@ -6,6 +6,7 @@ import pytest
 import statescan as ss
 from statescan._reference import linear_attention as lref
 from conftest import assert_close, using_backend
+from test_ssd import numeric_grad
 
 F64, F32 = np.float64, np.float32
 
@@ -146,18 +147,6 @@ def test_reset_stops_non_finite_history(backend):
     o, s = ss.linear_attention(q, k, v, reset=reset, chunk=8, **kw)
     assert not np.isfinite(o[0, :, 1:5]).all()
     assert np.isfinite(o[0, :, 5:]).all() and np.isfinite(s).all()
-
-
-def numeric_grad(loss, value, eps=1e-6):
-    grad = np.zeros_like(value)
-    for i in np.ndindex(value.shape):
-        vals = []
-        for sgn in (1, -1):
-            a = value.copy()
-            a[i] += sgn * eps
-            vals.append(loss(a))
-        grad[i] = (vals[0] - vals[1]) / (2 * eps)
-    return grad
 
 
 @pytest.mark.parametrize("extra", [dict(lengths=[5, 2]), dict(lengths=[5, 3], reverse=True),
