@@ -26,7 +26,7 @@ B, T, I, H = 24, 30, 8, 16
 @pytest.fixture(scope="module")
 def client():
     with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                                  dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+                                  dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
             distributed.Client(cluster) as client:
         client.run(ss.set_num_threads, 1)       # one kernel thread per worker process
         yield client
