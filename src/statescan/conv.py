@@ -5,7 +5,7 @@ python backend is active), a dedicated one-token decode path, and an exact vjp.
 """
 import numpy as np
 
-from . import _dispatch, _validate
+from . import _dispatch, _memory, _validate
 from .autodiff import cotangent, defvjp
 
 _ACTIVATIONS = (None, "silu")
@@ -64,7 +64,8 @@ def _run(name, args, out_state):
     x, st = args[0], args[4]
     y, new = _dispatch.run(
         "conv", name, *args, empty=x.size == 0,
-        out=lambda: (np.empty_like(x), np.empty_like(st) if out_state is None else out_state))
+        out=lambda: (_memory.empty(x.shape, x.dtype),
+                     np.empty_like(st) if out_state is None else out_state))
     if out_state is not None and new is not out_state:
         out_state[...] = new
         new = out_state
@@ -176,7 +177,7 @@ def _causal_conv1d_vjp(x, weight, bias=None, *, activation=None, state=None, len
         dy, ds = cotangent(cot, [("dy", y.shape), ("dstate", new.shape)], dtype)
         dx, dw, db, dstate0 = _dispatch.run(
             "conv", "causal_conv1d_backward", *kernel_args, dy, ds, empty=y.size == 0,
-            out=lambda: (np.empty_like(y), np.empty_like(kernel_args[1]),
+            out=lambda: (_memory.empty(y.shape, dtype), np.empty_like(kernel_args[1]),
                          np.empty(y.shape[2], dtype), np.empty_like(new)))
         grads = (dx, dw)
         if bias is not None:
