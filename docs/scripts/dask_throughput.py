@@ -7,6 +7,7 @@ shipped to every worker once (a picklable nn.LSTM layer) and the sequences are o
 before the timing starts; every result is checked against the serial run bit for bit.
 """
 import logging
+import os
 import sys
 import time
 
@@ -57,7 +58,8 @@ def main(n=2000, hidden=128, inputs=64, partitions=16):
             rates[f"{workers} worker(s)"] = n / min(seconds)
             assert all(np.array_equal(a, b) for a, b in zip(got, serial, strict=True))
     print(f"{n} sequences, lengths median {int(np.median(lengths))} max {lengths.max()}, "
-          f"2-layer LSTM H={hidden}, float32")
+          f"2-layer LSTM H={hidden}, float32; {os.cpu_count()} logical CPUs, load average "
+          f"{os.getloadavg()[0]:.1f} (other processes competing for the cores)")
     for name, rate in rates.items():
         print(f"  {name:34s} {rate:8.1f} sequences/s")
 
