@@ -82,8 +82,8 @@ def test_decode_steps_in_place(backend, dtype, decay):
     rest = {n: a for n, a in kw.items() if n != "state"}
     tol = 1e-12 if dtype == F64 else 1e-5
     for t in range(6):
-        ot, new = ss.linear_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
-                                      state=state, out_state=state, **rest)
+        token = [np.ascontiguousarray(a[:, :, t:t + 1]) for a in (q, k, v)]   # fast path
+        ot, new = ss.linear_attention(*token, state=state, out_state=state, **rest)
         assert new is state
         assert_close(ot[:, :, 0], o[:, :, t], dtype=dtype, tol=tol)
     assert_close(state, s, dtype=dtype, tol=tol)

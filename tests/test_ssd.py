@@ -164,9 +164,10 @@ def test_decode_steps_equal_prefill(backend, dtype, opts):
     step_kw = {n: v for n, v in kw.items() if n != "state"}
     for t in range(7):
         if "z" in kw:
-            step_kw["z"] = kw["z"][:, t:t + 1]
-        yt, new = ss.ssd(x[:, t:t + 1], dt[:, t:t + 1], A, B[:, t:t + 1], C[:, t:t + 1],
-                         state=state, out_state=state, **step_kw)
+            step_kw["z"] = np.ascontiguousarray(kw["z"][:, t:t + 1])
+        token = [np.ascontiguousarray(a[:, t:t + 1]) for a in (x, dt, B, C)]   # fast path
+        yt, new = ss.ssd(token[0], token[1], A, token[2], token[3], state=state,
+                         out_state=state, **step_kw)
         assert new is state                       # updated in place
         assert_close(yt[:, 0], y[:, t], dtype=dtype, tol=1e-12 if dtype == F64 else 1e-5)
     assert_close(state, h, dtype=dtype, tol=1e-12 if dtype == F64 else 1e-5)

@@ -248,9 +248,10 @@ def _decode(q, k, v, decay, state, lengths, reverse, reset, out_state):
         return None
     if decay is not None and not np.all((decay > 0) & (decay <= 1)):
         return None
-    return _dispatch.run(_FAMILY, "linear_step", q, k, v, decay, state,
+    o, S = _dispatch.run(_FAMILY, "linear_step", q, k, v, decay, state,
                          out=lambda: (np.empty((B, NH, 1, dv), dtype),
                                       np.empty_like(state) if out_state is None else out_state))
+    return o, store_state(S, out_state)        # the reference returns a new state
 
 
 def _linear_attention_vjp(q, k, v, *, decay=None, chunk=64, state=None, lengths=None,

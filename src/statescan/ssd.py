@@ -218,9 +218,10 @@ def _decode(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths, reverse,
                                            or not out_state.flags.writeable))
             or state.size == 0):
         return None
-    return _dispatch.run("ssd", "ssd_step", x, dt, A, B, C, D, z, dt_bias, dt_softplus, state,
+    y, S = _dispatch.run("ssd", "ssd_step", x, dt, A, B, C, D, z, dt_bias, dt_softplus, state,
                          out=lambda: (np.empty_like(x), np.empty_like(state)
                                       if out_state is None else out_state))
+    return y, store_state(S, out_state)        # the reference returns a new state
 
 
 def _ssd_vjp(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, chunk=None,
