@@ -33,9 +33,12 @@ cdef inline void* data(object a):
 
 
 cdef inline Py_ssize_t block_size(Py_ssize_t B, Py_ssize_t C, int num_threads) noexcept nogil:
-    # as few blocks per row as keep every thread busy (multiples of 16 channels)
+    # Channels per job (a multiple of 16, at most MAX_BLOCK): as few blocks per row as keep
+    # every thread busy, their number a multiple of that so the threads get equal shares.
     cdef Py_ssize_t parts = max(1, (num_threads + B - 1) // B)
-    return min(<Py_ssize_t> MAX_BLOCK, max(1, (((C + parts - 1) // parts + 15) // 16) * 16))
+    cdef Py_ssize_t need = (C + MAX_BLOCK - 1) // MAX_BLOCK
+    parts *= (need + parts - 1) // parts
+    return max(1, (((C + parts - 1) // parts + 15) // 16) * 16)
 
 
 cdef inline int useful_threads(int num_threads, Py_ssize_t jobs, Py_ssize_t work) noexcept nogil:
