@@ -15,25 +15,20 @@ from ..autodiff import vjp as _vjp
 _POOL = []      # one worker thread, made on first use, for the second direction
 
 
-def project(x, W, b):
-    """``x @ W.T + b`` over all B*T rows, [B, T, M] (W [M, I], b [M] or None).
+def project(x, W, b, lengths=None):
+    """``x @ W.T + b`` over the rows of x, [B, T, M] (W [M, I], b [M] or None); with
+    `lengths`, only the valid steps (the padded ones are 0 and cost nothing).
 
-    Uses the same projection as the cell kernels' own input side (row by row, so a row's
-    result does not depend on the batch it sits in or the chunk of time it is in): a layer
-    run in chunks, by :func:`statescan.run_sequences` or through a stream gives the same bits.
+    The cell kernels' own input projection: a row's result does not depend on the batch it
+    sits in or on the chunk of time, so a layer run in chunks, by
+    :func:`statescan.run_sequences` or through a stream gives the same bits.
     """
     B, T, M = x.shape[0], x.shape[1], W.shape[0]
-    out = _memory.empty((B, T, M), x.dtype)
-    if B * T == 0 or M == 0:
-        return out
-    if not _dispatch.use_compiled():
-        for t in range(T):       # the reference's order: chunks see the same GEMMs
-            np.matmul(x[:, t], W.T, out=out[:, t])
-        if b is not None:
-            out += b
-        return out
-    _dispatch.ext_module("rnn").project(x, W, b, out, _dispatch.get_num_threads())
-    return out
+    empty = x.size == 0 or W.size == 0
+    out = lambda: _memory.empty((B, T, M), x.dtype)      # noqa: E731
+    if lengths is None:
+        return _dispatch.run("rnn", "project", x, W, b, out=out, empty=empty)
+    return _dispatch.run("rnn", "project_valid", x, W, b, lengths, out=out, empty=empty)
 
 
 def _direction_kw(d, lengths):
@@ -90,7 +85,7 @@ def forward(spec, params, x, state0, lengths, save=False):
     fn, heads = spec._cell_fn, spec.heads
     inp, finals, tape = x, [], []
     for layer, (W_ih, R, b_ih, b_hh) in enumerate(params):
-        ax = project(inp, W_ih, b_ih)
+        ax = project(inp, W_ih, b_ih, lengths)
         results = _each_direction([
             partial(_cell_call, fn, save, _split(ax, d, GH, dirs), R[d],
                     None if b_hh is None else b_hh[d],
