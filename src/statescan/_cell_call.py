@@ -9,6 +9,7 @@ import numpy as np
 
 from . import _dispatch, _memory, _validate
 from ._cells import Cell
+from ._reference.rnn import previous_hidden
 from .autodiff import cotangent as _cotangent
 
 
@@ -24,6 +25,14 @@ class CellCall:
     state0: np.ndarray     # [S, B, H]
     R_ndim: int
     state_given: bool
+    lengths: object = None     # int64 [B] or None (DESIGN.md "Variable lengths, ...")
+    reverse: bool = False
+    reset: object = None       # bool [B, T] or None
+
+    @property
+    def varlen(self):
+        """True when lengths, reverse or reset change which steps run or in what order."""
+        return self.lengths is not None or self.reverse or self.reset is not None
 
     @property
     def shape(self):
@@ -37,7 +46,7 @@ def _shape(name, value):
     return _validate.float_array(name, value).shape
 
 
-def prepare(cell, x, W, R, b, b_r, heads, state):
+def prepare(cell, x, W, R, b, b_r, heads, state, lengths=None, reverse=False, reset=None):
     """Validate a call of `cell` (a :class:`Cell`) and return a :class:`CellCall`.
 
     R fixes H (and D, the head size) and W fixes I before x is read, so a wrong size of x
@@ -62,8 +71,10 @@ def prepare(cell, x, W, R, b, b_r, heads, state):
     B = dims["B"]
     state0 = state_array(cell, state, B, H, dtype)
     R3 = arrs["R"].reshape(heads, G * H // heads, H // heads)
+    T = arrs["x"].shape[1]
     return CellCall(cell, arrs["x"], arrs["W"], R3, arrs["b"], arrs["b_r"], state0,
-                    len(R_shape), state is not None)
+                    len(R_shape), state is not None, _validate.lengths(lengths, B, T),
+                    _validate.boolean("reverse", reverse), _validate.reset(reset, B, T))
 
 
 def state_array(cell, state, B, H, dtype):
@@ -96,6 +107,10 @@ def input_preactivation(call):
     if W is None:
         return x if b is None else x + b
     B, T, _ = x.shape
+    if call.lengths is not None:          # padded steps are never read: not projected
+        return _dispatch.run("rnn", "project_valid", x, W, b, call.lengths,
+                             out=lambda: _memory.empty((B, T, W.shape[0]), x.dtype),
+                             empty=x.size == 0 or W.size == 0)
     return _dispatch.run("rnn", "project", x, W, b,
                          out=lambda: _memory.empty((B, T, W.shape[0]), x.dtype),
                          empty=x.size == 0 or W.size == 0)
@@ -115,13 +130,14 @@ def forward(call, ax, save):
                 np.empty_like(call.state0))
 
     return _dispatch.run("rnn", "forward", call.cell.name, ax, call.R, b_r, call.state0, save,
-                         None, False, None, out=out, empty=B == 0 or T == 0)
+                         call.lengths, call.reverse, call.reset, out=out,
+                         empty=B == 0 or T == 0 or H == 0)
 
 
 def backward(call, ax, ar_seq, seq, dy, dstate):
     """Backpropagate through :func:`forward` (save=True): dgx, dgr [B,T,G*H] (the gradients
     of the input-side and recurrent-side pre-activations) and dstate0 [S,B,H]."""
-    B, T, _ = call.shape
+    B, T, H = call.shape
 
     def out():
         dgx = _memory.empty(ax.shape, ax.dtype)
@@ -129,7 +145,8 @@ def backward(call, ax, ar_seq, seq, dy, dstate):
         return dgx, dgr, np.empty_like(dstate)
 
     return _dispatch.run("rnn", "backward", call.cell.name, ax, ar_seq, call.R, call.state0,
-                         seq, dy, dstate, None, False, None, out=out, empty=B == 0 or T == 0)
+                         seq, dy, dstate, call.lengths, call.reverse, call.reset, out=out,
+                         empty=B == 0 or T == 0 or H == 0)
 
 
 def cotangent(call, value):
@@ -147,7 +164,7 @@ def parameter_grads(call, y, dgx, dgr, dstate0):
     W, b, b_r = call.W, call.b, call.b_r
     B, T, H = call.shape
     heads_, GD, D = call.R.shape
-    G = GD // D
+    G = call.cell.gates
     N = B * T
     gx = dgx.reshape(N, G * H)
     if W is None:
@@ -156,10 +173,13 @@ def parameter_grads(call, y, dgx, dgr, dstate0):
         dx = _memory.empty(call.x.shape, gx.dtype)
         np.matmul(gx, W, out=dx.reshape(N, W.shape[1]))
         dW = gx.T @ call.x.reshape(N, call.x.shape[2])
-    h_prev = _memory.empty((B, T, H), y.dtype)
-    if T:
-        h_prev[:, 0] = call.state0[0]
-        h_prev[:, 1:] = y[:, :-1]
+    if call.varlen:
+        h_prev = previous_hidden(y, call.state0, call.lengths, call.reverse, call.reset)
+    else:
+        h_prev = _memory.empty((B, T, H), y.dtype)
+        if T:
+            h_prev[:, 0] = call.state0[0]
+            h_prev[:, 1:] = y[:, :-1]
     gr = dgr.reshape(N, G, heads_, D).transpose(2, 0, 1, 3).reshape(heads_, N, GD)
     dR = gr.transpose(0, 2, 1) @ h_prev.reshape(N, heads_, D).transpose(1, 0, 2)
     if call.R_ndim == 2:

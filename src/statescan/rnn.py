@@ -17,10 +17,22 @@ from .parallel import METHODS
 _SOLVERS = ("sequential",) + METHODS
 
 
-def _run(cell, x, W, R, b, b_r, heads, state, solver, solver_options):
+def _check_solver(solver, call):
+    """The parallel-in-time solvers run the plain recurrence only."""
+    if solver != "sequential" and call.varlen:
+        given = [name for name, v in (("lengths", call.lengths is not None),
+                                      ("reverse", call.reverse),
+                                      ("reset", call.reset is not None)) if v]
+        raise NotImplementedError(f"solver={solver!r} with {', '.join(given)} is not "
+                                  "implemented; use solver='sequential'")
+
+
+def _run(cell, x, W, R, b, b_r, heads, state, solver, solver_options, lengths=None,
+         reverse=False, reset=None):
     cell = CELLS[cell]
     solver = _validate.choice("solver", solver, _SOLVERS)
-    call = _cell_call.prepare(cell, x, W, R, b, b_r, heads, state)
+    call = _cell_call.prepare(cell, x, W, R, b, b_r, heads, state, lengths, reverse, reset)
+    _check_solver(solver, call)
     ax = _cell_call.input_preactivation(call)
     if solver != "sequential":
         return solve_cell(call, ax, solver, **solver_options)
@@ -29,10 +41,11 @@ def _run(cell, x, W, R, b, b_r, heads, state, solver, solver_options):
 
 
 def _cell_vjp(cell, x, W, R, b=None, b_r=None, *, heads=1, state=None, solver="sequential",
-              **solver_options):
+              lengths=None, reverse=False, reset=None, **solver_options):
     cell = CELLS[cell]
     solver = _validate.choice("solver", solver, _SOLVERS)
-    call = _cell_call.prepare(cell, x, W, R, b, b_r, heads, state)
+    call = _cell_call.prepare(cell, x, W, R, b, b_r, heads, state, lengths, reverse, reset)
+    _check_solver(solver, call)
     ax = _cell_call.input_preactivation(call)
     if solver != "sequential":
         return solve_cell_vjp(call, ax, solver, **solver_options)
@@ -64,6 +77,17 @@ _DOC_COMMON = """
         Number of heads (blocks of the recurrence).
     state : initial state, optional (zeros when None); same structure as the returned state.
         Passing the returned state back in continues the sequence exactly.
+    lengths : int array [B], optional
+        Valid steps of each row (0 <= lengths[b] <= T); steps t >= lengths[b] are padding:
+        their outputs are 0, they leave the state alone and get zero gradients, and the
+        returned state of row b is the one after its last valid step.  Padded steps cost
+        nothing (the work follows sum(lengths)).
+    reverse : bool
+        Process each row from its last valid step down to step 0 (the backward direction of
+        a bidirectional RNN on a packed batch); y[:, t] is the state after processing t.
+    reset : bool array [B, T], optional
+        True at (b, t) zeroes row b's state before step t (in processing order): several
+        sequences packed into one row, or episode boundaries.
     solver : {"sequential", "newton", "quasi-newton", "jacobi"}
         "sequential" (default) runs the time loop.  The others solve the T step equations
         in parallel over time (see :mod:`statescan.parallel`) and return a third value, info.
@@ -71,72 +95,65 @@ _DOC_COMMON = """
         Convergence tolerance, iteration cap and initial guess of the parallel solvers.
 """
 
-
-def lstm(x, W, R, b=None, b_r=None, *, heads=1, state=None, solver="sequential",
-         tol=None, max_iter=None, guess=None):
-    """Long short-term memory over a whole sequence (PyTorch's nn.LSTM equations, G=4 gates
-    i, f, g, o): ``c_t = f*c + i*g``, ``h_t = o*tanh(c_t)``.
-    {common}
+_DOC_RETURNS = """
     Returns
     -------
     y : ndarray [B, T, H]
         Hidden state after every step.
-    (h, c) : ndarrays [B, H]
-        Final state.
+    {state} : {kind} [B, H]
+        Final state, the structure ``state=`` takes.
+    info : SolverInfo
+        Only with a parallel solver: iterations, residual, converged.
+"""
+
+
+def lstm(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, reverse=False,
+         reset=None, solver="sequential", tol=None, max_iter=None, guess=None):
+    """Long short-term memory over a whole sequence (PyTorch's nn.LSTM equations, G=4 gates
+    i, f, g, o): ``c_t = f*c + i*g``, ``h_t = o*tanh(c_t)``.
+    {common}
     """
     return _run("lstm", x, W, R, b, b_r, heads, state, solver,
-                dict(tol=tol, max_iter=max_iter, guess=guess))
+                dict(tol=tol, max_iter=max_iter, guess=guess), lengths, reverse, reset)
 
 
-def gru(x, W, R, b=None, b_r=None, *, heads=1, state=None, solver="sequential",
-        tol=None, max_iter=None, guess=None):
+def gru(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, reverse=False,
+        reset=None, solver="sequential", tol=None, max_iter=None, guess=None):
     """Gated recurrent unit over a whole sequence (PyTorch's nn.GRU equations, G=3 gates
     r, z, n): ``n = tanh(W_n x + b_n + r*(R_n h + b_r,n))``, ``h_t = (1-z)*n + z*h``.
     {common}
-    Returns
-    -------
-    y : ndarray [B, T, H]
-    h : ndarray [B, H]
-        Final hidden state.
     """
     return _run("gru", x, W, R, b, b_r, heads, state, solver,
-                dict(tol=tol, max_iter=max_iter, guess=guess))
+                dict(tol=tol, max_iter=max_iter, guess=guess), lengths, reverse, reset)
 
 
-def elman(x, W, R, b=None, b_r=None, *, heads=1, state=None, solver="sequential",
-          tol=None, max_iter=None, guess=None):
+def elman(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, reverse=False,
+          reset=None, solver="sequential", tol=None, max_iter=None, guess=None):
     """Elman (vanilla tanh) RNN over a whole sequence, G=1: ``h_t = tanh(W x + b + R h + b_r)``.
     {common}
-    Returns
-    -------
-    y : ndarray [B, T, H]
-    h : ndarray [B, H]
-        Final hidden state.
     """
     return _run("elman", x, W, R, b, b_r, heads, state, solver,
-                dict(tol=tol, max_iter=max_iter, guess=guess))
+                dict(tol=tol, max_iter=max_iter, guess=guess), lengths, reverse, reset)
 
 
-def slstm(x, W, R, b=None, b_r=None, *, heads=1, state=None, solver="sequential",
-          tol=None, max_iter=None, guess=None):
+def slstm(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, reverse=False,
+          reset=None, solver="sequential", tol=None, max_iter=None, guess=None):
     """sLSTM (xLSTM's scalar LSTM with exponential gating and a stabiliser; Beck et al.,
     "xLSTM: Extended Long Short-Term Memory", 2024), G=4 gates i, f, z, o; state (h, c, n, m):
     ``m_t = max(log sigmoid(f~) + m, i~)`` (i~ at the first step), ``i = exp(i~ - m_t)``,
     ``f = exp(log sigmoid(f~) + m - m_t)``, ``c_t = f*c + i*tanh(z~)``,
     ``n_t = max(f*n + i, 1)``, ``h_t = sigmoid(o~) * c_t / n_t``.
     {common}
-    Returns
-    -------
-    y : ndarray [B, T, H]
-    (h, c, n, m) : ndarrays [B, H]
-        Final state: hidden, cell, normaliser, stabiliser.
     """
     return _run("slstm", x, W, R, b, b_r, heads, state, solver,
-                dict(tol=tol, max_iter=max_iter, guess=guess))
+                dict(tol=tol, max_iter=max_iter, guess=guess), lengths, reverse, reset)
 
 
 for _fn in (lstm, gru, elman, slstm):
-    _fn.__doc__ = _fn.__doc__.format(common=_DOC_COMMON)
+    _names = CELLS[_fn.__name__].state_names
+    _fn.__doc__ = _fn.__doc__.format(common=_DOC_COMMON + _DOC_RETURNS.format(
+        state=_names[0] if len(_names) == 1 else f"({', '.join(_names)})",
+        kind="ndarray" if len(_names) == 1 else "ndarrays"))
     defvjp(_fn, lambda *a, _cell=_fn.__name__, **kw: _cell_vjp(_cell, *a, **kw))
 
 
@@ -168,8 +185,14 @@ class CellStream:
             if _dispatch.compiled_available() else None)
         self._last_state = self._last_array = None
 
-    def __call__(self, x, state=None):
-        """Advance the stream: x [B, T, I] (T is usually 1) -> (y [B, T, H], state)."""
+    def __call__(self, x, state=None, reset=None):
+        """Advance the stream: x [B, T, I] (T is usually 1) -> (y [B, T, H], state).
+
+        reset : bool array [B], optional: True starts that row over from a zero state (a
+        finished request's row taking a new one).
+        """
+        if reset is not None:
+            state = self._reset_rows(x, state, reset)
         if (self._packed is None or not _dispatch.use_compiled() or type(x) is not np.ndarray
                 or x.dtype != self._dtype or x.ndim != 3 or x.shape[2] != self._in
                 or x.shape[0] == 0 or x.shape[1] == 0):
@@ -196,6 +219,20 @@ class CellStream:
         final = out[0] if self._S == 1 else tuple(out)
         self._last_state, self._last_array = final, out
         return y, final
+
+    def _reset_rows(self, x, state, reset):
+        """`state` with the rows where `reset` is True set to zero (a new state tuple)."""
+        B = np.shape(x)[0]
+        rows = np.asarray(reset)
+        if rows.dtype != np.bool_:
+            raise TypeError(f"reset must be a bool array [B], got dtype {rows.dtype}")
+        if rows.shape != (B,):
+            raise ValueError(f"reset must have shape [B] = [{B}], got {rows.shape}")
+        if state is None or not rows.any():
+            return state
+        state0 = _cell_call.state_array(self._cell, state, B, self._H, self._dtype).copy()
+        state0[:, rows] = 0
+        return state0[0] if self._S == 1 else tuple(state0)
 
 
 def stream(fn, W, R, b=None, b_r=None, *, heads=1):

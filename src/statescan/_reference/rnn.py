@@ -103,7 +103,9 @@ def _slstm_parts(ax, ar, state, ops=NUMPY):
     l = ops.log_sigmoid(ft) + m_prev
     m_is_i = ~((n_prev != 0) & (l > it))      # stabiliser m = i~ at the start, else max(i~, l)
     m = ops.where(m_is_i, it, l)
-    i, f = ops.exp(it - m), ops.exp(l - m)
+    # one of exp(i~ - m), exp(l - m) is exp(0) = 1: taken as 1 (also when i~ = m = +inf)
+    e = ops.exp(ops.where(m_is_i, l - it, it - l))
+    i, f = ops.where(m_is_i, 1, e), ops.where(m_is_i, e, 1)
     tz, o = ops.tanh(zt), ops.sigmoid(ot)
     c = f * c_prev + i * tz
     nn = f * n_prev + i
