@@ -66,7 +66,7 @@ import numpy as np
 
 import statescan
 
-FAMILIES = ("rnn", "scan", "attention", "parallel", "layers", "batching")
+FAMILIES = ("rnn", "scan", "attention", "parallel", "layers", "batching", "lengths")
 STATESCAN = "statescan"
 NUMPY_REF = "numpy-ref"
 # Other libraries, the names `add_peer` and ``--peers`` take (a new peer is added here).
