@@ -19,6 +19,15 @@ def test_non_convergence_returns_sequential_result():
     assert np.max(np.abs(y - expected[0])) > 1e-7    # the stalled iterate is really off
 
 
+def test_non_convergence_warning_points_at_the_callers_line():
+    args, kw = make_cell("lstm", T=30)
+    for run in (lambda: ss.lstm(*args, solver="jacobi", max_iter=2, **kw),
+                lambda: ss.vjp(ss.lstm, *args, solver="jacobi", max_iter=2, **kw)):
+        with pytest.warns(RuntimeWarning, match="info.sequential") as record:
+            run()
+        assert [w.filename for w in record] == [__file__]
+
+
 def test_nan_in_nan_out_without_iterating_T_times():
     args, kw = make_cell("gru", T=50)
     args[0][0, 3, 0] = np.nan

@@ -139,7 +139,7 @@ class _CellProblem:
                        np.ascontiguousarray(seq[:, :, -1]))
 
 
-def _solve_cell_trajectory(call, ax, solver, tol, max_iter, guess):
+def _solve_cell_trajectory(call, ax, solver, tol, max_iter, guess, stacklevel):
     solver = _validate.choice("solver", solver, METHODS)
     problem = _CellProblem(call, ax)
     tol = _tolerance(tol, ax.dtype)
@@ -153,7 +153,7 @@ def _solve_cell_trajectory(call, ax, solver, tol, max_iter, guess):
     if not info.converged:
         seq, _, final = forward(call, ax, save=False)
         info.sequential = outputs(call.cell, seq[0], final)
-        _not_converged_warning(info, call.cell.name, stacklevel=5)  # user -> lstm -> _run -> ...
+        _not_converged_warning(info, call.cell.name, stacklevel)
     return problem, s, info
 
 
@@ -162,7 +162,8 @@ def solve_cell(call, ax, solver, tol=None, max_iter=None, guess=None):
     solver.
 
     Returns (y [B,T,H], state as the sequential call returns it, info)."""
-    problem, s, info = _solve_cell_trajectory(call, ax, solver, tol, max_iter, guess)
+    # a warning points at the user's call: user -> lstm -> _run -> solve_cell -> here
+    problem, s, info = _solve_cell_trajectory(call, ax, solver, tol, max_iter, guess, 5)
     if problem.B == 0 or problem.T == 0:
         y = np.empty((problem.B, problem.T, problem.H), ax.dtype)
         return outputs(call.cell, y, call.state0.copy()) + (info,)
@@ -175,7 +176,8 @@ def solve_cell_vjp(call, ax, solver, tol=None, max_iter=None, guess=None):
     The backward is the transposed linear recurrence lam_t = g_t + J_{t+1}^T lam_{t+1} with
     the per-head Jacobians at the solution, solved backwards in time by the same scan; the
     pre-activation gradients then come from the step backward functions over all rows."""
-    problem, s, info = _solve_cell_trajectory(call, ax, solver, tol, max_iter, guess)
+    # user -> vjp -> the registered rule -> _cell_vjp -> solve_cell_vjp -> here
+    problem, s, info = _solve_cell_trajectory(call, ax, solver, tol, max_iter, guess, 6)
     if problem.B == 0 or problem.T == 0:
         y = np.empty((problem.B, problem.T, problem.H), ax.dtype)
         out = outputs(call.cell, y, call.state0.copy()) + (info,)
