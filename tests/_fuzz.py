@@ -24,6 +24,7 @@ from hypothesis.errors import HypothesisException
 
 import statescan as ss
 
+OUTCOMES = {}          # (function, "returned" | "raised") -> calls, for the summary
 ALLOWED = (TypeError, ValueError, MemoryError, NotImplementedError)
 FLOATS = ("float32", "float64")
 TOL = {"float32": 2e-3, "float64": 1e-8}
@@ -110,6 +111,46 @@ for _name, _build in (("linear_scan", _linear_scan), ("selective_scan", _selecti
         CASES[_name] = (_build, getattr(ss, _name))
 
 
+def _layer_case(cls_name):
+    """A statescan.nn recurrent layer built from the drawn sizes, called as layer(x, ...)."""
+    def build(d, draw):
+        from statescan import nn
+        cls = getattr(nn, cls_name)
+        heads = d["heads"] if cls_name == "SLSTM" else 1
+        H = heads * max(d["D"], 1)
+        layer = cls(max(d["I"], 1), H, num_layers=draw(st.sampled_from([1, 2])),
+                    bidirectional=cls_name != "SLSTM" and draw(st.booleans()),
+                    **({"heads": heads} if cls_name == "SLSTM" else {}),
+                    dtype=draw(st.sampled_from(FLOATS)), seed=0)
+        d = dict(d, I=max(d["I"], 1))
+        return {"x": ("B T I", None)}, d, {"_callable": layer}, None
+    return build
+
+
+def _stream_case(cell, G):
+    """ss.stream(cell, W, R, b) built from the drawn sizes, called as step(x, state)."""
+    def build(d, draw):
+        rng = np.random.default_rng(0)
+        dtype = draw(st.sampled_from(FLOATS))
+        H, I = max(d["D"], 1), max(d["I"], 1)
+        W, R, b = (rng.standard_normal(s).astype(dtype) * 0.5
+                   for s in ((G * H, I), (G * H, H), (G * H,)))
+        step = ss.stream(getattr(ss, cell), W, R, b)
+        return {"x": ("B T I", None)}, dict(d, I=I, H=H), {"_callable": step}, None
+    return build
+
+
+try:
+    from statescan import nn as _nn
+except ImportError:
+    _nn = None
+for _cls in ("LSTM", "GRU", "RNN", "SLSTM"):
+    if _nn is not None and hasattr(_nn, _cls):
+        CASES[f"nn.{_cls}"] = (_layer_case(_cls), None)
+for _cell, _G in (("lstm", 4), ("gru", 3)):
+    CASES[f"stream.{_cell}"] = (_stream_case(_cell, _G), None)
+
+
 # ---- drawing arguments ------------------------------------------------------------------------
 
 SPECIALS = (np.nan, np.inf, -np.inf, 1e30, -1e30, 0.0)
@@ -171,6 +212,7 @@ def calls(draw, names):
     d = draw(sizes())
     spec, d, kw, states = build(d, draw)
     kw = dict(kw)
+    fn = kw.pop("_callable", fn)
     kw_arrays = kw.pop("_kw_arrays", {})
     dtype = draw(st.sampled_from(FLOATS))
     wrong = draw(st.integers(0, 9)) == 0          # perturb one argument's shape
@@ -192,7 +234,7 @@ def calls(draw, names):
     if states and draw(st.booleans()):
         parts = [draw(array(_shape(s, d), dtype, None)) for s in states["state"]]
         kw["state"] = parts[0] if len(parts) == 1 else tuple(parts)
-    params = inspect.signature(fn).parameters
+    params = _parameters(fn)
     if "lengths" in params and "B" in d and draw(st.booleans()):
         B, T = d["B"], d["T"]
         kw["lengths"] = draw(st.sampled_from([
@@ -205,12 +247,21 @@ def calls(draw, names):
     if draw(st.integers(0, 19)) == 0 and kw:                    # a bad keyword value
         key = draw(st.sampled_from(sorted(kw)))
         kw[key] = draw(st.sampled_from([-1, 0, 2**63, 10**400, "x", 2.5, True, None, [1]]))
-    return name, fn, args, kw
+    differentiate = not name.startswith("stream.") and draw(st.integers(0, 2)) == 0
+    cot_seed = draw(st.integers(0, 2**32 - 1)) if differentiate else None
+    return name, fn, args, kw, cot_seed
+
+
+def _parameters(fn):
+    target = fn if inspect.isfunction(fn) or inspect.isbuiltin(fn) else fn.__call__
+    return inspect.signature(target).parameters
 
 
 # ---- checking one call --------------------------------------------------------------------------
 
 def _leaves(out):
+    if isinstance(out, dict):                    # a layer's parameter gradients
+        return [leaf for k in sorted(out) for leaf in _leaves(out[k])]
     if isinstance(out, (tuple, list)):
         return [leaf for o in out for leaf in _leaves(o)]
     if isinstance(out, np.ndarray):
@@ -219,7 +270,7 @@ def _leaves(out):
 
 
 def _names_an_argument(fn, message):
-    names = set(inspect.signature(fn).parameters) | {"dstate", "dy", "cotangent", "state",
+    names = set(_parameters(fn)) | {"x", "cotangent", "dx", "do", "dh", "dweight", "dstate", "dy", "cotangent", "state",
                                                      "heads", "D", "H", "I", "T", "B"}
     words = set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", message))
     return bool(words & names)
@@ -230,13 +281,30 @@ def _arity_error(exc):
         r"(positional argument|keyword argument|required .*argument)", str(exc))
 
 
-def _run(fn, args, kw, backend):
+def _cotangent_like(out, rng):
+    """A random cotangent with the structure of `out`; some parts None (= zero)."""
+    if isinstance(out, (tuple, list)):
+        return tuple(_cotangent_like(o, rng) for o in out)
+    if isinstance(out, np.ndarray):
+        if rng.random() < 0.2:
+            return None
+        return rng.standard_normal(out.shape).astype(out.dtype)
+    return None
+
+
+def _run(fn, args, kw, backend, cot_seed=None):
+    """fn(*args, **kw), or with cot_seed its vjp: (out, pullback(random cotangent))."""
     ss.set_backend(backend)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with np.errstate(all="ignore"):
-                return fn(*args, **kw), None
+                if cot_seed is None:
+                    return fn(*args, **kw), None
+                out, pullback = ss.vjp(fn, *args, **kw)
+                out = out[:2] if isinstance(out, tuple) and len(out) == 3 else out
+                cot = _cotangent_like(out, np.random.default_rng(cot_seed))
+                return (out, pullback(cot)), None
     except Exception as exc:      # noqa: BLE001 - classified by the caller
         return None, exc
 
@@ -262,10 +330,12 @@ def _compare(name, out_c, out_p, dtype):
     return None
 
 
-def check(name, fn, args, kw):
-    """None when the call behaves, else a description of the failure."""
-    out_c, exc_c = _run(fn, args, kw, "compiled")
-    out_p, exc_p = _run(fn, args, kw, "python")
+def check(name, fn, args, kw, cot_seed=None):
+    """None when the call (or its vjp, with `cot_seed`) behaves, else what went wrong."""
+    out_c, exc_c = _run(fn, args, kw, "compiled", cot_seed)
+    out_p, exc_p = _run(fn, args, kw, "python", cot_seed)
+    if cot_seed is not None:
+        name = f"vjp({name})"
     for exc in (exc_c, exc_p):
         if exc is not None and not isinstance(exc, ALLOWED):
             return f"{name}: {type(exc).__name__}: {exc}\n" + "".join(
@@ -278,6 +348,8 @@ def check(name, fn, args, kw):
         if isinstance(exc, MemoryError):
             return None
         return f"{name}: only the {which} backend raised {type(exc).__name__}: {exc}"
+    OUTCOMES[(name, "raised" if exc_c is not None else "returned")] = \
+        OUTCOMES.get((name, "raised" if exc_c is not None else "returned"), 0) + 1
     if exc_c is not None:
         return None
     leaves = _leaves(out_p)
@@ -304,12 +376,12 @@ def main(argv=None):
               suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
     @given(calls(names))
     def fuzz(call):
-        name, fn, args, kw = call
+        name, fn, args, kw, cot_seed = call
         counts["calls"] += 1
         if opts.trace:
             with open(opts.trace, "w") as f:
-                f.write(f"{name}({_describe(args, kw)})")
-        problem = check(name, fn, args, kw)
+                f.write(f"{'vjp ' if cot_seed is not None else ''}{name}({_describe(args, kw)})")
+        problem = check(name, fn, args, kw, cot_seed)
         if problem is not None and len(failures) < 20 and \
                 all(problem.splitlines()[0] != seen.splitlines()[0] for seen, _ in failures):
             failures.append((problem, _describe(args, kw)))
@@ -321,6 +393,9 @@ def main(argv=None):
     except HypothesisException:
         pass
     print(f"{counts['calls']} calls, {len(failures)} failures", file=sys.stderr)
+    for fname in sorted({k[0] for k in OUTCOMES}):
+        print(f"  {fname}: {OUTCOMES.get((fname, 'returned'), 0)} returned, "
+              f"{OUTCOMES.get((fname, 'raised'), 0)} raised", file=sys.stderr)
     for problem, desc in failures:
         print(f"- {problem}\n  args: {desc}", file=sys.stderr)
     return 1 if failures else 0
