@@ -66,7 +66,8 @@ import numpy as np
 
 import statescan
 
-FAMILIES = ("rnn", "scan", "attention", "parallel", "layers", "batching", "lengths")
+FAMILIES = ("rnn", "scan", "attention", "parallel", "layers", "batching", "lengths", "conv",
+            "mamba")
 STATESCAN = "statescan"
 NUMPY_REF = "numpy-ref"
 # Other libraries, the names `add_peer` and ``--peers`` take (a new peer is added here).
@@ -76,7 +77,8 @@ OWN = {NUMPY_REF: "statescan's numpy reference",
        "sequential": "statescan's sequential kernel (the solver cases)",
        "padded-static": "statescan, padded static batches",
        "padded-lengths": "statescan, padded batches with lengths=",
-       "ideal": "statescan, one full batch (the bound)"}
+       "ideal": "statescan, one full batch (the bound)",
+       "weight-streaming": "one GEMV over the weight bytes a decode step reads (the bound)"}
 # Column order in tables; unknown runner names follow in the order cases return them.
 RUNNER_ORDER = (STATESCAN, *OWN, *PEERS)
 
