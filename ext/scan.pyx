@@ -451,7 +451,7 @@ cdef void sel_forward_group(Py_ssize_t r, Py_ssize_t k0, Py_ssize_t k1, Py_ssize
                 dl[j] = v[j]
         for j in range(L):
             u[j] = dl[j] * xv[j]
-            acc[j] = Dv[j] * xv[j]
+            acc[j] = Dv[j] * xv[j] if Dp != NULL else 0     # (no 0*x: x may be inf)
         for k in range(nb):
             # local copies: the compiler then knows they alias nothing and keeps them in
             # registers through the N states
@@ -589,7 +589,7 @@ cdef void step_channels(Py_ssize_t r, Py_ssize_t c0, Py_ssize_t nc, Py_ssize_t D
             dl[j] = v[j]
     for j in range(nc):
         u[j] = dl[j] * xv[j]
-        acc[j] = (Dp[c0 + j] if Dp != NULL else zero) * xv[j]
+        acc[j] = Dp[c0 + j] * xv[j] if Dp != NULL else zero
     for j in range(nc):
         hin = state + (row + j) * N
         hout = state_out + (row + j) * N
@@ -813,7 +813,7 @@ cdef void sel_backward_block(Py_ssize_t r, Py_ssize_t d0, Py_ssize_t nw, Py_ssiz
             load_row(xv, x + row, nw)
             for j in range(W):
                 u[j] = dls[tt * W + j] * xv[j]
-                ys[tt * W + j] = Dv[j] * xv[j]
+                ys[tt * W + j] = Dv[j] * xv[j] if Dp != NULL else 0
             at_reset = rs != NULL and rs[t]
             for j in range(NW):
                 hs[(tt + 1) * NW + j] = 0 if at_reset else hs[tt * NW + j]
@@ -850,7 +850,7 @@ cdef void sel_backward_block(Py_ssize_t r, Py_ssize_t d0, Py_ssize_t nw, Py_ssiz
                 for j in range(NW):
                     g[j] = 0
             for j in range(W):
-                p1[j] = gB[j] * dl[j] + dy0[j] * Dv[j]
+                p1[j] = gB[j] * dl[j] + dy0[j] * Dv[j] if Dp != NULL else gB[j] * dl[j]
                 p2[j] = dde[j] + gB[j] * xv[j]
                 if softplus:
                     p2[j] = p2[j] * dsp[tt * W + j]

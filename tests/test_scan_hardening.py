@@ -134,3 +134,20 @@ def test_solve_recurrence_with_a_zero_size_state():
     f = lambda s, x: np.tanh(s + x)                              # noqa: E731
     s, info = ss.solve_recurrence(f, np.zeros((2, 0)), np.zeros((2, 5, 0)))
     assert s.shape == (2, 5, 0) and info.converged
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_infinite_x_without_D_gives_inf_like_the_reference(gate):
+    """Without D the kernels used to start y at 0*x, NaN for an infinite x (fuzz find)."""
+    args, kw = selective_problem(Bt=1, T=3, Dm=2, N=1, D=False, z=gate, seed=4)
+    x = args[0].copy()
+    x[0, 1, 0] = np.inf
+    results = {}
+    for name in ("compiled", "python"):
+        with using_backend(name), np.errstate(all="ignore"):
+            out, pb = ss.vjp(ss.selective_scan, x, *args[1:], **kw)
+            results[name] = out + pb((np.ones_like(out[0]), None))
+    for got, ref in zip(results["compiled"], results["python"]):
+        assert np.array_equal(np.isnan(got), np.isnan(ref))
+        assert np.array_equal(np.isinf(got), np.isinf(ref))
+    assert np.isinf(results["compiled"][0][0, 1, 0])
