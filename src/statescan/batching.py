@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _validate
 
-def run_sequences(fn, sequences, *args, batch_size=64, min_chunk=16, **kwargs):
+def run_sequences(fn, sequences, *args, batch_size=64, min_chunk=8, **kwargs):
     """Run `fn` over many variable-length sequences, keeping the batch full.
 
     Parameters
@@ -66,7 +66,11 @@ def run_sequences(fn, sequences, *args, batch_size=64, min_chunk=16, **kwargs):
         if item.length == 0:           # nothing to batch: the per-sequence call itself
             y, state = _call(fn, [item], [0], 0, None, args, kwargs)
             results[i] = (y[0], _row(state, 0, axis))
-    queue = deque(i for i, item in enumerate(items) if item.length > 0)
+    # Longest first: the long sequences then run while the batch is full, and the last
+    # chunks hold short ones, so the batch drains quickly instead of finishing one long
+    # latecomer almost alone.  (Results are returned in the input order regardless.)
+    queue = deque(sorted((i for i, item in enumerate(items) if item.length > 0),
+                         key=lambda i: -items[i].length))
     active, pos, state = [], [], None          # sequence index and position per row
     while queue or active:
         kept = len(active)
