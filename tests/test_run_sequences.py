@@ -49,16 +49,9 @@ def _cell_weights(cell, I, H, heads=1, dtype=np.float64):
                                            0.1 * rng.standard_normal(G * H)))
 
 
-# The compiled multi-head sLSTM rounds a row differently depending on the batch size (a
-# kernel issue, reported): run_sequences cannot be bit-identical there until it is fixed.
-_SLSTM_HEADS_ROWS = pytest.mark.xfail(
-    condition=ss.backend() == "compiled", strict=True,
-    reason="compiled multi-head slstm: a row's bits depend on the batch size")
-
-
 @pytest.mark.parametrize("cell,heads", [("lstm", 1), ("gru", 1), ("elman", 1), ("slstm", 1),
                                         ("lstm", 2),
-                                        pytest.param("slstm", 2, marks=_SLSTM_HEADS_ROWS)])
+                                        ("slstm", 2)])
 @pytest.mark.parametrize("batch_size,min_chunk", [(4, 1), (5, 8), (64, 16)])
 def test_cells_equal_one_call_per_sequence(cell, heads, batch_size, min_chunk):
     fn = getattr(ss, cell)
@@ -110,7 +103,7 @@ def test_selective_scan_keywords():
 
 @pytest.mark.parametrize("kind,bidirectional,heads", [
     ("lstm", False, 1), ("gru", True, 1), ("slstm", True, 1), ("rnn", True, 1),
-    ("lstm", False, 2), pytest.param("slstm", False, 2, marks=_SLSTM_HEADS_ROWS)])
+    ("lstm", False, 2), ("slstm", False, 2)])
 def test_layers_equal_one_call_per_sequence(kind, bidirectional, heads):
     cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN, "slstm": nn.SLSTM}[kind]
     layer = cls(3, 8, 2, bidirectional=bidirectional, heads=heads, dtype="float64", seed=0)
