@@ -150,9 +150,18 @@ def using_backend(name):
 
 @contextlib.contextmanager
 def using_threads(n):
-    """Run the body with `n` kernel threads (in this Python thread), then the previous count."""
-    with ss.threads(n):
-        yield
+    """Run the body with `n` kernel threads (in this Python thread), then the previous count.
+
+    Small calls normally stay on the calling thread (``_dispatch.MIN_WORK_PER_THREAD``); here
+    every call uses the `n` threads, so thread-count tests exercise the parallel paths."""
+    from statescan import _dispatch
+    old = _dispatch.MIN_WORK_PER_THREAD
+    _dispatch.MIN_WORK_PER_THREAD = 1
+    try:
+        with ss.threads(n):
+            yield
+    finally:
+        _dispatch.MIN_WORK_PER_THREAD = old
 
 
 def on_backends(fn, *args, **kwargs):

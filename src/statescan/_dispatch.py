@@ -221,19 +221,32 @@ def _initial_backend():
 _state["backend"] = _initial_backend()
 
 
-def run(family, name, *args, out=None, empty=False):
+# A parallel region costs a few microseconds on an idle machine and far more when the cores
+# are busy; work below this many multiply-adds per extra thread runs on the calling thread.
+MIN_WORK_PER_THREAD = 1 << 16
+
+
+def threads_for(work):
+    """Threads worth using for a call of about `work` multiply-adds (None: all allowed).
+    The kernels give the same bits for any thread count, so this only changes the speed."""
+    n = get_num_threads()
+    return n if work is None else max(1, min(n, int(work) // MIN_WORK_PER_THREAD))
+
+
+def run(family, name, *args, out=None, empty=False, work=None):
     """Run kernel `name` of `family` on validated arrays: the one dispatch rule.
 
     The numpy reference ``statescan._reference.<family>.<name>(*args)`` runs when the python
     backend is active or the call is `empty` (a zero-size axis: nothing for a compiled loop
     to do); its return value is returned.  Otherwise ``out()`` allocates the output arrays
     and the compiled ``statescan._ext.<family>.<name>(*args, *outputs, num_threads)`` fills
-    them; the outputs are returned (one array, or a tuple).
+    them; the outputs are returned (one array, or a tuple).  `work` (about how many
+    multiply-adds the call does) keeps small calls on the calling thread (:func:`threads_for`).
     """
     if empty or _state["backend"] != "compiled":
         return getattr(importlib.import_module(f"statescan._reference.{family}"), name)(*args)
     outputs = out() if out is not None else ()
     single = not isinstance(outputs, tuple)
     getattr(ext_module(family), name)(*args, *((outputs,) if single else outputs),
-                                      get_num_threads())
+                                      threads_for(work))
     return outputs

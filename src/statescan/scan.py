@@ -77,7 +77,8 @@ def _prepare_linear(a, b, state, lengths, reverse, reset, deprecated):
 
 def _linear_forward(c, nseg=1):
     return _dispatch.run("scan", "linear_scan", c.a, c.b, c.state, c.lengths, c.reset,
-                         c.reverse, nseg, out=lambda: np.empty_like(c.b), empty=c.b.size == 0)
+                         c.reverse, nseg, out=lambda: np.empty_like(c.b), empty=c.b.size == 0,
+                         work=c.b.size)
 
 
 def linear_scan(a, b, state=None, *, lengths=None, reverse=False, reset=None, **deprecated):
@@ -123,7 +124,7 @@ def _linear_backward(c, h, dh):
                          c.reverse, h, dh,
                          out=lambda: (np.empty_like(h), np.empty_like(h),
                                       np.empty_like(c.state)),
-                         empty=h.size == 0)
+                         empty=h.size == 0, work=2 * h.size)
 
 
 def _linear_scan_vjp(a, b, state=None, *, lengths=None, reverse=False, reset=None,
@@ -197,7 +198,7 @@ def _selective_forward(call, save=False):
         return y, state, (np.empty(shape, y.dtype) if save else None)
 
     return _dispatch.run("scan", "selective_scan", *call.arrays(), save, out=out,
-                         empty=call.empty)
+                         empty=call.empty, work=4 * call.x.size * call.A.shape[1])
 
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -209,7 +210,8 @@ def _step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state):
     y, new = _dispatch.run("scan", "selective_step", x, dt, A, B, C, D, z, dt_bias,
                            dt_softplus, state,
                            out=lambda: (np.empty_like(x), np.empty_like(state)
-                                        if out_state is None else out_state))
+                                        if out_state is None else out_state),
+                           work=4 * state.size)
     if out_state is not None and new is not out_state:     # the reference returns new arrays
         np.copyto(out_state, new)
         new = out_state
@@ -367,7 +369,8 @@ def _selective_backward(call, kernel, saved, dy, dstate):
     dD_p, dbias_p = np.empty((Bt, Dm), dtype), np.empty((Bt, Dm), dtype)
     dstate0 = np.empty_like(call.state0)
     ext.selective_scan_backward(*call.arrays(), saved, dy, dstate, dx, ddt, dA_p, dB_p, dC_p,
-                                dD_p, dz, dbias_p, dstate0, _dispatch.get_num_threads())
+                                dD_p, dz, dbias_p, dstate0,
+                                _dispatch.threads_for(8 * call.x.size * N))
     # partial sums over batch rows / channel groups, added in a fixed order
     return (dx, ddt, dA_p.sum(axis=0), dB_p.sum(axis=0), dC_p.sum(axis=0),
             None if call.D is None else dD_p.sum(axis=0), dz,
