@@ -293,3 +293,12 @@ def test_non_contiguous_and_list_inputs(backend):
     assert not wide[:, :, ::2].flags.c_contiguous
     assert_all_equal(list(ss.causal_conv1d(wide[:, :, ::2], np.ascontiguousarray(w.T).T, b)),
                      list(want))
+
+
+def test_padded_steps_take_no_part_in_gradients_even_with_inf(backend):
+    x, w, b, _ = problem(B=2, T=5, C=3, K=2)
+    x[1, 3:] = np.inf                       # padding may hold anything
+    (y, st), pullback = ss.vjp(ss.causal_conv1d, x, w, b, lengths=[5, 3])
+    dx, dw, db = pullback((np.ones_like(y), np.ones_like(st)))
+    assert not dx[1, 3:].any()
+    assert np.isfinite(dx).all() and np.isfinite(dw).all() and np.isfinite(db).all()

@@ -59,20 +59,21 @@ def causal_conv1d_backward(x, weight, bias, silu, state, lengths, reset, dy, dst
     db = np.zeros(C, x.dtype)
     dwindow = dstate.copy()            # gradient of the window after the current step
     for t, valid, full, pre in reversed(saved):
+        # padded steps take no part (their inputs may hold anything, even inf)
+        full, pre = full[valid], pre[valid]
         if silu:
             s = _sigmoid(pre)
-            dpre = dy[:, t] * (s * (1 + pre * (1 - s)))
+            dpre = dy[valid, t] * (s * (1 + pre * (1 - s)))
         else:
-            dpre = dy[:, t].copy()
-        dpre[~valid] = 0
+            dpre = dy[valid, t]
         dfull = np.zeros_like(full)
-        dfull[valid, :, 1:] = dwindow[valid]
+        dfull[:, :, 1:] = dwindow[valid]
         for j in range(K):
             dfull[:, :, j] += weight[:, j] * dpre
             dw[:, j] += (dpre * full[:, :, j]).sum(axis=0)
         db += dpre.sum(axis=0)
-        dx[:, t] = dfull[:, :, K - 1]
-        dwindow[valid] = dfull[valid, :, :K - 1]
+        dx[valid, t] = dfull[:, :, K - 1]
+        dwindow[valid] = dfull[:, :, :K - 1]
         if reset is not None:
             dwindow[valid & reset[:, t].astype(bool)] = 0
     return dx, dw, db, dwindow
