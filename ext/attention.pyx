@@ -64,9 +64,10 @@ cdef bint all_finite(const floating* x, Py_ssize_t n) noexcept nogil:
 cdef void add_values(const floating* P, Py_ssize_t ldp, Py_ssize_t nq, Py_ssize_t bk,
                      const floating* V, Py_ssize_t dv, floating* O, Py_ssize_t i0,
                      Py_ssize_t j0, Py_ssize_t off, bint causal) noexcept nogil:
-    """O += P V for a block of nq queries and bk keys.  P is 0 where a query does not see a
-    key, but 0 times a non-finite value is NaN: when V holds one, the rows that see only part
-    of the chunk multiply only their visible keys (causality holds for any input)."""
+    """O += P V for a block of nq queries and bk keys (also dQ += dS K).  P is 0 where a query
+    does not see a key, but 0 times a non-finite value is NaN: when V holds one, the rows that
+    see only part of the chunk multiply only their visible keys (causality holds for any
+    input)."""
     cdef Py_ssize_t i, nv, full = 0
     if causal:
         full = max(0, min(nq, j0 + bk - 1 - off - i0))    # rows before `full` see < bk keys
@@ -77,6 +78,28 @@ cdef void add_values(const floating* P, Py_ssize_t ldp, Py_ssize_t nq, Py_ssize_
         nv = n_visible(i0 + i, j0, bk, off, causal)
         gemm(False, False, 1, dv, nv, 1, P + i * ldp, ldp, V, dv, 1, O + i * dv, dv)
     gemm(False, False, nq - full, dv, bk, 1, P + full * ldp, ldp, V, dv, 1, O + full * dv, dv)
+
+
+cdef void add_keys(const floating* A, Py_ssize_t lda, Py_ssize_t nq, Py_ssize_t bk,
+                   const floating* X, Py_ssize_t n, floating* Y, Py_ssize_t i0, Py_ssize_t j0,
+                   Py_ssize_t off, bint causal) noexcept nogil:
+    """Y += A^T X for a block of nq queries and bk keys (A [nq, bk], X [nq, n], Y [bk, n]).
+    A is 0 where a query does not see a key, but 0 times a non-finite entry of X is NaN: when
+    X holds one, the keys seen by only part of the block add only the queries that see them
+    (a key's gradient never depends on earlier queries)."""
+    cdef Py_ssize_t t, first, part = bk
+    if causal:
+        part = max(0, min(bk, i0 + off - j0 + 1))     # keys before `part` see the whole block
+    if part == bk or all_finite(X, nq * n):
+        gemm(True, False, bk, n, nq, 1, A, lda, X, n, 1, Y, n)
+        return
+    if part > 0:
+        gemm(True, False, part, n, nq, 1, A, lda, X, n, 1, Y, n)
+    for t in range(part, bk):
+        first = j0 + t - off - i0                     # the block's first query seeing key t
+        if first < nq:
+            gemm(True, False, 1, n, nq - first, 1, A + first * lda + t, lda, X + first * n, n,
+                 1, Y + t * n, n)
 
 
 cdef void flash_forward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize_t dv,
@@ -197,6 +220,8 @@ cdef void flash_backward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssiz
                 drow = dP + i * BK
                 nv = n_visible(i0 + i, j0, bk, off, causal)
                 L = lse[i0 + i]
+                if L == -INFINITY:      # every visible score is -inf: P = 0, not exp(-inf + inf)
+                    L = INFINITY
                 Di = D[i0 + i]
                 for t in range(nv):
                     row[t] = exp_(row[t] - L)
@@ -204,13 +229,10 @@ cdef void flash_backward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssiz
                 for t in range(nv, bk):
                     row[t] = 0
                     drow[t] = 0
-            # P^T dO -> dV, dS K -> dQ, dS^T Q -> dK
-            gemm(True, False, bk, dv, nq, 1, S, BK, do + i0 * dv,
-                 dv, 1, dv_ + j0 * dv, dv)
-            gemm(False, False, nq, d, bk, 1, dP, BK, k + j0 * d,
-                 d, 1, dq + i0 * d, d)
-            gemm(True, False, bk, d, nq, 1, dP, BK, q + i0 * d,
-                 d, 1, dk + j0 * d, d)
+            # P^T dO -> dV, dS K -> dQ, dS^T Q -> dK, skipping masked pairs of non-finite rows
+            add_keys(S, BK, nq, bk, do + i0 * dv, dv, dv_ + j0 * dv, i0, j0, off, causal)
+            add_values(dP, BK, nq, bk, k + j0 * d, d, dq + i0 * d, i0, j0, off, causal)
+            add_keys(dP, BK, nq, bk, q + i0 * d, d, dk + j0 * d, i0, j0, off, causal)
 
 
 def flash_backward(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
@@ -220,7 +242,7 @@ def flash_backward(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] 
                    floating[:, :, :, ::1] dv, int num_threads):
     """Gradients of `flash_forward`, recomputing each block's probabilities from lse:
     P = exp(S - lse), dS = P (dO V^T - D), D = rowsum(dO * O).  Requires every size >= 1
-    (d may be 0); rows with lse = -inf must see no key (their P is 0 through the mask)."""
+    (d may be 0); rows with lse = -inf have P = 0."""
     cdef const floating[:, :, ::1] D = np.einsum("bhtd,bhtd->bht", do, o)
     cdef Py_ssize_t B = q.shape[0], NH = q.shape[1], Tq = q.shape[2], d = q.shape[3]
     cdef Py_ssize_t Tk = k.shape[2], dv_ = v.shape[3]

@@ -477,10 +477,58 @@ def test_non_finite_key_or_value_stays_causal(backend, bad):
         args[which][0, 0, 5, 0] = bad
         out, pb = ss.vjp(ss.attention, *args, chunk=4)
         assert np.isfinite(out[0, 0, :5]).all()
-        if backend == "python":      # the compiled backward is exact on finite inputs only
-            dq, dk, dv = pb(np.ones_like(out))
-            assert np.isfinite(dq[0, 0, :5]).all()
+        dq, dk, dv = pb(np.ones_like(out))
+        assert np.isfinite(dq[0, 0, :5]).all()
         assert np.isfinite(ref.softmax_attention(*args, True, 0.5)[0, 0, :5]).all()
+
+
+def _nan_inf_pattern(arrays):
+    return [(np.isnan(a), np.where(np.isinf(a), np.sign(a), 0)) for a in arrays]
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("chunk", [1, 4, None])
+@pytest.mark.parametrize("causal", [True, False])
+def test_non_finite_input_gradients_match_reference(bad, chunk, causal):
+    """A non-finite q, k or v at t = 5: the compiled vjp has the reference's NaN/inf pattern,
+    and (causal) a masked pair adds nothing: dq before t = 5 stays finite, and a non-finite
+    query reaches no key's gradient after it (a key at s only affects queries t >= s)."""
+    q, k, v = att_problem(B=1, NH=2, Tq=9, Tk=9, d=3, dv=2)
+    for which in (0, 1, 2):
+        args = [q.copy(), k.copy(), v.copy()]
+        args[which][0, 1, 5, 0] = bad
+        results = []
+        for name in ("compiled", "python"):
+            with using_backend(name), np.errstate(all="ignore"):
+                out, pb = ss.vjp(ss.attention, *args, causal=causal, chunk=chunk)
+                results.append([out, *pb(np.ones_like(out))])
+        for a, b in zip(_nan_inf_pattern(results[0]), _nan_inf_pattern(results[1])):
+            assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+        o, dq, dk, dv = results[0]
+        assert np.isfinite(o[0, 0]).all() and np.isfinite(dq[0, 0]).all()
+        if causal:
+            assert np.isfinite(dq[0, 1, :5]).all()
+            if which == 0:
+                assert np.isfinite(dk[0, 1, 6:]).all() and np.isfinite(dv[0, 1, 6:]).all()
+
+
+def test_query_seeing_only_minus_inf_scores_has_zero_gradients():
+    """A query whose every visible score is -inf outputs 0 with lse = -inf; its probabilities
+    in the backward are 0 (not exp(-inf + inf) = NaN), on both backends."""
+    q = np.array([np.inf, 0.5, -0.3]).reshape(1, 1, 3, 1)
+    k = np.array([-1.0, 0.2, 0.7]).reshape(1, 1, 3, 1)
+    v = np.array([1.0, 2.0, 3.0]).reshape(1, 1, 3, 1)
+    for name in ("compiled", "python"):
+        with using_backend(name), np.errstate(all="ignore"):
+            out, pb = ss.vjp(ss.attention, q, k, v, chunk=1)
+            dq, dk, dv = pb(np.ones_like(out))
+        assert out[0, 0, 0, 0] == 0 and np.isfinite(out).all(), name
+        # dv[key 0] = sum of its probabilities: 0 for query 0, softmax weights for 1 and 2
+        p1 = 1 / (1 + np.exp(0.5 * (0.2 + 1.0)))
+        p2 = 1 / (1 + np.exp(-0.3 * (0.2 + 1.0)) + np.exp(-0.3 * (0.7 + 1.0)))
+        assert dv[0, 0, 0, 0] == pytest.approx(p1 + p2, rel=1e-12), name
+        assert np.isfinite(dv).all() and np.isfinite(dk[0, 0, 1:]).all(), name
+        assert np.isfinite(dq).all() and dq[0, 0, 0, 0] == 0, name
 
 
 def test_compiled_kernels_carry_their_references_names():

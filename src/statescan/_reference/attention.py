@@ -51,7 +51,8 @@ def flash_forward(q, k, v, causal, scale, chunk):
         vis = visible(Tq, Tk, causal, j0, j1)
         s = np.where(vis, (q @ np.swapaxes(k[..., j0:j1, :], -1, -2)) * scale, -np.inf)
         m_new = np.maximum(m, s.max(axis=-1, initial=-np.inf))
-        base = np.where(np.isfinite(m_new), m_new, 0)      # all -inf so far: nothing to rescale
+        # all -inf so far: nothing to rescale; a +inf score makes the row NaN (inf - inf)
+        base = np.where(m_new > -np.inf, m_new, 0)
         alpha = np.exp(m - base)
         p = np.exp(s - base[..., None])
         l = alpha * l + p.sum(axis=-1)
@@ -76,7 +77,7 @@ def flash_backward(q, k, v, o, lse, do, causal, scale, chunk):
         K, V = k[..., j0:j1, :], v[..., j0:j1, :]
         vis = visible(Tq, Tk, causal, j0, j1)
         s = np.where(vis, (q @ np.swapaxes(K, -1, -2)) * scale, -np.inf)
-        p = np.exp(s - base[..., None])
+        p = np.where(vis, np.exp(s - base[..., None]), 0)   # a NaN row's masked keys too
         dv[..., j0:j1, :] = _visible_matmul(np.swapaxes(p, -1, -2), vis.T, do)
         ds = np.where(vis, p * (do @ np.swapaxes(V, -1, -2) - D[..., None]) * scale, 0)
         dq += _visible_matmul(ds, vis, K)
