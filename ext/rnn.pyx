@@ -44,6 +44,10 @@ cdef inline Py_ssize_t time_index(Py_ssize_t j, Py_ssize_t length, bint reverse)
     return length - 1 - j if reverse else j
 
 
+cdef inline Py_ssize_t state_stride(Py_ssize_t nr, Py_ssize_t D) noexcept nogil:
+    return round_up(nr * D, 16)
+
+
 cdef struct Varlen:
     const cnp.int64_t* lens      # [B] or NULL (every row T steps)
     const char* reset          # [B, T] bool or NULL
@@ -59,7 +63,10 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
                       Varlen vl) noexcept nogil:
     cdef Py_ssize_t GH = G * H, GD = G * D
     cdef Py_ssize_t ntiles = (GD + NT - 1) // NT, GDp = ntiles * NT
-    cdef Py_ssize_t ss = nr * D              # stride between state components in `st`
+    # stride between state components in `st`: padded to whole 64-byte lines, so how the
+    # compiler vectorises the cell (its run-time overlap checks) never depends on nr --
+    # with ss == D (one row) the sLSTM took another path and rounded differently
+    cdef Py_ssize_t ss = state_stride(nr, D)
     cdef Py_ssize_t j, r, b, s, g, d, t, n, length
     cdef Py_ssize_t nact = nr
     cdef Py_ssize_t steps = row_length(vl.lens, rows[0], T)   # rows[0] is the longest
@@ -228,7 +235,7 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
         return status
     njobs = nblocks * heads
     if num_threads == 1 or njobs == 1:     # no OpenMP region: matters for T=1 streaming calls
-        st = <floating*> scratch_alloc(S * RB * D * sizeof(floating))
+        st = <floating*> scratch_alloc(S * state_stride(RB, D) * sizeof(floating))
         gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
         if st != NULL and gates != NULL:
             for job in range(njobs):
@@ -242,7 +249,7 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
         scratch_free(gates)
         return -failed
     with parallel(num_threads=num_threads):
-        st = <floating*> scratch_alloc(S * RB * D * sizeof(floating))
+        st = <floating*> scratch_alloc(S * state_stride(RB, D) * sizeof(floating))
         gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
         for job in prange(njobs, schedule="static"):
             if st == NULL or gates == NULL:

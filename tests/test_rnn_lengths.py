@@ -192,6 +192,30 @@ def test_bit_identical_for_any_thread_count(cell):
             assert_all_equal(other[1], results[0][1], "gradients")
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_row_bits_do_not_depend_on_the_batch(cell):
+    """A row's outputs and gradients are the same bits alone (one row per job: the state
+    stride once changed how the sLSTM cell was vectorised) as in a batch, with lengths too."""
+    B, T = 9, 5
+    lengths = np.array([5, 2, 0, 4, 5, 1, 3, 5, 2])
+    for heads, H in ((1, 4), (2, 8), (1, 5)):
+        # W=None: dx is the kernel's own gradient (x @ W's BLAS rounding depends on B*T)
+        p = make_problem(cell, B=B, T=T, I=3, H=H, heads=heads, R3=True, W=False)
+        with using_threads(1):
+            for kw in ({}, {"lengths": lengths}):
+                out, pb = ss.vjp(p.fn, *p.args(), heads=heads, **kw)
+                cot = random_cotangent(cell, out)
+                dx = pb(cot)[0]
+                for b in (0, 3, 8):
+                    kw_b = {"lengths": lengths[b:b + 1]} if kw else {}
+                    out_b, pb_b = ss.vjp(p.fn, p.x[b:b + 1], *p.args()[1:], heads=heads, **kw_b)
+                    dy_b = (cot[0][b:b + 1], None)
+                    assert np.array_equal(out_b[0][0], out[0][b]), f"y row {b}"
+                    if not kw:
+                        assert np.array_equal(pb_b(dy_b)[0][0], pb((cot[0], None))[0][b])
+                    assert dx.shape == p.x.shape
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_bad_lengths_and_reset_name_the_argument(backend, cell):
     p = _problem(cell)
