@@ -1,5 +1,6 @@
-"""The computation behind the recurrent stacks of :mod:`statescan.nn.rnn`: one input GEMM per
-layer (both directions' weights stacked), one cell-kernel call per layer and direction, and
+"""The computation behind the recurrent stacks of :mod:`statescan.nn.rnn`: per layer and
+direction one input GEMM (over the previous layer's concatenated directions) and one
+cell-kernel call; the two directions run concurrently when there are threads for both; and
 the reverse pass through the same calls.
 
 Everything here works on validated arrays; the layer classes do the checking.
@@ -61,16 +62,22 @@ def _each_direction(tasks):
     return [first, other.result()]
 
 
-def _cell_call(fn, save, ax_d, R_d, b_hh_d, kw):
-    """One direction of one layer: the cell on pre-activations (W=None); with `save`, its
-    vjp.  Returns ((y, state), pullback or None)."""
-    args = (ax_d, None, R_d, None, b_hh_d)
+def _direction_forward(fn, save, inp, W, b, R, b_hh, lengths, kw):
+    """One direction of one layer: its input projection (its rows of weight_ih, into a
+    contiguous array: no copy of a strided slice for the kernel), then the cell on these
+    pre-activations (W=None); with `save`, the cell's vjp.  Returns ((y, state), pullback
+    or None)."""
+    args = (project(inp, W, b, lengths), None, R, None, b_hh)
     return _vjp(fn, *args, **kw) if save else (fn(*args, **kw), None)
 
 
-def _split(a, d, size, dirs):
-    """Direction d's part of the last axis (the whole array for one direction)."""
-    return a if dirs == 1 else a[..., d * size:(d + 1) * size]
+def _split(a, d, size, dirs, axis=-1):
+    """Direction d's part of `axis` (the whole array for one direction)."""
+    if dirs == 1:
+        return a
+    index = [slice(None)] * a.ndim
+    index[axis] = slice(d * size, (d + 1) * size)
+    return a[tuple(index)]
 
 
 def forward(spec, params, x, state0, lengths, save=False):
@@ -85,10 +92,10 @@ def forward(spec, params, x, state0, lengths, save=False):
     fn, heads = spec._cell_fn, spec.heads
     inp, finals, tape = x, [], []
     for layer, (W_ih, R, b_ih, b_hh) in enumerate(params):
-        ax = project(inp, W_ih, b_ih, lengths)
         results = _each_direction([
-            partial(_cell_call, fn, save, _split(ax, d, GH, dirs), R[d],
-                    None if b_hh is None else b_hh[d],
+            partial(_direction_forward, fn, save, inp, _split(W_ih, d, GH, dirs, axis=0),
+                    None if b_ih is None else _split(b_ih, d, GH, dirs), R[d],
+                    None if b_hh is None else b_hh[d], lengths,
                     dict(heads=heads, state=state0[layer * dirs + d], **_direction_kw(d, lengths)))
             for d in range(dirs)])
         ys = [y_d for (y_d, _), _ in results]
@@ -124,12 +131,15 @@ def backward(spec, params, tape, dy, dstates):
             if b_hh is not None:
                 db_hh.append(g[4])
             dstate0[layer * dirs + d] = g[-1]
-        dax = dax[0] if dirs == 1 else np.concatenate(dax, axis=2)
-        B, T, M = dax.shape
-        dax2 = dax.reshape(B * T, M)
-        inp2 = inp.reshape(B * T, inp.shape[2])
-        dW = dax2.T @ inp2
-        db = None if b_ih is None else dax2.sum(axis=0)
+        B, T, I = inp.shape
+        inp2 = inp.reshape(B * T, I)
+        dax = [g.reshape(B * T, g.shape[2]) for g in dax]
+        dW = np.concatenate([g.T @ inp2 for g in dax])
+        db = None if b_ih is None else np.concatenate([g.sum(axis=0) for g in dax])
         grads[layer] = (dW, np.stack(dR), db, None if b_hh is None else np.stack(db_hh))
-        d_out = (dax2 @ W_ih).reshape(B, T, W_ih.shape[1])
+        GH = dax[0].shape[1]
+        d_out = dax[0] @ W_ih[:GH]
+        for d in range(1, dirs):
+            d_out += dax[d] @ W_ih[d * GH:(d + 1) * GH]
+        d_out = d_out.reshape(B, T, I)
     return d_out, grads, dstate0
