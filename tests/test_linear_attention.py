@@ -149,6 +149,30 @@ def test_reset_stops_non_finite_history(backend):
     assert np.isfinite(o[0, :, 5:]).all() and np.isfinite(s).all()
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_infinite_query_after_reset_is_inf_not_nan(chunk):
+    """A sequence started by a reset has no state term: an infinite query there gives the
+    step loop's +-inf (not inf * 0 = NaN from a zero state), on both backends, and the vjp's
+    NaN/inf patterns agree."""
+    (q, k, v), kw = problem(B=1, NH=1, T=8, dk=1, dv=2)
+    q[0, 0, 5, 0] = np.inf
+    reset = np.zeros((1, 8), bool)
+    reset[0, 5] = True
+    expected, _ = step_loop(q, k, v, reset=reset, **kw)
+    assert np.isinf(expected[0, 0, 5]).all()
+    grads = []
+    for name in ("compiled", "python"):
+        with using_backend(name), np.errstate(all="ignore"):
+            (o, s), pb = ss.vjp(ss.linear_attention, q, k, v, reset=reset, chunk=chunk, **kw)
+            grads.append(pb((np.ones_like(o), np.ones_like(s))))
+        assert np.array_equal(o[0, 0, 5], expected[0, 0, 5]), name
+        assert np.isfinite(o[0, 0, :5]).all() and np.isfinite(o[0, 0, 6:]).all(), name
+    for a, b in zip(*grads):
+        if a is not None:
+            assert np.array_equal(np.isnan(a), np.isnan(b))
+            assert np.array_equal(np.where(np.isinf(a), a, 0), np.where(np.isinf(b), b, 0))
+
+
 @pytest.mark.parametrize("extra", [dict(lengths=[5, 2]), dict(lengths=[5, 3], reverse=True),
                                    dict(reset=[[0, 1, 0, 0, 1], [1, 0, 0, 1, 0]]),
                                    dict(lengths=[4, 5], reset=[[0, 0, 1, 0, 0],

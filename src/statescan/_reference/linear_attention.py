@@ -102,11 +102,13 @@ def _starts(T, chunk, offset):
     return [0] + list(range(first, T, chunk))
 
 
-def linear_forward(q, k, v, g, S0, chunk, group=1, lengths=None, reset=None, offset=0):
+def linear_forward(q, k, v, g, S0, chunk, group=1, lengths=None, reset=None, offset=0,
+                   fresh=False):
     """The tiled algorithm (blocks of `chunk` rows): intra-block masked quadratic part plus
     the inter-block contribution of the carried state.  Returns (o, S_T).  With lengths or
     resets each row, and each sequence packed in it, runs on its own; `offset` is where the
-    sequence starts in its row."""
+    sequence starts in its row; a `fresh` sequence (started by a reset) has no state term in
+    its first block (not S0 = 0 times a non-finite q or decay: NaN)."""
     B, NH, T, dv = v.shape
     if q.size == 0 or v.size == 0 or S0.size == 0:     # nothing to loop over
         return np.zeros((B, NH, T, dv), S0.dtype), S0.copy()
@@ -121,9 +123,14 @@ def linear_forward(q, k, v, g, S0, chunk, group=1, lengths=None, reset=None, off
         Q, K, V = q[..., t0:t1, :], k[..., t0:t1, :], v[..., t0:t1, :]
         G = _block(g, t0, t1, lead, S0.dtype)
         M = decay_mask(G)
-        o[..., t0:t1, :] = causal(Q @ np.swapaxes(K, -1, -2), M) @ V + np.exp(G)[..., None] * (Q @ S)
+        o[..., t0:t1, :] = causal(Q @ np.swapaxes(K, -1, -2), M) @ V
         w = np.exp(G[..., -1:] - G)
-        S = np.exp(G[..., -1])[..., None, None] * S + np.swapaxes(K * w[..., None], -1, -2) @ V
+        new = np.swapaxes(K * w[..., None], -1, -2) @ V
+        if fresh and t0 == 0:
+            S = new
+            continue
+        o[..., t0:t1, :] += np.exp(G)[..., None] * (Q @ S)
+        S = np.exp(G[..., -1])[..., None, None] * S + new
     return o, S
 
 
@@ -155,12 +162,13 @@ def _forward_by_sequence(q, k, v, g, S0, chunk, group, lengths, reset):
             qs, ks, vs, gs = _rows(b, a, e, q, k, v, g)
             gs = _fresh_decay(gs, fresh)
             o[b:b + 1, :, a:e], S = linear_forward(qs, ks, vs, gs, np.zeros_like(S) if fresh else S,
-                                                   chunk, group, offset=a)
+                                                   chunk, group, offset=a, fresh=fresh)
         S_T[b:b + 1] = S
     return o, S_T
 
 
-def linear_backward(q, k, v, g, S0, chunk, group, lengths, reset, do, dS, offset=0):
+def linear_backward(q, k, v, g, S0, chunk, group, lengths, reset, do, dS, offset=0,
+                    fresh=False):
     """Gradients (dq, dk, dv, dS0) of `linear_forward`, dq and dk per head [B, NH, T, dk]
     (the caller sums a group's heads).  The log-decay gradient follows from dq and dk, see
     `log_decay_grad`."""
@@ -186,9 +194,14 @@ def linear_backward(q, k, v, g, S0, chunk, group, lengths, reset, do, dS, offset
         G = _block(g, t0, t1, lead, dtype)
         M = decay_mask(G)
         P = dO @ np.swapaxes(V, -1, -2)
-        dq[..., t0:t1, :] = causal(P, M) @ K + np.exp(G)[..., None] * (dO @ np.swapaxes(S, -1, -2))
+        dq[..., t0:t1, :] = causal(P, M) @ K
         w = np.exp(G[..., -1:] - G)
-        S = np.exp(G[..., -1])[..., None, None] * S + np.swapaxes(K * w[..., None], -1, -2) @ V
+        new = np.swapaxes(K * w[..., None], -1, -2) @ V
+        if fresh and t0 == 0:            # no state term (see linear_forward)
+            S = new
+            continue
+        dq[..., t0:t1, :] += np.exp(G)[..., None] * (dO @ np.swapaxes(S, -1, -2))
+        S = np.exp(G[..., -1])[..., None, None] * S + new
     # reverse sweep: H is the gradient of the state leaving the block
     H = dS.copy()
     for t0, t1 in reversed(list(zip(starts, ends))):
@@ -222,7 +235,7 @@ def _backward_by_sequence(q, k, v, g, S0, chunk, group, lengths, reset, do, dS):
             gs = _fresh_decay(gs, fresh)
             start = np.zeros_like(S0[b:b + 1]) if fresh else S0[b:b + 1]
             grads = linear_backward(qs, ks, vs, gs, start, chunk, group, None, None, dos, H,
-                                    offset=a)
+                                    offset=a, fresh=fresh)
             dq[b:b + 1, :, a:e], dk[b:b + 1, :, a:e], dv[b:b + 1, :, a:e], H_in = grads
             H = np.zeros_like(H_in) if fresh else H_in
         dS0[b:b + 1] = H
