@@ -6,6 +6,7 @@ script), in a temporary directory.  A bare ``::`` literal block that is Python w
 example nobody runs: it is an error (shell commands go in ``.. code-block:: bash``)."""
 import ast
 import importlib.util
+import inspect
 import pydoc
 import re
 import textwrap
@@ -143,3 +144,45 @@ def test_help_lists_the_functions():
     text = pydoc.plain(pydoc.render_doc(statescan))
     for name in statescan.__all__:
         assert re.search(rf"^    {name}\(", text, re.M), name
+
+
+# ---- type hints (src/statescan/__init__.pyi) -------------------------------------------------
+
+STUB = Path(statescan.__file__).with_name("__init__.pyi")
+
+
+def _stub_functions():
+    tree = ast.parse(STUB.read_text())
+    return {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+
+def _stub_parameters(node):
+    """[(name, kind, default)] of a stub function, in inspect's terms."""
+    args = node.args
+    out = []
+    positional = args.posonlyargs + args.args
+    defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    for arg, default in zip(positional, defaults):
+        out.append((arg.arg, "POSITIONAL_OR_KEYWORD",
+                    inspect.Parameter.empty if default is None else ast.literal_eval(default)))
+    if args.vararg:
+        out.append((args.vararg.arg, "VAR_POSITIONAL", inspect.Parameter.empty))
+    for arg, default in zip(args.kwonlyargs, args.kw_defaults):
+        out.append((arg.arg, "KEYWORD_ONLY",
+                    inspect.Parameter.empty if default is None else ast.literal_eval(default)))
+    if args.kwarg:
+        out.append((args.kwarg.arg, "VAR_KEYWORD", inspect.Parameter.empty))
+    return out
+
+
+def test_type_stub_matches_the_runtime_signatures():
+    stub = _stub_functions()
+    assert set(stub) == set(statescan.__all__), set(stub) ^ set(statescan.__all__)
+    for name in statescan.__all__:
+        runtime = [(p.name, p.kind.name, p.default)
+                   for p in inspect.signature(getattr(statescan, name)).parameters.values()]
+        assert _stub_parameters(stub[name]) == runtime, name
+        assert stub[name].returns is not None, f"{name}: no return type in the stub"
+        annotated = [a for a in stub[name].args.args + stub[name].args.kwonlyargs
+                     if a.annotation is None]
+        assert not annotated, f"{name}: parameters without a type: {[a.arg for a in annotated]}"
