@@ -101,14 +101,21 @@ def boolean(name, value):
 
 class _Dim:
     """One entry of a shape spec: a name ("T"), an integer ("1") or a product ("G*H")."""
-    __slots__ = ("text", "factors")
+    __slots__ = ("text", "factors", "name", "const")
 
     def __init__(self, text):
         self.text = text
         self.factors = text.split("*")
+        simple = len(self.factors) == 1
+        self.const = int(text) if simple and text.isdigit() else None
+        self.name = text if simple and self.const is None else None   # a plain dimension name
 
     def value(self, dims):
         """The size, or None when a factor is still unbound."""
+        if self.const is not None:
+            return self.const
+        if self.name is not None:
+            return dims.get(self.name)
         sizes = []
         for f in self.factors:
             if f.isdigit():
@@ -137,13 +144,19 @@ class _Dim:
 _SPEC_CACHE = {}
 
 
-def _parse(shape):
-    parsed = _SPEC_CACHE.get(shape)
+def _compile(spec):
+    """The parsed spec: (name, optional, dims, broadcast) per argument, cached."""
+    key = tuple(spec.items())
+    parsed = _SPEC_CACHE.get(key)
     if parsed is None:
-        text = shape.strip()
-        broadcast = text.startswith("~")
-        parsed = (tuple(_Dim(t) for t in text.lstrip("~").split()), broadcast)
-        _SPEC_CACHE[shape] = parsed
+        parsed = []
+        for k, shape in key:
+            optional = k.endswith("?")
+            text = shape.strip()
+            parsed.append((k[:-1] if optional else k, optional,
+                           tuple(_Dim(t) for t in text.lstrip("~").split()),
+                           text.startswith("~")))
+        parsed = _SPEC_CACHE[key] = tuple(parsed)
     return parsed
 
 
@@ -177,43 +190,35 @@ def arrays(spec, values, dims=None, dtype=None):
     resolved sizes.  Raises TypeError for non-float arrays or mixed dtypes and ValueError
     for shapes, naming the argument and the expected shape.
     """
-    dims = dict(dims or {})
-    items = []
-    for key, shape in spec.items():
-        optional = key.endswith("?")
-        name = key[:-1] if optional else key
-        items.append((name, optional, shape))
+    items = _compile(spec)
+    dims = dict(dims) if dims else {}
+    first_name = None
     if dtype is None:
-        first = None
-        for name, optional, _ in items:
+        for name, _, _, _ in items:
             v = values.get(name)
-            if v is None:
-                continue
-            if isinstance(v, np.ndarray) and v.dtype.kind == "f" or hasattr(v, "dtype"):
-                arr = float_array(name, v)
-                if first is None:
-                    first, dtype = name, arr.dtype
+            if v is not None and hasattr(v, "dtype"):
+                dtype = float_array(name, v).dtype
+                first_name = name
+                break
         dtype = np.dtype(dtype or np.float64)
-        first_name = first
     else:
         dtype = np.dtype(dtype)
-        first_name = None
     out = {}
-    for name, optional, shape in items:
+    for name, optional, dim_spec, broadcast in items:
         v = values.get(name)
         if v is None:
             if optional:
                 out[name] = None
                 continue
             raise TypeError(f"{name} must be an array, got None")
-        arr = float_array(name, v, dtype)
-        if arr.dtype != dtype:
-            if first_name is not None:
-                raise TypeError(f"{name} is {arr.dtype} but {first_name} is {dtype}: "
+        if type(v) is np.ndarray and v.dtype is dtype:      # the common case: nothing to do
+            arr = v
+        else:
+            arr = float_array(name, v, dtype)
+            if arr.dtype != dtype:
+                other = f"{first_name} is {dtype}" if first_name else f"the call's dtype is {dtype}"
+                raise TypeError(f"{name} is {arr.dtype} but {other}: "
                                 "all arrays must share one dtype (float32 or float64)")
-            raise TypeError(f"{name} is {arr.dtype} but the call's dtype is {dtype}: "
-                            "all arrays must share one dtype (float32 or float64)")
-        dim_spec, broadcast = _parse(shape)
         if broadcast and arr.ndim < len(dim_spec):
             target = [d.value(dims) for d in dim_spec]
             if any(t is None for t in target):
@@ -224,18 +229,27 @@ def arrays(spec, values, dims=None, dtype=None):
             except ValueError:
                 raise ValueError(f"{name} must broadcast to shape {_describe(dim_spec, dims)}, "
                                  f"got {arr.shape}") from None
-        if arr.ndim != len(dim_spec):
+        shape = arr.shape
+        if len(shape) != len(dim_spec):
             raise ValueError(f"{name} must have shape {_describe(dim_spec, dims)}, "
-                             f"got {arr.shape}")
-        for d, size in zip(dim_spec, arr.shape):
-            want = d.value(dims)
-            if want is None:
-                if not d.bind(size, dims):
-                    raise ValueError(f"{name} must have shape {_describe(dim_spec, dims)}, "
-                                     f"got {arr.shape} ({d.text} does not divide {size})")
-            elif want != size:
+                             f"got {shape}")
+        for d, size in zip(dim_spec, shape):
+            if d.name is not None:                     # fast path: a plain dimension name
+                want = dims.get(d.name)
+                if want is None:
+                    dims[d.name] = size
+                    continue
+            else:
+                want = d.value(dims)
+                if want is None:
+                    if not d.bind(size, dims):
+                        raise ValueError(f"{name} must have shape "
+                                         f"{_describe(dim_spec, dims)}, got {shape} "
+                                         f"({d.text} does not divide {size})")
+                    continue
+            if want != size:
                 raise ValueError(f"{name} must have shape {_describe(dim_spec, dims)}, "
-                                 f"got {arr.shape}")
+                                 f"got {shape}")
         out[name] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
     return out, dims, dtype
 
