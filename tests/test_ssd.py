@@ -305,6 +305,33 @@ def test_padded_inputs_may_hold_nan(backend):
     assert all(not np.isnan(g).any() for g in grads)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 64])
+def test_overflowing_decay_matches_step_loop_nan_pattern(chunk):
+    """exp(dt A) = inf times a state of mixed signs: the step loop gives NaN where h C sums
+    +inf and -inf and +-inf elsewhere; the compiled kernel and the chunked reference apply the
+    decay before the sum too (finite inputs keep their bits), forward and vjp alike."""
+    x = np.array([0.5, -0.25, 1.0, 2.0]).reshape(1, 2, 1, 2)
+    dt = np.array([1000.0, 0.5]).reshape(1, 2, 1)
+    A = np.array([1.0])
+    B = np.array([0.3, 0.2, -0.1, 0.4]).reshape(1, 2, 2)
+    C = np.array([1.0, 0.5, 0.7, -0.2]).reshape(1, 2, 2)
+    state = np.array([1.0, -1.0, 1.0, 1.0]).reshape(1, 1, 2, 2)     # [P, N] rows
+    with np.errstate(all="ignore"):
+        expected, _ = sref.ssd_recurrence(x, dt, A, B, C, state)
+    assert np.isnan(expected[0, 0, 0, 0]) and np.isinf(expected[0, 0, 0, 1])
+    results = []
+    for name in ("compiled", "python"):
+        with using_backend(name), np.errstate(all="ignore"):
+            (y, h), pb = ss.vjp(ss.ssd, x, dt, A, B, C, state=state, chunk=chunk)
+            grads = pb((np.ones_like(y), None))
+        assert np.array_equal(np.isnan(y), np.isnan(expected)), name
+        assert np.array_equal(y[np.isinf(y)], expected[np.isinf(expected)]), name
+        results.append([y, h, *grads])
+    for a, b in zip(*results):
+        assert np.array_equal(np.isnan(a), np.isnan(b))
+        assert np.array_equal(np.where(np.isinf(a), a, 0), np.where(np.isinf(b), b, 0))
+
+
 def test_bad_input_names_the_argument():
     args, kw = problem(T=5, NH=4, G=2)
     x, dt, A, B, C = args

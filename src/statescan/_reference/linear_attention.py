@@ -129,9 +129,18 @@ def linear_forward(q, k, v, g, S0, chunk, group=1, lengths=None, reset=None, off
         if fresh and t0 == 0:
             S = new
             continue
-        o[..., t0:t1, :] += np.exp(G)[..., None] * (Q @ S)
+        o[..., t0:t1, :] += _decayed(np.exp(G)[..., None], Q, S)
         S = np.exp(G[..., -1])[..., None, None] * S + new
     return o, S
+
+
+def _decayed(w, X, Y):
+    """diag(w) X Y with w [..., c, 1].  Finite factors: w * (X Y).  Otherwise as the kernel
+    (and the step loop) associate it, decay first: an infinite decay times a state of mixed
+    signs is NaN there, not the +-inf of a decay applied after the sum."""
+    if np.isfinite(w).all() and np.isfinite(X).all() and np.isfinite(Y).all():
+        return w * (X @ Y)
+    return (w * X) @ Y
 
 
 def _rows(b, a, e, *arrays):
@@ -200,7 +209,7 @@ def linear_backward(q, k, v, g, S0, chunk, group, lengths, reset, do, dS, offset
         if fresh and t0 == 0:            # no state term (see linear_forward)
             S = new
             continue
-        dq[..., t0:t1, :] += np.exp(G)[..., None] * (dO @ np.swapaxes(S, -1, -2))
+        dq[..., t0:t1, :] += _decayed(np.exp(G)[..., None], dO, np.swapaxes(S, -1, -2))
         S = np.exp(G[..., -1])[..., None, None] * S + new
     # reverse sweep: H is the gradient of the state leaving the block
     H = dS.copy()
@@ -211,8 +220,8 @@ def linear_backward(q, k, v, g, S0, chunk, group, lengths, reset, do, dS, offset
         w = np.exp(G[..., -1:] - G)[..., None]
         P = causal(dO @ np.swapaxes(V, -1, -2), M)
         A = causal(Q @ np.swapaxes(K, -1, -2), M)
-        dk[..., t0:t1, :] = np.swapaxes(P, -1, -2) @ Q + w * (V @ np.swapaxes(H, -1, -2))
-        dv[..., t0:t1, :] = np.swapaxes(A, -1, -2) @ dO + w * (K @ H)
+        dk[..., t0:t1, :] = np.swapaxes(P, -1, -2) @ Q + _decayed(w, V, np.swapaxes(H, -1, -2))
+        dv[..., t0:t1, :] = np.swapaxes(A, -1, -2) @ dO + _decayed(w, K, H)
         H = (np.exp(G[..., -1])[..., None, None] * H
              + np.swapaxes(np.exp(G)[..., None] * Q, -1, -2) @ dO)
     return dq, dk, dv, H
