@@ -17,6 +17,9 @@ san="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=
 # Portable build only: one set is enough to find memory errors, and builds twice as fast.
 CFLAGS="$san" LDFLAGS="$san" STATESCAN_PORTABLE=1 \
     python setup.py build_ext --inplace -j 2 >build.log 2>&1 || { tail -40 build.log; exit 1; }
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 python - <<'PY'
 import sys; sys.path.insert(0, "src")
 import statescan
@@ -24,9 +27,6 @@ info = statescan.build_info()
 assert info["openmp"], f"sanitizer build lost OpenMP: {info}"
 print("sanitizer build:", info["variant"], "openmp:", info["openmp"])
 PY
-export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
-export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1"
-export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export PYTHONPATH="$work/src"
 if [ "$#" -eq 0 ]; then set -- tests; fi
 python -m pytest -q -p no:cacheprovider "$@"
