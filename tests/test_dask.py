@@ -48,8 +48,11 @@ def _sequences(n=40, seed=1):
 
 
 def _ship(client, obj):
-    """One future for `obj` held by every worker (a bare tuple would be scattered per item)."""
-    [future] = client.scatter([obj], broadcast=True)
+    """One future for `obj` held by every worker (a bare tuple would be scattered per item).
+
+    hash=False gives every scatter its own key: re-scattering an object whose key the
+    cluster already holds (the same weights in the next test) could hang with broadcast."""
+    [future] = client.scatter([obj], broadcast=True, hash=False, timeout=120)
     return future
 
 
@@ -93,7 +96,7 @@ def test_layer_over_a_dask_array_equals_serial(client):
     layer = nn.GRU(I, H, num_layers=2, bidirectional=True, seed=3)
     x = np.random.default_rng(4).standard_normal((B, T, I)).astype(np.float32)
     expected = layer(x)[0]
-    future = client.scatter(layer, broadcast=True)       # layers pickle
+    future = client.scatter(layer, broadcast=True, hash=False, timeout=120)       # layers pickle
     xd = da.from_array(x, chunks=(B // 3, T, I))
     y = xd.map_blocks(_layer_block, future, chunks=(xd.chunks[0], (T,), (2 * H,)),
                       dtype=np.float32).compute()
@@ -115,7 +118,7 @@ def test_layer_run_sequences_over_a_dask_bag_equals_serial(client):
     layer = nn.LSTM(I, H, num_layers=2, seed=5)
     sequences = _sequences(seed=6)
     expected = ss.run_sequences(layer, sequences, batch_size=8)
-    future = client.scatter(layer, broadcast=True)
+    future = client.scatter(layer, broadcast=True, hash=False, timeout=120)
     got = db.from_sequence(sequences, npartitions=3).map_partitions(
         _score_partition, future, ()).compute()
     for (y, (h, c)), (y0, (h0, c0)) in zip(got, expected, strict=True):
