@@ -17,9 +17,12 @@ san="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=
 # Portable build only: one set is enough to find memory errors, and builds twice as fast.
 CFLAGS="$san" LDFLAGS="$san" STATESCAN_PORTABLE=1 \
     python setup.py build_ext --inplace -j 2 >build.log 2>&1 || { tail -40 build.log; exit 1; }
+# (made before the sanitizer runtime is preloaded into every command that follows)
+logs="${STATESCAN_ASAN_LOGS:-$(mktemp -d /tmp/statescan-asan.XXXX)}"
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
-export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1"
-export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+# Reports go to files (pytest captures stderr, and a halted process never shows it).
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1:log_path=$logs/asan"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$logs/ubsan"
 python - <<'PY'
 import sys; sys.path.insert(0, "src")
 import statescan
@@ -29,4 +32,11 @@ print("sanitizer build:", info["variant"], "openmp:", info["openmp"])
 PY
 export PYTHONPATH="$work/src"
 if [ "$#" -eq 0 ]; then set -- tests; fi
-python -m pytest -q -p no:cacheprovider "$@"
+status=0
+python -m pytest -q -p no:cacheprovider "$@" || status=$?
+if compgen -G "$logs/*" >/dev/null; then
+    echo "sanitizer reports in $logs:"; cat "$logs"/*; status=1
+else
+    echo "no sanitizer reports"
+fi
+exit "$status"
