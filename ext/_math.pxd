@@ -4,7 +4,7 @@
 # polynomial for expm1(r) truncated below half an ulp, and 2^n built from the exponent bits.
 # Accuracy: a few ulp in both precisions.  NaN in -> NaN out.
 from cython cimport floating
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 
 
@@ -22,8 +22,9 @@ cdef inline floating _expm1_poly(floating r) noexcept nogil:
 cdef inline floating _reduce(floating x, floating* scale) noexcept nogil:
     """r with x = n*ln2 + r, |r| <= ln2/2; *scale = 2^n.  Needs n inside the normal range."""
     cdef floating t, n
-    cdef int32_t bits32
-    cdef int64_t bits64
+    # unsigned: the exponent arithmetic wraps (NaN/inf bit patterns) instead of overflowing
+    cdef uint32_t bits32
+    cdef uint64_t bits64
     if floating is float:
         # Adding 1.5*2^23 rounds to an integer and leaves n in the low mantissa bits of t.
         t = x * <float>1.4426950408889634 + <float>12582912.0
@@ -36,7 +37,7 @@ cdef inline floating _reduce(floating x, floating* scale) noexcept nogil:
         t = x * 1.4426950408889634 + 6755399441055744.0
         n = t - 6755399441055744.0
         memcpy(&bits64, &t, 8)
-        bits64 = (bits64 - <int64_t>0x4338000000000000 + 1023) << 52
+        bits64 = (bits64 - <uint64_t>0x4338000000000000 + 1023) << 52
         memcpy(scale, &bits64, 8)
         return (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10
 
@@ -112,8 +113,8 @@ cdef inline floating exp_clamped(floating x) noexcept nogil:
     # 2^-125 (double 2^-1021).  Same reduction and polynomial as exp_.  NaN in -> NaN out.
     cdef floating lo, hi, s, r, t
     cdef floating two = 2
-    cdef int32_t b32
-    cdef int64_t b64
+    cdef uint32_t b32
+    cdef uint64_t b64
     if floating is float:
         lo, hi = <float>-87.5, <float>88.8
     else:
@@ -131,7 +132,7 @@ cdef inline floating exp_clamped(floating x) noexcept nogil:
     else:
         t = x * 1.4426950408889634 + 6755399441055744.0
         memcpy(&b64, &t, 8)
-        b64 = (b64 - <int64_t>0x4338000000000000 + 1022) << 52
+        b64 = (b64 - <uint64_t>0x4338000000000000 + 1022) << 52
         memcpy(&s, &b64, 8)
     return (two + two * _expm1_poly(r)) * s
 
