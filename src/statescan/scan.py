@@ -195,7 +195,9 @@ def _selective_forward(call, save=False):
     def out():
         y, state = np.empty_like(call.x), np.empty_like(call.state0)
         shape = _ext().checkpoint_shape(*call.x.shape, call.A.shape[1])
-        return y, state, (np.empty(shape, y.dtype) if save else None)
+        # zeros: the backward reads checkpoint slots of rows that ended or were reset before
+        # the slot's step (found under ASan, whose malloc is not zero-filled)
+        return y, state, (np.zeros(shape, y.dtype) if save else None)
 
     return _dispatch.run("scan", "selective_scan", *call.arrays(), save, out=out,
                          empty=call.empty, work=4 * call.x.size * call.A.shape[1])
