@@ -1,4 +1,7 @@
 """Fixtures shared by every test file (helper functions: tests/_helpers.py)."""
+import os
+import tempfile
+
 import pytest
 
 import statescan as ss
@@ -23,6 +26,11 @@ from _helpers import (  # noqa: F401
     random_cotangent,
     vjp_grads,
 )
+
+# A tuning cache left by statescan.tune() in the user's home would change chunk=None blocks
+# (and so rounding): the tests read none (tests/test_tune.py makes its own).
+os.environ["STATESCAN_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
+                                                 f"statescan-tests-{os.getpid()}")
 
 
 @pytest.fixture(autouse=True)

@@ -10,12 +10,13 @@ Parallel in time       matrix_scan, solve_recurrence; solver= in the cells
 Many sequences         run_sequences (continuous batching)
 Gradients              vjp
 Threads and backends   set_num_threads, get_num_threads, threads, set_backend, backend,
-                       build_info, set_cache_limit
+                       build_info, set_cache_limit, tune (time and cache blocking parameters)
 Layers and models      statescan.nn (LSTM, GRU, RNN, SLSTM, Mamba, Mamba2, MambaLM)
 """
 from ._dispatch import backend, set_backend, set_num_threads, get_num_threads, build_info
 from ._threads import threads
 from ._memory import set_cache_limit
+from .tune import tune
 from .autodiff import vjp
 from .rnn import lstm, gru, elman, slstm, stream
 from .scan import linear_scan, selective_scan
@@ -31,4 +32,4 @@ __version__ = "0.1.0"
 __all__ = ["lstm", "gru", "elman", "slstm", "stream", "linear_scan", "selective_scan", "vjp",
            "linear_attention", "ssd", "attention", "matrix_scan", "solve_recurrence",
            "backend", "set_backend", "set_num_threads", "get_num_threads", "threads", "build_info",
-           "set_cache_limit", "run_sequences", "causal_conv1d"]
+           "set_cache_limit", "run_sequences", "causal_conv1d", "tune"]

@@ -8,7 +8,7 @@ per-row permutation of the inputs.
 """
 import numpy as np
 
-from . import _dispatch, _validate
+from . import _dispatch, _tuning, _validate
 from ._reference import linear_attention as _ref
 from .autodiff import cotangent, defvjp
 
@@ -158,6 +158,8 @@ def _prepare(q, k, v, decay, state, chunk, lengths, reverse, reset):
     lam = arr["decay"]
     if lam is not None and not np.all((lam > 0) & (lam <= 1)):
         raise ValueError(f"decay must lie in (0, 1], got {lam}")
+    if chunk is None:                     # the cached choice of statescan.tune(), if any
+        chunk = _tuning.chunk("linear_attention", dims["dk"], dims["dv"], dtype)
     chunk = check_chunk(chunk, T)
     lengths, reverse, reset, perm = steps(lengths, reverse, reset, B, T)
     q, k, v = (permute(arr[n], perm, 2) for n in ("q", "k", "v"))
@@ -170,7 +172,7 @@ def _prepare(q, k, v, decay, state, chunk, lengths, reverse, reset):
     return q, k, v, lam, g, S0, chunk, lengths, reset, perm
 
 
-def linear_attention(q, k, v, *, decay=None, chunk=64, state=None, lengths=None,
+def linear_attention(q, k, v, *, decay=None, chunk=None, state=None, lengths=None,
                      reverse=False, reset=None, out_state=None):
     """Causal linear attention with an optional per-head decay, in O(T) time and memory.
 
@@ -188,8 +190,10 @@ def linear_attention(q, k, v, *, decay=None, chunk=64, state=None, lengths=None,
     decay : float, sequence or ndarray [NH], optional
         Per-head decay lambda in (0, 1] (a scalar applies to every head); None means 1
         (plain linear attention).
-    chunk : int
-        Block size of the tiled algorithm (speed only; values above 2048 act as 2048).
+    chunk : int, optional
+        Block size of the tiled algorithm (speed only; values above 2048 act as 2048);
+        None: the one :func:`statescan.tune` cached for dk, dv, the dtype and the thread
+        count on this machine, else 64.
     state : ndarray [B, NH, dk, dv], optional
         Initial state S_0 (zeros when None); passing the returned state back continues the
         sequence exactly.
@@ -254,7 +258,7 @@ def _decode(q, k, v, decay, state, lengths, reverse, reset, out_state):
     return o, store_state(S, out_state)        # the reference returns a new state
 
 
-def _linear_attention_vjp(q, k, v, *, decay=None, chunk=64, state=None, lengths=None,
+def _linear_attention_vjp(q, k, v, *, decay=None, chunk=None, state=None, lengths=None,
                           reverse=False, reset=None):
     q, k, v, lam, g, S0, chunk, lengths, reset, perm = _prepare(q, k, v, decay, state, chunk,
                                                                 lengths, reverse, reset)

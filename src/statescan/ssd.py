@@ -3,7 +3,7 @@
 kernel on the state in its public layout."""
 import numpy as np
 
-from . import _dispatch, _validate
+from . import _dispatch, _tuning, _validate
 from ._reference.ssd import softplus
 from .autodiff import cotangent, defvjp
 from .linear_attention import (check_chunk, fast_arrays, out_state_array, permute,
@@ -13,10 +13,9 @@ from .linear_attention import (check_chunk, fast_arrays, out_state_array, permut
 
 
 def default_chunk(N, P):
-    """The block size `chunk=None` picks: 32 for Mamba-2's state sizes (N or P >= 64; at
-    N=128, P=64/80 it ran 1.2x faster than 64 on a 2-core Xeon, the state update being
-    cheap next to the quadratic block), else 64."""
-    return 32 if max(N, P) >= 64 else 64
+    """The block size `chunk=None` picks when :func:`statescan.tune` cached none (the rule
+    is in :func:`statescan._tuning.automatic_chunk`)."""
+    return _tuning.automatic_chunk("ssd", N, P)
 
 
 class _Call:
@@ -38,7 +37,9 @@ class _Call:
             raise ValueError(f"B and C must have shape [B, T, G, N] with G (ngroups) dividing "
                              f"NH = {NH}, got G = {G}")
         self.sp = _validate.boolean("dt_softplus", dt_softplus)
-        self.chunk = check_chunk(default_chunk(N, P) if chunk is None else chunk, T)
+        if chunk is None:                 # the cached choice of statescan.tune(), if any
+            chunk = _tuning.chunk("ssd", N, P, dtype)
+        self.chunk = check_chunk(chunk, T)
         self.lengths, _, self.reset, self.perm = steps(lengths, reverse, reset, Bt, T)
         self.x, self.dt, self.B, self.C, self.z = (permute(arr[n], self.perm, 1)
                                                     for n in ("x", "dt", "B", "C", "z"))
@@ -150,8 +151,9 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, chun
     dt_softplus : bool
         Pass dt (+ dt_bias) through softplus.
     chunk : int, optional
-        Block size (speed only; values above 2048 act as 2048); None picks one from the
-        sizes (32 when N or P >= 64, else 64).
+        Block size (speed only; values above 2048 act as 2048); None: the one
+        :func:`statescan.tune` cached for N, P, the dtype and the thread count on this
+        machine, else one from the sizes (32 when N or P >= 64, else 64).
     state : ndarray [B, NH, P, N], optional
         Initial state h_0 (zeros when None).
     lengths : int array-like [B], optional
