@@ -8,7 +8,7 @@ The cells themselves are described once, in ``_cells.py``.
 """
 import numpy as np
 
-from . import _cell_call, _dispatch, _validate
+from . import _cell_call, _cell_checkpoint, _dispatch, _validate
 from ._cells import CELLS
 from .autodiff import defvjp
 from .cell_solvers import solve_cell, solve_cell_vjp
@@ -46,6 +46,8 @@ def _cell_vjp(cell, x, W, R, b=None, b_r=None, *, heads=1, state=None, solver="s
     solver = _validate.choice("solver", solver, _SOLVERS)
     call = _cell_call.prepare(cell, x, W, R, b, b_r, heads, state, lengths, reverse, reset)
     _check_solver(solver, call)
+    if solver == "sequential" and _cell_checkpoint.applies(call):
+        return _cell_checkpoint.vjp(call)      # saves too large: time blocks, recomputed
     ax = _cell_call.input_preactivation(call)
     if solver != "sequential":
         return solve_cell_vjp(call, ax, solver, **solver_options)
