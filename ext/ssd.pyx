@@ -1,17 +1,29 @@
-# One decoding step (T = 1) of Mamba-2's SSD on the state in its public layout [B, NH, P, N]:
-# no transposes, no copies, the state may be updated in place.  The chunked prefill runs on
-# linear_attention.pyx's recurrence.
+# Mamba-2's SSD (state-space duality) on CPU: the chunked prefill and one decoding step.
 #
 #   delta = softplus(dt + dt_bias) (or without softplus / bias),  a = exp(delta * A[h])
 #   h[p, :] = a h[p, :] + (delta x[p]) B[g, :];   y[p] = h[p, :] . C[g, :] + D x[p]
 #   y[p] *= silu(z[p])                              (g = h // heads per group)
 #
-# One job per (batch row, head); each state row is read once and written once (the step is
-# bound by streaming the state); the row updates are C in _ssd_step.h.
+# Prefill (`ssd_forward`): the chunked linear recurrence of _linear_blocks.pxd with q = C,
+# k = B, v = delta x and log-decay delta A, read straight from the public layouts (no
+# transposed or scaled copies of the inputs in numpy).  The block scores C B^T are the same
+# for every head of a group: they are computed once per (row, group) and shared, then one job
+# per (row, head) runs its blocks in order.  Each job's arithmetic is fixed by the shapes and
+# the chunk, so results are bit-identical for any thread count (and to linear_attention.pyx's
+# kernel on the same operands).
+#
+# Decode (`ssd_step`, T = 1): the state in its public layout [B, NH, P, N], no transposes, no
+# copies, may be updated in place.  One job per (batch row, head); each state row is read once
+# and written once (the step is bound by streaming the state); the row updates are C in
+# _ssd_step.h.
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int64_t, uint8_t
 
+from _gemm cimport gemm
+from _linear_blocks cimport Block, apply_mask, block_decay, block_end, decayed, state_update
 from _math cimport exp_, sigmoid, softplus
+from _scratch cimport scratch_alloc, scratch_free
 
 cimport numpy as cnp
 
@@ -137,3 +149,157 @@ def ssd_step(x, dt, A, B, C, D, z, dt_bias, bint dt_softplus, state, y, out_stat
                                   <double*> pB, <double*> pC, <double*> pD, sD, <double*> pz,
                                   <double*> pbias, dt_softplus, <double*> ph, <double*> py,
                                   <double*> pho, num_threads)
+
+
+# ---- chunked prefill ---------------------------------------------------------------------------
+
+cdef void scores_job(Py_ssize_t Tb, Py_ssize_t N, Py_ssize_t C, const floating* Cm,
+                     const floating* Bm, Py_ssize_t ld, const uint8_t* rs,
+                     floating* out) noexcept nogil:
+    """The block scores C_blk B_blk^T of one (row, group), every block of its Tb valid steps:
+    the block starting at t0 lands at out + t0 * C (rows of C entries)."""
+    cdef Py_ssize_t t0 = 0, t1, c
+    while t0 < Tb:
+        t1 = block_end(t0, Tb, C, rs)
+        c = t1 - t0
+        gemm(False, True, c, c, N, 1, Cm + t0 * ld, ld, Bm + t0 * ld, ld, 0, out + t0 * C, C)
+        t0 = t1
+
+
+cdef void forward_job(Py_ssize_t T, Py_ssize_t Tb, Py_ssize_t NH, Py_ssize_t P,
+                      Py_ssize_t N, Py_ssize_t C, const floating* x, const floating* delta,
+                      floating A, const floating* Cm, const floating* Bm, Py_ssize_t ld,
+                      const floating* scores, const uint8_t* rs, const floating* h0,
+                      floating* y, floating* h_out, floating* S, floating* Ab, floating* g,
+                      floating* G, floating* V, floating* W) noexcept nogil:
+    """One (row, head): x, y at the head's first entry (rows of NH*P), delta likewise (rows of
+    NH), C / B rows of its group (rows of ld), scores as scores_job's (NULL: computed here),
+    h0 / h_out [P, N] (h0 NULL: zeros; h_out may be h0).  Tb <= T valid steps, later rows of
+    y are padding (zeros).  The carried state S is [N, P] (the recurrence's k v^T layout)."""
+    cdef Py_ssize_t ldy = NH * P, t0 = 0, t1, c, s, i, n, p, ldx
+    cdef Block blk
+    cdef floating d
+    cdef const floating* X
+    if h0 != NULL:
+        for p in range(P):
+            for n in range(N):
+                S[n * P + p] = h0[p * N + n]
+    else:
+        for i in range(N * P):
+            S[i] = 0
+    for s in range(Tb):                  # log-decays, rounded before block_decay sums them
+        g[s] = delta[s * NH] * A
+    while t0 < Tb:
+        t1 = block_end(t0, Tb, C, rs)
+        c = t1 - t0
+        blk = block_decay(g, 1, rs, t0, c, G)
+        for s in range(c):               # v = delta x
+            d = delta[(t0 + s) * NH]
+            for p in range(P):
+                V[s * P + p] = d * x[(t0 + s) * ldy + p]
+        # intra-block: ((C B^T) * M) V
+        if scores != NULL:
+            for s in range(c):
+                for i in range(c):
+                    Ab[s * C + i] = scores[(t0 + s) * C + i]
+            apply_mask(Ab, C, c, G)
+        else:
+            gemm(False, True, c, c, N, 1, Cm + t0 * ld, ld, Bm + t0 * ld, ld, 0, Ab, C)
+            apply_mask(Ab, C, c, G)
+        gemm(False, False, c, P, c, 1, Ab, C, V, P, 0, y + t0 * ldy, ldy)
+        # inter-block: diag(exp(G)) C S_prev (unless the block starts with a reset)
+        if blk.m > 0:
+            ldx = ld
+            X = decayed(Cm + t0 * ld, &ldx, c, c, N, G, False, W)
+            gemm(False, False, c, P, N, 1, X, ldx, S, P, 1, y + t0 * ldy, ldy)
+        state_update(Bm + t0 * ld, ld, V, P, blk, N, P, G, True, S, W)
+        t0 = t1
+    for s in range(Tb, T):
+        for p in range(P):
+            y[s * ldy + p] = 0
+    for p in range(P):
+        for n in range(N):
+            h_out[p * N + n] = S[n * P + p]
+
+
+cdef Py_ssize_t forward_impl(Py_ssize_t Bt, Py_ssize_t T, Py_ssize_t NH, Py_ssize_t P,
+                             Py_ssize_t N, Py_ssize_t G, Py_ssize_t C, const floating* x,
+                             const floating* delta, const floating* A, const floating* Bm,
+                             const floating* Cm, const floating* h0, const int64_t* lengths,
+                             const uint8_t* reset, floating* y, floating* h_out,
+                             int num_threads) noexcept nogil:
+    """Every (row, head) job; returns the number of jobs that found no scratch memory."""
+    cdef Py_ssize_t job, b, h, grp, Tb, hpg = NH // G, ld = G * N, failed = 0
+    cdef Py_ssize_t per_job = N * P + C * C + T + C + C * P + C * max(N, P)
+    cdef floating* buf
+    cdef floating* scores = NULL
+    # share the block scores when a group has several heads and the buffer (T x chunk per
+    # row and group) is no larger than x
+    if hpg >= 2 and G * C <= NH * P:
+        scores = <floating*> scratch_alloc(Bt * G * T * C * sizeof(floating))
+        if scores == NULL:
+            return 1
+    with parallel(num_threads=num_threads):
+        buf = <floating*> scratch_alloc(per_job * sizeof(floating))
+        if scores != NULL:
+            for job in prange(Bt * G, schedule="dynamic"):
+                b = job // G
+                Tb = lengths[b] if lengths != NULL else T
+                scores_job(Tb, N, C, Cm + b * T * ld + (job % G) * N,
+                           Bm + b * T * ld + (job % G) * N, ld,
+                           (reset + b * T) if reset != NULL else NULL, scores + job * T * C)
+        for job in prange(Bt * NH, schedule="dynamic"):
+            if buf == NULL:
+                failed += 1
+                continue
+            b = job // NH
+            h = job % NH
+            grp = h // hpg
+            Tb = lengths[b] if lengths != NULL else T
+            forward_job(T, Tb, NH, P, N, C, x + b * T * NH * P + h * P, delta + b * T * NH + h,
+                        A[h], Cm + b * T * ld + grp * N, Bm + b * T * ld + grp * N, ld,
+                        (scores + (b * G + grp) * T * C) if scores != NULL else NULL,
+                        (reset + b * T) if reset != NULL else NULL,
+                        (h0 + job * P * N) if h0 != NULL else NULL,
+                        y + b * T * NH * P + h * P, h_out + job * P * N,
+                        buf, buf + N * P, buf + N * P + C * C, buf + N * P + C * C + T,
+                        buf + N * P + C * C + T + C, buf + N * P + C * C + T + C + C * P)
+        scratch_free(buf)
+    scratch_free(scores)
+    return failed
+
+
+def ssd_forward(x, delta, A, B, C, state, Py_ssize_t chunk, lengths, reset, y, h_out,
+                int num_threads):
+    """y, h_out = the chunked SSD without D and z (blocks of `chunk` steps).
+
+    x [Bt,T,NH,P], delta [Bt,T,NH] (dt after dt_bias and softplus), A [NH], B, C [Bt,T,N] or
+    [Bt,T,G,N], state [Bt,NH,P,N] or None (zeros), lengths int64 [Bt] or None, reset bool
+    [Bt,T] or None; outputs y [Bt,T,NH,P] and h_out [Bt,NH,P,N] (may be `state`).  Every array
+    C-contiguous, one dtype, every size >= 1 (the caller checks)."""
+    cdef Py_ssize_t Bt = x.shape[0], T = x.shape[1], NH = x.shape[2], P = x.shape[3]
+    cdef Py_ssize_t N = B.shape[B.ndim - 1], G = B.shape[2] if B.ndim == 4 else 1
+    cdef Py_ssize_t Ch = min(chunk, T), failed
+    cdef char* px = data(x)
+    cdef char* pd = data(delta)
+    cdef char* pA = data(A)
+    cdef char* pB = data(B)
+    cdef char* pC = data(C)
+    cdef char* ph = data(state)
+    cdef const int64_t* pl = <const int64_t*> data(lengths)
+    cdef const uint8_t* pr = <const uint8_t*> data(reset)      # numpy bools are bytes
+    cdef char* py = data(y)
+    cdef char* pho = data(h_out)
+    if x.dtype.itemsize == 4:
+        with nogil:
+            failed = forward_impl[float](Bt, T, NH, P, N, G, Ch, <float*> px, <float*> pd,
+                                         <float*> pA, <float*> pB, <float*> pC, <float*> ph,
+                                         pl, pr, <float*> py, <float*> pho, num_threads)
+    else:
+        with nogil:
+            failed = forward_impl[double](Bt, T, NH, P, N, G, Ch, <double*> px, <double*> pd,
+                                          <double*> pA, <double*> pB, <double*> pC,
+                                          <double*> ph, pl, pr, <double*> py, <double*> pho,
+                                          num_threads)
+    if failed:
+        raise MemoryError(f"ssd: no memory for the {Ch} x {Ch} blocks (chunk)")

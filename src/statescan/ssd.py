@@ -7,7 +7,7 @@ from . import _dispatch, _tuning, _validate
 from ._reference.ssd import softplus
 from .autodiff import cotangent, defvjp
 from .linear_attention import (check_chunk, fast_arrays, out_state_array, permute,
-                               recurrence_backward, recurrence_forward, steps, store_state,
+                               recurrence_backward, steps, store_state,
                                zero_padding, _FLOATS)
 
 
@@ -54,19 +54,23 @@ class _Call:
         else:
             self.q, self.k = self.C[:, None], self.B[:, None]
             self.group = max(NH, 1)
-        self.v = (self.delta[..., None] * self.x).transpose(0, 2, 1, 3)
-        self.g = (self.delta * self.A).transpose(0, 2, 1)
-        self.S0 = (np.zeros((Bt, NH, N, P), dtype) if arr["state"] is None
-                   else np.ascontiguousarray(np.swapaxes(arr["state"], -1, -2)))
+        self.state = arr["state"]
         self.Dm = None if self.D is None else (self.D[:, None] if self.D.ndim == 1 else self.D)
 
-    def forward(self):
+    def forward(self, out_state=None):
         """(y, y_pre, h, S): output in processing order, the output before the gate, the
-        final state [B, NH, P, N] and its transposed kernel layout."""
-        y = np.empty_like(self.x)
-        _, S = recurrence_forward(self.q, self.k, self.v, self.g, self.S0, self.chunk,
-                                  self.group, self.lengths, self.reset,
-                                  out=y.transpose(0, 2, 1, 3))
+        final state [B, NH, P, N] (written into `out_state` when given) and its transposed
+        kernel layout (a view)."""
+        Bt, T, NH, P = self.x.shape
+        N = self.B.shape[-1]
+
+        def alloc():
+            return (np.empty_like(self.x),
+                    np.empty((Bt, NH, P, N), self.dtype) if out_state is None else out_state)
+
+        y, h = _dispatch.run("ssd", "ssd_forward", self.x, self.delta, self.A, self.B, self.C,
+                             self.state, self.chunk, self.lengths, self.reset, out=alloc,
+                             empty=self.x.size * N == 0)
         if self.Dm is not None:
             y = y + self.Dm * self.x
         y_pre = y
@@ -74,7 +78,7 @@ class _Call:
             y = y_pre * (self.z / (1 + np.exp(-self.z)))
         if self.Dm is not None or self.z is not None:
             zero_padding(y, self.lengths, 1)
-        return y, y_pre, np.swapaxes(S, -1, -2).copy(), S
+        return y, y_pre, h, np.swapaxes(h, -1, -2)
 
     def backward(self, y_pre, S, dy, dh):
         """Gradients (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dstate) in processing order."""
@@ -89,8 +93,13 @@ class _Call:
         if self.Dm is not None:
             dD = np.sum(zero_padding(dy * self.x, self.lengths, 1), axis=(0, 1))
             dD = dD.sum(axis=-1) if self.D.ndim == 1 else dD
+        Bt, T, NH, P = self.x.shape
+        v = (self.delta[..., None] * self.x).transpose(0, 2, 1, 3)
+        g = (self.delta * self.A).transpose(0, 2, 1)
+        S0 = (np.zeros((Bt, NH, self.B.shape[-1], P), self.dtype) if self.state is None
+              else np.ascontiguousarray(np.swapaxes(self.state, -1, -2)))
         dq, dk, dv, dS0, dg = recurrence_backward(
-            self.q, self.k, self.v, self.g, self.S0, S, dy.transpose(0, 2, 1, 3),
+            self.q, self.k, v, g, S0, np.ascontiguousarray(S), dy.transpose(0, 2, 1, 3),
             np.swapaxes(dh, -1, -2), self.chunk, self.group, self.lengths, self.reset)
         dv = dv.transpose(0, 2, 1, 3)                  # [B, T, NH, P]
         dg = dg.transpose(0, 2, 1)                     # [B, T, NH]
@@ -180,8 +189,9 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, chun
     The vjp pullback takes ``(dy, dstate)`` (either may be None) and returns
     ``(dx, ddt, dA, dB, dC)``, then, in this order, ``dD``, ``dz``, ``ddt_bias`` and
     ``dstate`` for each of D, z, dt_bias, state that was given.
-    Memory: the forward needs about 2x the output (delta x and the output) plus one
-    ``chunk x chunk`` block per thread; the vjp adds per-head gradients of B and C
+    Memory: the forward needs the output, one ``T x chunk`` block of scores per row and
+    group (when a group has several heads), and a few ``chunk``-row blocks per thread; the
+    vjp adds delta x and per-head gradients of B and C
     ([B, NH, T, N] each).
     """
     fast = _decode(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths, reverse, reset,
@@ -190,9 +200,9 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, chun
         return fast
     call = _Call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state, lengths, reverse,
                  reset)
-    out_state = out_state_array(out_state, (call.S0.shape[0], call.S0.shape[1],
-                                            call.S0.shape[3], call.S0.shape[2]), call.dtype)
-    y, _, h, _ = call.forward()
+    out_state = out_state_array(out_state, call.x.shape[:1] + call.x.shape[2:]
+                                + call.B.shape[-1:], call.dtype)
+    y, _, h, _ = call.forward(out_state)
     return permute(y, call.perm, 1), store_state(h, out_state)
 
 

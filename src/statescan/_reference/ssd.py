@@ -11,6 +11,8 @@ h // (NH / G)).  The chunked algorithm is the linear recurrence of
 """
 import numpy as np
 
+from .linear_attention import linear_forward
+
 
 def softplus(x):
     """log(1 + exp(x)), without overflow."""
@@ -64,3 +66,22 @@ def ssd_step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state):
     """One step (T = 1) on the state: the reference of the compiled decode kernel.
     Returns (y [Bt,1,NH,P], state)."""
     return ssd_recurrence(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus)
+
+
+def ssd_forward(x, delta, A, B, C, state, chunk, lengths, reset):
+    """The chunked form without D and z: the reference of the compiled prefill kernel (the
+    recurrence of `linear_attention.linear_forward` with q = C, k = B, v = delta x, log-decay
+    delta A).  delta [Bt,T,NH] is dt after dt_bias and softplus; state [Bt,NH,P,N] or None.
+    Returns (y [Bt,T,NH,P], state [Bt,NH,P,N])."""
+    Bt, T, NH, P = x.shape
+    N = B.shape[-1]
+    if B.ndim == 4:
+        q, k, group = C.transpose(0, 2, 1, 3), B.transpose(0, 2, 1, 3), NH // B.shape[2]
+    else:
+        q, k, group = C[:, None], B[:, None], max(NH, 1)
+    v = (delta[..., None] * x).transpose(0, 2, 1, 3)
+    g = (delta * A).transpose(0, 2, 1)
+    S0 = (np.zeros((Bt, NH, N, P), x.dtype) if state is None
+          else np.ascontiguousarray(np.swapaxes(state, -1, -2)))
+    o, S = linear_forward(q, k, v, g, S0, chunk, group, lengths, reset)
+    return np.ascontiguousarray(o.transpose(0, 2, 1, 3)), np.swapaxes(S, -1, -2).copy()
