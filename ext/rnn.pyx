@@ -28,6 +28,13 @@ cdef Py_ssize_t rows_per_job(Py_ssize_t B, Py_ssize_t heads, int num_threads) no
     return min(B, round_up((B + chunks - 1) // chunks, 8))
 
 
+cdef Py_ssize_t heads_per_job(Py_ssize_t nblocks, Py_ssize_t heads, int num_threads) noexcept nogil:
+    # A job steps several heads together (one pass over each row's ax per step); heads are
+    # split over jobs only as far as needed to give every thread a job.
+    cdef Py_ssize_t groups = min(heads, max(1, (num_threads + nblocks - 1) // nblocks))
+    return (heads + groups - 1) // groups
+
+
 # ---- variable lengths (DESIGN.md "Variable lengths, reverse direction, resets") -----------------
 # A job owns `nr` batch rows, listed in `rows` in order of decreasing length, so at processing
 # step j the rows still running (length > j) are the first `nact`: the micro-kernel gets
@@ -54,8 +61,8 @@ cdef struct Varlen:
     bint reverse
 
 
-cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k,
-                      Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, Py_ssize_t G,
+cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
+                      Py_ssize_t nk, Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, Py_ssize_t G,
                       Py_ssize_t S, Py_ssize_t S_save,
                       const floating* ax, const floating* mp, const floating* b_r,
                       const floating* state0, floating* seq, floating* ar_seq,
@@ -67,15 +74,19 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
     # compiler vectorises the cell (its run-time overlap checks) never depends on nr --
     # with ss == D (one row) the sLSTM took another path and rounded differently
     cdef Py_ssize_t ss = state_stride(nr, D)
-    cdef Py_ssize_t j, r, b, s, g, d, t, n, length
+    cdef Py_ssize_t j, r, b, s, g, d, t, n, length, k, kk
     cdef Py_ssize_t nact = nr
     cdef Py_ssize_t steps = row_length(vl.lens, rows[0], T)   # rows[0] is the longest
     cdef const floating* axp
-    cdef const floating* mp_k = mp + k * ntiles * D * NT
-    for s in range(S):
-        for r in range(nr):
-            for d in range(D):
-                st[s * ss + r * D + d] = state0[(s * B + rows[r]) * H + k * D + d]
+    cdef floating* stk
+    # heads k0 .. k0+nk-1 step together, head kk's state at st + kk*S*ss: a row's step reads
+    # and writes its nk*D entries of ax and seq as one run (with one head per job, small heads
+    # read 64 bytes per 1 KB row of ax and the hardware prefetcher cannot follow)
+    for kk in range(nk):
+        for s in range(S):
+            for r in range(nr):
+                for d in range(D):
+                    st[(kk * S + s) * ss + r * D + d] = state0[(s * B + rows[r]) * H + (k0 + kk) * D + d]
     for j in range(steps):
         while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
             nact -= 1
@@ -83,41 +94,48 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
             b = rows[r]
             length = row_length(vl.lens, b, T)
             if vl.reset != NULL and vl.reset[b * T + time_index(j, length, vl.reverse)]:
-                for s in range(S):
-                    for d in range(D):
-                        st[s * ss + r * D + d] = 0
-            for g in range(G):
-                for d in range(D):
-                    gates[r * GDp + g * D + d] = b_r[g * H + k * D + d]
-                if j + 1 < length:   # rows of different batch entries are far apart: prefetch
+                for kk in range(nk):
+                    for s in range(S):
+                        for d in range(D):
+                            st[(kk * S + s) * ss + r * D + d] = 0
+            if j + 1 < length:   # rows of different batch entries are far apart: prefetch
+                for g in range(G):
                     prefetch(ax + (b * T + time_index(j + 1, length, vl.reverse)) * GH
-                             + g * H + k * D, D)
-        matmul_acc(st, D, mp_k, D, ntiles, gates, GDp, nact)
-        for r in range(nact):
-            b = rows[r]
-            t = time_index(j, row_length(vl.lens, b, T), vl.reverse)
-            axp = ax + (b * T + t) * GH + k * D
-            if ar_seq != NULL:
+                             + g * H + k0 * D, nk * D)
+        for kk in range(nk):
+            k = k0 + kk
+            stk = st + kk * S * ss
+            for r in range(nact):
                 for g in range(G):
                     for d in range(D):
-                        ar_seq[(b * T + t) * GH + g * H + k * D + d] = gates[r * GDp + g * D + d]
-            cell_forward(cell, D, axp, H, gates + r * GDp, D, st + r * D, ss)
-            for s in range(S_save):
-                for d in range(D):
-                    seq[((s * B + b) * T + t) * H + k * D + d] = st[s * ss + r * D + d]
+                        gates[r * GDp + g * D + d] = b_r[g * H + k * D + d]
+            matmul_acc(stk, D, mp + k * ntiles * D * NT, D, ntiles, gates, GDp, nact)
+            for r in range(nact):
+                b = rows[r]
+                t = time_index(j, row_length(vl.lens, b, T), vl.reverse)
+                axp = ax + (b * T + t) * GH + k * D
+                if ar_seq != NULL:
+                    for g in range(G):
+                        for d in range(D):
+                            ar_seq[(b * T + t) * GH + g * H + k * D + d] = gates[r * GDp + g * D + d]
+                cell_forward(cell, D, axp, H, gates + r * GDp, D, stk + r * D, ss)
+                for s in range(S_save):
+                    for d in range(D):
+                        seq[((s * B + b) * T + t) * H + k * D + d] = stk[s * ss + r * D + d]
     for r in range(nr):
         b = rows[r]
         for s in range(S):
-            for d in range(D):
-                state_out[(s * B + b) * H + k * D + d] = st[s * ss + r * D + d]
+            for kk in range(nk):
+                for d in range(D):
+                    state_out[(s * B + b) * H + (k0 + kk) * D + d] = st[(kk * S + s) * ss + r * D + d]
         for t in range(row_length(vl.lens, b, T), T):    # padded steps: outputs are 0
             for s in range(S_save):
-                for d in range(D):
-                    seq[((s * B + b) * T + t) * H + k * D + d] = 0
+                for d in range(nk * D):
+                    seq[((s * B + b) * T + t) * H + k0 * D + d] = 0
             if ar_seq != NULL:
                 for g in range(G):
-                    for d in range(D):
-                        ar_seq[(b * T + t) * GH + g * H + k * D + d] = 0
+                    for d in range(nk * D):
+                        ar_seq[(b * T + t) * GH + g * H + k0 * D + d] = 0
 
 
 cdef void pack_recurrent(const floating* R, Py_ssize_t heads, Py_ssize_t GD, Py_ssize_t D,
@@ -216,9 +234,9 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
                      Py_ssize_t RB, Varlen vl, int num_threads) noexcept nogil:
     """All jobs of a forward pass; -1 when scratch memory could not be allocated.
     `rows` and `start` as in JobRows; NULL: contiguous blocks of RB rows (no lengths)."""
-    cdef Py_ssize_t njobs
+    cdef Py_ssize_t njobs, hpj, groups
     cdef Py_ssize_t ntiles = (G * D + NT - 1) // NT
-    cdef Py_ssize_t job, blk
+    cdef Py_ssize_t job, blk, k0
     cdef int failed = 0, status
     cdef floating* st
     cdef floating* gates
@@ -233,32 +251,36 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
                              ar_seq, state_out, own, own + B, nblocks, RB, vl, num_threads)
         scratch_free(own)
         return status
-    njobs = nblocks * heads
+    hpj = heads_per_job(nblocks, heads, num_threads)
+    groups = (heads + hpj - 1) // hpj
+    njobs = nblocks * groups
     if num_threads == 1 or njobs == 1:     # no OpenMP region: matters for T=1 streaming calls
-        st = <floating*> scratch_alloc(S * state_stride(RB, D) * sizeof(floating))
+        st = <floating*> scratch_alloc(hpj * S * state_stride(RB, D) * sizeof(floating))
         gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
         if st != NULL and gates != NULL:
             for job in range(njobs):
-                blk = job // heads
-                forward_job(cell, rows + start[blk], start[blk + 1] - start[blk], job % heads,
-                            B, T, heads * D, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
-                            state_out, st, gates, vl)
+                blk = job // groups
+                k0 = job % groups * hpj
+                forward_job(cell, rows + start[blk], start[blk + 1] - start[blk], k0,
+                            min(hpj, heads - k0), B, T, heads * D, D, G, S, S_save, ax, mp,
+                            b_r, state0, seq, ar_seq, state_out, st, gates, vl)
         else:
             failed = 1
         scratch_free(st)
         scratch_free(gates)
         return -failed
     with parallel(num_threads=num_threads):
-        st = <floating*> scratch_alloc(S * state_stride(RB, D) * sizeof(floating))
+        st = <floating*> scratch_alloc(hpj * S * state_stride(RB, D) * sizeof(floating))
         gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
         for job in prange(njobs, schedule="static"):
             if st == NULL or gates == NULL:
                 failed += 1
             else:
-                blk = job // heads
-                forward_job(cell, rows + start[blk], start[blk + 1] - start[blk], job % heads,
-                            B, T, heads * D, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
-                            state_out, st, gates, vl)
+                blk = job // groups
+                k0 = job % groups * hpj
+                forward_job(cell, rows + start[blk], start[blk + 1] - start[blk], k0,
+                            min(hpj, heads - k0), B, T, heads * D, D, G, S, S_save, ax, mp,
+                            b_r, state0, seq, ar_seq, state_out, st, gates, vl)
         scratch_free(st)
         scratch_free(gates)
     return -1 if failed else 0
@@ -316,73 +338,81 @@ def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::
         raise MemoryError()
 
 
-cdef void backward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k,
-                       Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, Py_ssize_t G,
-                       Py_ssize_t S, const floating* ax, const floating* ar_seq,
+cdef void backward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
+                       Py_ssize_t nk, Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D,
+                       Py_ssize_t G, Py_ssize_t S, const floating* ax, const floating* ar_seq,
                        const floating* mb, const floating* state0, const floating* seq,
                        const floating* dy, const floating* dstate, floating* dgx, floating* dgr,
                        floating* dstate0, floating* dst, floating* gbuf, floating* zeros,
                        Varlen vl) noexcept nogil:
     # Processing steps in reverse order; row r is active at step j while its length > j, so
     # the active rows (a prefix of `rows`) grow as j decreases.  An inactive row's dst holds
-    # the cotangent of its final state until its last valid step is reached.
+    # the cotangent of its final state until its last valid step is reached.  Heads k0 ..
+    # k0+nk-1 step together (as in forward_job), head kk's dst at dst + kk*S*sds.
     cdef Py_ssize_t GH = G * H, GD = G * D
     cdef Py_ssize_t ntiles = (D + NT - 1) // NT, Dp = ntiles * NT
     cdef Py_ssize_t sds = nr * Dp
-    cdef Py_ssize_t j, r, b, s, g, d, t, row, length
+    cdef Py_ssize_t j, r, b, s, g, d, t, row, length, k, kk
     cdef Py_ssize_t nact = 0
     cdef const floating* prev
     cdef Py_ssize_t sp
-    cdef const floating* mb_k = mb + k * ntiles * GD * NT
+    cdef floating* dsk
     for d in range(D):
         zeros[d] = 0
-    for s in range(S):
-        for r in range(nr):
-            for d in range(Dp):
-                dst[s * sds + r * Dp + d] = dstate[(s * B + rows[r]) * H + k * D + d] if d < D else 0
+    for kk in range(nk):
+        for s in range(S):
+            for r in range(nr):
+                for d in range(Dp):
+                    dst[(kk * S + s) * sds + r * Dp + d] = (
+                        dstate[(s * B + rows[r]) * H + (k0 + kk) * D + d] if d < D else 0)
     for j in range(row_length(vl.lens, rows[0], T) - 1, -1, -1):
         while nact < nr and row_length(vl.lens, rows[nact], T) > j:
             nact += 1
-        for r in range(nact):
-            b = rows[r]
-            length = row_length(vl.lens, b, T)
-            t = time_index(j, length, vl.reverse)
-            row = (b * T + t) * GH + k * D
-            for d in range(D):
-                dst[r * Dp + d] += dy[(b * T + t) * H + k * D + d]
-            if vl.reset != NULL and vl.reset[b * T + t]:
-                prev = zeros             # the state was zeroed before this step
-                sp = 0
-            elif j > 0:
-                prev = seq + (b * T + time_index(j - 1, length, vl.reverse)) * H + k * D
-                sp = B * T * H
-            else:
-                prev = state0 + b * H + k * D
-                sp = B * H
-            cell_backward(cell, D, ax + row, H, ar_seq + row, H, prev, sp,
-                          dst + r * Dp, sds, dgx + row, H, gbuf + r * GD, D)
-            if dgr != dgx:
-                for g in range(G):
-                    for d in range(D):
-                        dgr[row + g * H + d] = gbuf[r * GD + g * D + d]
-        matmul_acc(gbuf, GD, mb_k, GD, ntiles, dst, Dp, nact)
+        for kk in range(nk):
+            k = k0 + kk
+            dsk = dst + kk * S * sds
+            for r in range(nact):
+                b = rows[r]
+                length = row_length(vl.lens, b, T)
+                t = time_index(j, length, vl.reverse)
+                row = (b * T + t) * GH + k * D
+                for d in range(D):
+                    dsk[r * Dp + d] += dy[(b * T + t) * H + k * D + d]
+                if vl.reset != NULL and vl.reset[b * T + t]:
+                    prev = zeros             # the state was zeroed before this step
+                    sp = 0
+                elif j > 0:
+                    prev = seq + (b * T + time_index(j - 1, length, vl.reverse)) * H + k * D
+                    sp = B * T * H
+                else:
+                    prev = state0 + b * H + k * D
+                    sp = B * H
+                cell_backward(cell, D, ax + row, H, ar_seq + row, H, prev, sp,
+                              dsk + r * Dp, sds, dgx + row, H, gbuf + r * GD, D)
+                if dgr != dgx:
+                    for g in range(G):
+                        for d in range(D):
+                            dgr[row + g * H + d] = gbuf[r * GD + g * D + d]
+            matmul_acc(gbuf, GD, mb + k * ntiles * GD * NT, GD, ntiles, dsk, Dp, nact)
         if vl.reset != NULL:     # a reset cuts the gradient to the state before it
             for r in range(nact):
                 b = rows[r]
                 if vl.reset[b * T + time_index(j, row_length(vl.lens, b, T), vl.reverse)]:
-                    for s in range(S):
-                        for d in range(Dp):
-                            dst[s * sds + r * Dp + d] = 0
+                    for kk in range(nk):
+                        for s in range(S):
+                            for d in range(Dp):
+                                dst[(kk * S + s) * sds + r * Dp + d] = 0
     for r in range(nr):
         b = rows[r]
-        for s in range(S):
-            for d in range(D):
-                dstate0[(s * B + b) * H + k * D + d] = dst[s * sds + r * Dp + d]
+        for kk in range(nk):
+            for s in range(S):
+                for d in range(D):
+                    dstate0[(s * B + b) * H + (k0 + kk) * D + d] = dst[(kk * S + s) * sds + r * Dp + d]
         for t in range(row_length(vl.lens, b, T), T):    # padded steps: gradients are 0
             for g in range(G):
-                for d in range(D):
-                    dgx[(b * T + t) * GH + g * H + k * D + d] = 0
-                    dgr[(b * T + t) * GH + g * H + k * D + d] = 0
+                for d in range(nk * D):
+                    dgx[(b * T + t) * GH + g * H + k0 * D + d] = 0
+                    dgr[(b * T + t) * GH + g * H + k0 * D + d] = 0
 
 
 def backward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::1] ar_seq,
@@ -404,7 +434,7 @@ def backward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, :
     cdef Py_ssize_t heads = R.shape[0], GD = R.shape[1], D = R.shape[2]
     cdef Py_ssize_t H = heads * D, S = state0.shape[0]
     cdef Py_ssize_t G, ntiles = (D + NT - 1) // NT
-    cdef Py_ssize_t job, blk
+    cdef Py_ssize_t job, blk, k0, hpj, groups
     cdef floating* mb
     cdef floating* dst
     cdef floating* gbuf
@@ -421,21 +451,24 @@ def backward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, :
     vl = varlen(lengths, reverse, reset, B, T)
     # contiguous blocks without lengths (JobRows with lengths=None): the same rows as forward
     jr = JobRows(B, rows_per_job(B, heads, num_threads), lengths)
+    hpj = heads_per_job(jr.nblocks, heads, num_threads)
+    groups = (heads + hpj - 1) // hpj
     mb = <floating*> scratch_alloc(heads * ntiles * GD * NT * sizeof(floating))
     if mb == NULL:
         raise MemoryError()
     with nogil:
         pack_recurrent(&R[0, 0, 0], heads, GD, D, False, mb)
         with parallel(num_threads=num_threads):
-            dst = <floating*> scratch_alloc(S * jr.RB * ntiles * NT * sizeof(floating))
+            dst = <floating*> scratch_alloc(hpj * S * jr.RB * ntiles * NT * sizeof(floating))
             gbuf = <floating*> scratch_alloc((jr.RB * GD + D) * sizeof(floating))
-            for job in prange(jr.nblocks * heads, schedule="static"):
+            for job in prange(jr.nblocks * groups, schedule="static"):
                 if dst == NULL or gbuf == NULL:
                     failed += 1
                 else:
-                    blk = job // heads
+                    blk = job // groups
+                    k0 = job % groups * hpj
                     backward_job(cell, jr.rows + jr.start[blk], jr.start[blk + 1] - jr.start[blk],
-                                 job % heads, B, T, H, D, G, S,
+                                 k0, min(hpj, heads - k0), B, T, H, D, G, S,
                                  &ax[0, 0, 0], &ar_seq[0, 0, 0], mb, &state0[0, 0, 0],
                                  &seq[0, 0, 0, 0], &dy[0, 0, 0], &dstate[0, 0, 0],
                                  &dgx[0, 0, 0], dgr_ptr, &dstate0[0, 0, 0], dst, gbuf,
