@@ -222,8 +222,9 @@ def linear_attention(q, k, v, *, decay=None, chunk=None, state=None, lengths=Non
     ``statescan.vjp(linear_attention, q, k, v, decay=..., state=...)`` returns a pullback
     taking ``(do, dstate)`` (either may be None) and returning ``(dq, dk, dv)``, followed by
     ``ddecay`` when ``decay`` was passed and ``dstate`` when ``state`` was passed.
-    Memory: the forward needs the output plus one ``chunk x chunk`` block per thread; the
-    vjp keeps the inputs and adds gradients of the inputs' size.
+    Memory, measured as the peak RSS increase in units of the output o (float64, B=8, NH=8,
+    T=2048, dk=dv=32, a decay): the forward 1.0x (o plus one ``chunk x chunk`` block per
+    thread); vjp with its pullback 5.1x (the inputs are kept, gradients of their size).
     """
     fast = _decode(q, k, v, decay, state, lengths, reverse, reset, out_state)
     if fast is not None:

@@ -168,9 +168,13 @@ def matrix_scan(A, b, state=None, **deprecated):
     a fixed number of time segments (composed as affine maps, then chained).  Results do not
     depend on the thread count.  The diagonal case runs :func:`statescan.linear_scan`'s kernel.
 
-    Memory (in units of h's size): the forward allocates h (1x; segmented diagonal scans add
-    3 [B, segments, n] carries).  The vjp keeps h; its pullback allocates dA and db, and for
-    dense blocks the reversed coefficients (m x the output) and lam (1x).
+    Notes
+    -----
+    Memory, measured as the peak RSS increase in units of the output h (float64): the
+    forward 1.0x (h; segmented diagonal scans add 3 [B, segments, n] carries); vjp with its
+    pullback 3.0x for diagonal A (B=16, T=2048, n=128) and 20x for dense 8 x 8 A (B=16,
+    T=8192): the pullback allocates dA (n x h for dense A), db, the reversed coefficients
+    and lam.
     """
     return _scan(*_prepare_scan(A, b, state, deprecated))
 
@@ -370,6 +374,13 @@ def solve_recurrence(f, state=None, xs=None, jac=None, solver="newton", tol=None
         iterations, residual, converged (and the sequential result when not converged).
 
     ``method=`` and ``s0=`` are deprecated spellings of ``solver=`` and ``state=``.
+
+    Notes
+    -----
+    Memory, measured as the peak RSS increase in units of the output s (float64, B=16,
+    T=2048, f = tanh(0.5 s + x) with a diagonal ``jac``, solver="newton"): 37x at n=8, 103x
+    at n=32 -- it grows with n (the Newton step works on n x n Jacobians for all B*T steps,
+    plus f's own temporaries).
     """
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")

@@ -112,8 +112,12 @@ def linear_scan(a, b, state=None, *, lengths=None, reverse=False, reset=None, **
 
     Gradients: ``vjp(linear_scan, a, b, state)`` gives a pullback taking ``dh`` [B, T, D]
     (None = zero) and returning ``(da, db)``, followed by ``dstate`` when a state was given;
-    gradients at padded steps are exactly 0.  Memory: the forward allocates the output only
-    (1x); the vjp keeps h and allocates da, db (3x the output).
+    gradients at padded steps are exactly 0.
+
+    Notes
+    -----
+    Memory, measured as the peak RSS increase in units of the output h (float64, B=16,
+    T=2048, D=128): the forward 1.0x (h only); vjp with its pullback 3.0x (h, da, db).
     """
     return _linear_forward(_prepare_linear(a, b, state, lengths, reverse, reset, deprecated))
 
@@ -325,12 +329,12 @@ def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=
     ``ddt_bias`` and ``dstate`` for each of z, dt_bias, state that was given (gradients at
     padded steps are exactly 0).
 
-    Memory (in units of y's size, Bt*T*Dm): the forward allocates y (1x) and the state; the
-    compiled vjp keeps the state every ~sqrt(T) steps (Bt*Dm*N*sqrt(T) values) and
-    allocates dx, ddt (and dz) plus dB, dC partial sums per group of 64 channels.
-
     Notes
     -----
+    Memory, measured as the peak RSS increase in units of the output y (float64, B=8,
+    T=2048, Dm=256, N=16, with D): the forward 1.0x (y and the state); vjp with its pullback
+    4.0x (the compiled vjp keeps the state every ~sqrt(T) steps, B*Dm*N*sqrt(T) values, and
+    allocates dx, ddt (and dz) plus dB, dC partial sums per group of 64 channels).
     The compiled kernel evaluates exp with its own vectorised polynomial (about 1 ulp);
     decays below 2^-125 (float32) or 2^-1021 (float64) are flushed to 0.
     """
