@@ -190,6 +190,51 @@ def test_plot_has_a_title_legend_and_fixed_colours(tmp_path):
     assert len(set(spare.values())) == 2
 
 
+def test_a_runner_over_its_cpu_share_is_flagged_in_table_and_json():
+    ones = np.ones((1, 10, 2))
+
+    def make():
+        return {"statescan": lambda: ones, "torch": lambda: ones, "jax": lambda: ones}
+    result = core.run_case(_fake_case(make), budget=0.0)
+    assert all(m.cpu_ratio is not None and m.cpu_ratio >= 0 for m in result.runs.values())
+    for name, m in result.runs.items():
+        m.cpu_ratio = core.threads() * 1.5 + 0.5 if name == "jax" else 1.0
+    meta = {"statescan": "0", "machine": {"cpu": "TestCPU", "logical_cpus": 2},
+            "threads": core.threads(), "dtype": "float64", "statistic": "median"}
+    table = report.format_table([result], {"float64": 1.0}, meta)
+    row = next(line for line in table.splitlines() if line.startswith("ones n=4"))
+    jax_ratio = f"jax {core.threads() * 1.5 + 0.5:.2f}!"
+    assert "statescan 1.00 torch 1.00 " + jax_ratio in row and row.endswith("OVER-SHARE jax")
+    assert "jax used more CPU than" in table
+    doc = report.to_json([result], {"float64": 1.0}, meta)
+    runners = doc["results"][0]["runners"]
+    assert runners["jax"]["over_share"] is True and runners["torch"]["over_share"] is False
+    assert runners["torch"]["cpu_ratio"] == 1.0 and doc["results"][0]["over_share"] == ["jax"]
+
+
+def test_pinning_moves_every_thread_of_the_process():
+    import os
+    import threading
+    if not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
+        pytest.skip("no per-thread affinity here (Linux only)")
+    allowed = os.sched_getaffinity(0)
+    started, stop = threading.Event(), threading.Event()
+    worker = threading.Thread(target=lambda: (started.set(), stop.wait()))
+    worker.start()
+    started.wait()
+    try:
+        cores = core.pin_to_cores(1)
+        assert os.sched_getaffinity(worker.native_id) == set(cores)
+    finally:
+        stop.set()
+        worker.join()
+        for tid in core._thread_ids():          # every thread back on every core
+            try:
+                os.sched_setaffinity(tid, allowed)
+            except OSError:
+                pass
+
+
 def test_python_dash_m_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "statescan", "bench", *TINY, "--list",
                            "--filter", "gru"], capture_output=True, text=True, timeout=60)

@@ -198,23 +198,17 @@ def test_rnn_candidates_are_feasible(cell, B, H, heads, threads):
     row_bytes = 4 * (spec.states * D + -(-spec.gates * D // 32) * 32)
     values = _tuning.candidates("rnn", (cell, B, H, heads, "float32", threads))
     assert values[0] == _tuning.AUTOMATIC and len(set(values)) == len(values)
-    auto = _tuning.automatic_rows(B, heads, threads)
     for v in values[1:]:
         if v == _tuning.COLUMN_SPLIT:
             assert threads > 1 and -(-B // 8) * heads < threads
         else:
-            assert v != auto and 1 <= v <= B
-            assert v % _tuning.ROW_BLOCK == 0 or v == B < _tuning.ROW_BLOCK
+            assert 1 <= v <= B and (v % _tuning.ROW_BLOCK == 0 or v == B)
             assert v * row_bytes <= facts["l2"] // 2
+            assert -(-B // v) * heads >= min(threads, -(-B // 8) * heads)
     if threads == 1:
         assert _tuning.COLUMN_SPLIT not in values
-
-
-def test_automatic_rows_mirrors_the_kernel_rule():
-    assert _tuning.automatic_rows(1, 1, 2) == 1
-    assert _tuning.automatic_rows(64, 1, 2) == 32
-    assert _tuning.automatic_rows(20, 1, 2) == 16
-    assert _tuning.automatic_rows(64, 4, 2) == 64
+    if B == 1 and threads == 2:                   # one row on two threads: row or column split
+        assert values == [0, 1, -1]
 
 
 def test_machine_facts_and_cache_sizes(tmp_path):
@@ -245,3 +239,17 @@ def test_tune_arguments_and_measure_only(cache_dir):
         ss.set_backend("python")
         report = ss.tune("ssd", [SSD_SHAPE], repeat=3)
     assert report["results"] == [] and "reference" in report["skipped"]["ssd"]
+
+
+def test_bench_family_compares_the_tuned_choice_with_the_default(cache_dir):
+    from statescan._bench import core, load_cases
+    key = [64, 64, "float32", ss.get_num_threads()]
+    _tuning.store([{"kernel": "linear_attention", "key": key, "value": 32}])
+    cases, unavailable = load_cases(["tuned"], quick=True)
+    assert not unavailable and {c.family for c in cases} == {"tuned"}
+    la = next(c for c in cases if c.name == "linear_attention" and c.dtype == "float32")
+    assert la.params["tuned"] == 32
+    ssd_case = next(c for c in cases if c.name == "ssd" and c.dtype == "float32")
+    assert ssd_case.params["tuned"] == "auto"
+    result = core.run_case(la, budget=0.0)
+    assert set(result.runs) == {"statescan", "default"} and result.runs["default"].ok is True

@@ -120,14 +120,6 @@ def _vector_bytes(features):
 
 # ---- the constraint model --------------------------------------------------------------------
 
-def automatic_rows(B, heads, threads):
-    """The RNN kernel's own rows per job (ext/rnn.pyx rows_per_job): enough jobs for every
-    thread, in whole micro-kernel blocks where possible."""
-    chunks = max(1, -(-threads // heads))
-    per = -(-B // chunks)
-    return min(B, -(-per // ROW_BLOCK) * ROW_BLOCK)
-
-
 def candidates(kernel, key, facts=None):
     """The feasible values for `kernel` at `key`, the automatic one first.
 
@@ -154,20 +146,17 @@ def _rnn_candidates(cell, B, H, heads, dtype, threads, facts):
     panel_cols = -(-spec.gates * D // PANEL) * PANEL
     # one row's state components and gate pre-activations, touched every step
     row_bytes = _itemsize(dtype) * (spec.states * D + panel_cols)
-    auto = automatic_rows(B, heads, threads)
-    out = [AUTOMATIC]
-    rows = ROW_BLOCK
+    most_jobs = -(-B // ROW_BLOCK) * heads
+    sizes, rows = [], ROW_BLOCK
     while rows < B:
-        jobs = -(-B // rows) * heads
-        if rows != auto and rows * row_bytes <= facts["l2"] // 2 and jobs >= min(
-                threads, -(-B // ROW_BLOCK) * heads):
-            out.append(rows)
+        sizes.append(rows)
         rows *= 2
-    if B < ROW_BLOCK and B != auto:
-        out.append(B)
+    sizes.append(B)                      # one job per head: every row in one block
+    # whole micro-kernel blocks that fit, and enough jobs for the threads when there can be
+    out = [AUTOMATIC] + [rows for rows in sizes if rows * row_bytes <= facts["l2"] // 2
+                         and -(-B // rows) * heads >= min(threads, most_jobs)]
     # the column split pays when the row jobs leave threads idle and there are panels to share
-    if threads > 1 and -(-B // ROW_BLOCK) * heads < threads and \
-            spec.gates * D >= PANEL * threads:
+    if threads > 1 and most_jobs < threads and spec.gates * D >= PANEL * threads:
         out.append(COLUMN_SPLIT)
     return out
 

@@ -67,7 +67,7 @@ import numpy as np
 import statescan
 
 FAMILIES = ("rnn", "scan", "attention", "parallel", "layers", "batching", "lengths", "conv",
-            "mamba")
+            "mamba", "tuned")
 STATESCAN = "statescan"
 NUMPY_REF = "numpy-ref"
 # Other libraries, the names `add_peer` and ``--peers`` take (a new peer is added here).
@@ -78,7 +78,8 @@ OWN = {NUMPY_REF: "statescan's numpy reference",
        "padded-static": "statescan, padded static batches",
        "padded-lengths": "statescan, padded batches with lengths=",
        "ideal": "statescan, one full batch (the bound)",
-       "weight-streaming": "one GEMV over the weight bytes a decode step reads (the bound)"}
+       "weight-streaming": "one GEMV over the weight bytes a decode step reads (the bound)",
+       "default": "statescan with its automatic blocking, ignoring statescan.tune()'s cache"}
 # Column order in tables; unknown runner names follow in the order cases return them.
 RUNNER_ORDER = (STATESCAN, *OWN, *PEERS)
 
@@ -189,7 +190,23 @@ def pin_to_cores(n):
         return tuple(allowed)
     cores = tuple(allowed[:n])
     os.sched_setaffinity(0, cores)
+    # On Linux that moves only the calling thread: threads started earlier (a BLAS pool
+    # started when numpy was imported, OpenMP workers) are moved one by one.
+    for tid in _thread_ids():
+        try:
+            os.sched_setaffinity(tid, cores)
+        except OSError:             # the thread has exited meanwhile
+            pass
     return cores
+
+
+def _thread_ids():
+    """The ids of this process's threads (Linux /proc; none elsewhere)."""
+    import os
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return []
 
 
 def cores():

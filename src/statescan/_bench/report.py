@@ -2,7 +2,7 @@
 import json
 from collections import Counter
 
-from .core import OWN, RUNNER_ORDER, STATESCAN
+from .core import OWN, RUNNER_ORDER, STATESCAN, threads
 
 SCHEMA = "statescan-bench/1"
 
@@ -53,15 +53,20 @@ def _column_legend(runners, meta):
             ("%peak", "GFLOP/s as a fraction of the measured GEMM peak of its dtype")]
     rows += [(f"{name} x", f"{OWN.get(name, 'a peer library')}: its time per step / "
                            "statescan's (>1: statescan is faster)") for name in runners]
+    rows.append(("cpu/wall", "each runner's process CPU time / wall time over its timed calls; "
+                             "! marks a runner that used more cores than the run's threads "
+                             f"({meta['threads']}): its time is not comparable"))
     rows.append(("check", "each runner's output compared with statescan's on the same input: "
-                          "ok, or MISMATCH and the largest error"))
+                          "ok, or MISMATCH and the largest error; OVER-SHARE names runners "
+                          "marked !"))
     width = max(len(key) for key, _ in rows)
     return ["columns:"] + [f"  {key.ljust(width)}  {text}" for key, text in rows]
 
 
 def _family_table(family, rows, peaks):
     peers = runner_columns(rows)
-    header = ["case", "T", "us/step", "GFLOP/s", "%peak"] + [f"{p} x" for p in peers] + ["check"]
+    header = (["case", "T", "us/step", "GFLOP/s", "%peak"] + [f"{p} x" for p in peers]
+              + ["cpu/wall", "check"])
     table = [header]
     for r in rows:
         case, ours = r.case, r.runs.get(STATESCAN)
@@ -69,7 +74,7 @@ def _family_table(family, rows, peaks):
         if ours is None:
             reason = r.error or r.skipped.get(STATESCAN, "not run")
             table.append([label, str(case.steps), "error", "", ""] + [""] * len(peers)
-                         + [reason[:60]])
+                         + ["", reason[:60]])
             continue
         gf, peak = ours.gflops, peaks.get(case.dtype)
         cells = [label, str(ours.steps), _num(ours.us_per_step),
@@ -79,8 +84,12 @@ def _family_table(family, rows, peaks):
             ratio = r.ratio(p)
             cells.append("-" if ratio is None else f"{ratio:.2f}" if ratio >= 0.1
                          else f"{ratio:.2g}")
+        cells.append(_cpu_cell(r))
         bad = [f"{p} err={m.max_error:.1e}" for p, m in r.runs.items() if m.ok is False]
-        cells.append("MISMATCH " + ", ".join(bad) if bad else "ok")
+        check = ["MISMATCH " + ", ".join(bad)] if bad else []
+        over = over_share(r)
+        check += ["OVER-SHARE " + ", ".join(over)] if over else []
+        cells.append("; ".join(check) or "ok")
         table.append(cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     out = [f"== {family} =="]
@@ -90,6 +99,22 @@ def _family_table(family, rows, peaks):
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
     return out
+
+
+def over_share(result):
+    """Runners of `result` that used more cores than the run's thread count."""
+    return [name for name, m in result.runs.items() if m.over_share]
+
+
+def _cpu_cell(result):
+    """'statescan 1.00 torch 1.02 jax 1.48!': every runner's CPU/wall ratio, in table order."""
+    names = [STATESCAN] + [n for n in runner_columns([result]) if n in result.runs]
+    parts = []
+    for name in names:
+        m = result.runs.get(name)
+        if m is not None and m.cpu_ratio is not None:
+            parts.append(f"{name} {m.cpu_ratio:.2f}{'!' if m.over_share else ''}")
+    return " ".join(parts)
 
 
 def _num(v):
@@ -104,6 +129,11 @@ def _notes(results, meta):
     for r in results:
         if r.error:
             notes.append(f"{r.case.id}: could not run: {r.error}")
+    over = Counter(name for r in results for name in over_share(r))
+    for name, n in sorted(over.items()):
+        notes.append(f"{name} used more CPU than {threads()} core(s) in {n} case(s) (cpu/wall "
+                     "marked !): it ignored the thread setting and the pinning, so its times "
+                     "are not comparable")
     for family, reason in meta.get("unavailable_families", {}).items():
         notes.append(f"family {family} not benchmarked: {reason}")
     notes += meta.get("notes", [])
@@ -124,13 +154,14 @@ def _result_json(r, peak):
         runs[name] = {"us_per_step": m.us_per_step, "seconds_per_call": m.seconds,
                       "steps": m.steps, "repeats": m.repeats, "gflops": gf,
                       "peak_fraction": gf / peak if gf is not None and peak else None,
-                      "max_error": m.max_error, "verified": m.ok}
+                      "max_error": m.max_error, "verified": m.ok,
+                      "cpu_ratio": m.cpu_ratio, "over_share": m.over_share}
         if name != STATESCAN:
             runs[name]["ratio"] = r.ratio(name)
     return {"id": r.case.id, "family": r.case.family, "name": r.case.name,
             "params": r.case.params, "dtype": r.case.dtype, "steps": r.case.steps,
             "flops_per_call": r.case.flops, "runners": runs, "skipped": r.skipped,
-            "error": r.error}
+            "over_share": over_share(r), "error": r.error}
 
 
 def write_json(doc, path):
