@@ -57,12 +57,14 @@ def tune(kernels=None, shapes=None, dtype="float32", repeat=7, cache=True, verbo
     -------
     dict
         ``{"cache": path or None, "machine": {...}, "threads": n, "results": [record, ...]}``;
-        a record is ``{"kernel", "key", "shape", "default", "value", "speedup", "seconds"}``:
+        a record is ``{"kernel", "key", "shape", "default", "value", "speedup", "seconds",
+        "clock"}``:
         the lookup key, the sizes timed, the default and chosen values (rnn: 0 = automatic
         rows per job, > 0 rows per job, -1 column split; else the chunk), the default's
         median time over the chosen one's, and the median seconds per call of every
-        candidate (keyed by ``str(value)``).  Kernels this build cannot tune are listed
-        under ``"skipped"`` with the reason.
+        candidate (keyed by ``str(value)``), and the clock: the calling thread's CPU time
+        with one thread (steady on a busy machine), else wall time.  Kernels this build
+        cannot tune are listed under ``"skipped"`` with the reason.
     """
     kernels = _kernels(kernels)
     dtype = _validate.choice("dtype", dtype, ("float32", "float64"))
@@ -129,7 +131,10 @@ def _tune_one(kernel, shape, dtype, threads, repeat):
     else:
         key, call, values = _chunk_problem(kernel, shape, dtype, threads)
         run = {v: (lambda c=v: call(c)) for v in values}
-    seconds, fastest = _time(run, repeat)
+    # one thread: its own CPU time, which other processes on a busy machine do not inflate;
+    # several threads: wall time (a worker's time is not the calling thread's)
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    seconds, fastest = _time(run, repeat, clock)
     default = values[0]
     # beating the default must show in the median and in the best sample alike (a loaded
     # machine can hand one candidate a lucky median)
@@ -138,7 +143,8 @@ def _tune_one(kernel, shape, dtype, threads, repeat):
     best = min(wins, key=seconds.get) if wins else default
     return {"kernel": "rnn" if kernel in CELLS else kernel, "key": list(key), "shape": shape,
             "default": default, "value": best, "speedup": seconds[default] / seconds[best],
-            "seconds": {str(v): s for v, s in seconds.items()}}
+            "seconds": {str(v): s for v, s in seconds.items()},
+            "clock": "thread cpu" if threads == 1 else "wall"}
 
 
 def _forced_rnn(call, value):
@@ -189,25 +195,25 @@ def _chunk_problem(kernel, shape, dtype, threads):
         _tuning.candidates(kernel, key)
 
 
-def _time(run, repeat):
+def _time(run, repeat, clock):
     """({value: median seconds per call}, {value: best}): a warm-up call each, then
     `repeat` interleaved rounds (a change of the machine's load hits every candidate alike),
     each sample a few calls long."""
     calls = {}
     for value, fn in run.items():
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        first = time.perf_counter() - t0
+        first = clock() - t0
         calls[value] = max(1, int(_SAMPLE_SECONDS / max(first, 1e-7)))
     samples = {value: [] for value in run}
     order = list(run)
     for r in range(repeat):
         for value in order[r % len(order):] + order[:r % len(order)]:
             fn, n = run[value], calls[value]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(n):
                 fn()
-            samples[value].append((time.perf_counter() - t0) / n)
+            samples[value].append((clock() - t0) / n)
     return ({value: statistics.median(s) for value, s in samples.items()},
             {value: min(s) for value, s in samples.items()})
 
