@@ -138,6 +138,240 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
                         ar_seq[(b * T + t) * GH + g * H + k0 * D + d] = 0
 
 
+# ---- column split: one job on a team of threads (few rows, few heads) -------------------------
+# When rows x heads give fewer jobs than threads, the threads of a team share one job: member i
+# owns hidden units [d0, d1) of the head (all G gates of them, so the cell stays local), d0 a
+# multiple of the panel width NT.  Each step it computes its gate columns with the same
+# micro-kernel (every output column is still summed over the same k in the same order, and a
+# column's arithmetic does not depend on its panel neighbours), runs the cell on its units and
+# writes its part of h into the team's double-buffered h (read buffer j % 2, write the other);
+# one barrier per step.  The results are therefore those of forward_job, bit for bit.
+
+cdef extern from "_barrier.h" nogil:
+    ctypedef struct ss_barrier:
+        pass
+    void ss_barrier_wait(ss_barrier* b, long team)
+    void ss_barrier_fail(ss_barrier* b)
+    int ss_barrier_failed(ss_barrier* b)
+    int ss_region_threads()
+    int ss_region_thread()
+
+cdef enum:
+    # multiply-adds per thread and step below which a barrier per step (about 0.2-1 us, far more
+    # on a busy machine) costs more than the work it spreads
+    MIN_COLUMN_WORK = 1 << 14
+
+
+cdef int column_team(Py_ssize_t njobs, Py_ssize_t RB, Py_ssize_t D, Py_ssize_t G,
+                     int num_threads, bint forced) noexcept nogil:
+    """Threads per job for the column split (1: the row split is better)."""
+    cdef Py_ssize_t team = num_threads // njobs
+    team = min(team, (D + NT - 1) // NT)        # at least one panel of units per member
+    if not forced:
+        team = min(team, RB * G * D * D // MIN_COLUMN_WORK)
+    return <int> max(1, team)
+
+
+cdef void forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k,
+                          Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, Py_ssize_t G,
+                          Py_ssize_t S, Py_ssize_t S_save, Py_ssize_t d0, Py_ssize_t d1,
+                          const floating* ax, const floating* mp, const floating* b_r,
+                          const floating* state0, floating* seq, floating* ar_seq,
+                          floating* state_out, floating* hbuf, ss_barrier* bar, long team,
+                          floating* st, floating* gates, floating* panels,
+                          Varlen vl) noexcept nogil:
+    """forward_job's work on units [d0, d1) of head k, as one member of a team of `team`
+    threads sharing hbuf [2, nr, D] and `bar`.  st [S, ss] and gates [nr, G, np] are this
+    member's; panels: room for its columns of R_k^T when they are not whole packed panels."""
+    cdef Py_ssize_t GH = G * H, n = d1 - d0
+    cdef Py_ssize_t ntg = (n + NT - 1) // NT, np_ = ntg * NT, Gnp = G * np_
+    cdef Py_ssize_t ntiles = (G * D + NT - 1) // NT
+    cdef Py_ssize_t ss = state_stride(nr, n)
+    cdef Py_ssize_t j, r, b, s, g, d, t, c, kk, length
+    cdef Py_ssize_t nact = nr
+    cdef Py_ssize_t steps = row_length(vl.lens, rows[0], T)
+    cdef const floating* mp_k = mp + k * ntiles * D * NT
+    cdef const floating* axp
+    cdef const floating* src
+    cdef const floating* pan
+    cdef floating* hr
+    cdef floating* hw
+    cdef bint direct = D % NT == 0      # gate g's units [d0, d1) are whole panels of mp_k
+    if not direct:                      # gather them: column c of R_k^T is in panel c // NT
+        memset(panels, 0, G * ntg * D * NT * sizeof(floating))
+        for g in range(G):
+            for d in range(n):
+                c = g * D + d0 + d
+                src = mp_k + (c // NT) * D * NT + c % NT
+                for kk in range(D):
+                    panels[(g * ntg + d // NT) * D * NT + kk * NT + d % NT] = src[kk * NT]
+    for r in range(nr):
+        b = rows[r]
+        for s in range(S):
+            for d in range(n):
+                st[s * ss + r * n + d] = state0[(s * B + b) * H + k * D + d0 + d]
+        length = row_length(vl.lens, b, T)
+        for d in range(n):      # a reset before step 0 zeroes the h the first matmul reads
+            hbuf[r * D + d0 + d] = (0 if vl.reset != NULL and length > 0
+                                    and vl.reset[b * T + time_index(0, length, vl.reverse)]
+                                    else st[r * n + d])
+    ss_barrier_wait(bar, team)
+    for j in range(steps):
+        hr = hbuf + (j % 2) * nr * D
+        hw = hbuf + ((j + 1) % 2) * nr * D
+        while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
+            nact -= 1
+        for r in range(nact):
+            b = rows[r]
+            length = row_length(vl.lens, b, T)
+            if vl.reset != NULL and vl.reset[b * T + time_index(j, length, vl.reverse)]:
+                for s in range(S):
+                    for d in range(n):
+                        st[s * ss + r * n + d] = 0
+            for g in range(G):
+                for d in range(np_):
+                    gates[r * Gnp + g * np_ + d] = b_r[g * H + k * D + d0 + d] if d < n else 0
+                if j + 1 < length:
+                    prefetch(ax + (b * T + time_index(j + 1, length, vl.reverse)) * GH
+                             + g * H + k * D + d0, n)
+        for g in range(G):
+            pan = mp_k + ((g * D + d0) // NT) * D * NT if direct else panels + g * ntg * D * NT
+            matmul_acc(hr, D, pan, D, ntg, gates + g * np_, Gnp, nact)
+        for r in range(nact):
+            b = rows[r]
+            length = row_length(vl.lens, b, T)
+            t = time_index(j, length, vl.reverse)
+            axp = ax + (b * T + t) * GH + k * D + d0
+            if ar_seq != NULL:
+                for g in range(G):
+                    for d in range(n):
+                        ar_seq[(b * T + t) * GH + g * H + k * D + d0 + d] = gates[r * Gnp + g * np_ + d]
+            cell_forward(cell, n, axp, H, gates + r * Gnp, np_, st + r * n, ss)
+            for s in range(S_save):
+                for d in range(n):
+                    seq[((s * B + b) * T + t) * H + k * D + d0 + d] = st[s * ss + r * n + d]
+            if (vl.reset != NULL and j + 1 < length
+                    and vl.reset[b * T + time_index(j + 1, length, vl.reverse)]):
+                for d in range(n):
+                    hw[r * D + d0 + d] = 0
+            else:
+                for d in range(n):
+                    hw[r * D + d0 + d] = st[r * n + d]
+        ss_barrier_wait(bar, team)
+    for r in range(nr):
+        b = rows[r]
+        for s in range(S):
+            for d in range(n):
+                state_out[(s * B + b) * H + k * D + d0 + d] = st[s * ss + r * n + d]
+        for t in range(row_length(vl.lens, b, T), T):    # padded steps: outputs are 0
+            for s in range(S_save):
+                for d in range(n):
+                    seq[((s * B + b) * T + t) * H + k * D + d0 + d] = 0
+            if ar_seq != NULL:
+                for g in range(G):
+                    for d in range(n):
+                        ar_seq[(b * T + t) * GH + g * H + k * D + d0 + d] = 0
+
+
+cdef int column_member(int cell, Py_ssize_t job, long member, long team, Py_ssize_t B,
+                       Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D, Py_ssize_t G, Py_ssize_t S,
+                       Py_ssize_t S_save, const floating* ax, const floating* mp,
+                       const floating* b_r, const floating* state0, floating* seq,
+                       floating* ar_seq, floating* state_out, const Py_ssize_t* rows,
+                       const Py_ssize_t* start, Py_ssize_t RB, floating* hbufs,
+                       ss_barrier* bars, Varlen vl) noexcept nogil:
+    """One member's part of job `job` (row block job // heads, head job % heads): its units
+    are panels [member * P / team, (member + 1) * P / team) of the head's P unit panels.
+    -1 when any member of the team lacked scratch memory (all of them return it)."""
+    cdef Py_ssize_t blk = job // heads
+    cdef Py_ssize_t nr = start[blk + 1] - start[blk]
+    cdef Py_ssize_t P = (D + NT - 1) // NT
+    cdef Py_ssize_t d0 = member * P // team * NT
+    cdef Py_ssize_t d1 = min(D, (member + 1) * P // team * NT)
+    cdef Py_ssize_t np_ = round_up(d1 - d0, NT)
+    cdef ss_barrier* bar = bars + job
+    cdef int status = 0
+    cdef floating* st = <floating*> scratch_alloc(S * state_stride(nr, d1 - d0) * sizeof(floating))
+    cdef floating* gates = <floating*> scratch_alloc(nr * G * np_ * sizeof(floating))
+    cdef floating* panels = NULL
+    if D % NT != 0:
+        panels = <floating*> scratch_alloc(G * np_ * D * sizeof(floating))
+    if st == NULL or gates == NULL or (D % NT != 0 and panels == NULL):
+        ss_barrier_fail(bar)
+    ss_barrier_wait(bar, team)
+    if ss_barrier_failed(bar):
+        status = -1
+    else:
+        forward_columns(cell, rows + start[blk], nr, job % heads, B, T, heads * D, D, G, S,
+                        S_save, d0, d1, ax, mp, b_r, state0, seq, ar_seq, state_out,
+                        hbufs + job * 2 * RB * D, bar, team, st, gates, panels, vl)
+    scratch_free(st)
+    scratch_free(gates)
+    scratch_free(panels)
+    return status
+
+
+cdef void column_thread(int cell, Py_ssize_t njobs, int team, Py_ssize_t B, Py_ssize_t T,
+                        Py_ssize_t heads, Py_ssize_t D, Py_ssize_t G, Py_ssize_t S,
+                        Py_ssize_t S_save, const floating* ax, const floating* mp,
+                        const floating* b_r, const floating* state0, floating* seq,
+                        floating* ar_seq, floating* state_out, const Py_ssize_t* rows,
+                        const Py_ssize_t* start, Py_ssize_t RB, floating* hbufs,
+                        ss_barrier* bars, Varlen vl, int* status) noexcept nogil:
+    """The work of the calling thread of run_columns' parallel region (status[thread] = -1
+    on failure).  Teams are formed from the threads OpenMP actually gave: job j gets threads
+    ceil(j nt / njobs) ... (at most `team` of them); with fewer threads than jobs each thread
+    runs whole jobs alone (a team of one)."""
+    cdef int nt = ss_region_threads(), tid = ss_region_thread()
+    cdef Py_ssize_t job
+    cdef long first, size
+    if nt >= njobs:
+        job = tid * njobs // nt
+        first = (job * nt + njobs - 1) // njobs
+        size = min(<long> team, ((job + 1) * nt + njobs - 1) // njobs - first)
+        if tid - first < size:
+            status[tid] = column_member(cell, job, tid - first, size, B, T, heads, D, G, S,
+                                        S_save, ax, mp, b_r, state0, seq, ar_seq, state_out,
+                                        rows, start, RB, hbufs, bars, vl)
+        return
+    job = tid
+    while job < njobs:
+        if column_member(cell, job, 0, 1, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0,
+                         seq, ar_seq, state_out, rows, start, RB, hbufs, bars, vl):
+            status[tid] = -1
+        job += nt
+
+
+cdef int run_columns(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D,
+                     Py_ssize_t G, Py_ssize_t S, Py_ssize_t S_save, const floating* ax,
+                     const floating* mp, const floating* b_r, const floating* state0,
+                     floating* seq, floating* ar_seq, floating* state_out,
+                     const Py_ssize_t* rows, const Py_ssize_t* start, Py_ssize_t nblocks,
+                     Py_ssize_t RB, Varlen vl, int team, int num_threads) noexcept nogil:
+    """run_forward's jobs on teams of up to `team` threads each (the column split)."""
+    cdef Py_ssize_t njobs = nblocks * heads, job
+    cdef floating* hbufs = <floating*> scratch_alloc(njobs * 2 * RB * D * sizeof(floating))
+    cdef ss_barrier* bars = <ss_barrier*> scratch_alloc(njobs * sizeof(ss_barrier))
+    cdef int nreq = <int> min(njobs * team, <Py_ssize_t> num_threads)
+    cdef int* status = <int*> scratch_alloc(nreq * sizeof(int))
+    cdef int failed = 0, i
+    if hbufs == NULL or bars == NULL or status == NULL:
+        failed = 1
+    else:
+        memset(bars, 0, njobs * sizeof(ss_barrier))
+        memset(status, 0, nreq * sizeof(int))
+        with parallel(num_threads=nreq):
+            column_thread(cell, njobs, team, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0,
+                          seq, ar_seq, state_out, rows, start, RB, hbufs, bars, vl, status)
+        for i in range(nreq):
+            if status[i]:
+                failed = 1
+    scratch_free(hbufs)
+    scratch_free(bars)
+    scratch_free(status)
+    return -failed
+
+
 cdef void pack_recurrent(const floating* R, Py_ssize_t heads, Py_ssize_t GD, Py_ssize_t D,
                          bint transpose, floating* mp) noexcept nogil:
     """Pack each head's R_k [GD, D] into panels: of R_k^T (forward: out[GD] += h[D] @ R_k^T)
@@ -150,6 +384,26 @@ cdef void pack_recurrent(const floating* R, Py_ssize_t heads, Py_ssize_t GD, Py_
         for k in range(heads):
             pack_panels(R + k * GD * D, D, 1, GD, D, mp + k * ((D + NT - 1) // NT) * GD * NT)
 
+
+cdef enum:
+    # entries of R below which the forward packs on the calling thread (about 1 MB of float32)
+    PACK_PARALLEL_MIN = 1 << 18
+
+
+cdef void pack_forward(const floating* R, Py_ssize_t heads, Py_ssize_t GD, Py_ssize_t D,
+                       floating* mp, int num_threads) noexcept nogil:
+    """pack_recurrent(transpose=True) with the panels split across threads: a large model's R
+    (16 MB for an LSTM with H = 1024) takes as long to pack as several time steps, so a serial
+    pack would cap the speed-up of short sequences.  Each panel gets the same bytes."""
+    cdef Py_ssize_t ntiles = (GD + NT - 1) // NT, i, k, tile
+    if num_threads == 1 or heads * GD * D < PACK_PARALLEL_MIN:
+        pack_recurrent(R, heads, GD, D, True, mp)
+        return
+    for i in prange(heads * ntiles, num_threads=num_threads, schedule="static"):
+        k = i // ntiles
+        tile = i % ntiles
+        pack_panels(R + k * GD * D + tile * NT * D, 1, D, D, min(<Py_ssize_t> NT, GD - tile * NT),
+                    mp + i * D * NT)
 
 cdef class JobRows:
     """The batch rows of every job of a call: job block i owns rows[start[i]:start[i + 1]].
@@ -226,14 +480,26 @@ cdef Varlen varlen(const cnp.int64_t[::1] lengths, bint reverse, reset, Py_ssize
     return vl
 
 
+cdef Py_ssize_t forward_rows_per_job(Py_ssize_t B, Py_ssize_t heads, int num_threads,
+                                     int block) noexcept nogil:
+    """Rows per job of the forward: `block` rows when > 0 (a tuned choice), all rows for the
+    column split forced by block = -1, else rows_per_job."""
+    if block > 0:
+        return min(B, <Py_ssize_t> block)
+    return B if block == -1 else rows_per_job(B, heads, num_threads)
+
+
 cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D,
                      Py_ssize_t G, Py_ssize_t S, Py_ssize_t S_save, const floating* ax,
                      const floating* mp, const floating* b_r, const floating* state0,
                      floating* seq, floating* ar_seq, floating* state_out,
                      const Py_ssize_t* rows, const Py_ssize_t* start, Py_ssize_t nblocks,
-                     Py_ssize_t RB, Varlen vl, int num_threads) noexcept nogil:
+                     Py_ssize_t RB, Varlen vl, int block, int num_threads) noexcept nogil:
     """All jobs of a forward pass; -1 when scratch memory could not be allocated.
-    `rows` and `start` as in JobRows; NULL: contiguous blocks of RB rows (no lengths)."""
+    `rows` and `start` as in JobRows; NULL: contiguous blocks of forward_rows_per_job rows (no
+    lengths).  `block`: 0 chooses row or column split from the shapes; > 0 row split (with
+    that many rows per job when `rows` is NULL); -1 column split."""
+    cdef int team
     cdef Py_ssize_t njobs, hpj, groups
     cdef Py_ssize_t ntiles = (G * D + NT - 1) // NT
     cdef Py_ssize_t job, blk, k0
@@ -242,15 +508,20 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     cdef floating* gates
     cdef Py_ssize_t* own = NULL
     if rows == NULL:
-        RB = rows_per_job(B, heads, num_threads)
+        RB = forward_rows_per_job(B, heads, num_threads, block)
         nblocks = (B + RB - 1) // RB
         own = contiguous_rows(B, RB)
         if own == NULL:
             return -1
         status = run_forward(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq,
-                             ar_seq, state_out, own, own + B, nblocks, RB, vl, num_threads)
+                             ar_seq, state_out, own, own + B, nblocks, RB, vl, block,
+                             num_threads)
         scratch_free(own)
         return status
+    team = column_team(nblocks * heads, RB, D, G, num_threads, block == -1)
+    if block == -1 or (block == 0 and team > 1):      # fewer (row block, head) jobs than threads
+        return run_columns(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
+                           state_out, rows, start, nblocks, RB, vl, team, num_threads)
     hpj = heads_per_job(nblocks, heads, num_threads)
     groups = (heads + hpj - 1) // hpj
     njobs = nblocks * groups
@@ -288,7 +559,7 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
 
 def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::1] R,
             const floating[::1] b_r, const floating[:, :, ::1] state0, bint save,
-            const cnp.int64_t[::1] lengths, bint reverse, reset,
+            const cnp.int64_t[::1] lengths, bint reverse, reset, int block,
             floating[:, :, :, ::1] seq, floating[:, :, ::1] ar_seq,
             floating[:, :, ::1] state_out, int num_threads):
     """Run a cell over the sequence.
@@ -296,7 +567,10 @@ def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::
     ax [B,T,G*H] input-side pre-activations; R [heads,G*D,D]; b_r [G*H]; state0 [S,B,H];
     save: fill ar_seq (for the backward).  lengths: int64 [B] or None; reverse: process each
     row's valid part backwards; reset: bool [B,T] or None (zero the row's state before that
-    step).  Outputs: seq [S_save,B,T,H] (states after each step; S_save=1 keeps only h; 0 at
+    step).  block: 0 splits the work by rows (jobs of rows x heads) or, with fewer jobs than
+    threads, also by hidden units (a team of threads per job, one barrier per step), chosen
+    from the shapes; > 0 rows per job, row split; -1 column split (tune()'s override; the
+    results are the same bits whatever it is).  Outputs: seq [S_save,B,T,H] (states after each step; S_save=1 keeps only h; 0 at
     padded steps), ar_seq [B,T,G*H] (recurrent pre-activations; None when not `save`),
     state_out [S,B,H] (each row's state after its last valid step).  B, T or H = 0 return
     at once.
@@ -320,7 +594,7 @@ def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::
         raise ValueError("save needs ar_seq and every state component in seq")
     vl = varlen(lengths, reverse, reset, B, T)
     if lengths is not None:
-        jr = JobRows(B, rows_per_job(B, heads, num_threads), lengths)
+        jr = JobRows(B, forward_rows_per_job(B, heads, num_threads, block), lengths)
         rows, start, nblocks, RB = jr.rows, jr.start, jr.nblocks, jr.RB
     if save:
         ar_ptr = &ar_seq[0, 0, 0]
@@ -328,11 +602,11 @@ def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::
     if mp == NULL:
         raise MemoryError()
     with nogil:
-        pack_recurrent(&R[0, 0, 0], heads, GD, D, True, mp)
+        pack_forward(&R[0, 0, 0], heads, GD, D, mp, num_threads)
         status = run_forward(cell, B, T, heads, D, GD // D, state0.shape[0], seq.shape[0],
                              &ax[0, 0, 0], mp, &b_r[0], &state0[0, 0, 0], &seq[0, 0, 0, 0],
                              ar_ptr, &state_out[0, 0, 0], rows, start, nblocks, RB, vl,
-                             num_threads)
+                             block, num_threads)
     scratch_free(mp)
     if status:
         raise MemoryError()
@@ -368,6 +642,21 @@ cdef void backward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize
     for j in range(row_length(vl.lens, rows[0], T) - 1, -1, -1):
         while nact < nr and row_length(vl.lens, rows[nact], T) > j:
             nact += 1
+        for r in range(nact):    # rows are far apart: fetch what step j - 1 reads and writes
+            if j > 0:
+                b = rows[r]
+                length = row_length(vl.lens, b, T)
+                t = time_index(j - 1, length, vl.reverse)
+                for g in range(G):
+                    row = (b * T + t) * GH + g * H + k0 * D
+                    prefetch(ax + row, nk * D)
+                    prefetch(ar_seq + row, nk * D)
+                    prefetch(dgx + row, nk * D)
+                prefetch(dy + (b * T + t) * H + k0 * D, nk * D)
+                if j > 1:
+                    for s in range(S):
+                        prefetch(seq + ((s * B + b) * T + time_index(j - 2, length, vl.reverse))
+                                 * H + k0 * D, nk * D)
         for kk in range(nk):
             k = k0 + kk
             dsk = dst + kk * S * sds
@@ -623,7 +912,7 @@ cdef int stream_step(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssiz
                 ax[n] = x[n] + b[n % GH]
     status = run_forward(cell, B, T, heads, D, G, S, 1,
                          <const floating*> ax if ax != NULL else x, rp, b_r, state0, y, NULL,
-                         state_out, NULL, NULL, 0, 0, no_varlen(), num_threads)
+                         state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads)
     scratch_free(ax)
     return status
 

@@ -116,9 +116,11 @@ def input_preactivation(call):
                          empty=x.size == 0 or W.size == 0)
 
 
-def forward(call, ax, save):
+def forward(call, ax, save, block=0):
     """The time loop: (seq [S_save,B,T,H], ar_seq [B,T,G*H] or None, final state [S,B,H]);
-    seq holds every state component when `save` (for :func:`backward`), else only h."""
+    seq holds every state component when `save` (for :func:`backward`), else only h.
+    block: the compiled kernel's work split (0 automatic, > 0 rows per job, -1 split each
+    step's hidden units across threads); the same bits whatever it is."""
     B, T, H = call.shape
     S = call.cell.states
     dtype = ax.dtype
@@ -130,7 +132,7 @@ def forward(call, ax, save):
                 np.empty_like(call.state0))
 
     return _dispatch.run("rnn", "forward", call.cell.name, ax, call.R, b_r, call.state0, save,
-                         call.lengths, call.reverse, call.reset, out=out,
+                         call.lengths, call.reverse, call.reset, block, out=out,
                          empty=B == 0 or T == 0 or H == 0)
 
 

@@ -195,10 +195,12 @@ def _row_lengths(B, T, lengths):
     return np.full(B, T, dtype=np.int64) if lengths is None else np.asarray(lengths, np.int64)
 
 
-def forward(cell, ax, R, b_r, state0, save, lengths=None, reverse=False, reset=None):
+def forward(cell, ax, R, b_r, state0, save, lengths=None, reverse=False, reset=None, block=0):
     """Run `cell` over the sequence.
 
     lengths [B] ints or None (every row T steps), reverse bool, reset bool [B, T] or None.
+    block: how the compiled kernel splits its work (tune()'s override); it does not change the
+    results, so it is ignored here.
     Returns seq [S_save, B, T, H] (the states after each step, 0 at padded steps; S_save = S
     when `save`, else 1), ar_seq [B, T, G*H] (recurrent pre-activations R h + b_r, when `save`,
     else None), state [S, B, H] (each row's state after its last valid step).

@@ -1,0 +1,120 @@
+"""The column split of the RNN forward (a team of threads per (row block, head) job, each
+member owning some hidden units, one barrier per step): bit-identical to the row split and to
+itself for any thread count, the same as the numpy reference within tolerance, with lengths,
+reverse and resets, and chosen automatically for one sequence on several threads.
+
+The compiled kernel is called directly with its `block` argument (-1 forces the column split,
+0 is the automatic choice, > 0 rows per job): small shapes then exercise every path quickly."""
+import numpy as np
+import pytest
+
+import statescan as ss
+from statescan import _dispatch
+from statescan._reference import rnn as reference
+from conftest import CELL_SIZES, CELLS, assert_all_close, assert_all_equal, using_threads
+
+pytestmark = pytest.mark.skipif(not _dispatch.compiled_available(),
+                                reason="compiled kernels not built")
+
+DTYPES = (np.float32, np.float64)
+# (B, H, heads): one row; B not a multiple of anything; H not a multiple of the 32-unit panel
+# (the members' columns are gathered, and the last member's panel is partial); a head of 33
+# units (one member gets one unit); several heads (with 2 threads: fewer threads than jobs)
+SHAPES = [(1, 64, 1), (3, 100, 1), (2, 66, 2), (1, 33, 1), (1, 128, 4)]
+SPLITS = [(-1, 1), (-1, 2), (-1, 3), (0, 2), (0, 3), (1, 3)]     # (block, threads)
+
+
+def _problem(cell, B, T, H, heads, dtype, seed=0):
+    G, S = CELL_SIZES[cell]
+    D = H // heads
+    rng = np.random.default_rng(seed)
+    ax = rng.standard_normal((B, T, G * H)).astype(dtype)
+    R = (rng.standard_normal((heads, G * D, D)) / np.sqrt(D)).astype(dtype)
+    b_r = (0.5 * rng.standard_normal(G * H)).astype(dtype)
+    state0 = (0.5 * rng.standard_normal((S, B, H))).astype(dtype)
+    if cell == "slstm":
+        state0[2] = 1 + rng.random((B, H))     # a normaliser reached after a step
+    return ax, R, b_r, state0
+
+
+def _forward(cell, ax, R, b_r, state0, block, threads, lengths=None, reverse=False,
+             reset=None):
+    """The compiled forward with every state saved: (seq, ar_seq, final state)."""
+    B, T, _ = ax.shape
+    seq = np.full((state0.shape[0], B, T, state0.shape[2]), np.nan, ax.dtype)
+    ar_seq = np.full_like(ax, np.nan)
+    state_out = np.full_like(state0, np.nan)
+    _dispatch.ext_module("rnn").forward(cell, ax, R, b_r, state0, True, lengths, reverse,
+                                        reset, block, seq, ar_seq, state_out, threads)
+    return seq, ar_seq, state_out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}-heads{}".format(*s))
+@pytest.mark.parametrize("cell", CELLS)
+def test_column_split_is_bit_identical_to_the_row_split(cell, shape, dtype):
+    B, H, heads = shape
+    args = _problem(cell, B, 9, H, heads, dtype)
+    rows = _forward(cell, *args, block=0, threads=1)
+    for block, threads in SPLITS:
+        assert_all_equal(_forward(cell, *args, block=block, threads=threads), rows,
+                         what=f"block={block} threads={threads}")
+    expected = reference.forward(cell, *args, True)
+    assert_all_close(rows, expected, dtype, tol=1e-4 if dtype == np.float32 else 1e-11,
+                     what="reference")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_column_split_with_lengths_reverse_and_resets(cell, dtype):
+    B, T, H = 5, 7, 100
+    args = _problem(cell, B, T, H, 1, dtype, seed=1)
+    lengths = np.array([7, 0, 3, 1, 5], np.int64)
+    reset = np.random.default_rng(2).random((B, T)) < 0.3
+    reset[:, 0] = [True, False, True, False, False]          # a reset before the first step
+    for kw in (dict(lengths=lengths), dict(lengths=lengths, reverse=True), dict(reset=reset),
+               dict(lengths=lengths, reverse=True, reset=reset)):
+        rows = _forward(cell, *args, block=0, threads=1, **kw)
+        for block, threads in ((-1, 1), (-1, 2), (-1, 3)):
+            assert_all_equal(_forward(cell, *args, block=block, threads=threads, **kw), rows,
+                             what=f"{sorted(kw)} block={block} threads={threads}")
+        expected = reference.forward(cell, *args, True, kw.get("lengths"),
+                                     kw.get("reverse", False), kw.get("reset"))
+        assert_all_close(rows, expected, dtype, tol=1e-4 if dtype == np.float32 else 1e-11,
+                         what=f"reference {sorted(kw)}")
+
+
+def test_rows_per_job_override_gives_the_same_bits():
+    args = _problem("lstm", 11, 5, 48, 1, np.float64)
+    rows = _forward("lstm", *args, block=0, threads=1)
+    for block in (1, 3, 8, 11, 50):
+        assert_all_equal(_forward("lstm", *args, block=block, threads=2), rows,
+                         what=f"block={block}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_one_sequence_on_several_threads_through_the_public_api(cell):
+    """B=1 with a hidden size large enough for the automatic rule to split the columns: the
+    functions and a stream give the bits of one thread for 1, 2 and 3 threads."""
+    G, S = CELL_SIZES[cell]
+    H, I = 256, 8
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 6, I)).astype(np.float32)
+    W = (rng.standard_normal((G * H, I)) / np.sqrt(I)).astype(np.float32)
+    R = (rng.standard_normal((G * H, H)) / np.sqrt(H)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(G * H)).astype(np.float32)
+    fn = getattr(ss, cell)
+    outs = {}
+    for n in (1, 2, 3):
+        with using_threads(n):
+            y, state = fn(x, W, R, b)
+            s = ss.stream(fn, W, R, b)
+            st = None
+            steps = []
+            for t in range(x.shape[1]):
+                y_t, st = s(x[:, t:t + 1], st)
+                steps.append(y_t)
+            outs[n] = (y, np.concatenate(steps, axis=1))
+    for n in (2, 3):
+        assert_all_equal(outs[n], outs[1], what=f"{n} threads")
+    assert_all_equal((outs[1][1],), (outs[1][0],), what="stream vs one call")
