@@ -161,7 +161,7 @@ def _cell_problem(cell, shape, dtype, threads):
     B, H, heads = int(shape["B"]), int(shape["H"]), int(shape.get("heads", 1))
     G = REGISTRY[cell].gates
     per_step = 2.0 * B * G * H * H / heads
-    T = int(shape.get("T", max(4, min(128, 2e7 // max(per_step, 1)))))
+    T = int(shape.get("T", max(8, min(256, 1e8 // max(per_step, 1)))))
     shape.update(heads=heads, T=T)
     rng = np.random.default_rng(0)
     x = (0.5 * rng.standard_normal((B, T, G * H))).astype(dtype)
