@@ -10,6 +10,7 @@ import pytest
 
 import statescan as ss
 from statescan import _tuning
+from _helpers import flat_outputs
 
 SSD_SHAPE = {"B": 1, "T": 24, "NH": 2, "P": 8, "N": 8}
 LA_SHAPE = {"B": 1, "NH": 2, "T": 24, "dk": 8, "dv": 4}
@@ -253,3 +254,50 @@ def test_bench_family_compares_the_tuned_choice_with_the_default(cache_dir):
     assert ssd_case.params["tuned"] == "auto"
     result = core.run_case(la, budget=0.0)
     assert set(result.runs) == {"statescan", "default"} and result.runs["default"].ok is True
+
+
+def _rnn_blocks(monkeypatch):
+    """The `block` argument of every compiled rnn forward call (a list filled as they run)."""
+    from statescan import _dispatch
+    seen, run = [], _dispatch.run
+
+    def spy(family, name, *args, **kwargs):
+        if (family, name) == ("rnn", "forward"):
+            seen.append(args[9])
+        return run(family, name, *args, **kwargs)
+    monkeypatch.setattr(_dispatch, "run", spy)
+    return seen
+
+
+@pytest.mark.parametrize("cell", ["lstm", "slstm"])
+def test_a_cached_rnn_block_reaches_the_kernel_and_keeps_the_bits(cache_dir, monkeypatch, cell):
+    rng = np.random.default_rng(3)
+    B, T, H, I = 5, 6, 8, 3
+    G = 4
+    x = rng.standard_normal((B, T, I))
+    W, R = rng.standard_normal((G * H, I)), rng.standard_normal((G * H, H)) / 3
+    fn = getattr(ss, cell)
+    seen = _rnn_blocks(monkeypatch)
+    plain = fn(x, W, R)
+    _tuning.store([{"kernel": "rnn", "key": [cell, B, H, 1, "float64", ss.get_num_threads()],
+                    "value": 1}])
+    tuned = fn(x, W, R)
+    with ss.threads(ss.get_num_threads() + 1):    # another thread count: not tuned
+        fn(x, W, R)
+    if ss.backend() == "compiled":
+        assert seen == [0, 1, 0]
+    for a, e in zip(flat_outputs(cell, plain), flat_outputs(cell, tuned)):
+        np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.skipif(ss.backend() != "compiled", reason="tune() times the compiled kernels")
+def test_tune_a_cell_round_trip(cache_dir):
+    from statescan.tune import rnn_block_supported
+    if not rnn_block_supported():
+        pytest.skip("this build's rnn kernel takes no block argument")
+    report = ss.tune("gru", [{"B": 2, "H": 8, "T": 4}], dtype="float64", repeat=3)
+    (record,) = report["results"]
+    key = ["gru", 2, 8, 1, "float64", ss.get_num_threads()]
+    assert record["kernel"] == "rnn" and record["key"] == key and record["default"] == 0
+    assert record["value"] in _tuning.candidates("rnn", tuple(key))
+    assert _fresh_lookup(cache_dir, "rnn", key) == record["value"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _dispatch, _memory, _validate
+from . import _dispatch, _memory, _tuning, _validate
 from ._cells import Cell
 from ._reference.rnn import previous_hidden
 from .autodiff import cotangent as _cotangent
@@ -120,10 +120,13 @@ def forward(call, ax, save, block=0):
     """The time loop: (seq [S_save,B,T,H], ar_seq [B,T,G*H] or None, final state [S,B,H]);
     seq holds every state component when `save` (for :func:`backward`), else only h.
     block: the compiled kernel's work split (0 automatic, > 0 rows per job, -1 split each
-    step's hidden units across threads); the same bits whatever it is."""
+    step's hidden units across threads); the same bits whatever it is.  0 takes
+    statescan.tune()'s cached choice for this cell and shape, if any."""
     B, T, H = call.shape
     S = call.cell.states
     dtype = ax.dtype
+    if not block:
+        block = _tuning.rnn_block(call.cell.name, B, H, call.R.shape[0], dtype)
     b_r = np.zeros(ax.shape[2], dtype) if call.b_r is None else call.b_r
 
     def out():
