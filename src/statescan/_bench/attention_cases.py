@@ -27,10 +27,14 @@ def cases(quick):
     return out
 
 
+# Mamba-2 prefill shapes (heads, head size P; N=128, ngroups 1, T=512): 130m-like, and P=80
+# with 128 heads (the shapes llama.cpp's ggml was timed on)
+_MAMBA2_PREFILL = [(48, 64), (128, 80)]
 # (kind, params, forward+backward)
 _FULL = ([("linear", dict(NH=8, d=d, decay=dec), bwd) for d in (64, 128) for dec in (0, 1)
           for bwd in (False, True)]
          + [("ssd", dict(NH=8, P=64, N=N), bwd) for N in (64, 128) for bwd in (False, True)]
+         + [("ssd", dict(NH=NH, P=P, N=128, T=512), False) for NH, P in _MAMBA2_PREFILL]
          + [("softmax", dict(NH=8, T=T, d=64, causal=c), bwd) for T in (1024, 4096)
             for c in (0, 1) for bwd in (False, True)])
 _QUICK = [("linear", dict(NH=8, d=64, decay=1), False), ("linear", dict(NH=8, d=64, decay=1), True),
@@ -126,8 +130,8 @@ def _torch_linear(q, k, v, lam, C=CHUNK):
 
 def _ssd_case(p, dtype, backward, quick, guard):
     NH, P, N = p["NH"], p["P"], p["N"]
-    T = (4096 if quick else 16384) // (2 if backward else 1)
-    T_ref = 1024 if quick else 2048
+    T = p.get("T") or (4096 if quick else 16384) // (2 if backward else 1)
+    T_ref = min(T, 1024 if quick else 2048)
     C = default_chunk(N, P)          # the block ssd picks by default (chunk=None)
     flops = (_linear_flops(T, NH, N, P, C) + 2.0 * NH * T * C * N) * (3 if backward else 1)
 
