@@ -198,38 +198,15 @@ cdef int forward_impl(Py_ssize_t B, Py_ssize_t T, Py_ssize_t C, Py_ssize_t K,
                       int num_threads) noexcept nogil:
     """0, or -1 when scratch memory could not be had."""
     cdef Py_ssize_t nb = block_size(B, C, num_threads)
-    cdef Py_ssize_t nblk = (C + nb - 1) // nb
-    cdef Py_ssize_t job, b, c0
-    cdef int failed = 0
-    cdef int threads = useful_threads(num_threads, B * nblk, B * T * C * K)
-    cdef floating* buf = NULL
+    cdef int failed
     cdef floating* wT = <floating*> scratch_alloc(K * C * sizeof(floating))
     if wT == NULL:
         return -1
     transpose_weight(w, wT, C, K)
-    if threads == 1:
-        buf = <floating*> scratch_alloc(job_scratch(K, nb) * sizeof(floating))
-        if buf == NULL:
-            failed = 1
-        else:
-            for job in range(B * nblk):
-                b, c0 = job // nblk, (job % nblk) * nb
-                forward_job(b, c0, min(nb, C - c0), nb, T, C, K, x, wT, bias, silu, state,
-                            lengths, reset, y, state_out, buf)
-        scratch_free(buf)
-    else:
-        with parallel(num_threads=threads):
-            buf = <floating*> scratch_alloc(job_scratch(K, nb) * sizeof(floating))
-            for job in prange(B * nblk, schedule="static"):
-                if buf == NULL:
-                    failed += 1
-                else:
-                    b, c0 = job // nblk, (job % nblk) * nb
-                    forward_job(b, c0, min(nb, C - c0), nb, T, C, K, x, wT, bias, silu, state,
-                                lengths, reset, y, state_out, buf)
-            scratch_free(buf)
+    failed = run_jobs(False, B, T, C, K, nb, num_threads, x, wT, bias, silu, state, lengths,
+                      reset, NULL, NULL, y, state_out, NULL, NULL)
     scratch_free(wT)
-    return -1 if failed else 0
+    return failed
 
 
 def causal_conv1d_forward(cnp.ndarray x, cnp.ndarray weight, object bias, bint silu,
@@ -392,6 +369,62 @@ cdef void backward_job(Py_ssize_t b, Py_ssize_t c0, Py_ssize_t nc, Py_ssize_t nb
             ds0[c * Km + i] = dhist[i * nb + c]
 
 
+# ---- the jobs of a forward or backward call ------------------------------------------------------
+
+cdef int run_jobs(bint backward, Py_ssize_t B, Py_ssize_t T, Py_ssize_t C, Py_ssize_t K,
+                  Py_ssize_t nb, int num_threads, const floating* x, const floating* wT,
+                  const floating* bias, bint silu, const floating* state,
+                  const int64_t* lengths, const unsigned char* reset, const floating* dy,
+                  const floating* dstate, floating* out, floating* out_state, floating* dwp,
+                  floating* dbp) noexcept nogil:
+    # Every (row, channel block) job of the forward (out = y, out_state = state_out) or of
+    # the backward (out = dx, out_state = dstate0), each thread with its own scratch block;
+    # a call worth one thread runs on the calling thread, without a parallel region (small
+    # calls are latency-bound).  0, or -1 when scratch memory could not be had.
+    cdef Py_ssize_t nblk = (C + nb - 1) // nb
+    cdef Py_ssize_t nbuf = backward_scratch(K, nb) if backward else job_scratch(K, nb)
+    cdef Py_ssize_t job
+    cdef int failed = 0
+    cdef int threads = useful_threads(num_threads, B * nblk,
+                                      (2 if backward else 1) * B * T * C * K)
+    cdef floating* buf = NULL
+    if threads == 1:
+        buf = <floating*> scratch_alloc(nbuf * sizeof(floating))
+        if buf == NULL:
+            return -1
+        for job in range(B * nblk):
+            one_job(backward, job, nblk, nb, T, C, K, x, wT, bias, silu, state, lengths,
+                    reset, dy, dstate, out, out_state, dwp, dbp, buf)
+        scratch_free(buf)
+        return 0
+    with parallel(num_threads=threads):
+        buf = <floating*> scratch_alloc(nbuf * sizeof(floating))
+        for job in prange(B * nblk, schedule="static"):
+            if buf == NULL:
+                failed += 1
+            else:
+                one_job(backward, job, nblk, nb, T, C, K, x, wT, bias, silu, state, lengths,
+                        reset, dy, dstate, out, out_state, dwp, dbp, buf)
+        scratch_free(buf)
+    return -1 if failed else 0
+
+
+cdef inline void one_job(bint backward, Py_ssize_t job, Py_ssize_t nblk, Py_ssize_t nb,
+                         Py_ssize_t T, Py_ssize_t C, Py_ssize_t K, const floating* x,
+                         const floating* wT, const floating* bias, bint silu,
+                         const floating* state, const int64_t* lengths,
+                         const unsigned char* reset, const floating* dy,
+                         const floating* dstate, floating* out, floating* out_state,
+                         floating* dwp, floating* dbp, floating* buf) noexcept nogil:
+    cdef Py_ssize_t b = job // nblk, c0 = (job % nblk) * nb
+    if backward:
+        backward_job(b, c0, min(nb, C - c0), nb, T, C, K, x, wT, bias, silu, state, lengths,
+                     reset, dy, dstate, out, dwp, dbp, out_state, buf)
+    else:
+        forward_job(b, c0, min(nb, C - c0), nb, T, C, K, x, wT, bias, silu, state, lengths,
+                    reset, out, out_state, buf)
+
+
 cdef int backward_impl(Py_ssize_t B, Py_ssize_t T, Py_ssize_t C, Py_ssize_t K,
                        const floating* x, const floating* w, const floating* bias, bint silu,
                        const floating* state, const int64_t* lengths,
@@ -400,11 +433,8 @@ cdef int backward_impl(Py_ssize_t B, Py_ssize_t T, Py_ssize_t C, Py_ssize_t K,
                        int num_threads) noexcept nogil:
     """0, or -1 when scratch memory could not be had."""
     cdef Py_ssize_t nb = block_size(B, C, num_threads)
-    cdef Py_ssize_t nblk = (C + nb - 1) // nb
-    cdef Py_ssize_t job, b, c0, c, j
-    cdef int failed = 0
-    cdef int threads = useful_threads(num_threads, B * nblk, 2 * B * T * C * K)
-    cdef floating* buf = NULL
+    cdef Py_ssize_t b, c, j
+    cdef int failed
     cdef floating acc
     # one block: the transposed weight [K, C], per-row sums dwp [B, K, C] and dbp [B, C]
     cdef floating* wT = <floating*> scratch_alloc((K * C + B * K * C + B * C) * sizeof(floating))
@@ -413,27 +443,8 @@ cdef int backward_impl(Py_ssize_t B, Py_ssize_t T, Py_ssize_t C, Py_ssize_t K,
     if wT == NULL:
         return -1
     transpose_weight(w, wT, C, K)
-    if threads == 1:
-        buf = <floating*> scratch_alloc(backward_scratch(K, nb) * sizeof(floating))
-        if buf == NULL:
-            failed = 1
-        else:
-            for job in range(B * nblk):
-                b, c0 = job // nblk, (job % nblk) * nb
-                backward_job(b, c0, min(nb, C - c0), nb, T, C, K, x, wT, bias, silu, state,
-                             lengths, reset, dy, dstate, dx, dwp, dbp, dstate0, buf)
-        scratch_free(buf)
-    else:
-        with parallel(num_threads=threads):
-            buf = <floating*> scratch_alloc(backward_scratch(K, nb) * sizeof(floating))
-            for job in prange(B * nblk, schedule="static"):
-                if buf == NULL:
-                    failed += 1
-                else:
-                    b, c0 = job // nblk, (job % nblk) * nb
-                    backward_job(b, c0, min(nb, C - c0), nb, T, C, K, x, wT, bias, silu,
-                                 state, lengths, reset, dy, dstate, dx, dwp, dbp, dstate0, buf)
-            scratch_free(buf)
+    failed = run_jobs(True, B, T, C, K, nb, num_threads, x, wT, bias, silu, state, lengths,
+                      reset, dy, dstate, dx, dstate0, dwp, dbp)
     if not failed:                      # sums over rows, in row order
         for c in range(C):
             for j in range(K):
@@ -446,7 +457,7 @@ cdef int backward_impl(Py_ssize_t B, Py_ssize_t T, Py_ssize_t C, Py_ssize_t K,
                 acc += dbp[b * C + c]
             db[c] = acc
     scratch_free(wT)
-    return -1 if failed else 0
+    return failed
 
 
 def causal_conv1d_backward(cnp.ndarray x, cnp.ndarray weight, object bias, bint silu,

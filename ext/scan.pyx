@@ -33,6 +33,31 @@ cdef enum:
 # re-run from its carry.  nseg comes from the caller (a function of the shape), never from
 # the thread count, so results are bit-identical for any number of threads.
 
+# data pointers of the optional arrays (NULL for None)
+cdef inline const int64_t* lengths_ptr(const int64_t[::1] v):
+    if v is None:
+        return NULL
+    return &v[0]
+
+
+cdef inline const unsigned char* reset_ptr(const unsigned char[:, ::1] v):
+    if v is None:
+        return NULL
+    return &v[0, 0]
+
+
+cdef inline const floating* vec_ptr(const floating[::1] v):
+    if v is None:
+        return NULL
+    return &v[0]
+
+
+cdef inline const floating* seq_ptr(const floating[:, :, ::1] v):
+    if v is None:
+        return NULL
+    return &v[0, 0, 0]
+
+
 cdef inline Py_ssize_t channels_per_job(Py_ssize_t B, Py_ssize_t D,
                                         int num_threads) noexcept nogil:
     cdef Py_ssize_t parts = max(1, (num_threads + B - 1) // B)
@@ -114,17 +139,13 @@ def linear_scan(const floating[:, :, ::1] a, const floating[:, :, ::1] b,
     cdef Py_ssize_t nblk = (D + LB - 1) // LB
     cdef Py_ssize_t jobs = B * nblk
     cdef Py_ssize_t job, seg, r, d0, nc, Lr, t0, i, base
-    cdef const int64_t* lp = NULL
-    cdef const unsigned char* rp = NULL
+    cdef const int64_t* lp = lengths_ptr(lengths)
+    cdef const unsigned char* rp = reset_ptr(reset)
     cdef const unsigned char* rs
     cdef floating* p = NULL
     cdef floating* v = NULL
     cdef floating* carry = NULL
     nseg = (T + L - 1) // L
-    if lengths is not None:
-        lp = &lengths[0]
-    if reset is not None:
-        rp = &reset[0, 0]
     if nseg > 1 and (lp != NULL or rp != NULL or reverse):
         raise ValueError("time segments need every row forward, without lengths or reset")
     if nseg > 1:
@@ -198,8 +219,8 @@ def linear_scan_backward(const floating[:, :, ::1] a, const floating[:, ::1] sta
     cdef Py_ssize_t LB = channels_per_job(B, D, threads)
     cdef Py_ssize_t nblk = (D + LB - 1) // LB
     cdef Py_ssize_t job, r, d0, nd, q, t, tn, d, Lr
-    cdef const int64_t* lp = NULL
-    cdef const unsigned char* rp = NULL
+    cdef const int64_t* lp = lengths_ptr(lengths)
+    cdef const unsigned char* rp = reset_ptr(reset)
     cdef const unsigned char* rs
     cdef bint carried, at_reset
     cdef floating zero = 0
@@ -209,10 +230,6 @@ def linear_scan_backward(const floating[:, :, ::1] a, const floating[:, ::1] sta
     cdef floating* g
     cdef floating* gn
     cdef floating* dap
-    if lengths is not None:
-        lp = &lengths[0]
-    if reset is not None:
-        rp = &reset[0, 0]
     with nogil:
         for job in prange(B * nblk, schedule="dynamic", num_threads=threads):
             r = job // nblk
@@ -375,6 +392,44 @@ cdef inline void advance(floating* h, const floating* e, floating* acc, const fl
             acc[j] += cn * h[n * W + j]
 
 
+# A step's per-channel work before and after the states, shared by the blocked forward and the
+# decode step (so both give the same bits).  Channels 0..nc-1 are read; the arithmetic runs
+# over n >= nc lanes (the forward's zero-padded block rows: their v, xv stay as they are).
+
+cdef inline void step_inputs(Py_ssize_t nc, Py_ssize_t n, const floating* dt,
+                             const floating* x, const floating* bias, const floating* Dv,
+                             bint softplus, floating* v, floating* xv, floating* dl,
+                             floating* u, floating* acc) noexcept nogil:
+    # delta = dt + bias (through softplus), u = delta * x, acc = D * x (bias, Dv may be NULL)
+    cdef Py_ssize_t j
+    cdef floating zero = 0
+    for j in range(nc):
+        v[j] = dt[j] + (bias[j] if bias != NULL else zero)
+        xv[j] = x[j]
+    if softplus:
+        softplus_row(dl, v, n)
+    else:
+        for j in range(n):
+            dl[j] = v[j]
+    for j in range(n):
+        u[j] = dl[j] * xv[j]
+        acc[j] = Dv[j] * xv[j] if Dv != NULL else zero      # (no 0*x: x may be inf)
+
+
+cdef inline void gate_store(Py_ssize_t nc, Py_ssize_t n, const floating* z, floating* zv,
+                            floating* s, floating* acc, floating* y) noexcept nogil:
+    # y = acc * silu(z) (z may be NULL: y = acc); zv, s: n lanes of scratch
+    cdef Py_ssize_t j
+    if z != NULL:
+        for j in range(nc):
+            zv[j] = z[j]
+        sigmoid_row(s, zv, n)
+        for j in range(nc):
+            acc[j] = acc[j] * zv[j] * s[j]
+    for j in range(nc):
+        y[j] = acc[j]
+
+
 cdef inline Py_ssize_t blocks(Py_ssize_t Dm) noexcept nogil:
     return (Dm + W - 1) // W
 
@@ -441,17 +496,8 @@ cdef void sel_forward_group(Py_ssize_t r, Py_ssize_t k0, Py_ssize_t k1, Py_ssize
             for j in range(nb * NW):
                 h[j] = 0
         row = (r * T + t) * Dm + c0
-        for j in range(nc):
-            v[j] = dt[row + j] + bias[j]
-            xv[j] = x[row + j]
-        if softplus:
-            softplus_row(dl, v, L)
-        else:
-            for j in range(L):
-                dl[j] = v[j]
-        for j in range(L):
-            u[j] = dl[j] * xv[j]
-            acc[j] = Dv[j] * xv[j] if Dp != NULL else 0     # (no 0*x: x may be inf)
+        step_inputs(nc, L, dt + row, x + row, bias, Dv if Dp != NULL else NULL, softplus, v,
+                    xv, dl, u, acc)
         for k in range(nb):
             # local copies: the compiler then knows they alias nothing and keeps them in
             # registers through the N states
@@ -464,14 +510,7 @@ cdef void sel_forward_group(Py_ssize_t r, Py_ssize_t k0, Py_ssize_t k1, Py_ssize
                     min(<Py_ssize_t> W, Dm - c0 - k * W))
             for j in range(W):
                 acc[k * W + j] = acc_k[j]
-        if z != NULL:
-            for j in range(nc):
-                xv[j] = z[row + j]
-            sigmoid_row(u, xv, L)
-            for j in range(nc):
-                acc[j] = acc[j] * xv[j] * u[j]
-        for j in range(nc):
-            y[row + j] = acc[j]
+        gate_store(nc, L, z + row if z != NULL else NULL, xv, u, acc, y + row)
     for t in range(Lr, T):
         for j in range(nc):
             y[(r * T + t) * Dm + c0 + j] = 0
@@ -509,24 +548,14 @@ def selective_scan(const floating[:, :, ::1] x, const floating[:, :, ::1] dt,
     cdef Py_ssize_t gb = (nblk + groups - 1) // groups
     cdef Py_ssize_t job, r, k0, Lr
     cdef int failed = 0
-    cdef const floating* Dp = NULL
-    cdef const floating* bp = NULL
-    cdef const floating* zp = NULL
-    cdef const int64_t* lp = NULL
-    cdef const unsigned char* rp = NULL
+    cdef const floating* Dp = vec_ptr(D)
+    cdef const floating* bp = vec_ptr(dt_bias)
+    cdef const floating* zp = seq_ptr(z)
+    cdef const int64_t* lp = lengths_ptr(lengths)
+    cdef const unsigned char* rp = reset_ptr(reset)
     cdef const unsigned char* rs
     cdef floating* scratch = NULL
     cdef floating* cp = NULL
-    if D is not None:
-        Dp = &D[0]
-    if dt_bias is not None:
-        bp = &dt_bias[0]
-    if z is not None:
-        zp = &z[0, 0, 0]
-    if lengths is not None:
-        lp = &lengths[0]
-    if reset is not None:
-        rp = &reset[0, 0]
     if save:
         cp = &ckpt[0, 0, 0, 0, 0]
     with nogil, parallel(num_threads=num_threads):
@@ -571,7 +600,6 @@ cdef void step_channels(Py_ssize_t r, Py_ssize_t c0, Py_ssize_t nc, Py_ssize_t D
     cdef floating acc[SC]
     cdef floating xv[SC]
     cdef floating e[SC]
-    cdef floating zero = 0
     cdef Py_ssize_t j, n, n0, m, row = r * Dm + c0
     cdef const floating* Bt = Bm + r * N
     cdef const floating* Ct = C + r * N
@@ -579,17 +607,8 @@ cdef void step_channels(Py_ssize_t r, Py_ssize_t c0, Py_ssize_t nc, Py_ssize_t D
     cdef const floating* arow
     cdef floating* hout
     cdef floating dlj, uj
-    for j in range(nc):
-        v[j] = dt[row + j] + (bias_p[c0 + j] if bias_p != NULL else zero)
-        xv[j] = x[row + j]
-    if softplus:
-        softplus_row(dl, v, nc)
-    else:
-        for j in range(nc):
-            dl[j] = v[j]
-    for j in range(nc):
-        u[j] = dl[j] * xv[j]
-        acc[j] = Dp[c0 + j] * xv[j] if Dp != NULL else zero
+    step_inputs(nc, nc, dt + row, x + row, bias_p + c0 if bias_p != NULL else NULL,
+                Dp + c0 if Dp != NULL else NULL, softplus, v, xv, dl, u, acc)
     for j in range(nc):
         hin = state + (row + j) * N
         hout = state_out + (row + j) * N
@@ -606,14 +625,7 @@ cdef void step_channels(Py_ssize_t r, Py_ssize_t c0, Py_ssize_t nc, Py_ssize_t D
     for n in range(N):
         for j in range(nc):
             acc[j] += Ct[n] * state_out[(row + j) * N + n]
-    if z != NULL:
-        for j in range(nc):
-            xv[j] = z[row + j]
-        sigmoid_row(u, xv, nc)
-        for j in range(nc):
-            acc[j] = acc[j] * xv[j] * u[j]
-    for j in range(nc):
-        y[row + j] = acc[j]
+    gate_store(nc, nc, z + row if z != NULL else NULL, xv, u, acc, y + row)
 
 
 def selective_step(const floating[:, :, ::1] x, const floating[:, :, ::1] dt,
@@ -629,17 +641,11 @@ def selective_step(const floating[:, :, ::1] x, const floating[:, :, ::1] dt,
     cdef Py_ssize_t nchunk = (Dm + SC - 1) // SC
     cdef int threads = useful_threads(num_threads, Bt * nchunk, Bt * Dm * N)
     cdef Py_ssize_t job, r, c0
-    cdef const floating* Dp = NULL
-    cdef const floating* bp = NULL
-    cdef const floating* zp = NULL
+    cdef const floating* Dp = vec_ptr(D)
+    cdef const floating* bp = vec_ptr(dt_bias)
+    cdef const floating* zp = seq_ptr(z)
     if x.shape[1] != 1:
         raise ValueError("selective_step takes one time step")
-    if D is not None:
-        Dp = &D[0]
-    if dt_bias is not None:
-        bp = &dt_bias[0]
-    if z is not None:
-        zp = &z[0, 0, 0]
     with nogil:
         if threads == 1:                     # no parallel region: decoding is latency-bound
             for job in range(Bt * nchunk):
@@ -733,6 +739,8 @@ cdef void sel_backward_block(Py_ssize_t r, Py_ssize_t d0, Py_ssize_t nw, Py_ssiz
                              const floating* ckpt, floating* scratch) noexcept nogil:
     # ckpt [nchunks, N, W]: this block's states before every K-th processed step (from the
     # forward); the row has Lr valid steps, processed backwards in time when `reverse`.
+    # Only the first ceil(Lr / K) slots are written by the forward (a slot before a reset
+    # too) and only those are read here, so the checkpoints need no initialisation.
     cdef Py_ssize_t NW = N * W, nchunks = (Lr + K - 1) // K
     cdef floating* At = scratch
     cdef floating* g = At + NW
@@ -894,11 +902,11 @@ def selective_scan_backward(const floating[:, :, ::1] x, const floating[:, :, ::
     cdef Py_ssize_t K = checkpoint_interval(T), NW = N * W, nchunks = (T + K - 1) // K
     cdef Py_ssize_t job, r, grp, k, d0, Lr
     cdef int failed = 0
-    cdef const floating* Dp = NULL
-    cdef const floating* bp = NULL
-    cdef const floating* zp = NULL
-    cdef const int64_t* lp = NULL
-    cdef const unsigned char* rp = NULL
+    cdef const floating* Dp = vec_ptr(D)
+    cdef const floating* bp = vec_ptr(dt_bias)
+    cdef const floating* zp = seq_ptr(z)
+    cdef const int64_t* lp = lengths_ptr(lengths)
+    cdef const unsigned char* rp = reset_ptr(reset)
     cdef const unsigned char* rs
     cdef floating* dzp = NULL
     cdef floating* scratch = NULL
@@ -907,17 +915,8 @@ def selective_scan_backward(const floating[:, :, ::1] x, const floating[:, :, ::
     if (ckpt.shape[0] != Bt or ckpt.shape[1] != nblk or ckpt.shape[2] != nchunks
             or ckpt.shape[3] != N or ckpt.shape[4] != W):
         raise ValueError("ckpt must come from selective_scan on the same arrays")
-    if D is not None:
-        Dp = &D[0]
-    if dt_bias is not None:
-        bp = &dt_bias[0]
     if z is not None:
-        zp = &z[0, 0, 0]
         dzp = &dz[0, 0, 0]
-    if lengths is not None:
-        lp = &lengths[0]
-    if reset is not None:
-        rp = &reset[0, 0]
     with nogil, parallel(num_threads=num_threads):
         scratch = <floating*> scratch_alloc(((5 + 2 * K) * NW + 6 * K * W)
                                             * sizeof(floating))

@@ -150,6 +150,39 @@ def test_compiled_matches_reference_with_options(dtype, T):
         assert_all_close(res["compiled"], res["python"], tol=tol)
 
 
+def test_backward_reads_only_the_checkpoints_the_forward_wrote():
+    """The compiled vjp's checkpoints are uninitialised memory from statescan._memory's block
+    cache: a cached block full of NaN handed out for them must reach no output or gradient,
+    with rows that end early (their last checkpoint slots are never written), resets at and
+    around chunk boundaries and the reverse direction, for any thread count."""
+    from statescan import _dispatch, _memory
+    T, Dm, N = 300, 37, 5                          # 18 chunks of 17 steps; 138 KB of them
+    lengths = np.array([T, 0, T // 3 + 1, T - 17])
+    reset = np.zeros((4, T), bool)
+    reset[0, [1, 17, T // 2]] = True
+    reset[3, [0, 16, 34, T - 18]] = True
+    args, kw = sel_problem(T=T, Dm=Dm, N=N)
+    shape = _dispatch.ext_module("scan").checkpoint_shape(4, T, Dm, N)
+    for reverse in (False, True):
+        opts = dict(kw, lengths=lengths, reverse=reverse, reset=reset)
+        cot = np.cos(np.arange(4 * T * Dm)).reshape(4, T, Dm)
+        with using_backend("python"):
+            out, pb = ss.vjp(ss.selective_scan, *args, **opts)
+            expected = out + pb((cot, None))
+        for threads in (1, 2, 3):
+            garbage = _memory.empty(shape, np.float64)
+            garbage.fill(np.nan)
+            address = garbage.ctypes.data
+            del garbage                            # back to the cache ...
+            probe = _memory.empty(shape, np.float64)
+            assert probe.ctypes.data == address and np.isnan(probe).all()   # ... and reused
+            del probe
+            with using_backend("compiled"), using_threads(threads):
+                out, pb = ss.vjp(ss.selective_scan, *args, **opts)
+                actual = out + pb((cot, None))
+            assert_all_close(actual, expected, tol=1e-11)
+
+
 def test_threads_do_not_change_results_with_lengths():
     args, kw = sel_problem(T=40, Dm=70)
     lengths = np.array([40, 3, 17, 0])

@@ -4,14 +4,21 @@
 #
 #   tools/asan.sh                 # whole suite
 #   tools/asan.sh tests/test_fuzz.py --fuzz-examples 2000
+#   STATESCAN_ASAN_DIR=/tmp/ss-asan tools/asan.sh tests/test_scan.py   # keep the build there:
+#       the next run recompiles only the extensions whose sources changed (a full sanitizer
+#       build takes minutes), so the suite can be run in parts
 #
 # Any ASan/UBSan report fails the run (halt_on_error); leak checking is off because CPython
 # itself does not free everything at exit.  GCC only (libasan from the same compiler).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-git -C "$here" ls-files -z | (cd "$here" && xargs -0 cp --parents -t "$work")
+if [ -n "${STATESCAN_ASAN_DIR:-}" ]; then
+    work="$STATESCAN_ASAN_DIR"; mkdir -p "$work"
+else
+    work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
+fi
+# (-p: unchanged sources keep their times, so a kept build is not redone)
+git -C "$here" ls-files -z | (cd "$here" && xargs -0 cp -p --parents -t "$work")
 cd "$work"
 san="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
 # Portable build only: one set is enough to find memory errors, and builds twice as fast.
@@ -19,6 +26,7 @@ CFLAGS="$san" LDFLAGS="$san" STATESCAN_PORTABLE=1 \
     python setup.py build_ext --inplace -j 2 >build.log 2>&1 || { tail -40 build.log; exit 1; }
 # (made before the sanitizer runtime is preloaded into every command that follows)
 logs="${STATESCAN_ASAN_LOGS:-$(mktemp -d /tmp/statescan-asan.XXXX)}"
+mkdir -p "$logs"
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 # Reports go to files (pytest captures stderr, and a halted process never shows it).
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1:log_path=$logs/asan"

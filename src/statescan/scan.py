@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _dispatch, _validate
+from . import _dispatch, _memory, _validate
 from ._reference import scan as _ref
 from .autodiff import cotangent, defvjp
 
@@ -199,9 +199,9 @@ def _selective_forward(call, save=False):
     def out():
         y, state = np.empty_like(call.x), np.empty_like(call.state0)
         shape = _ext().checkpoint_shape(*call.x.shape, call.A.shape[1])
-        # zeros: the backward reads checkpoint slots of rows that ended or were reset before
-        # the slot's step (found under ASan, whose malloc is not zero-filled)
-        return y, state, (np.zeros(shape, y.dtype) if save else None)
+        # uninitialised: the backward reads only the slots the forward wrote (a row's first
+        # ceil(lengths[r] / K) checkpoints, each written whether or not a reset follows)
+        return y, state, (_memory.empty(shape, y.dtype) if save else None)
 
     return _dispatch.run("scan", "selective_scan", *call.arrays(), save, out=out,
                          empty=call.empty, work=4 * call.x.size * call.A.shape[1])
