@@ -15,7 +15,7 @@
 # Decode (`ssd_step`, T = 1): the state in its public layout [B, NH, P, N], no transposes, no
 # copies, may be updated in place.  One job per (batch row, head); each state row is read once
 # and written once (the step is bound by streaming the state); the row updates are C in
-# _ssd_step.h.
+# _ssd_step.h (blocks of rows with their sums reduced together, then single rows).
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t, uint8_t
@@ -30,34 +30,46 @@ cimport numpy as cnp
 cnp.import_array()
 
 cdef extern from "_ssd_step.h":
-    void statescan_ssd_rows4f(const float* h_in, float* h_out, Py_ssize_t N, const float* B,
-                              const float* C, float a, const float* u, float* out) noexcept nogil
-    void statescan_ssd_rows4(const double* h_in, double* h_out, Py_ssize_t N, const double* B,
+    int STATESCAN_SSD_BLOCK
+    void statescan_ssd_rowsf(const float* h_in, float* h_out, Py_ssize_t N, const float* B,
+                             const float* C, float a, const float* u, float* out) noexcept nogil
+    void statescan_ssd_rowsd(const double* h_in, double* h_out, Py_ssize_t N, const double* B,
                              const double* C, double a, const double* u,
                              double* out) noexcept nogil
-    float statescan_ssd_row1f(const float* h_in, float* h_out, Py_ssize_t N, const float* B,
-                              const float* C, float a, float u) noexcept nogil
-    double statescan_ssd_row1(const double* h_in, double* h_out, Py_ssize_t N, const double* B,
+    float statescan_ssd_rowf(const float* h_in, float* h_out, Py_ssize_t N, const float* B,
+                             const float* C, float a, float u) noexcept nogil
+    double statescan_ssd_rowd(const double* h_in, double* h_out, Py_ssize_t N, const double* B,
                               const double* C, double a, double u) noexcept nogil
 
 
-cdef inline void rows4(const floating* h_in, floating* h_out, Py_ssize_t N,
-                       const floating* Bv, const floating* Cv, floating a, const floating* u,
-                       floating* out) noexcept nogil:
-    """Four state rows: h_out = a h_in + u[r] Bv, out[r] = h_out[r] . Cv."""
+cdef enum:
+    ROWS_MAX = 8        # rows of the block form (8 floats or 4 doubles: 32 bytes of outputs)
+
+
+cdef inline Py_ssize_t block_rows(floating a) noexcept nogil:
+    """Rows the block form takes at once (0: not compiled in)."""
+    if not STATESCAN_SSD_BLOCK:
+        return 0
+    return 8 if floating is float else 4
+
+
+cdef inline void rows_block(const floating* h_in, floating* h_out, Py_ssize_t N,
+                            const floating* Bv, const floating* Cv, floating a,
+                            const floating* u, floating* out) noexcept nogil:
+    """block_rows() state rows: h_out = a h_in + u[r] Bv, out[r] = h_out[r] . Cv."""
     if floating is float:
-        statescan_ssd_rows4f(h_in, h_out, N, Bv, Cv, a, u, out)
+        statescan_ssd_rowsf(h_in, h_out, N, Bv, Cv, a, u, out)
     else:
-        statescan_ssd_rows4(h_in, h_out, N, Bv, Cv, a, u, out)
+        statescan_ssd_rowsd(h_in, h_out, N, Bv, Cv, a, u, out)
 
 
 cdef inline floating row1(const floating* h_in, floating* h_out, Py_ssize_t N,
                           const floating* Bv, const floating* Cv, floating a,
                           floating u) noexcept nogil:
     if floating is float:
-        return statescan_ssd_row1f(h_in, h_out, N, Bv, Cv, a, u)
+        return statescan_ssd_rowf(h_in, h_out, N, Bv, Cv, a, u)
     else:
-        return statescan_ssd_row1(h_in, h_out, N, Bv, Cv, a, u)
+        return statescan_ssd_rowd(h_in, h_out, N, Bv, Cv, a, u)
 
 
 cdef void ssd_step_job(Py_ssize_t P, Py_ssize_t N, floating delta, floating A,
@@ -65,15 +77,15 @@ cdef void ssd_step_job(Py_ssize_t P, Py_ssize_t N, floating delta, floating A,
                        const floating* D, Py_ssize_t sD, const floating* z,
                        const floating* h_in, floating* h_out, floating* y) noexcept nogil:
     cdef floating a = exp_(delta * A), out, zp
-    cdef floating u[4]
-    cdef floating acc[4]
-    cdef Py_ssize_t p = 0, r, nr
+    cdef floating u[ROWS_MAX]
+    cdef floating acc[ROWS_MAX]
+    cdef Py_ssize_t p = 0, r, nr, R = block_rows(a)
     while p < P:
-        nr = 4 if p + 4 <= P else 1
-        if nr == 4:
-            for r in range(4):
+        nr = R if R > 0 and p + R <= P and N % R == 0 else 1
+        if nr > 1:
+            for r in range(nr):
                 u[r] = delta * x[p + r]
-            rows4(h_in + p * N, h_out + p * N, N, Bv, Cv, a, u, acc)
+            rows_block(h_in + p * N, h_out + p * N, N, Bv, Cv, a, u, acc)
         else:
             acc[0] = row1(h_in + p * N, h_out + p * N, N, Bv, Cv, a, delta * x[p])
         for r in range(nr):

@@ -155,7 +155,9 @@ def test_vjp_options(backend, opts):
 
 @pytest.mark.parametrize("dtype", [F64, F32])
 @pytest.mark.parametrize("opts", [dict(), dict(G=2, D=2, z=True, bias=True, sp=True),
-                                  dict(D=1)])
+                                  dict(D=1),
+                                  # blocks of 8 (float) / 4 (double) state rows, then single rows
+                                  dict(P=19, N=24, D=2, z=True), dict(P=8, N=16, G=2)])
 def test_decode_steps_equal_prefill(backend, dtype, opts):
     args, kw = problem(T=7, dtype=dtype, **opts)
     y, h = ss.ssd(*args, **kw)
