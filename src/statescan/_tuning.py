@@ -7,7 +7,7 @@ Three parts:
   sysfs, with a fallback) and the vector width of the active build;
 * a small integer constraint model listing the feasible candidates of each tunable kernel
   (:func:`candidates`): rows per job of the RNN kernels in multiples of the micro-kernel's
-  row block whose state and gate rows fit in half of L2, or the column split (-1) when
+  row block whose state and gate rows fit in L2, or the column split (-1) when
   threads outnumber the row jobs; chunk sizes of ``ssd`` / ``linear_attention`` whose block
   working set fits in L2;
 * the cache: one JSON file per machine, ``$STATESCAN_CACHE_DIR`` (else
@@ -153,7 +153,7 @@ def _rnn_candidates(cell, B, H, heads, dtype, threads, facts):
         rows *= 2
     sizes.append(B)                      # one job per head: every row in one block
     # whole micro-kernel blocks that fit, and enough jobs for the threads when there can be
-    out = [AUTOMATIC] + [rows for rows in sizes if rows * row_bytes <= facts["l2"] // 2
+    out = [AUTOMATIC] + [rows for rows in sizes if rows * row_bytes <= facts["l2"]
                          and -(-B // rows) * heads >= min(threads, most_jobs)]
     # the column split pays when the row jobs leave threads idle and there are panels to share
     if threads > 1 and most_jobs < threads and spec.gates * D >= PANEL * threads:

@@ -10,6 +10,7 @@ from . import _dispatch, _tuning, _validate
 CELLS = ("lstm", "gru", "elman", "slstm")
 KERNELS = CELLS + ("ssd", "linear_attention")
 NOISE = 0.03          # a candidate replaces the default only when its median is this much faster
+_AGAIN = "default again"     # the default's second timing, whose difference measures the noise
 _SAMPLE_SECONDS = 0.004   # calls per timed sample: enough to last about this long
 
 # The shapes tuned when `shapes` is not given.
@@ -26,9 +27,10 @@ def tune(kernels=None, shapes=None, dtype="float32", repeat=7, cache=True, verbo
     For every kernel and shape, each candidate the machine model allows (rows per job or the
     column split of the recurrent cells; the ``chunk`` of :func:`ssd` and
     :func:`linear_attention`), the default included, is timed in interleaved rounds at the
-    current thread count (:func:`get_num_threads`).  A candidate is kept only when both its
-    median and its best time beat the default's by more than 3 %; otherwise the default is
-    recorded.
+    current thread count (:func:`get_num_threads`).  The default is timed twice, and the
+    relative difference of the two medians is the noise; a candidate is kept only when both
+    its median and its best time beat the default's by more than 3 % and twice the noise;
+    otherwise the default is recorded.
     Later calls with the same head sizes (``chunk=None``) or the same cell, batch and hidden
     size read the choice from a per-machine cache file, in this and later processes.
 
@@ -58,7 +60,7 @@ def tune(kernels=None, shapes=None, dtype="float32", repeat=7, cache=True, verbo
     dict
         ``{"cache": path or None, "machine": {...}, "threads": n, "results": [record, ...]}``;
         a record is ``{"kernel", "key", "shape", "default", "value", "speedup", "seconds",
-        "clock"}``:
+        "clock", "noise"}``:
         the lookup key, the sizes timed, the default and chosen values (rnn: 0 = automatic
         rows per job, > 0 rows per job, -1 column split; else the chunk), the default's
         median time over the chosen one's, and the median seconds per call of every
@@ -134,17 +136,21 @@ def _tune_one(kernel, shape, dtype, threads, repeat):
     # one thread: its own CPU time, which other processes on a busy machine do not inflate;
     # several threads: wall time (a worker's time is not the calling thread's)
     clock = time.thread_time if threads == 1 else time.perf_counter
-    seconds, fastest = _time(run, repeat, clock)
     default = values[0]
+    run[_AGAIN] = run[default]          # the default timed twice: the noise of this machine
+    seconds, fastest = _time(run, repeat, clock)
+    noise = abs(seconds.pop(_AGAIN) / seconds[default] - 1)
+    fastest.pop(_AGAIN)
+    margin = 1 - max(NOISE, 2 * noise)
     # beating the default must show in the median and in the best sample alike (a loaded
-    # machine can hand one candidate a lucky median)
-    wins = [v for v in values if seconds[v] < seconds[default] * (1 - NOISE)
-            and fastest[v] < fastest[default] * (1 - NOISE)]
+    # machine can hand one candidate a lucky median), by more than the noise
+    wins = [v for v in values if seconds[v] < seconds[default] * margin
+            and fastest[v] < fastest[default] * margin]
     best = min(wins, key=seconds.get) if wins else default
     return {"kernel": "rnn" if kernel in CELLS else kernel, "key": list(key), "shape": shape,
             "default": default, "value": best, "speedup": seconds[default] / seconds[best],
             "seconds": {str(v): s for v, s in seconds.items()},
-            "clock": "thread cpu" if threads == 1 else "wall"}
+            "clock": "thread cpu" if threads == 1 else "wall", "noise": noise}
 
 
 def _forced_rnn(call, value):
