@@ -212,6 +212,22 @@ def test_a_runner_over_its_cpu_share_is_flagged_in_table_and_json():
     assert runners["torch"]["cpu_ratio"] == 1.0 and doc["results"][0]["over_share"] == ["jax"]
 
 
+def test_cpu_clock_leaves_out_time_spent_off_the_cpu(tmp_path, capsys):
+    import time
+
+    def make():
+        return {"statescan": lambda: time.sleep(0.02)}
+    wall = core.run_case(_fake_case(make), budget=0.0).runs["statescan"]
+    cpu = core.run_case(_fake_case(make), budget=0.0, clock="cpu").runs["statescan"]
+    assert wall.seconds >= 0.02 > 0.01 > cpu.seconds
+    assert cpu.cpu_ratio < 0.5                  # the ratio is still CPU over wall time
+    path = tmp_path / "r.json"
+    code, out, _ = run_cli(capsys, "--filter", "lstm B=1 H=64", "--clock", "cpu",
+                           "--json", str(path))
+    assert code == 0 and "; cpu clock" in out.splitlines()[0]
+    assert json.loads(path.read_text())["clock"] == "cpu"
+
+
 def test_pinning_moves_every_thread_of_the_process():
     import os
     import threading

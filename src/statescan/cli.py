@@ -32,6 +32,10 @@ def _parser():
     bench.add_argument("--threads", type=int, default=1,
                        help="threads for statescan, BLAS and every peer (default 1)")
     bench.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    bench.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                       help="time calls by the wall clock (default) or by the process's CPU "
+                            "time (every thread's): with --threads 1 on a busy machine, cpu "
+                            "leaves out the time spent waiting for the core")
     bench.add_argument("--peers", metavar="LIST",
                        help="comma-separated peers to run (default: every installed one): "
                             f"{', '.join(_bench_core().PEERS)}; 'none' for statescan and its numpy "
@@ -116,7 +120,7 @@ def _bench(args):
     budget = 0.5 if guard_mode else (0.15 if args.quick else 0.5)
     # The guard compares ratios across runs: best-of-repeats is steadier under a loaded CPU.
     statistic = "min" if guard_mode else "median"
-    results = _run(cases, budget, core, statistic)
+    results = _run(cases, budget, core, statistic, args.clock)
     # Measured again after the cases, keeping the best: other processes sharing the CPU at
     # one moment must not deflate the peak.
     for dt in peak_dtypes:
@@ -125,10 +129,10 @@ def _bench(args):
     meta = {"statescan": statescan.__version__,
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "machine": machine.describe(), "threads": args.threads, "dtype": args.dtype,
-            "gemm_peaks_gflops": peaks, "statistic": statistic,
+            "gemm_peaks_gflops": peaks, "statistic": statistic, "clock": args.clock,
             "quick": bool(args.quick), "families": families, "filter": _split(args.filter),
             "peer_versions": _peer_versions(), "unavailable_families": unavailable,
-            "notes": notes + _run_notes(results)}
+            "notes": notes + _run_notes(results, args)}
     print(report.format_table(results, peaks, meta))
 
     if args.check:
@@ -139,7 +143,8 @@ def _bench(args):
                 break
             print(f"statescan bench: re-measuring {len(again)} case(s) below the baseline",
                   file=sys.stderr)
-            found = guard.measured(_run(again, budget, core, statistic), peaks, found)
+            found = guard.measured(_run(again, budget, core, statistic, args.clock), peaks,
+                                   found)
         passed, lines = guard.report(found, baseline, args.tolerance)
         print(f"Regression check against {baseline_path}:")
         print("\n".join(f"  {line}" for line in lines))
@@ -188,7 +193,7 @@ def _write_outputs(args, results, peaks, meta, report):
             print("no plot: matplotlib is not installed", file=sys.stderr)
 
 
-def _run(cases, budget, core, statistic):
+def _run(cases, budget, core, statistic, clock):
     results = []
     started = time.perf_counter()
     for i, case in enumerate(cases, 1):
@@ -199,7 +204,8 @@ def _run(cases, budget, core, statistic):
             text = ("skipped" if isinstance(outcome, core.Skipped)
                     else f"{outcome.us_per_step:.3g}us")
             print(f" {name} {text}", end="", file=sys.stderr, flush=True)
-        result = core.run_case(case, budget, on_runner=progress, statistic=statistic)
+        result = core.run_case(case, budget, on_runner=progress, statistic=statistic,
+                               clock=clock)
         if result.error:
             print(f" error: {result.error}", end="", file=sys.stderr)
         print(f"  [{time.perf_counter() - started:.0f}s]", file=sys.stderr, flush=True)
@@ -216,8 +222,11 @@ def _peer_versions():
     return versions
 
 
-def _run_notes(results):
+def _run_notes(results, args):
     notes = []
+    if args.clock == "cpu" and args.threads > 1:
+        notes.append(f"--clock cpu with {args.threads} threads: times are CPU time summed over "
+                     "the threads (work done, not time to the result)")
     if any(m.steps != r.case.steps for r in results for m in r.runs.values()):
         notes.append("slow runners (numpy-ref, python step loops, jax) run shorter sequences "
                      "(steps in the JSON); per-step times compare across T, and their outputs "

@@ -303,14 +303,17 @@ def _to_numpy(a):
     return np.asarray(a)
 
 
-def run_case(case, budget=0.6, on_runner=None, statistic="median"):
+def run_case(case, budget=0.6, on_runner=None, statistic="median", clock="wall"):
     """Build `case` and measure each of its runners.
 
     Each runner is called once to warm up (JIT compilation, caches, page faults) and to verify
     its output; then the runners' timed calls are interleaved, round by round, so a change of
     the machine's load affects all of them alike.  A runner gets about `budget` seconds of
     timed calls (3 to 200 of them); its time is their median, or with ``statistic="min"`` their
-    best.  `on_runner(name, measurement_or_skipped)` is called for each runner at the end."""
+    best.  ``clock="cpu"`` times a call by the process's CPU time (every thread's) instead of
+    the wall clock: on a machine other processes keep busy, the time a one-thread run spent
+    waiting for the core does not count.  `on_runner(name, measurement_or_skipped)` is called
+    for each runner at the end."""
     result = CaseResult(case)
     try:
         runners = case.make()
@@ -348,22 +351,24 @@ def run_case(case, budget=0.6, on_runner=None, statistic="median"):
         live[name], times[name] = (runner, m), []
     del runners, reference_out
 
-    cpu = {name: 0.0 for name in live}
+    cpu, wall = {name: 0.0 for name in live}, {name: 0.0 for name in live}
     for round_ in range(max((m.repeats for _, m in live.values()), default=0)):
         for name, (runner, m) in list(live.items()):
             if round_ >= m.repeats:
                 continue
             try:
                 c0 = time.process_time()
-                times[name].append(_timed(runner.fn)[0])
-                cpu[name] += time.process_time() - c0
+                seconds = _timed(runner.fn)[0]
+                used = time.process_time() - c0
+                times[name].append(used if clock == "cpu" else seconds)
+                cpu[name] += used
+                wall[name] += seconds
             except Exception as exc:
                 result.skipped[name] = f"failed: {type(exc).__name__}: {exc}"
                 del live[name]
     for name, (runner, m) in live.items():
         m.seconds = min(times[name]) if statistic == "min" else statistics.median(times[name])
-        wall = sum(times[name])
-        m.cpu_ratio = cpu[name] / wall if wall > 0 else None
+        m.cpu_ratio = cpu[name] / wall[name] if wall[name] > 0 else None
         result.runs[name] = m
     if on_runner:
         for name in ordered:

@@ -40,7 +40,7 @@ def title(meta):
     machine = meta["machine"]
     return (f"statescan {meta['statescan']} bench -- {machine['cpu']}, "
             f"{machine['logical_cpus']} logical CPUs; threads={meta['threads']}, "
-            f"dtype={meta['dtype']}")
+            f"dtype={meta['dtype']}" + ("; cpu clock" if meta.get("clock") == "cpu" else ""))
 
 
 def _column_legend(runners, meta):
@@ -48,7 +48,8 @@ def _column_legend(runners, meta):
     rows = [("case", "kernel and sizes: B batch rows, H hidden units, heads, D/Dm channels, "
                      "N state size, NH heads, d/P head size, K blocks, m block size"),
             ("T", "time steps (tokens) per statescan call"),
-            ("us/step", f"statescan's {meta['statistic']} time per call / T"),
+            ("us/step", f"statescan's {meta['statistic']} {meta.get('clock', 'wall')} time per "
+                        "call / T"),
             ("GFLOP/s", "statescan's floating-point rate"),
             ("%peak", "GFLOP/s as a fraction of the measured GEMM peak of its dtype")]
     rows += [(f"{name} x", f"{OWN.get(name, 'a peer library')}: its time per step / "
