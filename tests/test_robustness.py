@@ -146,6 +146,25 @@ def test_impossible_sizes_raise_memory_error():
     assert out.strip() == "ok"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS is Linux's")
+def test_memory_error_names_the_array():
+    """An output that cannot be allocated raises MemoryError at once (before any step runs),
+    naming the array, its shape and its size (compiled backend: the numpy references
+    allocate with numpy's own message)."""
+    out = _run_script("""
+        import resource
+        import numpy as np, statescan as ss
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+        big = lambda *shape: np.broadcast_to(np.float32(0.5), shape)   # no memory behind it
+        try:
+            ss.lstm(big(4, 2**16, 8), big(4 * 1024, 8), big(4 * 1024, 1024))
+        except MemoryError as e:
+            print(e)
+    """)
+    assert out.strip() == (f"W x + b [B, T, G*H] of shape [4, 65536, 4096] (float32) needs "
+                           f"{2**32} bytes, more than can be allocated")
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "elman", "slstm"])
 def test_stream_pickles(cell):
     G = {"lstm": 4, "gru": 3, "elman": 1, "slstm": 4}[cell]

@@ -101,6 +101,9 @@ def outputs(cell, y, state):
     return y, tuple(state)
 
 
+_PROJECTION = "W x + b [B, T, G*H]"     # (how a MemoryError names the arrays)
+
+
 def input_preactivation(call):
     """W x + b over all B*T rows, [B, T, G*H] (x itself, or x + b, when W is None)."""
     x, W, b = call.x, call.W, call.b
@@ -109,10 +112,12 @@ def input_preactivation(call):
     B, T, _ = x.shape
     if call.lengths is not None:          # padded steps are never read: not projected
         return _dispatch.run("rnn", "project_valid", x, W, b, call.lengths,
-                             out=lambda: _memory.empty((B, T, W.shape[0]), x.dtype),
+                             out=lambda: _memory.empty((B, T, W.shape[0]), x.dtype,
+                                                       _PROJECTION),
                              empty=x.size == 0 or W.size == 0)
     return _dispatch.run("rnn", "project", x, W, b,
-                         out=lambda: _memory.empty((B, T, W.shape[0]), x.dtype),
+                         out=lambda: _memory.empty((B, T, W.shape[0]), x.dtype,
+                                                   _PROJECTION),
                          empty=x.size == 0 or W.size == 0)
 
 
@@ -130,8 +135,9 @@ def forward(call, ax, save, block=0):
     b_r = np.zeros(ax.shape[2], dtype) if call.b_r is None else call.b_r
 
     def out():
-        return (_memory.empty((S if save else 1, B, T, H), dtype),
-                _memory.empty(ax.shape, dtype) if save else None,
+        return (_memory.empty((S if save else 1, B, T, H), dtype,
+                              "states [S, B, T, H]" if save else "y [1, B, T, H]"),
+                _memory.empty(ax.shape, dtype, "R h + b_r [B, T, G*H]") if save else None,
                 np.empty_like(call.state0))
 
     return _dispatch.run("rnn", "forward", call.cell.name, ax, call.R, b_r, call.state0, save,
