@@ -160,15 +160,19 @@ cdef enum:
     # multiply-adds per thread and step below which a barrier per step (about 0.2-1 us, far more
     # on a busy machine) costs more than the work it spreads
     MIN_COLUMN_WORK = 1 << 14
+    # a call also pays a parallel region and two barriers before its first step: calls of
+    # fewer steps than this (streaming, T = 1) need proportionally more work per step
+    MIN_COLUMN_STEPS = 4
 
 
-cdef int column_team(Py_ssize_t njobs, Py_ssize_t RB, Py_ssize_t D, Py_ssize_t G,
+cdef int column_team(Py_ssize_t njobs, Py_ssize_t RB, Py_ssize_t T, Py_ssize_t D, Py_ssize_t G,
                      int num_threads, bint forced) noexcept nogil:
     """Threads per job for the column split (1: the row split is better)."""
     cdef Py_ssize_t team = num_threads // njobs
     team = min(team, (D + NT - 1) // NT)        # at least one panel of units per member
     if not forced:
-        team = min(team, RB * G * D * D // MIN_COLUMN_WORK)
+        team = min(team, RB * G * D * D * min(T, <Py_ssize_t> MIN_COLUMN_STEPS)
+                   // (MIN_COLUMN_WORK * MIN_COLUMN_STEPS))
     return <int> max(1, team)
 
 
@@ -278,7 +282,7 @@ cdef int column_member(int cell, Py_ssize_t job, long member, long team, Py_ssiz
                        Py_ssize_t S_save, const floating* ax, const floating* mp,
                        const floating* b_r, const floating* state0, floating* seq,
                        floating* ar_seq, floating* state_out, const Py_ssize_t* rows,
-                       const Py_ssize_t* start, Py_ssize_t RB, floating* hbufs,
+                       const Py_ssize_t* start, Py_ssize_t hstride, floating* hbufs,
                        ss_barrier* bars, Varlen vl) noexcept nogil:
     """One member's part of job `job` (row block job // heads, head job % heads): its units
     are panels [member * P / team, (member + 1) * P / team) of the head's P unit panels.
@@ -304,7 +308,7 @@ cdef int column_member(int cell, Py_ssize_t job, long member, long team, Py_ssiz
     else:
         forward_columns(cell, rows + start[blk], nr, job % heads, B, T, heads * D, D, G, S,
                         S_save, d0, d1, ax, mp, b_r, state0, seq, ar_seq, state_out,
-                        hbufs + job * 2 * RB * D, bar, team, st, gates, panels, vl)
+                        hbufs + job * hstride, bar, team, st, gates, panels, vl)
     scratch_free(st)
     scratch_free(gates)
     scratch_free(panels)
@@ -316,7 +320,7 @@ cdef void column_thread(int cell, Py_ssize_t njobs, int team, Py_ssize_t B, Py_s
                         Py_ssize_t S_save, const floating* ax, const floating* mp,
                         const floating* b_r, const floating* state0, floating* seq,
                         floating* ar_seq, floating* state_out, const Py_ssize_t* rows,
-                        const Py_ssize_t* start, Py_ssize_t RB, floating* hbufs,
+                        const Py_ssize_t* start, Py_ssize_t hstride, floating* hbufs,
                         ss_barrier* bars, Varlen vl, int* status) noexcept nogil:
     """The work of the calling thread of run_columns' parallel region (status[thread] = -1
     on failure).  Teams are formed from the threads OpenMP actually gave: job j gets threads
@@ -332,12 +336,12 @@ cdef void column_thread(int cell, Py_ssize_t njobs, int team, Py_ssize_t B, Py_s
         if tid - first < size:
             status[tid] = column_member(cell, job, tid - first, size, B, T, heads, D, G, S,
                                         S_save, ax, mp, b_r, state0, seq, ar_seq, state_out,
-                                        rows, start, RB, hbufs, bars, vl)
+                                        rows, start, hstride, hbufs, bars, vl)
         return
     job = tid
     while job < njobs:
         if column_member(cell, job, 0, 1, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0,
-                         seq, ar_seq, state_out, rows, start, RB, hbufs, bars, vl):
+                         seq, ar_seq, state_out, rows, start, hstride, hbufs, bars, vl):
             status[tid] = -1
         job += nt
 
@@ -350,24 +354,28 @@ cdef int run_columns(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
                      Py_ssize_t RB, Varlen vl, int team, int num_threads) noexcept nogil:
     """run_forward's jobs on teams of up to `team` threads each (the column split)."""
     cdef Py_ssize_t njobs = nblocks * heads, job
-    cdef floating* hbufs = <floating*> scratch_alloc(njobs * 2 * RB * D * sizeof(floating))
-    cdef ss_barrier* bars = <ss_barrier*> scratch_alloc(njobs * sizeof(ss_barrier))
+    # each job's barrier and h buffers start on their own 64-byte lines: two teams' barriers
+    # share no line, nor (when D is a multiple of 16) do the members' slices of h
+    cdef Py_ssize_t hstride = round_up(2 * RB * D, 16)
+    cdef char* shared = <char*> scratch_alloc(64 + njobs * (sizeof(ss_barrier)
+                                                            + hstride * sizeof(floating)))
+    cdef ss_barrier* bars = <ss_barrier*> ((<size_t> shared + 63) & ~(<size_t> 63))
+    cdef floating* hbufs = <floating*> (bars + njobs)
     cdef int nreq = <int> min(njobs * team, <Py_ssize_t> num_threads)
     cdef int* status = <int*> scratch_alloc(nreq * sizeof(int))
     cdef int failed = 0, i
-    if hbufs == NULL or bars == NULL or status == NULL:
+    if shared == NULL or status == NULL:
         failed = 1
     else:
         memset(bars, 0, njobs * sizeof(ss_barrier))
         memset(status, 0, nreq * sizeof(int))
         with parallel(num_threads=nreq):
             column_thread(cell, njobs, team, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0,
-                          seq, ar_seq, state_out, rows, start, RB, hbufs, bars, vl, status)
+                          seq, ar_seq, state_out, rows, start, hstride, hbufs, bars, vl, status)
         for i in range(nreq):
             if status[i]:
                 failed = 1
-    scratch_free(hbufs)
-    scratch_free(bars)
+    scratch_free(shared)
     scratch_free(status)
     return -failed
 
@@ -518,7 +526,7 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
                              num_threads)
         scratch_free(own)
         return status
-    team = column_team(nblocks * heads, RB, D, G, num_threads, block == -1)
+    team = column_team(nblocks * heads, RB, T, D, G, num_threads, block == -1)
     if block == -1 or (block == 0 and team > 1):      # fewer (row block, head) jobs than threads
         return run_columns(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
                            state_out, rows, start, nblocks, RB, vl, team, num_threads)
