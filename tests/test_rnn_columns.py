@@ -5,6 +5,11 @@ reverse and resets, and chosen automatically for one sequence on several threads
 
 The compiled kernel is called directly with its `block` argument (-1 forces the column split,
 0 is the automatic choice, > 0 rows per job): small shapes then exercise every path quickly."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -118,3 +123,28 @@ def test_one_sequence_on_several_threads_through_the_public_api(cell):
     for n in (2, 3):
         assert_all_equal(outs[n], outs[1], what=f"{n} threads")
     assert_all_equal((outs[1][1],), (outs[1][0],), what="stream vs one call")
+
+
+def test_teams_form_from_the_threads_openmp_gives(tmp_path):
+    """OpenMP may give a region fewer threads than asked (OMP_THREAD_LIMIT, OMP_DYNAMIC): the
+    teams are formed from the threads present, so nothing waits for a member that does not
+    exist, and the bits stay those of one thread."""
+    script = tmp_path / "limited.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from statescan import _dispatch\n"
+        "import test_rnn_columns as t\n"
+        "for cell in t.CELLS:\n"
+        "    for B, H, heads in ((1, 96, 1), (2, 64, 2)):\n"
+        "        args = t._problem(cell, B, 5, H, heads, np.float64)\n"
+        "        rows = t._forward(cell, *args, block=0, threads=1)\n"
+        "        for block, threads in ((-1, 3), (0, 3), (-1, 8)):\n"
+        "            t.assert_all_equal(t._forward(cell, *args, block=block, threads=threads),\n"
+        "                               rows, what=f'{cell} block={block}')\n"
+        "print('ok')\n")
+    tests_dir = str(pathlib.Path(__file__).parent)
+    env = dict(os.environ, OMP_THREAD_LIMIT="2",
+               PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tests_dir)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
