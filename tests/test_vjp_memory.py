@@ -12,7 +12,7 @@ import statescan as ss
 from statescan import _cell_call, _cell_checkpoint
 from statescan._cells import CELLS as REGISTRY
 from _helpers import (CELLS, assert_all_close, assert_all_equal, flat_outputs, make_problem,
-                      random_cotangent, state_parts)
+                      random_cotangent, state_parts, using_threads)
 
 B, T = 3, 7
 CASES = [
@@ -69,6 +69,31 @@ def test_blocked_vjp_equals_unblocked(cell, case, blocks, backend, monkeypatch):
                      "outputs vs the plain call")
     assert len(grads_b) == len(grads_u)
     assert_all_close(list(grads_b), list(grads_u), what=f"{cell} {case[0]} grads")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_blocked_vjp_equals_unblocked_float32(cell, backend, monkeypatch):
+    monkeypatch.setattr(_cell_checkpoint, "BLOCKS", 3)
+    p = make_problem(cell, B=B, T=T, I=3, H=4, dtype=np.float32, state=True)
+    kw = _kwargs(p, dict(lengths=[5, 7, 1], reset="some"))
+    out_b, grads_b, n_blocked = _run(p, kw, True, monkeypatch)
+    out_u, grads_u, _ = _run(p, kw, False, monkeypatch)
+    assert n_blocked == 1
+    assert_all_equal(flat_outputs(cell, out_b), flat_outputs(cell, out_u))
+    assert_all_close(list(grads_b), list(grads_u), what=f"{cell} float32 grads")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blocked_vjp_is_the_same_for_any_thread_count(dtype, monkeypatch):
+    monkeypatch.setattr(_cell_checkpoint, "BLOCKS", 3)
+    p = make_problem("lstm", B=5, T=T, I=3, H=8, heads=2, dtype=dtype, state=True)
+    results = []
+    for n in (1, 2):
+        with using_threads(n):
+            out, grads, n_blocked = _run(p, p.kwargs(), True, monkeypatch)
+        assert n_blocked == 1
+        results.append(flat_outputs("lstm", out) + tuple(grads[:5]) + grads[5])
+    assert_all_equal(results[0], results[1])
 
 
 @pytest.mark.parametrize("cell", CELLS)
