@@ -145,7 +145,9 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
 # micro-kernel (every output column is still summed over the same k in the same order, and a
 # column's arithmetic does not depend on its panel neighbours), runs the cell on its units and
 # writes its part of h into the team's double-buffered h (read buffer j % 2, write the other);
-# one barrier per step.  The results are therefore those of forward_job, bit for bit.
+# one barrier per step.  The results are therefore those of forward_job, bit for bit (the cell's
+# vector loop also splits each member's units at the same multiples of the vector width as one
+# thread's: tests/test_rnn_columns.py checks the bits across thread counts and splits).
 
 cdef extern from "_barrier.h" nogil:
     ctypedef struct ss_barrier:
