@@ -81,7 +81,9 @@ def test_tune_writes_a_cache_that_a_new_process_reads(cache_dir):
 def test_a_stored_choice_is_used_by_the_next_import(cache_dir):
     # a value that is never the automatic one, so the round trip cannot pass by default
     _tuning.store([{"kernel": "ssd", "key": _key("ssd", "float32"), "value": 16}])
+    # the same thread count as here (a pinned parent would give the child another default)
     code = ("import numpy as np; from statescan import _tuning; import statescan as ss;"
+            f"ss.set_num_threads({ss.get_num_threads()});"
             f"print(_tuning.chunk('ssd', {SSD_SHAPE['N']}, {SSD_SHAPE['P']},"
             "np.dtype('float32')), _tuning.chunk('ssd', 8, 8, np.dtype('float64')))")
     env = dict(os.environ, STATESCAN_CACHE_DIR=str(cache_dir))

@@ -230,7 +230,19 @@ def threads_for(work):
     """Threads worth using for a call of about `work` multiply-adds (None: all allowed).
     The kernels give the same bits for any thread count, so this only changes the speed."""
     n = get_num_threads()
-    return n if work is None else max(1, min(n, int(work) // MIN_WORK_PER_THREAD))
+    if work is None or n == 1:
+        return n
+    useful = int(work) // MIN_WORK_PER_THREAD
+    return n if useful >= n else max(1, useful)
+
+
+def compiled(family, name):
+    """The compiled kernel `name` of `family` when the compiled backend is active, else None:
+    for the fast paths of small calls, which run it directly (and leave every other call,
+    the python backend's included, to :func:`run`)."""
+    if _state["backend"] != "compiled":
+        return None
+    return getattr(ext_module(family), name)
 
 
 def run(family, name, *args, out=None, empty=False, work=None):
@@ -245,8 +257,10 @@ def run(family, name, *args, out=None, empty=False, work=None):
     """
     if empty or _state["backend"] != "compiled":
         return getattr(importlib.import_module(f"statescan._reference.{family}"), name)(*args)
+    kernel = getattr(ext_module(family), name)
     outputs = out() if out is not None else ()
-    single = not isinstance(outputs, tuple)
-    getattr(ext_module(family), name)(*args, *((outputs,) if single else outputs),
-                                      threads_for(work))
+    if type(outputs) is tuple:
+        kernel(*args, *outputs, threads_for(work))
+    else:
+        kernel(*args, outputs, threads_for(work))
     return outputs

@@ -15,11 +15,21 @@ import operator
 
 import numpy as np
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def contiguous_arrays(values, dtype):
+    """True when every entry of `values` is None or a C-contiguous ndarray of `dtype`: the
+    fast paths' check (a call that fails it gets the full validation, which explains)."""
+    for a in values:
+        if a is not None and (type(a) is not np.ndarray or a.dtype != dtype
+                              or not a.flags.c_contiguous):
+            return False
+    return True
 
 
 def _is_float_array(value):
-    return isinstance(value, np.ndarray) and value.dtype in _FLOATS
+    return isinstance(value, np.ndarray) and value.dtype in FLOATS
 
 
 def float_array(name, a, dtype=None):
@@ -32,7 +42,7 @@ def float_array(name, a, dtype=None):
         raise TypeError(f"{name} must be an array, got None")
     if isinstance(a, np.ndarray) or hasattr(a, "__array__") and not isinstance(a, (list, tuple)):
         arr = np.asarray(a)
-        if arr.dtype not in _FLOATS:
+        if arr.dtype not in FLOATS:
             raise TypeError(f"{name} must be float32 or float64, got dtype {arr.dtype}")
         return arr
     if isinstance(a, (bool, np.bool_, str, bytes)) or a is Ellipsis:

@@ -40,6 +40,14 @@ def _empty(q, k, v):
     return B * NH * Tq * k.shape[2] * v.shape[3] == 0
 
 
+def _work(q, k, v):
+    """About the multiply-adds of the forward: scores and weighted values of every (query,
+    key) pair (a causal mask skips about half, which does not change the thread choice
+    much)."""
+    B, NH, Tq, d = q.shape
+    return B * NH * Tq * k.shape[2] * (d + v.shape[3])
+
+
 def _forward(q, k, v, causal, chunk, scale):
     """(o, lse) -- lse [B,NH,Tq] is what the backward needs besides the inputs."""
     B, NH, Tq, _ = q.shape
@@ -48,7 +56,8 @@ def _forward(q, k, v, causal, chunk, scale):
         return np.zeros((B, NH, Tq, dv), q.dtype), np.full((B, NH, Tq), -np.inf, q.dtype)
     return _dispatch.run("attention", "flash_forward", q, k, v, causal, scale, chunk,
                          out=lambda: (np.empty((B, NH, Tq, dv), q.dtype),
-                                      np.empty((B, NH, Tq), q.dtype)))
+                                      np.empty((B, NH, Tq), q.dtype)),
+                         work=_work(q, k, v))
 
 
 def attention(q, k, v, *, causal=True, chunk=None, scale=None):
@@ -98,7 +107,8 @@ def _attention_vjp(q, k, v, *, causal=True, chunk=None, scale=None):
             return np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
         return _dispatch.run("attention", "flash_backward", q, k, v, o, lse, do, causal, scale,
                              chunk, out=lambda: (np.empty_like(q), np.empty_like(k),
-                                                 np.empty_like(v)))
+                                                 np.empty_like(v)),
+                             work=2 * _work(q, k, v))
 
     return o, pullback
 

@@ -32,7 +32,8 @@ def recurrence_forward(q, k, v, g, S0, chunk, group=1, lengths=None, reset=None,
         return (np.empty((B, NH, T, dv), S0.dtype) if out is None else out), np.empty_like(S0)
 
     o, S = _dispatch.run(_FAMILY, "linear_forward", q, k, v, g, S0, chunk, group, lengths,
-                         _as_bytes(reset), out=alloc, empty=B * NH * T * dk * dv == 0)
+                         _as_bytes(reset), out=alloc, empty=B * NH * T * dk * dv == 0,
+                         work=recurrence_work(B, NH, T, dk, dv, chunk))
     if out is not None and o is not out:
         out[...] = o
         o = out
@@ -57,11 +58,18 @@ def recurrence_backward(q, k, v, g, S0, S_T, do, dS, chunk, group=1, lengths=Non
     dq, dk_, dv_, dS0 = _dispatch.run(_FAMILY, "linear_backward", q, k, v, g_kernel, S0, chunk,
                                       group, lengths, _as_bytes(reset), do,
                                       np.ascontiguousarray(dS), out=alloc,
-                                      empty=B * NH * T * dk * dv == 0)
+                                      empty=B * NH * T * dk * dv == 0,
+                                      work=3 * recurrence_work(B, NH, T, dk, dv, chunk))
     dg = None
     if g is not None and need_dg:
         dg = _ref.log_decay_grad(q, k, dq, dk_, dS, S_T, group, lengths, reset)
     return dq, dk_, dv_, dS0, dg
+
+
+def recurrence_work(B, NH, T, dk, dv, chunk):
+    """About the multiply-adds of the forward recurrence: per step the state update and
+    its read-out (2 dk dv) and the block's quadratic part (chunk (dk + dv))."""
+    return B * NH * T * (2 * dk * dv + min(chunk, T) * (dk + dv))
 
 
 def _as_bytes(reset):
@@ -135,16 +143,6 @@ def store_state(S, out_state):
         return S
     out_state[...] = S
     return out_state
-
-
-def fast_arrays(arrays, dtype):
-    """True when every entry is None or a C-contiguous ndarray of `dtype` (the decode fast
-    path's check; the general path validates and explains anything else)."""
-    for a in arrays:
-        if a is not None and (type(a) is not np.ndarray or a.dtype != dtype
-                              or not a.flags.c_contiguous):
-            return False
-    return True
 
 
 # ---- linear attention --------------------------------------------------------------------------
@@ -227,6 +225,8 @@ def linear_attention(q, k, v, *, decay=None, chunk=None, state=None, lengths=Non
     thread); vjp with its pullback 5.1x (the inputs are kept, gradients of their size).
     """
     fast = _decode(q, k, v, decay, state, lengths, reverse, reset, out_state)
+    if fast is None and lengths is None and reset is None and reverse is False:
+        fast = _fast_call(q, k, v, decay, state, chunk, out_state)
     if fast is not None:
         return fast
     q, k, v, lam, g, S0, chunk, lengths, reset, perm = _prepare(q, k, v, decay, state, chunk,
@@ -243,7 +243,8 @@ def _decode(q, k, v, decay, state, lengths, reverse, reset, out_state):
         return None
     dtype = q.dtype
     B, NH, _, dk = q.shape
-    if (dtype not in _FLOATS or not fast_arrays((q, k, v, decay, state, out_state), dtype)
+    if (dtype not in _FLOATS
+            or not _validate.contiguous_arrays((q, k, v, decay, state, out_state), dtype)
             or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]):
         return None
     dv = v.shape[3]
@@ -255,8 +256,47 @@ def _decode(q, k, v, decay, state, lengths, reverse, reset, out_state):
         return None
     o, S = _dispatch.run(_FAMILY, "linear_step", q, k, v, decay, state,
                          out=lambda: (np.empty((B, NH, 1, dv), dtype),
-                                      np.empty_like(state) if out_state is None else out_state))
+                                      np.empty_like(state) if out_state is None else out_state),
+                         work=2 * state.size)
     return o, store_state(S, out_state)        # the reference returns a new state
+
+
+def _fast_call(q, k, v, decay, state, chunk, out_state):
+    """A call whose arrays are already valid -- C-contiguous ndarrays of one float dtype with
+    matching shapes, no size 0, decays in (0, 1], compiled backend; the caller has checked
+    that lengths, reset and reverse are not given -- checked in about a microsecond and run
+    with the arguments the general path would pass: (o, final state).  None for any other
+    call, which then gets the full validation and its error messages."""
+    if type(q) is not np.ndarray or k is None or v is None:
+        return None
+    dtype = q.dtype
+    if (dtype not in _FLOATS
+            or not _validate.contiguous_arrays((q, k, v, decay, state, out_state), dtype)):
+        return None
+    shape = q.shape
+    if len(shape) != 4 or k.shape != shape or len(v.shape) != 4 or v.shape[:3] != shape[:3]:
+        return None
+    B, NH, T, dk = shape
+    dv = v.shape[3]
+    state_shape = (B, NH, dk, dv)
+    if (B * NH * T * dk * dv == 0 or (decay is not None and decay.shape != (NH,))
+            or (state is not None and state.shape != state_shape)
+            or (out_state is not None and (out_state.shape != state_shape
+                                           or not out_state.flags.writeable))):
+        return None
+    if decay is not None and not np.all((decay > 0) & (decay <= 1)):
+        return None
+    kernel = _dispatch.compiled(_FAMILY, "linear_forward")
+    if kernel is None:
+        return None
+    if chunk is None:                     # as _prepare
+        chunk = _tuning.chunk("linear_attention", dk, dv, dtype)
+    chunk = check_chunk(chunk, T)
+    g = None if decay is None else np.broadcast_to(np.log(decay)[None, :, None], (B, NH, T))
+    o, S = np.empty((B, NH, T, dv), dtype), np.empty(state_shape, dtype)
+    kernel(q, k, v, g, np.zeros(state_shape, dtype) if state is None else state, chunk, 1,
+           None, None, o, S, _dispatch.threads_for(recurrence_work(B, NH, T, dk, dv, chunk)))
+    return o, store_state(S, out_state)
 
 
 def _linear_attention_vjp(q, k, v, *, decay=None, chunk=None, state=None, lengths=None,

@@ -30,7 +30,8 @@ def _check_solver(solver, call):
 def _run(cell, x, W, R, b, b_r, heads, state, solver, solver_options, lengths=None,
          reverse=False, reset=None):
     cell = CELLS[cell]
-    solver = _validate.choice("solver", solver, _SOLVERS)
+    if type(solver) is not str or solver != "sequential":      # the default: no check
+        solver = _validate.choice("solver", solver, _SOLVERS)
     call = _cell_call.prepare(cell, x, W, R, b, b_r, heads, state, lengths, reverse, reset)
     _check_solver(solver, call)
     ax = _cell_call.input_preactivation(call)

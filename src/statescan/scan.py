@@ -224,33 +224,53 @@ def _step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state):
     return y, new
 
 
-def _fast_step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state):
-    """The decoding loop's call -- T = 1, a state, every array already a C-contiguous ndarray
-    of one float dtype with matching shapes -- checked in a few microseconds and run; None
-    for any other call (which then gets the full validation)."""
-    if type(x) is not np.ndarray or x.dtype not in _FLOATS or type(dt_softplus) is not bool:
+def _fast_call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state):
+    """A call whose arrays are already valid -- C-contiguous ndarrays of one float dtype with
+    matching shapes, no size 0, compiled backend; the caller has checked that lengths, reset
+    and reverse are not given -- checked in about a microsecond and run: (y, final state).
+    None for any other call, which then gets the full validation and its error messages.
+
+    T = 1 runs the one-step kernel (from a zero state when none is given: the same bits as
+    the sequence kernel), longer calls the sequence kernel, both with the arguments the
+    general path would pass."""
+    if (type(x) is not np.ndarray or type(dt_softplus) is not bool or dt is None or A is None
+            or B is None or C is None):
         return None
     dtype = x.dtype
-    if A is None or B is None or C is None or dt is None:
+    if dtype not in _FLOATS or not _validate.contiguous_arrays(
+            (x, dt, A, B, C, state, D, z, dt_bias, out_state), dtype):
         return None
-    for v in (x, dt, A, B, C, state, D, z, dt_bias, out_state):
-        if v is not None and (type(v) is not np.ndarray or v.dtype != dtype
-                              or not v.flags.c_contiguous):
-            return None
     shape = x.shape
-    if len(shape) != 3 or shape[1] != 1 or len(A.shape) != 2 or shape[2] != A.shape[0]:
+    if len(shape) != 3 or len(A.shape) != 2 or shape[2] != A.shape[0]:
         return None
-    Bt, _, Dm = shape
+    Bt, T, Dm = shape
     N = A.shape[1]
-    if Bt == 0 or Dm == 0 or N == 0 or dt.shape != shape or B.shape != (Bt, 1, N) \
-            or C.shape != B.shape or state.shape != (Bt, Dm, N) \
-            or (z is not None and z.shape != shape) \
-            or (D is not None and D.shape != (Dm,)) \
-            or (dt_bias is not None and dt_bias.shape != (Dm,)) \
-            or (out_state is not None and (out_state.shape != state.shape
-                                           or not out_state.flags.writeable)):
+    state_shape = (Bt, Dm, N)
+    if (Bt == 0 or T == 0 or Dm == 0 or N == 0 or dt.shape != shape or B.shape != (Bt, T, N)
+            or C.shape != B.shape or (z is not None and z.shape != shape)
+            or (D is not None and D.shape != (Dm,))
+            or (dt_bias is not None and dt_bias.shape != (Dm,))
+            or (state is not None and state.shape != state_shape)
+            or (out_state is not None and (out_state.shape != state_shape
+                                           or not out_state.flags.writeable))):
         return None
-    return _step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state)
+    kernel = _dispatch.compiled("scan", "selective_step" if T == 1 else "selective_scan")
+    if kernel is None:
+        return None
+    y = np.empty_like(x)
+    state0 = np.zeros(state_shape, dtype) if state is None else state
+    threads = _dispatch.threads_for(4 * Bt * T * Dm * N)
+    if T == 1:               # the step kernel may write the state in place
+        final = np.empty(state_shape, dtype) if out_state is None else out_state
+        kernel(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state0, y, final, threads)
+        return y, final
+    final = np.empty(state_shape, dtype)
+    kernel(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state0, None, None, False, False, y,
+           final, None, threads)
+    if out_state is not None:
+        np.copyto(out_state, final)
+        final = out_state
+    return y, final
 
 
 def _check_out_state(out_state, call):
@@ -319,9 +339,9 @@ def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=
         one call, bit for bit.
 
     Decoding: a call with T = 1, a state and neither lengths nor reset runs a one-step
-    kernel on the state in its [B, Dm, N] layout (no transposes or copies); when every array
-    is already a C-contiguous ndarray of the same dtype, argument checking takes a few
-    microseconds.
+    kernel on the state in its [B, Dm, N] layout (no transposes or copies).  When every array
+    is already a C-contiguous ndarray of the same dtype (and lengths, reset, reverse are not
+    given), argument checking takes about a microsecond, for any T.
 
     Gradients: ``vjp(selective_scan, x, dt, A, B, C, D, z=..., dt_bias=..., state=...)``
     gives a pullback taking ``(dy, dstate)`` (either may be None) and returning
@@ -338,8 +358,8 @@ def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=
     The compiled kernel evaluates exp with its own vectorised polynomial (about 1 ulp);
     decays below 2^-125 (float32) or 2^-1021 (float64) are flushed to 0.
     """
-    if state is not None and lengths is None and reset is None:
-        fast = _fast_step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state)
+    if lengths is None and reset is None and reverse is False:
+        fast = _fast_call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state)
         if fast is not None:
             return fast
     call = _prepare_selective(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths,

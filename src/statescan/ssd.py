@@ -6,8 +6,8 @@ import numpy as np
 from . import _dispatch, _tuning, _validate
 from ._reference.ssd import softplus
 from .autodiff import cotangent, defvjp
-from .linear_attention import (check_chunk, fast_arrays, out_state_array, permute,
-                               recurrence_backward, steps, store_state,
+from .linear_attention import (check_chunk, out_state_array, permute,
+                               recurrence_backward, recurrence_work, steps, store_state,
                                zero_padding, _FLOATS)
 
 
@@ -18,19 +18,99 @@ def default_chunk(N, P):
     return _tuning.automatic_chunk("ssd", N, P)
 
 
+def _valid_arrays(x, dt, A, B, C, D, z, dt_bias, state):
+    """What ``_validate.arrays`` returns -- ({name: array}, {dim: size}, dtype) -- for arrays
+    that are already valid: C-contiguous ndarrays of one float dtype with matching nonzero
+    sizes, A, dt_bias and D not broadcast (small calls).  None for anything else, which then
+    gets the full validation and its error messages."""
+    if type(x) is not np.ndarray or len(x.shape) != 4 or type(B) is not np.ndarray:
+        return None
+    dtype = x.dtype
+    if (dtype not in _FLOATS
+            or not _validate.contiguous_arrays((x, dt, A, B, C, D, z, dt_bias, state), dtype)):
+        return None
+    Bt, T, NH, P = x.shape
+    N = B.shape[-1]
+    G = B.shape[2] if len(B.shape) == 4 else None
+    if (Bt * T * NH * P * N == 0 or dt is None or A is None or C is None
+            or dt.shape != (Bt, T, NH) or A.shape != (NH,) or C.shape != B.shape
+            or B.shape != ((Bt, T, N) if G is None else (Bt, T, G, N))
+            or (G is not None and (G == 0 or NH % G))
+            or (D is not None and D.shape != (NH,) and D.shape != (NH, P))
+            or (z is not None and z.shape != x.shape)
+            or (dt_bias is not None and dt_bias.shape != (NH,))
+            or (state is not None and state.shape != (Bt, NH, P, N))):
+        return None
+    dims = {"B": Bt, "T": T, "NH": NH, "P": P, "N": N}
+    if G is not None:
+        dims["G"] = G
+    return ({"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias,
+             "state": state}, dims, dtype)
+
+
+def _delta(dt, dt_bias, softplus_):
+    """(dt + dt_bias, delta): delta is that through softplus when `softplus_`."""
+    dtr = dt if dt_bias is None else dt + dt_bias
+    return dtr, (softplus(dtr) if softplus_ else dtr)
+
+
+def _output(y, x, Dm, z):
+    """(output, output before the gate): the recurrence's output `y` with the D skip (Dm:
+    D as [NH, 1] or [NH, P]) and the silu(z) gate."""
+    if Dm is not None:
+        y = y + Dm * x
+    y_pre = y
+    if z is not None:
+        y = y_pre * (z / (1 + np.exp(-z)))
+    return y, y_pre
+
+
+def _fast_call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state, out_state):
+    """A prefill whose arrays are already valid (see :func:`_valid_arrays`), with a valid
+    out_state and the compiled backend; the caller has checked that lengths, reset and reverse
+    are not given.  Runs what :class:`_Call` would, without its set-up for the backward:
+    (y, final state).  None for any other call."""
+    valid = _valid_arrays(x, dt, A, B, C, D, z, dt_bias, state)
+    if valid is None or type(dt_softplus) is not bool:
+        return None
+    dims, dtype = valid[1], valid[2]
+    Bt, T, NH, P, N = dims["B"], dims["T"], dims["NH"], dims["P"], dims["N"]
+    shape = (Bt, NH, P, N)
+    if out_state is not None and (type(out_state) is not np.ndarray
+                                  or out_state.dtype != dtype or out_state.shape != shape
+                                  or not out_state.flags.c_contiguous
+                                  or not out_state.flags.writeable):
+        return None
+    kernel = _dispatch.compiled("ssd", "ssd_forward")
+    if kernel is None:
+        return None
+    if chunk is None:                 # as _Call
+        chunk = _tuning.chunk("ssd", N, P, dtype)
+    chunk = check_chunk(chunk, T)
+    y, h = np.empty_like(x), np.empty(shape, dtype) if out_state is None else out_state
+    kernel(x, _delta(dt, dt_bias, dt_softplus)[1], A, B, C, state, chunk, None, None, y, h,
+           _dispatch.threads_for(recurrence_work(Bt, NH, T, N, P, chunk)))
+    return _output(y, x, None if D is None else D[:, None] if D.ndim == 1 else D, z)[0], h
+
+
 class _Call:
     """One validated call: the arrays in processing order and the recurrence's operands."""
 
     def __init__(self, x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state, lengths,
                  reverse, reset):
         grouped = np.ndim(B) == 4
-        bc = "B T G N" if grouped else "B T N"
-        arr, dims, dtype = _validate.arrays(
-            {"x": "B T NH P", "dt": "B T NH", "A": "~NH", "B": bc, "C": bc,
-             "D?": "NH P" if np.ndim(D) == 2 else "~NH", "z?": "B T NH P", "dt_bias?": "~NH",
-             "state?": "B NH P N"},
-            {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias,
-             "state": state})
+        valid = None
+        if lengths is None and reset is None and reverse is False:
+            valid = _valid_arrays(x, dt, A, B, C, D, z, dt_bias, state)
+        if valid is None:
+            bc = "B T G N" if grouped else "B T N"
+            valid = _validate.arrays(
+                {"x": "B T NH P", "dt": "B T NH", "A": "~NH", "B": bc, "C": bc,
+                 "D?": "NH P" if np.ndim(D) == 2 else "~NH", "z?": "B T NH P",
+                 "dt_bias?": "~NH", "state?": "B NH P N"},
+                {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias,
+                 "state": state})
+        arr, dims, dtype = valid
         Bt, T, NH, P, N = (dims[n] for n in ("B", "T", "NH", "P", "N"))
         G = dims.get("G", 1)
         if grouped and (NH % G if G else NH):
@@ -45,8 +125,7 @@ class _Call:
                                                     for n in ("x", "dt", "B", "C", "z"))
         self.A, self.D, self.dt_bias = arr["A"], arr["D"], arr["dt_bias"]
         self.dtype, self.G, self.grouped = dtype, G, grouped
-        self.dtr = self.dt if self.dt_bias is None else self.dt + self.dt_bias
-        self.delta = softplus(self.dtr) if self.sp else self.dtr
+        self.dtr, self.delta = _delta(self.dt, self.dt_bias, self.sp)
         # the recurrence's view: q = C, k = B shared by the heads of a group
         if grouped:
             self.q, self.k = self.C.transpose(0, 2, 1, 3), self.B.transpose(0, 2, 1, 3)
@@ -70,12 +149,9 @@ class _Call:
 
         y, h = _dispatch.run("ssd", "ssd_forward", self.x, self.delta, self.A, self.B, self.C,
                              self.state, self.chunk, self.lengths, self.reset, out=alloc,
-                             empty=self.x.size * N == 0)
-        if self.Dm is not None:
-            y = y + self.Dm * self.x
-        y_pre = y
-        if self.z is not None:
-            y = y_pre * (self.z / (1 + np.exp(-self.z)))
+                             empty=self.x.size * N == 0,
+                             work=recurrence_work(Bt, NH, T, N, P, self.chunk))
+        y, y_pre = _output(y, self.x, self.Dm, self.z)
         if self.Dm is not None or self.z is not None:
             zero_padding(y, self.lengths, 1)
         return y, y_pre, h, np.swapaxes(h, -1, -2)
@@ -196,6 +272,8 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, chun
     """
     fast = _decode(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths, reverse, reset,
                    out_state)
+    if fast is None and lengths is None and reset is None and reverse is False:
+        fast = _fast_call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state, out_state)
     if fast is not None:
         return fast
     call = _Call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state, lengths, reverse,
@@ -215,8 +293,8 @@ def _decode(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths, reverse,
             or type(dt_softplus) is not bool):
         return None
     dtype = x.dtype
-    if dtype not in _FLOATS or not fast_arrays((x, dt, A, B, C, D, z, dt_bias, state,
-                                                out_state), dtype):
+    if dtype not in _FLOATS or not _validate.contiguous_arrays(
+            (x, dt, A, B, C, D, z, dt_bias, state, out_state), dtype):
         return None
     Bt, _, NH, P = x.shape
     N = B.shape[-1]
@@ -232,7 +310,8 @@ def _decode(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths, reverse,
         return None
     y, S = _dispatch.run("ssd", "ssd_step", x, dt, A, B, C, D, z, dt_bias, dt_softplus, state,
                          out=lambda: (np.empty_like(x), np.empty_like(state)
-                                      if out_state is None else out_state))
+                                      if out_state is None else out_state),
+                         work=2 * state.size)
     return y, store_state(S, out_state)        # the reference returns a new state
 
 

@@ -1,0 +1,347 @@
+"""The small-call fast paths (already-valid C-contiguous arrays of one dtype): the same bits
+as the general path, the same errors (a call the fast check refuses gets the full
+validation), and small work kept on the calling thread."""
+import importlib
+
+import numpy as np
+import pytest
+
+import statescan as ss
+from statescan import _cell_call, _dispatch, _validate
+
+# the modules (the package's names linear_attention etc. are the functions)
+la_module = importlib.import_module("statescan.linear_attention")
+scan_module = importlib.import_module("statescan.scan")
+ssd_module = importlib.import_module("statescan.ssd")
+from _helpers import CELLS, CELL_SIZES, make_problem, random_cotangent, state_parts
+
+DTYPES = (np.float32, np.float64)
+
+
+class Spy:
+    """Wraps a fast-path function: counts the calls it served (returned non-None)."""
+
+    def __init__(self, monkeypatch, module, name):
+        self.fn, self.served = getattr(module, name), 0
+        monkeypatch.setattr(module, name, self)
+
+    def __call__(self, *args):
+        out = self.fn(*args)
+        self.served += out is not None
+        return out
+
+
+def _equal(a, b):
+    if a is None:
+        assert b is None
+    elif isinstance(a, (tuple, list)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for u, v in zip(a, b):
+            _equal(u, v)
+    else:
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.array_equal(a, b, equal_nan=True)
+
+
+def _fast_and_general(monkeypatch, module, name, call):
+    """(output with the fast path, output with it switched off); the fast path must serve."""
+    spy = Spy(monkeypatch, module, name)
+    fast = call()
+    assert spy.served == 1
+    monkeypatch.setattr(module, name, lambda *args: None)
+    return fast, call()
+
+
+# ---- selective_scan ----------------------------------------------------------------------------
+
+def _selective(dtype, Bt, T, Dm, N, seed, options=True, extreme=False):
+    rng = np.random.default_rng(seed)
+
+    def r(*shape, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(dtype)
+
+    x, dt, A = r(Bt, T, Dm), r(Bt, T, Dm), -np.exp(r(Dm, N, scale=0.5))
+    if extreme:              # overflowing decays, inf and NaN inputs: the same NaN/inf pattern
+        dt = r(Bt, T, Dm, scale=60.0)
+        x[0, 0, 0], x[-1, -1, -1] = np.inf, np.nan
+    args = (x, dt, A, r(Bt, T, N), r(Bt, T, N), r(Dm) if options else None)
+    kw = dict(z=r(Bt, T, Dm), dt_bias=r(Dm), dt_softplus=True) if options else {}
+    return args, kw, r(Bt, Dm, N)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("options", [True, False])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_selective_scan_fast_path_same_bits(monkeypatch, dtype, T, options, with_state):
+    for seed, (Bt, Dm, N) in enumerate([(1, 64, 16), (3, 70, 5), (2, 130, 33)]):
+        args, kw, state = _selective(dtype, Bt, T, Dm, N, seed, options)
+        if with_state:
+            kw["state"] = state
+        fast, general = _fast_and_general(monkeypatch, scan_module, "_fast_call",
+                                          lambda: ss.selective_scan(*args, **kw))
+        _equal(fast, general)
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_selective_scan_fast_path_nan_inf_patterns(monkeypatch, T):
+    args, kw, _ = _selective(np.float32, 2, T, 40, 16, 7, extreme=True)
+    fast, general = _fast_and_general(monkeypatch, scan_module, "_fast_call",
+                                      lambda: ss.selective_scan(*args, **kw))
+    _equal(fast, general)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_selective_scan_fast_path_out_state(monkeypatch, T):
+    args, kw, state = _selective(np.float64, 2, T, 24, 8, 3)
+    expected = ss.selective_scan(*args, **kw, state=state.copy())
+    spy = Spy(monkeypatch, scan_module, "_fast_call")
+    out = state.copy()
+    y, final = ss.selective_scan(*args, **kw, state=out, out_state=out)     # in place
+    assert spy.served == 1 and final is out
+    _equal((y, final), expected)
+
+
+def test_selective_scan_fast_path_refuses_what_it_cannot_run(monkeypatch):
+    """Views, other dtypes, lists, options: the general path (it converts or explains)."""
+    args, kw, state = _selective(np.float64, 2, 3, 16, 4, 5)
+    x, dt, A, B, C, D = args
+    spy = Spy(monkeypatch, scan_module, "_fast_call")
+    expected = ss.selective_scan(*args, **kw)
+    assert spy.served == 1
+    refused = [((np.asfortranarray(x), dt, A, B, C, D), kw),
+               ((x, dt, A, B, C, list(D)), kw),
+               ((x, dt, A, B, C, D), dict(kw, dt_softplus=np.True_)),
+               ((x, dt, A, B, C, D), dict(kw, reverse=np.False_))]
+    for a, k in refused:
+        _equal(ss.selective_scan(*a, **k), expected)
+    assert not refused[0][0][0].flags.c_contiguous
+    assert spy.served == 1
+
+
+def test_selective_scan_bad_calls_still_explained():
+    args, kw, state = _selective(np.float32, 2, 1, 16, 4, 5)
+    x, dt, A, B, C, D = args
+    bad = [((x, dt[:, :, :-1], A, B, C, D), {}, ValueError, "dt"),
+           ((x, dt, A[:-1], B, C, D), {}, ValueError, "A"),
+           ((x, dt, A, B, C[..., :-1], D), {}, ValueError, "C"),
+           ((x, dt, A, B, C, D.astype(np.float64)), {}, TypeError, "D"),
+           ((x, dt, A, B, C, D), dict(state=state[:, :-1]), ValueError, "state"),
+           ((x, dt, A, B, C, D), dict(state=state, out_state=state.astype(np.float64)),
+            TypeError, "out_state"),
+           ((x, dt, A, B, C, D), dict(z=x[:1]), ValueError, "z"),
+           ((x, dt, A, B, C, D), dict(dt_softplus=1), TypeError, "dt_softplus")]
+    for a, k, error, name in bad:
+        with pytest.raises(error, match=rf"\b{name}\b"):
+            ss.selective_scan(*a, **k)
+
+
+# ---- linear_attention --------------------------------------------------------------------------
+
+def _attention(dtype, B, NH, T, dk, dv, seed):
+    rng = np.random.default_rng(seed)
+
+    def r(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    return (r(B, NH, T, dk), r(B, NH, T, dk), r(B, NH, T, dv)), r(B, NH, dk, dv), \
+        rng.uniform(0.5, 1.0, NH).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 9])
+@pytest.mark.parametrize("with_decay", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_linear_attention_fast_path_same_bits(monkeypatch, dtype, T, with_decay, with_state):
+    for seed, (B, NH, dk, dv) in enumerate([(1, 1, 16, 16), (2, 3, 5, 7)]):
+        qkv, state, decay = _attention(dtype, B, NH, T, dk, dv, seed)
+        kw = dict(chunk=4)
+        if with_decay:
+            kw["decay"] = decay
+        if with_state:
+            if T == 1:       # T = 1 with a state is the decode step's, not the fast path's
+                continue
+            kw["state"] = state
+        fast, general = _fast_and_general(monkeypatch, la_module, "_fast_call",
+                                          lambda: ss.linear_attention(*qkv, **kw))
+        _equal(fast, general)
+        monkeypatch.undo()
+
+
+def test_linear_attention_fast_path_out_state(monkeypatch):
+    qkv, state, decay = _attention(np.float64, 2, 2, 6, 4, 3, 1)
+    expected = ss.linear_attention(*qkv, decay=decay, state=state.copy())
+    spy = Spy(monkeypatch, la_module, "_fast_call")
+    out = state.copy()
+    o, final = ss.linear_attention(*qkv, decay=decay, state=out, out_state=out)
+    assert spy.served == 1 and final is out
+    _equal((o, final), expected)
+
+
+def test_linear_attention_bad_calls_still_explained():
+    (q, k, v), state, decay = _attention(np.float32, 2, 2, 3, 4, 5, 2)
+    bad = [((q, k[..., :-1], v), {}, ValueError, "k"),
+           ((q, k, v[:, :1]), {}, ValueError, "v"),
+           ((q, k, v), dict(decay=np.array([0.5, 1.5], np.float32)), ValueError, "decay"),
+           ((q, k, v), dict(decay=np.array([0.5, np.nan], np.float32)), ValueError, "decay"),
+           ((q, k, v), dict(state=state.astype(np.float64)), TypeError, "state"),
+           ((q, k, v), dict(chunk=0), ValueError, "chunk"),
+           ((q, k, v), dict(chunk=2.0), TypeError, "chunk"),
+           ((q, k, v), dict(out_state=state[:, :1]), ValueError, "out_state")]
+    for a, kw, error, name in bad:
+        with pytest.raises(error, match=rf"\b{name}\b"):
+            ss.linear_attention(*a, **kw)
+
+
+# ---- ssd ----------------------------------------------------------------------------------------
+
+def _ssd(dtype, Bt, T, NH, P, N, G, seed, D_shape):
+    rng = np.random.default_rng(seed)
+
+    def r(*shape, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(dtype)
+
+    bc = (Bt, T, N) if G is None else (Bt, T, G, N)
+    args = (r(Bt, T, NH, P), r(Bt, T, NH), -np.exp(r(NH, scale=0.5)), r(*bc), r(*bc))
+    D = None if D_shape is None else r(*D_shape)
+    return args, dict(D=D, dt_bias=r(NH), dt_softplus=True, chunk=4), r(Bt, NH, P, N)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 6])
+@pytest.mark.parametrize("variant", ["plain", "grouped", "D_per_channel", "gate", "state"])
+def test_ssd_fast_path_same_bits(monkeypatch, dtype, T, variant):
+    NH, P, N = 4, 8, 5
+    args, kw, state = _ssd(dtype, 2, T, NH, P, N, 2 if variant == "grouped" else None, 3,
+                           (NH, P) if variant == "D_per_channel" else (NH,))
+    if variant == "gate":
+        kw["z"] = np.random.default_rng(4).standard_normal(args[0].shape).astype(dtype)
+    if variant == "state":
+        if T == 1:           # T = 1 with a state is the decode step's, not the fast path's
+            return
+        kw["state"] = state
+    if variant == "plain":
+        kw.update(D=None, dt_bias=None, dt_softplus=False, chunk=None)
+    fast, general = _fast_and_general(monkeypatch, ssd_module, "_fast_call",
+                                      lambda: ss.ssd(*args, **kw))
+    _equal(fast, general)
+    monkeypatch.undo()
+    y, pullback = ss.vjp(ss.ssd, *args, **kw)        # the vjp's forward: the same output
+    _equal(y, fast)
+
+
+def test_ssd_fast_path_out_state(monkeypatch):
+    args, kw, state = _ssd(np.float64, 2, 5, 3, 4, 6, None, 1, (3,))
+    expected = ss.ssd(*args, **kw, state=state.copy())
+    spy = Spy(monkeypatch, ssd_module, "_fast_call")
+    out = np.empty_like(state)
+    y, final = ss.ssd(*args, **kw, state=state, out_state=out)
+    assert spy.served == 1 and final is out
+    _equal((y, final), expected)
+
+
+def test_ssd_bad_calls_still_explained():
+    (x, dt, A, B, C), kw, state = _ssd(np.float32, 2, 3, 4, 2, 3, None, 2, (4,))
+    bad = [((x, dt[..., :-1], A, B, C), {}, ValueError, "dt"),
+           ((x, dt, A, B, C[..., :-1]), {}, ValueError, "C"),
+           ((x, dt, A, B[:, :, None].repeat(3, axis=2), C[:, :, None].repeat(3, axis=2)), {},
+            ValueError, "G"),
+           ((x, dt, A.astype(np.float64), B, C), {}, TypeError, "A"),
+           ((x, dt, A, B, C), dict(chunk=0), ValueError, "chunk"),
+           ((x, dt, A, B, C), dict(state=state[:, :1]), ValueError, "state"),
+           ((x, dt, A, B, C), dict(out_state=state[:, :1]), ValueError, "out_state"),
+           ((x, dt, A, B, C), dict(dt_softplus=None), TypeError, "dt_softplus")]
+    for a, k, error, name in bad:
+        with pytest.raises(error, match=rf"\b{name}\b"):
+            ss.ssd(*a, **k)
+
+
+# ---- the RNN cells ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["plain", "state", "heads", "noW", "no_bias"])
+def test_cell_fast_prepare_same_bits(monkeypatch, cell, dtype, variant):
+    p = make_problem(cell, B=2, T=3, I=5, H=8, heads=2 if variant == "heads" else 1,
+                     dtype=dtype, W=variant != "noW", b=variant != "no_bias",
+                     state=variant == "state")
+    fast, general = _fast_and_general(monkeypatch, _cell_call, "_prepare_valid", p.call)
+    _equal(fast, general)
+    monkeypatch.undo()
+    spy = Spy(monkeypatch, _cell_call, "_prepare_valid")
+    out, pullback = ss.vjp(p.fn, *p.args(), **p.kwargs())            # the vjp's prepare too
+    cot = random_cotangent(cell, out)
+    grads = pullback(cot)
+    monkeypatch.setattr(_cell_call, "_prepare_valid", lambda *args: None)
+    out2, pullback2 = ss.vjp(p.fn, *p.args(), **p.kwargs())
+    assert spy.served == 1
+    _equal(out, out2)
+    _equal(grads, pullback2(cot))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cell_fast_prepare_refuses_bad_states(cell):
+    """Wrong state structures still get the general path's errors."""
+    p = make_problem(cell, B=2, T=3, I=4, H=6, state=True)
+    parts = state_parts(cell, p.state)
+    S = CELL_SIZES[cell][1]
+    if S > 1:
+        with pytest.raises(TypeError, match=r"state c\b"):
+            p.fn(*p.args(), state=(parts[0], None) + tuple(parts[2:]))
+        with pytest.raises(ValueError, match=r"state c\b"):
+            p.fn(*p.args(), state=(parts[0], parts[1][:, :-1]) + tuple(parts[2:]))
+    with pytest.raises(ValueError, match=r"state h\b"):
+        p.fn(*p.args(), state=(parts[0][:1],) + tuple(parts[1:]) if S > 1 else parts[0][:1])
+    with pytest.raises(TypeError, match=r"state h\b"):
+        p.fn(*p.args(), state=(parts[0].astype(np.float32),) + tuple(parts[1:])
+             if S > 1 else parts[0].astype(np.float32))
+    with pytest.raises(ValueError, match=r"\bx\b"):
+        p.fn(p.x[..., :-1], *p.args()[1:])
+    with pytest.raises(ValueError, match=r"\bheads\b"):
+        p.fn(*p.args(), heads=2)
+
+
+# ---- dispatch ------------------------------------------------------------------------------------
+
+def test_threads_for_keeps_small_work_on_the_calling_thread():
+    ss.set_num_threads(4)
+    per = _dispatch.MIN_WORK_PER_THREAD
+    assert _dispatch.threads_for(None) == 4
+    assert _dispatch.threads_for(0) == 1
+    assert _dispatch.threads_for(per - 1) == 1
+    assert _dispatch.threads_for(2 * per) == 2
+    assert _dispatch.threads_for(100 * per) == 4
+    with ss.threads(1):
+        assert _dispatch.threads_for(100 * per) == 1
+
+
+def test_compiled_kernel_only_on_the_compiled_backend():
+    if not _dispatch.compiled_available():
+        pytest.skip("no compiled kernels in this build")
+    assert _dispatch.compiled("scan", "selective_step") is _dispatch.ext_module(
+        "scan").selective_step
+    ss.set_backend("python")
+    assert _dispatch.compiled("scan", "selective_step") is None
+
+
+def test_python_backend_takes_the_general_path(monkeypatch):
+    """The fast paths run compiled kernels only; the python backend keeps the references."""
+    ss.set_backend("python")
+    args, kw, _ = _selective(np.float64, 1, 2, 8, 4, 0)
+    spy = Spy(monkeypatch, scan_module, "_fast_call")
+    ss.selective_scan(*args, **kw)
+    assert spy.served == 0
+
+
+def test_contiguous_arrays():
+    a = np.zeros((2, 3))
+    assert _validate.contiguous_arrays((a, None, a), a.dtype)
+    assert not _validate.contiguous_arrays((a, a.T), a.dtype)
+    assert not _validate.contiguous_arrays((a, a.astype(np.float32)), a.dtype)
+    assert not _validate.contiguous_arrays((a, [1.0]), a.dtype)
+    assert not _validate.contiguous_arrays((a, a.view(_Subclass)), a.dtype)
+
+
+class _Subclass(np.ndarray):
+    """An ndarray subclass: the fast paths leave it to the general path's conversion."""
