@@ -37,8 +37,8 @@ cdef inline Py_ssize_t block_start(Py_ssize_t t1, Py_ssize_t C, const uint8_t* r
     return t0
 
 
-cdef inline Block block_decay(const floating* g, Py_ssize_t sg, const uint8_t* rs, Py_ssize_t t0,
-                       Py_ssize_t c, floating* G) noexcept nogil:
+cdef inline Block block_decay(const floating* g, Py_ssize_t sg, const uint8_t* rs,
+                              Py_ssize_t t0, Py_ssize_t c, floating* G) noexcept nogil:
     """G[s] = cumulative log-decay from the block start to row s (NULL g: no decay; a reset
     at the first row drops that row's own decay, which would multiply a zeroed state)."""
     cdef floating acc = 0
@@ -56,7 +56,8 @@ cdef inline Block block_decay(const floating* g, Py_ssize_t sg, const uint8_t* r
     return blk
 
 
-cdef inline void apply_mask(floating* A, Py_ssize_t lda, Py_ssize_t c, const floating* G) noexcept nogil:
+cdef inline void apply_mask(floating* A, Py_ssize_t lda, Py_ssize_t c,
+                            const floating* G) noexcept nogil:
     """A[s, t] *= exp(G[s] - G[t]) for t <= s (exponent <= 0), 0 above the diagonal."""
     cdef Py_ssize_t s, t
     cdef floating* row
@@ -71,9 +72,9 @@ cdef inline void apply_mask(floating* A, Py_ssize_t lda, Py_ssize_t c, const flo
             row[t] = 0
 
 
-cdef inline const floating* decayed(const floating* X, Py_ssize_t* ldx, Py_ssize_t n, Py_ssize_t c,
-                             Py_ssize_t d, const floating* G, bint to_end,
-                             floating* W) noexcept nogil:
+cdef inline const floating* decayed(const floating* X, Py_ssize_t* ldx, Py_ssize_t n,
+                                    Py_ssize_t c, Py_ssize_t d, const floating* G,
+                                    bint to_end, floating* W) noexcept nogil:
     """The first n of X's c rows of d, row s scaled by its decay from the block start,
     exp(G[s]), or with to_end by its decay to the block end, exp(G[c-1] - G[s]); written to
     W (contiguous, *ldx set to d).  X itself when there is no decay (G NULL)."""
@@ -103,9 +104,10 @@ cdef inline void masked_scores(const floating* X, Py_ssize_t ldx, const floating
     apply_mask(out, ldo, c, G)
 
 
-cdef inline void state_update(const floating* X, Py_ssize_t ldx, const floating* Y, Py_ssize_t ldy,
-                       Block blk, Py_ssize_t dx, Py_ssize_t dy, const floating* G,
-                       bint to_end, floating* S, floating* W) noexcept nogil:
+cdef inline void state_update(const floating* X, Py_ssize_t ldx, const floating* Y,
+                              Py_ssize_t ldy, Block blk, Py_ssize_t dx, Py_ssize_t dy,
+                              const floating* G, bint to_end, floating* S,
+                              floating* W) noexcept nogil:
     """S [dx, dy] = exp(G[c-1]) S + decayed(X)^T Y: a state carried forward across the block
     (to_end), or a state gradient carried backward (the rows that saw the entering state).
     A reset at the block start replaces the carried part by exact zeros."""
