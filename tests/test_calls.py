@@ -251,7 +251,10 @@ def test_ssd_bad_calls_still_explained():
            ((x, dt, A, B, C), dict(chunk=0), ValueError, "chunk"),
            ((x, dt, A, B, C), dict(state=state[:, :1]), ValueError, "state"),
            ((x, dt, A, B, C), dict(out_state=state[:, :1]), ValueError, "out_state"),
-           ((x, dt, A, B, C), dict(dt_softplus=None), TypeError, "dt_softplus")]
+           ((x, dt, A, B, C), dict(dt_softplus=None), TypeError, "dt_softplus"),
+           ((x, dt, A, np.array(1.0, np.float32), C), {}, ValueError, "B"),
+           ((x[:, :1], dt[:, :1], A, np.array(1.0, np.float32), C[:, :1]),
+            dict(state=state), ValueError, "B")]          # (the decode step's check)
     for a, k, error, name in bad:
         with pytest.raises(error, match=rf"\b{name}\b"):
             ss.ssd(*a, **k)

@@ -23,7 +23,8 @@ def _valid_arrays(x, dt, A, B, C, D, z, dt_bias, state):
     that are already valid: C-contiguous ndarrays of one float dtype with matching nonzero
     sizes, A, dt_bias and D not broadcast (small calls).  None for anything else, which then
     gets the full validation and its error messages."""
-    if type(x) is not np.ndarray or len(x.shape) != 4 or type(B) is not np.ndarray:
+    if (type(x) is not np.ndarray or len(x.shape) != 4 or type(B) is not np.ndarray
+            or len(B.shape) not in (3, 4)):
         return None
     dtype = x.dtype
     if (dtype not in _FLOATS
@@ -294,7 +295,7 @@ def _decode(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths, reverse,
         return None
     dtype = x.dtype
     if dtype not in _FLOATS or not _validate.contiguous_arrays(
-            (x, dt, A, B, C, D, z, dt_bias, state, out_state), dtype):
+            (x, dt, A, B, C, D, z, dt_bias, state, out_state), dtype) or B.ndim not in (3, 4):
         return None
     Bt, _, NH, P = x.shape
     N = B.shape[-1]
