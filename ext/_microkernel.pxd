@@ -108,6 +108,67 @@ cdef extern from *:
     SS_DEFINE_MATMUL(float, f)
     SS_DEFINE_MATMUL(double, d)
 
+    /* panel[k * SS_NT + n] = m[n * sn + k] for n < width (<= SS_NT), k < K: the transposing
+       pack of pack_panels, in 8 x 8 blocks through registers (a scalar copy of a 16 MB matrix
+       cost as much as several time steps of a call); edges element by element */
+    #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+    #define SS_SHUF __builtin_shufflevector
+    #define SS_DEFINE_PACK_T(T, SFX)                                                          \
+    typedef T ss_t8##SFX __attribute__((vector_size(8 * sizeof(T)), aligned(sizeof(T))));      \
+    static void ss_pack_t_##SFX(const T* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,    \
+                                T* panel) {                                                  \
+        Py_ssize_t n0 = 0, k0, k, n;                                                         \
+        for (; n0 + 8 <= width; n0 += 8) {                                                   \
+            for (k0 = 0; k0 + 8 <= K; k0 += 8) {                                             \
+                const T* s = m + n0 * sn + k0;                                               \
+                ss_t8##SFX r0 = *(const ss_t8##SFX*)(s), r1 = *(const ss_t8##SFX*)(s + sn),  \
+                    r2 = *(const ss_t8##SFX*)(s + 2 * sn), r3 = *(const ss_t8##SFX*)(s + 3 * sn), \
+                    r4 = *(const ss_t8##SFX*)(s + 4 * sn), r5 = *(const ss_t8##SFX*)(s + 5 * sn), \
+                    r6 = *(const ss_t8##SFX*)(s + 6 * sn), r7 = *(const ss_t8##SFX*)(s + 7 * sn); \
+                ss_t8##SFX t0 = SS_SHUF(r0, r1, 0, 8, 1, 9, 4, 12, 5, 13);                     \
+                ss_t8##SFX t1 = SS_SHUF(r0, r1, 2, 10, 3, 11, 6, 14, 7, 15);                   \
+                ss_t8##SFX t2 = SS_SHUF(r2, r3, 0, 8, 1, 9, 4, 12, 5, 13);                     \
+                ss_t8##SFX t3 = SS_SHUF(r2, r3, 2, 10, 3, 11, 6, 14, 7, 15);                   \
+                ss_t8##SFX t4 = SS_SHUF(r4, r5, 0, 8, 1, 9, 4, 12, 5, 13);                     \
+                ss_t8##SFX t5 = SS_SHUF(r4, r5, 2, 10, 3, 11, 6, 14, 7, 15);                   \
+                ss_t8##SFX t6 = SS_SHUF(r6, r7, 0, 8, 1, 9, 4, 12, 5, 13);                     \
+                ss_t8##SFX t7 = SS_SHUF(r6, r7, 2, 10, 3, 11, 6, 14, 7, 15);                   \
+                ss_t8##SFX u0 = SS_SHUF(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);                     \
+                ss_t8##SFX u1 = SS_SHUF(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);                   \
+                ss_t8##SFX u2 = SS_SHUF(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);                     \
+                ss_t8##SFX u3 = SS_SHUF(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);                   \
+                ss_t8##SFX u4 = SS_SHUF(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13);                     \
+                ss_t8##SFX u5 = SS_SHUF(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);                   \
+                ss_t8##SFX u6 = SS_SHUF(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13);                     \
+                ss_t8##SFX u7 = SS_SHUF(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);                   \
+                T* d = panel + k0 * SS_NT + n0;                                              \
+                *(ss_t8##SFX*)(d) = SS_SHUF(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11);                 \
+                *(ss_t8##SFX*)(d + SS_NT) = SS_SHUF(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11);         \
+                *(ss_t8##SFX*)(d + 2 * SS_NT) = SS_SHUF(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11);     \
+                *(ss_t8##SFX*)(d + 3 * SS_NT) = SS_SHUF(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11);     \
+                *(ss_t8##SFX*)(d + 4 * SS_NT) = SS_SHUF(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15);   \
+                *(ss_t8##SFX*)(d + 5 * SS_NT) = SS_SHUF(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15);   \
+                *(ss_t8##SFX*)(d + 6 * SS_NT) = SS_SHUF(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15);   \
+                *(ss_t8##SFX*)(d + 7 * SS_NT) = SS_SHUF(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15);   \
+            }                                                                                \
+            for (k = k0; k < K; k++)                                                         \
+                for (n = n0; n < n0 + 8; n++) panel[k * SS_NT + n] = m[n * sn + k];          \
+        }                                                                                    \
+        for (n = n0; n < width; n++)                                                         \
+            for (k = 0; k < K; k++) panel[k * SS_NT + n] = m[n * sn + k];                    \
+    }
+    #else
+    #define SS_DEFINE_PACK_T(T, SFX)                                                          \
+    static void ss_pack_t_##SFX(const T* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,    \
+                                T* panel) {                                                  \
+        Py_ssize_t k, n;                                                                     \
+        for (n = 0; n < width; n++)                                                          \
+            for (k = 0; k < K; k++) panel[k * SS_NT + n] = m[n * sn + k];                    \
+    }
+    #endif
+    SS_DEFINE_PACK_T(float, f)
+    SS_DEFINE_PACK_T(double, d)
+
     #if defined(__GNUC__)
     #define ss_prefetch(p) __builtin_prefetch(p)
     #else
@@ -120,6 +181,10 @@ cdef extern from *:
                          Py_ssize_t ntiles, double* out, Py_ssize_t ldo, Py_ssize_t nrows) nogil
     int SS_NT
     void ss_prefetch(const void* p) nogil
+    void ss_pack_t_f(const float* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,
+                     float* panel) nogil
+    void ss_pack_t_d(const double* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,
+                     double* panel) nogil
 
 cdef enum:
     NT = 32     # panel width (columns); must equal SS_NT above
@@ -159,6 +224,11 @@ cdef inline void pack_panels(const floating* m, Py_ssize_t sk, Py_ssize_t sn, Py
             for k in range(K):
                 for n in range(width):
                     panel[k * NT + n] = m[k * sk + tile * NT + n]
+        elif sk == 1:       # a transpose of contiguous rows (W or R as stored): 8 x 8 blocks
+            if floating is float:
+                ss_pack_t_f(m + tile * NT * sn, sn, K, width, panel)
+            else:
+                ss_pack_t_d(m + tile * NT * sn, sn, K, width, panel)
         else:               # a transpose: blocks of 16 k keep the reads and writes in cache
             for k0 in range(0, K, 16):
                 for n in range(width):
