@@ -821,7 +821,8 @@ cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floati
 cdef void project_job(const floating* x, Py_ssize_t nr, Py_ssize_t I, const floating* wp,
                       Py_ssize_t M, const floating* b, floating* out,
                       floating* buf) noexcept nogil:
-    # The kernel writes whole panels, so rows go through a buffer padded to Mp columns.
+    # The kernel writes whole panels, so unless M is whole panels, rows go through a buffer
+    # padded to Mp columns.
     cdef Py_ssize_t ntiles = (M + NT - 1) // NT, Mp = ntiles * NT
     cdef Py_ssize_t r, m
     if Mp == M:     # whole panels: accumulate in out itself (the same sums, one pass fewer)
