@@ -519,13 +519,6 @@ cdef void sel_forward_group(Py_ssize_t r, Py_ssize_t k0, Py_ssize_t k1, Py_ssize
         store_block(state_out + (r * Dm + d0) * N, h + k * NW, N, min(<Py_ssize_t> W, Dm - d0))
 
 
-cdef inline void row_options(Py_ssize_t r, Py_ssize_t T, const int64_t* lp,
-                             const unsigned char* rp, Py_ssize_t* Lr,
-                             const unsigned char** rs) noexcept nogil:
-    Lr[0] = lp[r] if lp != NULL else T
-    rs[0] = rp + r * T if rp != NULL else NULL
-
-
 def selective_scan(const floating[:, :, ::1] x, const floating[:, :, ::1] dt,
                    const floating[:, ::1] A, const floating[:, :, ::1] Bm,
                    const floating[:, :, ::1] C, const floating[::1] D,
@@ -567,7 +560,10 @@ def selective_scan(const floating[:, :, ::1] x, const floating[:, :, ::1] dt,
             if scratch == NULL:
                 failed += 1
             elif k0 < nblk:
-                row_options(r, T, lp, rp, &Lr, &rs)
+                # (assigned here, not through a pointer: prange makes a variable private
+                # only when the loop body assigns it -- Lr and rs were shared, a race)
+                Lr = lp[r] if lp != NULL else T
+                rs = rp + r * T if rp != NULL else NULL
                 sel_forward_group(r, k0, min(nblk, k0 + gb), T, Lr, reverse, rs, Dm, N,
                                   &x[0, 0, 0], &dt[0, 0, 0], &A[0, 0], &Bm[0, 0, 0],
                                   &C[0, 0, 0], Dp, zp, bp, softplus, &state0[0, 0, 0],
@@ -926,7 +922,8 @@ def selective_scan_backward(const floating[:, :, ::1] x, const floating[:, :, ::
             if scratch == NULL:
                 failed += 1
                 continue
-            row_options(r, T, lp, rp, &Lr, &rs)
+            Lr = lp[r] if lp != NULL else T          # (assigned: private to the thread)
+            rs = rp + r * T if rp != NULL else NULL
             for k in range(grp * GROUP, min(nblk, (grp + 1) * GROUP)):
                 d0 = k * W
                 sel_backward_block(r, d0, min(<Py_ssize_t> W, Dm - d0), T, Lr, reverse, rs,
