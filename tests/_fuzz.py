@@ -21,7 +21,7 @@ import traceback
 import warnings
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, seed, settings, strategies as st
 from hypothesis.errors import HypothesisException
 
 import statescan as ss
@@ -391,6 +391,7 @@ def main(argv=None):
 
     @settings(max_examples=opts.examples, deadline=None, database=None, derandomize=False,
               suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
+    @seed(opts.seed)        # hypothesis draws from its own generator, not from `random`
     @given(calls(names))
     def fuzz(call):
         name, fn, args, kw, cot_seed = call
@@ -403,8 +404,6 @@ def main(argv=None):
                 all(problem.splitlines()[0] != seen.splitlines()[0] for seen, _ in failures):
             failures.append((problem, _describe(args, kw)))
 
-    import random
-    random.seed(opts.seed)
     try:
         fuzz()
     except HypothesisException:
