@@ -26,6 +26,7 @@ from _math cimport exp_, sigmoid, softplus
 from _scratch cimport scratch_alloc, scratch_free
 
 cimport numpy as cnp
+import numpy as np
 
 cnp.import_array()
 
@@ -281,22 +282,50 @@ cdef Py_ssize_t forward_impl(Py_ssize_t Bt, Py_ssize_t T, Py_ssize_t NH, Py_ssiz
     return failed
 
 
-def ssd_forward(x, delta, A, B, C, state, Py_ssize_t chunk, lengths, reset, y, h_out,
-                int num_threads):
-    """y, h_out = the chunked SSD without D and z (blocks of `chunk` steps).
+cdef void delta_impl(Py_ssize_t n, Py_ssize_t NH, const floating* dt, const floating* bias,
+                     bint sp, floating* delta) noexcept nogil:
+    """delta = dt (+ dt_bias[h]), through softplus when `sp`: the decode step's arithmetic."""
+    cdef Py_ssize_t i
+    cdef floating d
+    for i in range(n):
+        d = dt[i] + bias[i % NH] if bias != NULL else dt[i]
+        delta[i] = softplus(d) if sp else d
 
-    x [Bt,T,NH,P], delta [Bt,T,NH] (dt after dt_bias and softplus), A [NH], B, C [Bt,T,N] or
-    [Bt,T,G,N], state [Bt,NH,P,N] or None (zeros), lengths int64 [Bt] or None, reset bool
-    [Bt,T] or None; outputs y [Bt,T,NH,P] and h_out [Bt,NH,P,N] (may be `state`).  Every array
-    C-contiguous, one dtype, every size >= 1 (the caller checks)."""
+
+cdef void skip_impl(Py_ssize_t n, Py_ssize_t NH, Py_ssize_t P, const floating* D,
+                    Py_ssize_t sD, const floating* x, floating* y) noexcept nogil:
+    """y += D x over n steps of [NH, P] (D [NH] when sD = 0, [NH, P] when sD = 1): the decode
+    step's arithmetic; padded steps too (the caller zeroes them)."""
+    cdef Py_ssize_t i, h, p, o
+    for i in range(n):
+        for h in range(NH):
+            o = (i * NH + h) * P
+            for p in range(P):
+                y[o + p] = y[o + p] + D[h * (P if sD else 1) + p * sD] * x[o + p]
+
+
+def ssd_forward(x, dt, dt_bias, bint dt_softplus, A, B, C, D, state, Py_ssize_t chunk,
+                lengths, reset, y, h_out, int num_threads):
+    """y, h_out = the chunked SSD without z (blocks of `chunk` steps).
+
+    x [Bt,T,NH,P], dt [Bt,T,NH] (delta = dt + dt_bias [NH] or None, through softplus when
+    `dt_softplus`: as the decode step), A [NH], B, C [Bt,T,N] or [Bt,T,G,N], D None, [NH] or
+    [NH,P] (y += D x, padded steps included), state [Bt,NH,P,N] or None (zeros), lengths int64
+    [Bt] or None, reset bool [Bt,T] or None; outputs y [Bt,T,NH,P] and h_out [Bt,NH,P,N] (may
+    be `state`).  Every array C-contiguous, one dtype, every size >= 1 (the caller checks)."""
     cdef Py_ssize_t Bt = x.shape[0], T = x.shape[1], NH = x.shape[2], P = x.shape[3]
     cdef Py_ssize_t N = B.shape[B.ndim - 1], G = B.shape[2] if B.ndim == 4 else 1
     cdef Py_ssize_t Ch = min(chunk, T), failed
+    cdef Py_ssize_t sD = 1 if D is not None and D.ndim == 2 else 0
+    delta = dt if dt_bias is None and not dt_softplus else np.empty_like(dt)
     cdef char* px = data(x)
+    cdef char* pdt = data(dt)
+    cdef char* pbias = data(dt_bias)
     cdef char* pd = data(delta)
     cdef char* pA = data(A)
     cdef char* pB = data(B)
     cdef char* pC = data(C)
+    cdef char* pD = data(D)
     cdef char* ph = data(state)
     cdef const int64_t* pl = <const int64_t*> data(lengths)
     cdef const uint8_t* pr = <const uint8_t*> data(reset)      # numpy bools are bytes
@@ -304,14 +333,25 @@ def ssd_forward(x, delta, A, B, C, state, Py_ssize_t chunk, lengths, reset, y, h
     cdef char* pho = data(h_out)
     if x.dtype.itemsize == 4:
         with nogil:
+            if pd != pdt:
+                delta_impl[float](Bt * T * NH, NH, <float*> pdt, <float*> pbias, dt_softplus,
+                                  <float*> pd)
             failed = forward_impl[float](Bt, T, NH, P, N, G, Ch, <float*> px, <float*> pd,
                                          <float*> pA, <float*> pB, <float*> pC, <float*> ph,
                                          pl, pr, <float*> py, <float*> pho, num_threads)
+            if pD != NULL and not failed:
+                skip_impl[float](Bt * T, NH, P, <float*> pD, sD, <float*> px, <float*> py)
     else:
         with nogil:
+            if pd != pdt:
+                delta_impl[double](Bt * T * NH, NH, <double*> pdt, <double*> pbias,
+                                   dt_softplus, <double*> pd)
             failed = forward_impl[double](Bt, T, NH, P, N, G, Ch, <double*> px, <double*> pd,
                                           <double*> pA, <double*> pB, <double*> pC,
                                           <double*> ph, pl, pr, <double*> py, <double*> pho,
                                           num_threads)
+            if pD != NULL and not failed:
+                skip_impl[double](Bt * T, NH, P, <double*> pD, sD, <double*> px,
+                                  <double*> py)
     if failed:
         raise MemoryError(f"ssd: no memory for the {Ch} x {Ch} blocks (chunk)")

@@ -6,7 +6,7 @@ import numpy as np
 from . import _dispatch, _tuning, _validate
 from ._reference.ssd import softplus
 from .autodiff import cotangent, defvjp
-from .linear_attention import (check_chunk, out_state_array, permute,
+from .linear_attention import (MAX_CHUNK, check_chunk, out_state_array, permute,
                                recurrence_backward, recurrence_work, steps, store_state,
                                zero_padding, _FLOATS)
 
@@ -55,11 +55,9 @@ def _delta(dt, dt_bias, softplus_):
     return dtr, (softplus(dtr) if softplus_ else dtr)
 
 
-def _output(y, x, Dm, z):
-    """(output, output before the gate): the recurrence's output `y` with the D skip (Dm:
-    D as [NH, 1] or [NH, P]) and the silu(z) gate."""
-    if Dm is not None:
-        y = y + Dm * x
+def _output(y, z):
+    """(output, output before the gate): the kernel's output `y` (D skip included) with the
+    silu(z) gate."""
     y_pre = y
     if z is not None:
         y = y_pre * (z / (1 + np.exp(-z)))
@@ -85,13 +83,13 @@ def _fast_call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state, out_sta
     kernel = _dispatch.compiled("ssd", "ssd_forward")
     if kernel is None:
         return None
-    if chunk is None:                 # as _Call
-        chunk = _tuning.chunk("ssd", N, P, dtype)
-    chunk = check_chunk(chunk, T)
+    # as _Call (T >= 1 here; the tuned or automatic chunk is already a positive int)
+    chunk = (min(_tuning.chunk("ssd", N, P, dtype), T, MAX_CHUNK) if chunk is None
+             else check_chunk(chunk, T))
     y, h = np.empty_like(x), np.empty(shape, dtype) if out_state is None else out_state
-    kernel(x, _delta(dt, dt_bias, dt_softplus)[1], A, B, C, state, chunk, None, None, y, h,
+    kernel(x, dt, dt_bias, dt_softplus, A, B, C, D, state, chunk, None, None, y, h,
            _dispatch.threads_for(recurrence_work(Bt, NH, T, N, P, chunk)))
-    return _output(y, x, None if D is None else D[:, None] if D.ndim == 1 else D, z)[0], h
+    return (y if z is None else _output(y, z)[0]), h
 
 
 class _Call:
@@ -148,11 +146,11 @@ class _Call:
             return (np.empty_like(self.x),
                     np.empty((Bt, NH, P, N), self.dtype) if out_state is None else out_state)
 
-        y, h = _dispatch.run("ssd", "ssd_forward", self.x, self.delta, self.A, self.B, self.C,
-                             self.state, self.chunk, self.lengths, self.reset, out=alloc,
-                             empty=self.x.size * N == 0,
+        y, h = _dispatch.run("ssd", "ssd_forward", self.x, self.dt, self.dt_bias, self.sp,
+                             self.A, self.B, self.C, self.D, self.state, self.chunk,
+                             self.lengths, self.reset, out=alloc, empty=self.x.size * N == 0,
                              work=recurrence_work(Bt, NH, T, N, P, self.chunk))
-        y, y_pre = _output(y, self.x, self.Dm, self.z)
+        y, y_pre = _output(y, self.z)
         if self.Dm is not None or self.z is not None:
             zero_padding(y, self.lengths, 1)
         return y, y_pre, h, np.swapaxes(h, -1, -2)

@@ -68,13 +68,17 @@ def ssd_step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state):
     return ssd_recurrence(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus)
 
 
-def ssd_forward(x, delta, A, B, C, state, chunk, lengths, reset):
-    """The chunked form without D and z: the reference of the compiled prefill kernel (the
+def ssd_forward(x, dt, dt_bias, dt_softplus, A, B, C, D, state, chunk, lengths, reset):
+    """The chunked form without z: the reference of the compiled prefill kernel (the
     recurrence of `linear_attention.linear_forward` with q = C, k = B, v = delta x, log-decay
-    delta A).  delta [Bt,T,NH] is dt after dt_bias and softplus; state [Bt,NH,P,N] or None.
-    Returns (y [Bt,T,NH,P], state [Bt,NH,P,N])."""
+    delta A, delta = dt (+ dt_bias) through softplus when `dt_softplus`), then y += D x at
+    every step, padded ones too (the caller zeroes them).  D None, [NH] or [NH,P]; state
+    [Bt,NH,P,N] or None.  Returns (y [Bt,T,NH,P], state [Bt,NH,P,N])."""
     Bt, T, NH, P = x.shape
     N = B.shape[-1]
+    delta = dt if dt_bias is None else dt + dt_bias
+    if dt_softplus:
+        delta = softplus(delta)
     if B.ndim == 4:
         q, k, group = C.transpose(0, 2, 1, 3), B.transpose(0, 2, 1, 3), NH // B.shape[2]
     else:
@@ -84,4 +88,7 @@ def ssd_forward(x, delta, A, B, C, state, chunk, lengths, reset):
     S0 = (np.zeros((Bt, NH, N, P), x.dtype) if state is None
           else np.ascontiguousarray(np.swapaxes(state, -1, -2)))
     o, S = linear_forward(q, k, v, g, S0, chunk, group, lengths, reset)
-    return np.ascontiguousarray(o.transpose(0, 2, 1, 3)), np.swapaxes(S, -1, -2).copy()
+    y = np.ascontiguousarray(o.transpose(0, 2, 1, 3))
+    if D is not None:
+        y = y + (D[:, None] if D.ndim == 1 else D) * x
+    return y, np.swapaxes(S, -1, -2).copy()
