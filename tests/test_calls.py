@@ -13,7 +13,8 @@ from statescan import _cell_call, _dispatch, _validate
 la_module = importlib.import_module("statescan.linear_attention")
 scan_module = importlib.import_module("statescan.scan")
 ssd_module = importlib.import_module("statescan.ssd")
-from _helpers import CELLS, CELL_SIZES, make_problem, random_cotangent, state_parts
+from _helpers import (CELLS, CELL_SIZES, flat_outputs, make_problem, random_cotangent,
+                      state_parts)
 
 DTYPES = (np.float32, np.float64)
 
@@ -264,11 +265,20 @@ def test_ssd_bad_calls_still_explained():
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", ["plain", "state", "heads", "noW", "no_bias"])
+@pytest.mark.parametrize("variant", ["plain", "state", "heads", "noW", "no_bias", "R3",
+                                     "no_b_r", "T1"])
 def test_cell_fast_prepare_same_bits(monkeypatch, cell, dtype, variant):
-    p = make_problem(cell, B=2, T=3, I=5, H=8, heads=2 if variant == "heads" else 1,
+    """The plain fast call (compiled), the fast prepare and the full validation: one result."""
+    B, T = (1, 1) if variant == "T1" else (2, 3)
+    p = make_problem(cell, B=B, T=T, I=5, H=8, heads=2 if variant == "heads" else 1,
                      dtype=dtype, W=variant != "noW", b=variant != "no_bias",
-                     state=variant == "state")
+                     b_r=variant not in ("no_bias", "no_b_r"), state=variant == "state",
+                     R3=variant == "R3")
+    if ss.backend() == "compiled":
+        fast, general = _fast_and_general(monkeypatch, _cell_call, "plain_forward", p.call)
+        _equal(fast, general)
+    else:
+        monkeypatch.setattr(_cell_call, "plain_forward", lambda *args: None)
     fast, general = _fast_and_general(monkeypatch, _cell_call, "_prepare_valid", p.call)
     _equal(fast, general)
     monkeypatch.undo()
@@ -303,6 +313,84 @@ def test_cell_fast_prepare_refuses_bad_states(cell):
         p.fn(p.x[..., :-1], *p.args()[1:])
     with pytest.raises(ValueError, match=r"\bheads\b"):
         p.fn(*p.args(), heads=2)
+
+
+def _outcome(call):
+    """The result of `call`, or the type and message of what it raised."""
+    try:
+        return call()
+    except Exception as exc:
+        return type(exc), str(exc)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cell_plain_call_refuses_what_it_cannot_run(monkeypatch, cell):
+    """Calls the plain fast call does not take (other dtypes mixed, non-contiguous or
+    non-ndarray arguments, list states, lengths/reverse/reset, a solver, wrong sizes) give the
+    general path's result or its error, word for word."""
+    p = make_problem(cell, B=2, T=3, I=4, H=6, state=True)
+    x, W, R, b, b_r = p.args()
+    kw = dict(state=p.state)
+    parts = state_parts(cell, p.state)
+    S = len(parts)
+    calls = [
+        lambda: p.fn(x[:, ::-1], W, R, b, b_r, **kw),                  # runs, copied
+        lambda: p.fn(x.tolist(), W, R, b, b_r, **kw),
+        lambda: p.fn(x, np.asfortranarray(W), R, b, b_r, **kw),
+        lambda: p.fn(x.astype(np.float32), W, R, b, b_r, **kw),
+        lambda: p.fn(x, W, R, b, b_r, state=list(parts) if S > 1 else parts[0].tolist()),
+        lambda: p.fn(x, W, R, b, b_r, state=p.state, lengths=[3, 2]),
+        lambda: p.fn(x, W, R, b, b_r, state=p.state, reverse=True),
+        lambda: p.fn(x, W, R, b, b_r, state=p.state, reset=np.zeros((2, 3), bool)),
+        lambda: p.fn(x, W, R, b, b_r, state=p.state, solver="jacobi")[:2],
+        lambda: p.fn(x, W, R, b, b_r, heads=np.int64(1), **kw),
+        lambda: p.fn(x[..., :-1], W, R, b, b_r, **kw),                 # errors from here
+        lambda: p.fn(x, W[:-1], R, b, b_r, **kw),
+        lambda: p.fn(x, W, R[:, :-1], b, b_r, **kw),
+        lambda: p.fn(x, W, R, b[:-1], b_r, **kw),
+        lambda: p.fn(x, W, R, b, b_r[:-1], **kw),
+        lambda: p.fn(x, W, R, b, b_r, heads=0, **kw),
+        lambda: p.fn(x, W, R, b, b_r, heads=4, **kw),
+        lambda: p.fn(x[:, :, None], W, R, b, b_r, **kw),
+        lambda: p.fn(x, W, R, b, b_r, state=(parts[0][:1],) + parts[1:]),
+        lambda: p.fn(x, W, R, b.astype(np.float32), b_r, **kw),
+        lambda: p.fn(x, W, R, b, b_r, state=(parts[0].astype(np.float32),) + parts[1:]),
+        lambda: p.fn(x, W, R, b, b_r, state=(None,) * S if S > 1 else "h"),
+        lambda: p.fn(x, W, R, b, b_r, state=parts + parts[:1]),
+    ]
+    spy = Spy(monkeypatch, _cell_call, "plain_forward")
+    outcomes = [_outcome(c) for c in calls]
+    assert spy.served == 0
+    assert sum(type(o) is not tuple or isinstance(o[0], type) for o in outcomes) >= 13
+    monkeypatch.setattr(_cell_call, "plain_forward", lambda *args: None)
+    monkeypatch.setattr(_cell_call, "_prepare_valid", lambda *args: None)
+    for o, call in zip(outcomes, calls):
+        _equal_or_same_error(o, _outcome(call))
+
+
+def _equal_or_same_error(a, b):
+    if isinstance(a[0], type):
+        assert a == b
+    else:
+        _equal(a, b)
+
+
+@pytest.mark.skipif(ss.backend() != "compiled", reason="the plain fast call is compiled only")
+@pytest.mark.parametrize("cell", CELLS)
+def test_cell_plain_call_returns_fresh_writeable_arrays(monkeypatch, cell):
+    """The shared zero inputs (b_r, state0) of the plain fast call never reach the caller:
+    writing to one call's outputs changes no later call."""
+    p = make_problem(cell, B=1, T=1, I=4, H=6, b_r=False)
+    spy = Spy(monkeypatch, _cell_call, "plain_forward")
+    first = p.call()
+    expected = [a.copy() for a in flat_outputs(cell, first)]
+    for a in flat_outputs(cell, first):
+        assert a.flags.writeable
+        a[...] = 7.0
+    again = p.call()
+    assert spy.served == 2
+    for a, e in zip(flat_outputs(cell, again), expected):
+        np.testing.assert_array_equal(a, e)
 
 
 # ---- dispatch ------------------------------------------------------------------------------------

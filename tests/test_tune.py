@@ -260,15 +260,27 @@ def test_bench_family_compares_the_tuned_choice_with_the_default(cache_dir):
 
 
 def _rnn_blocks(monkeypatch):
-    """The `block` argument of every compiled rnn forward call (a list filled as they run)."""
+    """The `block` argument of every compiled rnn forward call (a list filled as they run),
+    seen at the compiled module, whichever path (general or plain fast call) reaches it."""
     from statescan import _dispatch
-    seen, run = [], _dispatch.run
+    seen, ext_module = [], _dispatch.ext_module
 
-    def spy(family, name, *args, **kwargs):
-        if (family, name) == ("rnn", "forward"):
-            seen.append(args[9])
-        return run(family, name, *args, **kwargs)
-    monkeypatch.setattr(_dispatch, "run", spy)
+    class Spy:
+        def __init__(self, module):
+            self._module = module
+
+        def __getattr__(self, name):
+            kernel = getattr(self._module, name)
+            if name != "forward":
+                return kernel
+
+            def forward(*args):
+                seen.append(args[9])
+                return kernel(*args)
+            return forward
+    monkeypatch.setattr(_dispatch, "ext_module",
+                        lambda family: Spy(ext_module(family)) if family == "rnn"
+                        else ext_module(family))
     return seen
 
 

@@ -128,6 +128,91 @@ def _prepare_valid(cell, x, W, R, b, b_r, heads, state):
                     len(R_shape), state is not None)
 
 
+_ZEROS = {}         # (shape, dtype) -> a small read-only zero array (b_r, state0) to share
+
+
+def _zeros(shape, dtype):
+    """Zeros the plain fast calls pass as a kernel input (never returned): shared when small."""
+    zeros = _ZEROS.get((shape, dtype))
+    if zeros is None:
+        zeros = np.zeros(shape, dtype)
+        if zeros.size <= 4096:
+            if len(_ZEROS) >= 64:          # many shapes: keep the cache small
+                _ZEROS.clear()
+            zeros.flags.writeable = False
+            _ZEROS[shape, dtype] = zeros
+    return zeros
+
+
+def plain_forward(cell, x, W, R, b, b_r, heads, state):
+    """The public (y, state) of a plain sequential call -- compiled backend, arguments
+    already valid (as for :func:`_prepare_valid`), no lengths, reverse or reset -- running
+    the compiled project and forward kernels directly: the same kernels, arguments and bits
+    as :func:`prepare`, :func:`input_preactivation`, :func:`forward` and :func:`outputs`, in
+    a few microseconds less (small calls).  None for any other call, which then takes that
+    general path (and its error messages)."""
+    if (not _dispatch.use_compiled() or type(x) is not np.ndarray or type(heads) is not int
+            or heads < 1):
+        return None
+    dtype = x.dtype
+    S = cell.states
+    parts = () if state is None else (state,) if S == 1 else state
+    if (dtype not in _validate.FLOATS or not _validate.contiguous_arrays((x, W, R, b, b_r),
+                                                                        dtype)
+            or type(parts) is not tuple or len(parts) not in (0, S)
+            or not _validate.contiguous_arrays(parts, dtype)):
+        return None
+    R_shape = R.shape
+    R_ndim = len(R_shape)
+    if R_ndim == 2 and heads == 1:
+        H = D = R_shape[1]
+    elif R_ndim == 3 and R_shape[0] == heads:
+        D = R_shape[2]
+        H = heads * D
+    else:
+        return None
+    GH = cell.gates * H
+    GD = cell.gates * D
+    shape = x.shape
+    if len(shape) != 3 or R_shape[-2] != GD:
+        return None
+    B, T, I = shape
+    if (B == 0 or T == 0 or H == 0 or I == 0
+            or (I != GH if W is None else W.shape != (GH, I))
+            or (b is not None and b.shape != (GH,))
+            or (b_r is not None and b_r.shape != (GH,))):
+        return None
+    if state is None:
+        state0 = _zeros((S, B, H), dtype)
+    else:
+        for part in parts:
+            if part is None or part.shape != (B, H):
+                return None
+        state0 = np.empty((S, B, H), dtype)
+        for s, part in enumerate(parts):
+            state0[s] = part
+    ext = _dispatch.ext_module("rnn")
+    threads = _dispatch.get_num_threads()
+    if W is None:                                     # as input_preactivation
+        ax = x if b is None else x + b
+    else:
+        ax = _memory.empty((B, T, GH), dtype, _PROJECTION)
+        useful = x.size * GH // _dispatch.MIN_WORK_PER_THREAD     # as threads_for
+        ext.project(x, W, b, ax, threads if useful >= threads else max(1, useful))
+    seq = _memory.empty((1, B, T, H), dtype, "y [1, B, T, H]")      # as forward(save=False)
+    final = np.empty((S, B, H), dtype)
+    ext.forward(cell.name, ax, R if R_ndim == 3 else R.reshape(1, GD, D),
+                _zeros((GH,), dtype) if b_r is None else b_r, state0, False, None, False,
+                None, _tuning.rnn_block(cell.name, B, H, heads, dtype), seq, None, final,
+                threads)
+    # as outputs (indexing is cheaper than tuple(final))
+    if S == 1:
+        return seq[0], final[0]
+    if S == 2:
+        return seq[0], (final[0], final[1])
+    return seq[0], tuple(final)
+
+
 def state_array(cell, state, B, H, dtype):
     """`state=` (None, an array, or a tuple of `cell.states` arrays) as one [S, B, H] array."""
     S = cell.states

@@ -4,7 +4,9 @@ All four share one calling convention (see :func:`lstm`) and one path: ``_cell_c
 validates, ``_cell_call.input_preactivation`` computes W x + b, then the sequential kernel
 (``_cell_call.forward``: the compiled ``statescan._ext.rnn.forward`` or the numpy reference
 ``_reference/rnn.py``) or a parallel solver (:mod:`statescan.cell_solvers`) runs the sequence.
-The cells themselves are described once, in ``_cells.py``.
+The cells themselves are described once, in ``_cells.py``.  A plain sequential call of
+already-valid arrays on the compiled backend skips the intermediate steps and calls the same
+kernels directly (``_cell_call.plain_forward``: small calls, the same bits).
 """
 import numpy as np
 
@@ -27,16 +29,20 @@ def _check_solver(solver, call):
                                   "implemented; use solver='sequential'")
 
 
-def _run(cell, x, W, R, b, b_r, heads, state, solver, solver_options, lengths=None,
-         reverse=False, reset=None):
+def _run(cell, x, W, R, b, b_r, heads, state, solver, tol, max_iter, guess, lengths,
+         reverse, reset):
     cell = CELLS[cell]
     if type(solver) is not str or solver != "sequential":      # the default: no check
         solver = _validate.choice("solver", solver, _SOLVERS)
+    elif lengths is None and reset is None and reverse is False:
+        result = _cell_call.plain_forward(cell, x, W, R, b, b_r, heads, state)
+        if result is not None:                 # small calls: a few microseconds less
+            return result
     call = _cell_call.prepare(cell, x, W, R, b, b_r, heads, state, lengths, reverse, reset)
     _check_solver(solver, call)
     ax = _cell_call.input_preactivation(call)
     if solver != "sequential":
-        return solve_cell(call, ax, solver, **solver_options)
+        return solve_cell(call, ax, solver, tol=tol, max_iter=max_iter, guess=guess)
     seq, _, final = _cell_call.forward(call, ax, save=False)
     return _cell_call.outputs(cell, seq[0], final)
 
@@ -125,8 +131,8 @@ def lstm(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, revers
     lengths with reverse=True).  With solver="newton" the peak grows with H (H x H
     Jacobians per step): 300x at H=32, 560x at H=64 (B=16, T=256).
     """
-    return _run("lstm", x, W, R, b, b_r, heads, state, solver,
-                dict(tol=tol, max_iter=max_iter, guess=guess), lengths, reverse, reset)
+    return _run("lstm", x, W, R, b, b_r, heads, state, solver, tol,
+                max_iter, guess, lengths, reverse, reset)
 
 
 def gru(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, reverse=False,
@@ -143,8 +149,8 @@ def gru(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, reverse
     pullback (one more forward pass of work); 16.6x when not blocked (smaller calls, and
     lengths with reverse=True).
     """
-    return _run("gru", x, W, R, b, b_r, heads, state, solver,
-                dict(tol=tol, max_iter=max_iter, guess=guess), lengths, reverse, reset)
+    return _run("gru", x, W, R, b, b_r, heads, state, solver, tol,
+                max_iter, guess, lengths, reverse, reset)
 
 
 def elman(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, reverse=False,
@@ -160,8 +166,8 @@ def elman(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, rever
     pullback (one more forward pass of work); 7.1x when not blocked (smaller calls, and
     lengths with reverse=True).
     """
-    return _run("elman", x, W, R, b, b_r, heads, state, solver,
-                dict(tol=tol, max_iter=max_iter, guess=guess), lengths, reverse, reset)
+    return _run("elman", x, W, R, b, b_r, heads, state, solver, tol,
+                max_iter, guess, lengths, reverse, reset)
 
 
 def slstm(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, reverse=False,
@@ -181,8 +187,8 @@ def slstm(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, rever
     pullback (one more forward pass of work); 19.7x when not blocked (smaller calls, and
     lengths with reverse=True).
     """
-    return _run("slstm", x, W, R, b, b_r, heads, state, solver,
-                dict(tol=tol, max_iter=max_iter, guess=guess), lengths, reverse, reset)
+    return _run("slstm", x, W, R, b, b_r, heads, state, solver, tol,
+                max_iter, guess, lengths, reverse, reset)
 
 
 for _fn in (lstm, gru, elman, slstm):
