@@ -82,10 +82,23 @@ def prepare(cell, x, W, R, b, b_r, heads, state, lengths=None, reverse=False, re
 
 
 def _prepare_valid(cell, x, W, R, b, b_r, heads, state):
-    """The :class:`CellCall` of a call whose arguments are already valid -- C-contiguous
-    ndarrays of one float dtype with matching nonzero sizes, an int `heads`; lengths, reverse
-    and reset not given -- checked in about a microsecond (small calls: streaming, decoding).
+    """The :class:`CellCall` of a call whose arguments are already valid (see
+    :func:`_valid_sizes`), checked in about a microsecond (small calls: streaming, decoding).
     None for any other call, which then gets the full validation and its error messages."""
+    sizes = _valid_sizes(cell, x, W, R, b, b_r, heads, state)
+    if sizes is None:
+        return None
+    B, H, D, parts = sizes
+    shape = (cell.states, B, H)
+    state0 = np.zeros(shape, x.dtype) if state is None else _stacked(parts, shape, x.dtype)
+    return CellCall(cell, x, W, R.reshape(heads, cell.gates * D, D), b, b_r, state0, R.ndim,
+                    state is not None)
+
+
+def _valid_sizes(cell, x, W, R, b, b_r, heads, state):
+    """(B, H, D, state parts) when the arguments are already valid -- C-contiguous ndarrays
+    of one float dtype with matching nonzero sizes, an int `heads`, the state None or the
+    cell's structure (a tuple when it has several parts); else None."""
     if type(x) is not np.ndarray or type(heads) is not int or heads < 1:
         return None
     dtype = x.dtype
@@ -94,20 +107,19 @@ def _prepare_valid(cell, x, W, R, b, b_r, heads, state):
     if (dtype not in _validate.FLOATS or not _validate.contiguous_arrays((x, W, R, b, b_r),
                                                                         dtype)
             or type(parts) is not tuple or len(parts) not in (0, S)
-            or not _validate.contiguous_arrays(parts, dtype)):
+            or (parts and not _validate.contiguous_arrays(parts, dtype))):
         return None
     G = cell.gates
     R_shape = R.shape
     if len(R_shape) == 2 and heads == 1:
-        H = R_shape[1]
-        GD = G * H
+        H = D = R_shape[1]
     elif len(R_shape) == 3 and R_shape[0] == heads:
-        H = heads * R_shape[2]
-        GD = G * R_shape[2]
+        D = R_shape[2]
+        H = heads * D
     else:
         return None
     shape = x.shape
-    if len(shape) != 3 or R_shape[-2] != GD:
+    if len(shape) != 3 or R_shape[-2] != G * D:
         return None
     B, T, I = shape
     if (B == 0 or T == 0 or H == 0 or I == 0
@@ -115,17 +127,18 @@ def _prepare_valid(cell, x, W, R, b, b_r, heads, state):
             or (b is not None and b.shape != (G * H,))
             or (b_r is not None and b_r.shape != (G * H,))):
         return None
-    if state is None:
-        state0 = np.zeros((S, B, H), dtype)
-    else:
-        for part in parts:
-            if part is None or part.shape != (B, H):
-                return None
-        state0 = np.empty((S, B, H), dtype)
-        for s, part in enumerate(parts):
-            state0[s] = part
-    return CellCall(cell, x, W, R.reshape(heads, GD, H // heads), b, b_r, state0,
-                    len(R_shape), state is not None)
+    for part in parts:
+        if part is None or part.shape != (B, H):
+            return None
+    return B, H, D, parts
+
+
+def _stacked(parts, shape, dtype):
+    """The state parts [B, H] as one [S, B, H] array."""
+    state0 = np.empty(shape, dtype)
+    for s, part in enumerate(parts):
+        state0[s] = part
+    return state0
 
 
 _ZEROS = {}         # (shape, dtype) -> a small read-only zero array (b_r, state0) to share
@@ -146,51 +159,21 @@ def _zeros(shape, dtype):
 
 def plain_forward(cell, x, W, R, b, b_r, heads, state):
     """The public (y, state) of a plain sequential call -- compiled backend, arguments
-    already valid (as for :func:`_prepare_valid`), no lengths, reverse or reset -- running
+    already valid (see :func:`_valid_sizes`), no lengths, reverse or reset -- running
     the compiled project and forward kernels directly: the same kernels, arguments and bits
     as :func:`prepare`, :func:`input_preactivation`, :func:`forward` and :func:`outputs`, in
     a few microseconds less (small calls).  None for any other call, which then takes that
     general path (and its error messages)."""
-    if (not _dispatch.use_compiled() or type(x) is not np.ndarray or type(heads) is not int
-            or heads < 1):
+    if not _dispatch.use_compiled():
         return None
+    sizes = _valid_sizes(cell, x, W, R, b, b_r, heads, state)
+    if sizes is None:
+        return None
+    B, H, D, parts = sizes
+    S, GH, GD = cell.states, cell.gates * H, cell.gates * D
+    T = x.shape[1]
     dtype = x.dtype
-    S = cell.states
-    parts = () if state is None else (state,) if S == 1 else state
-    if (dtype not in _validate.FLOATS or not _validate.contiguous_arrays((x, W, R, b, b_r),
-                                                                        dtype)
-            or type(parts) is not tuple or len(parts) not in (0, S)
-            or not _validate.contiguous_arrays(parts, dtype)):
-        return None
-    R_shape = R.shape
-    R_ndim = len(R_shape)
-    if R_ndim == 2 and heads == 1:
-        H = D = R_shape[1]
-    elif R_ndim == 3 and R_shape[0] == heads:
-        D = R_shape[2]
-        H = heads * D
-    else:
-        return None
-    GH = cell.gates * H
-    GD = cell.gates * D
-    shape = x.shape
-    if len(shape) != 3 or R_shape[-2] != GD:
-        return None
-    B, T, I = shape
-    if (B == 0 or T == 0 or H == 0 or I == 0
-            or (I != GH if W is None else W.shape != (GH, I))
-            or (b is not None and b.shape != (GH,))
-            or (b_r is not None and b_r.shape != (GH,))):
-        return None
-    if state is None:
-        state0 = _zeros((S, B, H), dtype)
-    else:
-        for part in parts:
-            if part is None or part.shape != (B, H):
-                return None
-        state0 = np.empty((S, B, H), dtype)
-        for s, part in enumerate(parts):
-            state0[s] = part
+    state0 = _zeros((S, B, H), dtype) if state is None else _stacked(parts, (S, B, H), dtype)
     ext = _dispatch.ext_module("rnn")
     threads = _dispatch.get_num_threads()
     if W is None:                                     # as input_preactivation
@@ -201,7 +184,7 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
         ext.project(x, W, b, ax, threads if useful >= threads else max(1, useful))
     seq = _memory.empty((1, B, T, H), dtype, "y [1, B, T, H]")      # as forward(save=False)
     final = np.empty((S, B, H), dtype)
-    ext.forward(cell.name, ax, R if R_ndim == 3 else R.reshape(1, GD, D),
+    ext.forward(cell.name, ax, R if R.ndim == 3 else R.reshape(1, GD, D),
                 _zeros((GH,), dtype) if b_r is None else b_r, state0, False, None, False,
                 None, _tuning.rnn_block(cell.name, B, H, heads, dtype), seq, None, final,
                 threads)
