@@ -28,11 +28,21 @@ cdef Py_ssize_t rows_per_job(Py_ssize_t B, Py_ssize_t heads, int num_threads) no
     return min(B, round_up((B + chunks - 1) // chunks, 8))
 
 
-cdef Py_ssize_t heads_per_job(Py_ssize_t nblocks, Py_ssize_t heads, int num_threads) noexcept nogil:
+cdef enum:
+    # bytes of packed recurrent weights one job's heads may share: stepping heads together
+    # cycles through all of their weights every step, so they must stay in a core's cache
+    # (8 heads of D=128 took 1.4x longer per step together than one after another)
+    HEAD_GROUP_BYTES = 512 * 1024
+
+
+cdef Py_ssize_t heads_per_job(Py_ssize_t nblocks, Py_ssize_t heads, int num_threads,
+                              Py_ssize_t head_bytes) noexcept nogil:
     # A job steps several heads together (one pass over each row's ax per step); heads are
-    # split over jobs only as far as needed to give every thread a job.
+    # split over jobs as far as needed to give every thread a job, and so that a job's
+    # heads' weights (head_bytes each) fit in HEAD_GROUP_BYTES.
     cdef Py_ssize_t groups = min(heads, max(1, (num_threads + nblocks - 1) // nblocks))
-    return (heads + groups - 1) // groups
+    cdef Py_ssize_t hpj = (heads + groups - 1) // groups
+    return max(1, min(hpj, HEAD_GROUP_BYTES // max(1, head_bytes)))
 
 
 # ---- variable lengths (DESIGN.md "Variable lengths, reverse direction, resets") -----------------
@@ -532,7 +542,7 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     if block == -1 or (block == 0 and team > 1):      # fewer (row block, head) jobs than threads
         return run_columns(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
                            state_out, rows, start, nblocks, RB, vl, team, num_threads)
-    hpj = heads_per_job(nblocks, heads, num_threads)
+    hpj = heads_per_job(nblocks, heads, num_threads, G * D * D * sizeof(floating))
     groups = (heads + hpj - 1) // hpj
     njobs = nblocks * groups
     if num_threads == 1 or njobs == 1:     # no OpenMP region: matters for T=1 streaming calls
@@ -750,7 +760,7 @@ def backward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, :
     vl = varlen(lengths, reverse, reset, B, T)
     # contiguous blocks without lengths (JobRows with lengths=None): the same rows as forward
     jr = JobRows(B, rows_per_job(B, heads, num_threads), lengths)
-    hpj = heads_per_job(jr.nblocks, heads, num_threads)
+    hpj = heads_per_job(jr.nblocks, heads, num_threads, G * D * D * sizeof(floating))
     groups = (heads + hpj - 1) // hpj
     mb = <floating*> scratch_alloc(heads * ntiles * GD * NT * sizeof(floating))
     if mb == NULL:
