@@ -116,19 +116,26 @@ _DOC_RETURNS = """
 """
 
 
+# Peak RSS increase in units of y, float64, B=16, T=1024, H=I=256: (forward, vjp with its
+# pullback, vjp not blocked), measured for each cell.
+_MEMORY = {"lstm": (5.1, 3.7, 17.7), "gru": (4.1, 3.6, 16.6), "elman": (2.0, 2.5, 7.1), "slstm": (5.1, 3.7, 19.7)}
+
+_DOC_MEMORY = """Notes
+    -----
+    Memory, measured as the peak RSS increase in units of the output y (float64, B=16,
+    T=1024, H=I=256): the forward {fwd}x (y and the input projection W x, G={G} times y).
+    vjp with its pullback {vjp}x: calls whose saved arrays exceed 64 MiB run in 16 time
+    blocks, keep y and the state at each block boundary, and recompute one block at a time
+    in the pullback (one more forward pass of work); {unblocked}x when not blocked (smaller
+    calls, and lengths with reverse=True)."""
+
+
 def lstm(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, reverse=False,
          reset=None, solver="sequential", tol=None, max_iter=None, guess=None):
     """Long short-term memory over a whole sequence (PyTorch's nn.LSTM equations, G=4 gates
     i, f, g, o): ``c_t = f*c + i*g``, ``h_t = o*tanh(c_t)``.
     {common}
-    Notes
-    -----
-    Memory, measured as the peak RSS increase in units of the output y (float64, B=16,
-    T=1024, H=I=256): the forward 5.1x (y and the input projection W x, G=4 times y).  vjp
-    with its pullback 3.7x: calls whose saved arrays exceed 64 MiB run in 16 time blocks,
-    keep y and the state at each block boundary, and recompute one block at a time in the
-    pullback (one more forward pass of work); 17.7x when not blocked (smaller calls, and
-    lengths with reverse=True).  With solver="newton" the peak grows with H (H x H
+    {memory}  With solver="newton" the peak grows with H (H x H
     Jacobians per step): 300x at H=32, 560x at H=64 (B=16, T=256).
     """
     return _run("lstm", x, W, R, b, b_r, heads, state, solver, tol,
@@ -140,14 +147,7 @@ def gru(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, reverse
     """Gated recurrent unit over a whole sequence (PyTorch's nn.GRU equations, G=3 gates
     r, z, n): ``n = tanh(W_n x + b_n + r*(R_n h + b_r,n))``, ``h_t = (1-z)*n + z*h``.
     {common}
-    Notes
-    -----
-    Memory, measured as the peak RSS increase in units of the output y (float64, B=16,
-    T=1024, H=I=256): the forward 4.1x (y and the input projection W x, G=3 times y).  vjp
-    with its pullback 3.6x: calls whose saved arrays exceed 64 MiB run in 16 time blocks,
-    keep y and the state at each block boundary, and recompute one block at a time in the
-    pullback (one more forward pass of work); 16.6x when not blocked (smaller calls, and
-    lengths with reverse=True).
+    {memory}
     """
     return _run("gru", x, W, R, b, b_r, heads, state, solver, tol,
                 max_iter, guess, lengths, reverse, reset)
@@ -157,14 +157,7 @@ def elman(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, rever
           reset=None, solver="sequential", tol=None, max_iter=None, guess=None):
     """Elman (vanilla tanh) RNN over a whole sequence, G=1: ``h_t = tanh(W x + b + R h + b_r)``.
     {common}
-    Notes
-    -----
-    Memory, measured as the peak RSS increase in units of the output y (float64, B=16,
-    T=1024, H=I=256): the forward 2.0x (y and the input projection W x, G=1 times y).  vjp
-    with its pullback 2.5x: calls whose saved arrays exceed 64 MiB run in 16 time blocks,
-    keep y and the state at each block boundary, and recompute one block at a time in the
-    pullback (one more forward pass of work); 7.1x when not blocked (smaller calls, and
-    lengths with reverse=True).
+    {memory}
     """
     return _run("elman", x, W, R, b, b_r, heads, state, solver, tol,
                 max_iter, guess, lengths, reverse, reset)
@@ -178,14 +171,7 @@ def slstm(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, rever
     ``f = exp(log sigmoid(f~) + m - m_t)``, ``c_t = f*c + i*tanh(z~)``,
     ``n_t = max(f*n + i, 1)``, ``h_t = sigmoid(o~) * c_t / n_t``.
     {common}
-    Notes
-    -----
-    Memory, measured as the peak RSS increase in units of the output y (float64, B=16,
-    T=1024, H=I=256): the forward 5.1x (y and the input projection W x, G=4 times y).  vjp
-    with its pullback 3.7x: calls whose saved arrays exceed 64 MiB run in 16 time blocks,
-    keep y and the state at each block boundary, and recompute one block at a time in the
-    pullback (one more forward pass of work); 19.7x when not blocked (smaller calls, and
-    lengths with reverse=True).
+    {memory}
     """
     return _run("slstm", x, W, R, b, b_r, heads, state, solver, tol,
                 max_iter, guess, lengths, reverse, reset)
@@ -193,9 +179,13 @@ def slstm(x, W, R, b=None, b_r=None, *, heads=1, state=None, lengths=None, rever
 
 for _fn in (lstm, gru, elman, slstm):
     _names = CELLS[_fn.__name__].state_names
-    _fn.__doc__ = _fn.__doc__.format(common=_DOC_COMMON + _DOC_RETURNS.format(
-        state=_names[0] if len(_names) == 1 else f"({', '.join(_names)})",
-        kind="ndarray" if len(_names) == 1 else "ndarrays"))
+    _fwd, _vjp, _unblocked = _MEMORY[_fn.__name__]
+    _fn.__doc__ = _fn.__doc__.format(
+        common=_DOC_COMMON + _DOC_RETURNS.format(
+            state=_names[0] if len(_names) == 1 else f"({', '.join(_names)})",
+            kind="ndarray" if len(_names) == 1 else "ndarrays"),
+        memory=_DOC_MEMORY.format(fwd=_fwd, G=CELLS[_fn.__name__].gates, vjp=_vjp,
+                                  unblocked=_unblocked))
     defvjp(_fn, lambda *a, _cell=_fn.__name__, **kw: _cell_vjp(_cell, *a, **kw))
 
 
