@@ -19,6 +19,14 @@ from _helpers import (CELLS, CELL_SIZES, flat_outputs, make_problem, random_cota
 DTYPES = (np.float32, np.float64)
 
 
+@pytest.fixture(autouse=True)
+def _compiled_backend():
+    """The fast paths serve the compiled backend: start each test on it whatever
+    STATESCAN_BACKEND says (the python-backend tests switch to it themselves)."""
+    if _dispatch.compiled_available():
+        ss.set_backend("compiled")
+
+
 class Spy:
     """Wraps a fast-path function: counts the calls it served (returned non-None)."""
 
