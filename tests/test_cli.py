@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import statescan
 from statescan import cli
 from statescan._bench import core, guard, load_cases, report
 
@@ -256,3 +257,12 @@ def test_python_dash_m_entry_point(tmp_path):
                            "--filter", "gru"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "rnn/gru B=16 H=256 heads=1 float32" in proc.stdout
+
+
+def test_split_family_compares_the_threads_with_one_thread():
+    cases, unavailable = load_cases(["split"], quick=True)
+    assert not unavailable and {c.family for c in cases} == {"split"}
+    with statescan.threads(2):
+        result = core.run_case(cases[0], budget=0.0)
+    assert set(result.runs) == {"statescan", "statescan-1t"}
+    assert result.runs["statescan-1t"].ok is True       # the outputs agree across threads

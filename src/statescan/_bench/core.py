@@ -67,7 +67,7 @@ import numpy as np
 import statescan
 
 FAMILIES = ("rnn", "scan", "attention", "parallel", "layers", "batching", "lengths", "conv",
-            "mamba", "tuned", "calls")
+            "mamba", "tuned", "calls", "split")
 STATESCAN = "statescan"
 NUMPY_REF = "numpy-ref"
 # Other libraries, the names `add_peer` and ``--peers`` take (a new peer is added here).
@@ -80,7 +80,7 @@ OWN = {NUMPY_REF: "statescan's numpy reference",
        "ideal": "statescan, one full batch (the bound)",
        "weight-streaming": "one GEMV over the weight bytes a decode step reads (the bound)",
        "default": "statescan with its automatic blocking, ignoring statescan.tune()'s cache",
-       "statescan-1t": "statescan with one thread (the calls cases)",
+       "statescan-1t": "statescan with one thread (the calls and split cases)",
        "kernel-only": "the compiled kernels of the call alone, outputs ready (the calls cases)"}
 # Column order in tables; unknown runner names follow in the order cases return them.
 RUNNER_ORDER = (STATESCAN, *OWN, *PEERS)
