@@ -224,12 +224,12 @@ def write_plot(results, path, meta):
                                         hatch="//" if p in OWN else None, label=_label(p))
                for p in ran]
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)),
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(2, len(handles)),
                    fontsize=7, frameon=False)
     fig.suptitle(title(meta) + "\nbars: other runner's time / statescan's time per step "
                  "(log scale; right of 1: statescan is faster)", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")     # long legend labels stay whole
     plt.close(fig)
     return True
 
