@@ -20,6 +20,10 @@ fi
 # (-p: unchanged sources keep their times, so a kept build is not redone)
 git -C "$here" ls-files -z | (cd "$here" && xargs -0 cp -p --parents -t "$work")
 cd "$work"
+# Cython copies the headers a kept build includes next to its generated C, and recopies one only
+# when the copy is older: with the times kept by cp -p, a header edited within the same second
+# as the last build stayed stale there (and was included instead of ext/'s).  They are cheap.
+rm -f build/cython/*/ext/*.h
 san="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
 # Portable build only: one set is enough to find memory errors, and builds twice as fast.
 CFLAGS="$san" LDFLAGS="$san" STATESCAN_PORTABLE=1 \
