@@ -180,20 +180,14 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
         ax = x if b is None else x + b
     else:
         ax = _memory.empty((B, T, GH), dtype, _PROJECTION)
-        useful = x.size * GH // _dispatch.MIN_WORK_PER_THREAD     # as threads_for
-        ext.project(x, W, b, ax, threads if useful >= threads else max(1, useful))
+        ext.project(x, W, b, ax, _dispatch.threads_for(x.size * GH))
     seq = _memory.empty((1, B, T, H), dtype, "y [1, B, T, H]")      # as forward(save=False)
     final = np.empty((S, B, H), dtype)
     ext.forward(cell.name, ax, R if R.ndim == 3 else R.reshape(1, GD, D),
                 _zeros((GH,), dtype) if b_r is None else b_r, state0, False, None, False,
                 None, _tuning.rnn_block(cell.name, B, H, heads, dtype), seq, None, final,
                 threads)
-    # as outputs (indexing is cheaper than tuple(final))
-    if S == 1:
-        return seq[0], final[0]
-    if S == 2:
-        return seq[0], (final[0], final[1])
-    return seq[0], tuple(final)
+    return outputs(cell, seq[0], final)
 
 
 def state_array(cell, state, B, H, dtype):
@@ -217,6 +211,8 @@ def outputs(cell, y, state):
     """Public return value: (y, state) with state an array or a tuple as for PyTorch."""
     if cell.states == 1:
         return y, state[0]
+    if cell.states == 2:                      # (h, c): indexing is cheaper than tuple(state)
+        return y, (state[0], state[1])
     return y, tuple(state)
 
 

@@ -118,7 +118,8 @@ _DOC_RETURNS = """
 
 # Peak RSS increase in units of y, float64, B=16, T=1024, H=I=256: (forward, vjp with its
 # pullback, vjp not blocked), measured for each cell.
-_MEMORY = {"lstm": (5.1, 3.7, 17.7), "gru": (4.1, 3.6, 16.6), "elman": (2.0, 2.5, 7.1), "slstm": (5.1, 3.7, 19.7)}
+_MEMORY = {"lstm": (5.1, 3.7, 17.7), "gru": (4.1, 3.6, 16.6), "elman": (2.0, 2.5, 7.1),
+           "slstm": (5.1, 3.7, 19.7)}
 
 _DOC_MEMORY = """Notes
     -----
