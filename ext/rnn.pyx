@@ -65,6 +65,19 @@ cdef inline Py_ssize_t state_stride(Py_ssize_t nr, Py_ssize_t D) noexcept nogil:
     return round_up(nr * D, 16)
 
 
+cdef inline void zero_steps(floating* a, Py_ssize_t start, Py_ssize_t parts,
+                            Py_ssize_t part_stride, Py_ssize_t step_stride, Py_ssize_t t0,
+                            Py_ssize_t T, Py_ssize_t n) noexcept nogil:
+    """a[start + p * part_stride + t * step_stride + d] = 0 for p < parts, t0 <= t < T, d < n:
+    one row's padded steps (t0 = its length) in n units of an output laid out [.., B, T, ..]
+    (start: the row's first step and the job's first unit)."""
+    cdef Py_ssize_t p, t, d
+    for t in range(t0, T):
+        for p in range(parts):
+            for d in range(n):
+                a[start + p * part_stride + t * step_stride + d] = 0
+
+
 cdef struct Varlen:
     const cnp.int64_t* lens      # [B] or NULL (every row T steps)
     const char* reset          # [B, T] bool or NULL
@@ -138,14 +151,10 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
             for kk in range(nk):
                 for d in range(D):
                     state_out[(s * B + b) * H + (k0 + kk) * D + d] = st[(kk * S + s) * ss + r * D + d]
-        for t in range(row_length(vl.lens, b, T), T):    # padded steps: outputs are 0
-            for s in range(S_save):
-                for d in range(nk * D):
-                    seq[((s * B + b) * T + t) * H + k0 * D + d] = 0
-            if ar_seq != NULL:
-                for g in range(G):
-                    for d in range(nk * D):
-                        ar_seq[(b * T + t) * GH + g * H + k0 * D + d] = 0
+        length = row_length(vl.lens, b, T)         # padded steps: outputs are 0
+        zero_steps(seq, b * T * H + k0 * D, S_save, B * T * H, H, length, T, nk * D)
+        if ar_seq != NULL:
+            zero_steps(ar_seq, b * T * GH + k0 * D, G, H, GH, length, T, nk * D)
 
 
 # ---- column split: one job on a team of threads (few rows, few heads) -------------------------
@@ -279,14 +288,10 @@ cdef void forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ss
         for s in range(S):
             for d in range(n):
                 state_out[(s * B + b) * H + k * D + d0 + d] = st[s * ss + r * n + d]
-        for t in range(row_length(vl.lens, b, T), T):    # padded steps: outputs are 0
-            for s in range(S_save):
-                for d in range(n):
-                    seq[((s * B + b) * T + t) * H + k * D + d0 + d] = 0
-            if ar_seq != NULL:
-                for g in range(G):
-                    for d in range(n):
-                        ar_seq[(b * T + t) * GH + g * H + k * D + d0 + d] = 0
+        length = row_length(vl.lens, b, T)         # padded steps: outputs are 0
+        zero_steps(seq, b * T * H + k * D + d0, S_save, B * T * H, H, length, T, n)
+        if ar_seq != NULL:
+            zero_steps(ar_seq, b * T * GH + k * D + d0, G, H, GH, length, T, n)
 
 
 cdef int column_member(int cell, Py_ssize_t job, long member, long team, Py_ssize_t B,
@@ -717,11 +722,9 @@ cdef void backward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize
             for s in range(S):
                 for d in range(D):
                     dstate0[(s * B + b) * H + (k0 + kk) * D + d] = dst[(kk * S + s) * sds + r * Dp + d]
-        for t in range(row_length(vl.lens, b, T), T):    # padded steps: gradients are 0
-            for g in range(G):
-                for d in range(nk * D):
-                    dgx[(b * T + t) * GH + g * H + k0 * D + d] = 0
-                    dgr[(b * T + t) * GH + g * H + k0 * D + d] = 0
+        length = row_length(vl.lens, b, T)         # padded steps: gradients are 0
+        zero_steps(dgx, b * T * GH + k0 * D, G, H, GH, length, T, nk * D)
+        zero_steps(dgr, b * T * GH + k0 * D, G, H, GH, length, T, nk * D)
 
 
 def backward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::1] ar_seq,
