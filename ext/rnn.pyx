@@ -84,13 +84,48 @@ cdef struct Varlen:
     bint reverse
 
 
+# ---- the input projection fused into the time loop --------------------------------------------
+# A plain call (no lengths, reverse, reset; outputs not saved for a backward) need not write
+# W x + b for the whole sequence to memory and read it back: forward_job projects each block of
+# `steps` time steps of its rows into a small buffer (ldo = G*H rounded up to whole panels)
+# just before stepping through them.  Each output is the same sum as `project` computes (the
+# bias, then the products summed over the inputs in one order), so the bits are those of
+# project + forward.
+
+cdef struct Fused:
+    const void* x            # [B, T, I] (floating)
+    const void* wp           # W^T packed in panels
+    const void* bias         # [G*H] or NULL
+    void* ax                 # this job's buffer [rows, steps, ldo] (floating)
+    Py_ssize_t n_in, ldo, steps    # inputs per row (not `I`: complex.h's macro)
+
+
+cdef void project_block(const floating* x, const floating* wp, const floating* bias,
+                        floating* ax, const Fused* fz, const Py_ssize_t* rows, Py_ssize_t nr,
+                        Py_ssize_t T, Py_ssize_t j, Py_ssize_t n, Py_ssize_t M) noexcept nogil:
+    """ax[r, :n, :] = x[rows[r], j:j+n] @ W^T + b for r < nr (x, wp, bias and ax: fz's), one
+    panel of W at a time over every row (the panel stays in cache while the job's nr * n rows
+    use it)."""
+    cdef Py_ssize_t ldo = fz.ldo, I = fz.n_in, r, i, m, tile
+    for r in range(nr):
+        for i in range(n):
+            for m in range(ldo):
+                ax[(r * fz.steps + i) * ldo + m] = bias[m] if bias != NULL and m < M else 0
+    if I == 0:
+        return
+    for tile in range(ldo // NT):
+        for r in range(nr):
+            matmul_acc(x + (rows[r] * T + j) * I, I, wp + tile * I * NT, I, 1,
+                       ax + r * fz.steps * ldo + tile * NT, ldo, n)
+
+
 cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
                       Py_ssize_t nk, Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, Py_ssize_t G,
                       Py_ssize_t S, Py_ssize_t S_save,
                       const floating* ax, const floating* mp, const floating* b_r,
                       const floating* state0, floating* seq, floating* ar_seq,
                       floating* state_out, floating* st, floating* gates,
-                      Varlen vl) noexcept nogil:
+                      Varlen vl, const Fused* fz) noexcept nogil:
     cdef Py_ssize_t GH = G * H, GD = G * D
     cdef Py_ssize_t ntiles = (GD + NT - 1) // NT, GDp = ntiles * NT
     # stride between state components in `st`: padded to whole 64-byte lines, so how the
@@ -113,6 +148,10 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
     for j in range(steps):
         while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
             nact -= 1
+        if fz != NULL and j % fz.steps == 0:
+            project_block(<const floating*> fz.x, <const floating*> fz.wp,
+                          <const floating*> fz.bias, <floating*> fz.ax, fz, rows, nr, T, j,
+                          min(fz.steps, steps - j), GH)
         for r in range(nact):
             b = rows[r]
             length = row_length(vl.lens, b, T)
@@ -121,7 +160,7 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
                     for s in range(S):
                         for d in range(D):
                             st[(kk * S + s) * ss + r * D + d] = 0
-            if j + 1 < length:   # rows of different batch entries are far apart: prefetch
+            if fz == NULL and j + 1 < length:   # rows of different batch entries are far apart: prefetch
                 for g in range(G):
                     prefetch(ax + (b * T + time_index(j + 1, length, vl.reverse)) * GH
                              + g * H + k0 * D, nk * D)
@@ -136,7 +175,10 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
             for r in range(nact):
                 b = rows[r]
                 t = time_index(j, row_length(vl.lens, b, T), vl.reverse)
-                axp = ax + (b * T + t) * GH + k * D
+                if fz == NULL:
+                    axp = ax + (b * T + t) * GH + k * D
+                else:
+                    axp = <floating*> fz.ax + (r * fz.steps + j % fz.steps) * fz.ldo + k * D
                 if ar_seq != NULL:
                     for g in range(G):
                         for d in range(D):
@@ -514,24 +556,53 @@ cdef Py_ssize_t forward_rows_per_job(Py_ssize_t B, Py_ssize_t heads, int num_thr
     return B if block == -1 else rows_per_job(B, heads, num_threads)
 
 
+cdef enum:
+    # rows of x a fused job projects per block at least (rows x steps), so each panel of W
+    # read into cache serves as many rows as one job of `project` (PROJECT_ROWS)
+    FUSED_ROWS = 64
+    # bytes of a fused job's projection buffer above which blocks shrink towards 8 steps
+    FUSED_BYTES = 1 << 20
+    # bytes of packed W above which the jobs do not project their own blocks: W must stay in
+    # a core's cache between blocks (H = I = 1024: a 16 MB W re-read every few steps next to
+    # R ran 1.25x slower than projecting the whole sequence first)
+    FUSED_W_BYTES = 1 << 20
+
+
+cdef Py_ssize_t fused_steps(Py_ssize_t RB, Py_ssize_t ldo, Py_ssize_t T,
+                            Py_ssize_t itemsize) noexcept nogil:
+    """Time steps per projected block of a fused job of RB rows (buffer [RB, steps, ldo])."""
+    cdef Py_ssize_t steps = max(8, round_up((FUSED_ROWS + RB - 1) // RB, 8))
+    while steps > 8 and RB * steps * ldo * itemsize > FUSED_BYTES:
+        steps //= 2
+    return min(T, steps)
+
+
 cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D,
                      Py_ssize_t G, Py_ssize_t S, Py_ssize_t S_save, const floating* ax,
                      const floating* mp, const floating* b_r, const floating* state0,
                      floating* seq, floating* ar_seq, floating* state_out,
                      const Py_ssize_t* rows, const Py_ssize_t* start, Py_ssize_t nblocks,
-                     Py_ssize_t RB, Varlen vl, int block, int num_threads) noexcept nogil:
+                     Py_ssize_t RB, Varlen vl, int block, int num_threads,
+                     const Fused* fz) noexcept nogil:
     """All jobs of a forward pass; -1 when scratch memory could not be allocated.
     `rows` and `start` as in JobRows; NULL: contiguous blocks of forward_rows_per_job rows (no
     lengths).  `block`: 0 chooses row or column split from the shapes; > 0 row split (with
-    that many rows per job when `rows` is NULL); -1 column split."""
+    that many rows per job when `rows` is NULL); -1 column split.  `fz`: NULL, or x, packed W
+    and b of a plain call (`ax` unused): jobs that own whole rows (every head) project their
+    own blocks of steps; otherwise W x + b is projected for the whole sequence first."""
     cdef int team
     cdef Py_ssize_t njobs, hpj, groups
     cdef Py_ssize_t ntiles = (G * D + NT - 1) // NT
     cdef Py_ssize_t job, blk, k0
     cdef int failed = 0, status
+    cdef bint columns
     cdef floating* st
     cdef floating* gates
+    cdef floating* own_ax
     cdef Py_ssize_t* own = NULL
+    cdef Py_ssize_t fsteps = 0
+    cdef Fused job_fz
+    cdef const Fused* jfz = NULL
     if rows == NULL:
         RB = forward_rows_per_job(B, heads, num_threads, block)
         nblocks = (B + RB - 1) // RB
@@ -540,45 +611,77 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
             return -1
         status = run_forward(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq,
                              ar_seq, state_out, own, own + B, nblocks, RB, vl, block,
-                             num_threads)
+                             num_threads, fz)
         scratch_free(own)
         return status
     team = column_team(nblocks * heads, RB, T, D, G, num_threads, block == -1)
-    if block == -1 or (block == 0 and team > 1):      # fewer (row block, head) jobs than threads
-        return run_columns(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
-                           state_out, rows, start, nblocks, RB, vl, team, num_threads)
+    columns = block == -1 or (block == 0 and team > 1)  # fewer (row block, head) jobs than threads
     hpj = heads_per_job(nblocks, heads, num_threads, G * D * D * sizeof(floating))
     groups = (heads + hpj - 1) // hpj
+    if fz != NULL and (columns or groups > 1
+                       or fz.n_in * fz.ldo * sizeof(floating) > FUSED_W_BYTES):
+        # jobs do not own whole rows, or W would not stay in cache: project first
+        own_ax = <floating*> scratch_alloc(B * T * G * heads * D * sizeof(floating))
+        status = -1
+        if own_ax != NULL and run_project(<const floating*> fz.x, B * T, fz.n_in,
+                                          <const floating*> fz.wp, G * heads * D,
+                                          <const floating*> fz.bias, own_ax, NULL, 0,
+                                          num_threads) == 0:
+            status = run_forward(cell, B, T, heads, D, G, S, S_save, own_ax, mp, b_r, state0,
+                                 seq, ar_seq, state_out, rows, start, nblocks, RB, vl, block,
+                                 num_threads, NULL)
+        scratch_free(own_ax)
+        return status
+    if columns:
+        return run_columns(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
+                           state_out, rows, start, nblocks, RB, vl, team, num_threads)
     njobs = nblocks * groups
+    if fz != NULL:
+        fsteps = fused_steps(RB, fz.ldo, T, sizeof(floating))
     if num_threads == 1 or njobs == 1:     # no OpenMP region: matters for T=1 streaming calls
         st = <floating*> scratch_alloc(hpj * S * state_stride(RB, D) * sizeof(floating))
         gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
-        if st != NULL and gates != NULL:
+        if fz != NULL:
+            job_fz = fz[0]
+            job_fz.steps = fsteps
+            job_fz.ax = scratch_alloc(RB * fsteps * fz.ldo * sizeof(floating))
+            jfz = &job_fz
+        if st != NULL and gates != NULL and (fz == NULL or job_fz.ax != NULL):
             for job in range(njobs):
                 blk = job // groups
                 k0 = job % groups * hpj
                 forward_job(cell, rows + start[blk], start[blk + 1] - start[blk], k0,
                             min(hpj, heads - k0), B, T, heads * D, D, G, S, S_save, ax, mp,
-                            b_r, state0, seq, ar_seq, state_out, st, gates, vl)
+                            b_r, state0, seq, ar_seq, state_out, st, gates, vl, jfz)
         else:
             failed = 1
         scratch_free(st)
         scratch_free(gates)
+        if fz != NULL:
+            scratch_free(job_fz.ax)
         return -failed
     with parallel(num_threads=num_threads):
         st = <floating*> scratch_alloc(hpj * S * state_stride(RB, D) * sizeof(floating))
         gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
+        jfz = NULL
+        if fz != NULL:      # each thread its own copy of job_fz, with its own buffer
+            job_fz = fz[0]
+            job_fz.steps = fsteps
+            job_fz.ax = scratch_alloc(RB * fsteps * fz.ldo * sizeof(floating))
+            jfz = &job_fz
         for job in prange(njobs, schedule="static"):
-            if st == NULL or gates == NULL:
+            if st == NULL or gates == NULL or (jfz != NULL and jfz.ax == NULL):
                 failed += 1
             else:
                 blk = job // groups
                 k0 = job % groups * hpj
                 forward_job(cell, rows + start[blk], start[blk + 1] - start[blk], k0,
                             min(hpj, heads - k0), B, T, heads * D, D, G, S, S_save, ax, mp,
-                            b_r, state0, seq, ar_seq, state_out, st, gates, vl)
+                            b_r, state0, seq, ar_seq, state_out, st, gates, vl, jfz)
         scratch_free(st)
         scratch_free(gates)
+        if jfz != NULL:
+            scratch_free(jfz.ax)
     return -1 if failed else 0
 
 
@@ -631,8 +734,53 @@ def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::
         status = run_forward(cell, B, T, heads, D, GD // D, state0.shape[0], seq.shape[0],
                              &ax[0, 0, 0], mp, &b_r[0], &state0[0, 0, 0], &seq[0, 0, 0, 0],
                              ar_ptr, &state_out[0, 0, 0], rows, start, nblocks, RB, vl,
-                             block, num_threads)
+                             block, num_threads, NULL)
     scratch_free(mp)
+    if status:
+        raise MemoryError()
+
+
+def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating[:, ::1] W,
+                      const floating[::1] b, const floating[:, :, ::1] R,
+                      const floating[::1] b_r, const floating[:, :, ::1] state0, int block,
+                      floating[:, :, :, ::1] seq, floating[:, :, ::1] state_out,
+                      int num_threads):
+    """`project` then `forward` with save=False and no lengths, reverse or reset, in one pass.
+
+    x [B,T,I], W [G*H,I], b [G*H] or None; R, b_r, state0, block, seq [1,B,T,H], state_out
+    as in `forward`.  The same bits as the two calls; but a job that owns whole rows (every
+    head) projects them a block of time steps at a time, into a buffer that stays in cache,
+    instead of writing W x + b [B,T,G*H] to memory and reading it back.
+    """
+    cdef int cell = CELL_IDS[cell_name]
+    cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2], M = W.shape[0]
+    cdef Py_ssize_t heads = R.shape[0], GD = R.shape[1], D = R.shape[2]
+    cdef floating* mp
+    cdef floating* wp
+    cdef int status
+    cdef Fused fz
+    if B == 0 or T == 0 or D == 0:
+        if T == 0:
+            state_out[...] = state0
+        return
+    mp = <floating*> scratch_alloc(heads * ((GD + NT - 1) // NT) * D * NT * sizeof(floating))
+    wp = <floating*> scratch_alloc(((M + NT - 1) // NT) * max(I, 1) * NT * sizeof(floating))
+    if mp == NULL or wp == NULL:
+        scratch_free(mp)
+        scratch_free(wp)
+        raise MemoryError()
+    fz.x, fz.wp, fz.bias, fz.ax = &x[0, 0, 0], wp, NULL if b is None else &b[0], NULL
+    fz.n_in, fz.ldo, fz.steps = I, round_up(M, NT), 0
+    with nogil:
+        if I > 0:
+            pack_panels(&W[0, 0], 1, I, I, M, wp)
+        pack_forward(&R[0, 0, 0], heads, GD, D, mp, num_threads)
+        status = run_forward(cell, B, T, heads, D, GD // D, state0.shape[0], 1, &x[0, 0, 0], mp,
+                             &b_r[0], &state0[0, 0, 0], &seq[0, 0, 0, 0], NULL,
+                             &state_out[0, 0, 0], NULL, NULL, 0, 0, no_varlen(), block,
+                             num_threads, &fz)
+    scratch_free(mp)
+    scratch_free(wp)
     if status:
         raise MemoryError()
 
@@ -930,20 +1078,21 @@ cdef int stream_step(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssiz
     cdef Py_ssize_t GH = G * heads * D, n
     cdef floating* ax = NULL
     cdef int status
-    if wp != NULL or b != NULL:
+    cdef Fused fz
+    if wp != NULL:                  # projected block by block inside the jobs
+        fz.x, fz.wp, fz.bias, fz.ax = x, wp, b, NULL
+        fz.n_in, fz.ldo, fz.steps = I, round_up(GH, NT), 0
+        return run_forward(cell, B, T, heads, D, G, S, 1, x, rp, b_r, state0, y, NULL,
+                           state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads, &fz)
+    if b != NULL:                   # x already holds W x; only the bias to add
         ax = <floating*> scratch_alloc(B * T * GH * sizeof(floating))
         if ax == NULL:
             return -1
-        if wp != NULL:
-            if run_project(x, B * T, I, wp, GH, b, ax, NULL, 0, num_threads):
-                scratch_free(ax)
-                return -1
-        else:                       # x already holds W x; only the bias to add
-            for n in range(B * T * GH):
-                ax[n] = x[n] + b[n % GH]
+        for n in range(B * T * GH):
+            ax[n] = x[n] + b[n % GH]
     status = run_forward(cell, B, T, heads, D, G, S, 1,
                          <const floating*> ax if ax != NULL else x, rp, b_r, state0, y, NULL,
-                         state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads)
+                         state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads, NULL)
     scratch_free(ax)
     return status
 

@@ -176,17 +176,16 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
     state0 = _zeros((S, B, H), dtype) if state is None else _stacked(parts, (S, B, H), dtype)
     ext = _dispatch.ext_module("rnn")
     threads = _dispatch.get_num_threads()
-    if W is None:                                     # as input_preactivation
-        ax = x if b is None else x + b
-    else:
-        ax = _memory.empty((B, T, GH), dtype, _PROJECTION)
-        ext.project(x, W, b, ax, _dispatch.threads_for(x.size * GH))
     seq = _memory.empty((1, B, T, H), dtype, "y [1, B, T, H]")      # as forward(save=False)
     final = np.empty((S, B, H), dtype)
-    ext.forward(cell.name, ax, R if R.ndim == 3 else R.reshape(1, GD, D),
-                _zeros((GH,), dtype) if b_r is None else b_r, state0, False, None, False,
-                None, _tuning.rnn_block(cell.name, B, H, heads, dtype), seq, None, final,
-                threads)
+    R = R if R.ndim == 3 else R.reshape(1, GD, D)
+    b_r = _zeros((GH,), dtype) if b_r is None else b_r
+    block = _tuning.rnn_block(cell.name, B, H, heads, dtype)
+    if W is None:                                     # as input_preactivation
+        ext.forward(cell.name, x if b is None else x + b, R, b_r, state0, False, None, False,
+                    None, block, seq, None, final, threads)
+    else:       # project + forward, W x + b projected inside the time loop (the same bits)
+        ext.forward_projected(cell.name, x, W, b, R, b_r, state0, block, seq, final, threads)
     return outputs(cell, seq[0], final)
 
 

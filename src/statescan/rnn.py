@@ -124,7 +124,9 @@ _MEMORY = {"lstm": (5.1, 3.7, 17.7), "gru": (4.1, 3.6, 16.6), "elman": (2.0, 2.5
 _DOC_MEMORY = """Notes
     -----
     Memory, measured as the peak RSS increase in units of the output y (float64, B=16,
-    T=1024, H=I=256): the forward {fwd}x (y and the input projection W x, G={G} times y).
+    T=1024, H=I=256): the forward {fwd}x (y and the input projection W x, G={G} times y);
+    1.1x when W packs into 1 MiB or less (float32 H=I=256, float64 H=I=128), whose calls
+    project W x a block of time steps at a time inside the time loop.
     vjp with its pullback {vjp}x: calls whose saved arrays exceed 64 MiB run in 16 time
     blocks, keep y and the state at each block boundary, and recompute one block at a time
     in the pullback (one more forward pass of work); {unblocked}x when not blocked (smaller
