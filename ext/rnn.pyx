@@ -100,22 +100,38 @@ cdef struct Fused:
     Py_ssize_t n_in, ldo, steps    # inputs per row (not `I`: complex.h's macro)
 
 
+cdef inline Py_ssize_t block_steps(const Fused* fz, Py_ssize_t j, Py_ssize_t length) noexcept nogil:
+    """Steps of a row of this length in the projected block that holds processing step j."""
+    return min(fz.steps, length - (j - j % fz.steps))
+
+
+cdef inline Py_ssize_t block_index(const Fused* fz, Py_ssize_t j, Py_ssize_t length,
+                                   bint reverse) noexcept nogil:
+    """The buffer row of processing step j of a row of this length: a block holds the row's
+    x rows in time order, so with `reverse` its processing steps run from the last one down."""
+    return block_steps(fz, j, length) - 1 - j % fz.steps if reverse else j % fz.steps
+
+
 cdef void project_block(const floating* x, const floating* wp, const floating* bias,
-                        floating* ax, const Fused* fz, const Py_ssize_t* rows, Py_ssize_t nr,
-                        Py_ssize_t T, Py_ssize_t j, Py_ssize_t n, Py_ssize_t M) noexcept nogil:
-    """ax[r, :n, :] = x[rows[r], j:j+n] @ W^T + b for r < nr (x, wp, bias and ax: fz's), one
-    panel of W at a time over every row (the panel stays in cache while the job's nr * n rows
-    use it)."""
-    cdef Py_ssize_t ldo = fz.ldo, I = fz.n_in, r, i, m, tile
-    for r in range(nr):
-        for i in range(n):
+                        floating* ax, const Fused* fz, const Py_ssize_t* rows, Py_ssize_t nact,
+                        Py_ssize_t T, Py_ssize_t j, Py_ssize_t M, Varlen vl) noexcept nogil:
+    """For the active rows r < nact, the block of processing steps from j (a multiple of
+    fz.steps): ax[r, i, :] = x[rows[r], t0 + i] @ W^T + b for i < block_steps, where t0 is the
+    first time step of the block (x, wp, bias and ax: fz's).  One panel of W at a time over
+    every row: the panel stays in cache while all of the job's rows use it."""
+    cdef Py_ssize_t ldo = fz.ldo, I = fz.n_in, r, i, m, n, t0, tile, length
+    for r in range(nact):
+        for i in range(block_steps(fz, j, row_length(vl.lens, rows[r], T))):
             for m in range(ldo):
                 ax[(r * fz.steps + i) * ldo + m] = bias[m] if bias != NULL and m < M else 0
     if I == 0:
         return
     for tile in range(ldo // NT):
-        for r in range(nr):
-            matmul_acc(x + (rows[r] * T + j) * I, I, wp + tile * I * NT, I, 1,
+        for r in range(nact):
+            length = row_length(vl.lens, rows[r], T)
+            n = block_steps(fz, j, length)
+            t0 = length - j - n if vl.reverse else j
+            matmul_acc(x + (rows[r] * T + t0) * I, I, wp + tile * I * NT, I, 1,
                        ax + r * fz.steps * ldo + tile * NT, ldo, n)
 
 
@@ -150,8 +166,8 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
             nact -= 1
         if fz != NULL and j % fz.steps == 0:
             project_block(<const floating*> fz.x, <const floating*> fz.wp,
-                          <const floating*> fz.bias, <floating*> fz.ax, fz, rows, nr, T, j,
-                          min(fz.steps, steps - j), GH)
+                          <const floating*> fz.bias, <floating*> fz.ax, fz, rows, nact, T, j,
+                          GH, vl)
         for r in range(nact):
             b = rows[r]
             length = row_length(vl.lens, b, T)
@@ -178,7 +194,8 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
                 if fz == NULL:
                     axp = ax + (b * T + t) * GH + k * D
                 else:
-                    axp = <floating*> fz.ax + (r * fz.steps + j % fz.steps) * fz.ldo + k * D
+                    axp = (<floating*> fz.ax + (r * fz.steps + block_index(
+                        fz, j, row_length(vl.lens, b, T), vl.reverse)) * fz.ldo + k * D)
                 if ar_seq != NULL:
                     for g in range(G):
                         for d in range(D):
@@ -622,11 +639,19 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
                        or fz.n_in * fz.ldo * sizeof(floating) > FUSED_W_BYTES):
         # jobs do not own whole rows, or W would not stay in cache: project first
         own_ax = <floating*> scratch_alloc(B * T * G * heads * D * sizeof(floating))
-        status = -1
-        if own_ax != NULL and run_project(<const floating*> fz.x, B * T, fz.n_in,
-                                          <const floating*> fz.wp, G * heads * D,
-                                          <const floating*> fz.bias, own_ax, NULL, 0,
-                                          num_threads) == 0:
+        status = -1 if own_ax == NULL else 0
+        for blk in range(B if vl.lens != NULL and status == 0 else 0):  # valid steps only
+            if vl.lens[blk] > 0 and run_project(
+                    <const floating*> fz.x + blk * T * fz.n_in, vl.lens[blk], fz.n_in,
+                    <const floating*> fz.wp, G * heads * D, <const floating*> fz.bias,
+                    own_ax + blk * T * G * heads * D, NULL, 0, num_threads):
+                status = -1
+                break
+        if vl.lens == NULL and status == 0:
+            status = run_project(<const floating*> fz.x, B * T, fz.n_in,
+                                 <const floating*> fz.wp, G * heads * D,
+                                 <const floating*> fz.bias, own_ax, NULL, 0, num_threads)
+        if status == 0:
             status = run_forward(cell, B, T, heads, D, G, S, S_save, own_ax, mp, b_r, state0,
                                  seq, ar_seq, state_out, rows, start, nblocks, RB, vl, block,
                                  num_threads, NULL)
@@ -742,15 +767,16 @@ def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::
 
 def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating[:, ::1] W,
                       const floating[::1] b, const floating[:, :, ::1] R,
-                      const floating[::1] b_r, const floating[:, :, ::1] state0, int block,
+                      const floating[::1] b_r, const floating[:, :, ::1] state0,
+                      const cnp.int64_t[::1] lengths, bint reverse, reset, int block,
                       floating[:, :, :, ::1] seq, floating[:, :, ::1] state_out,
                       int num_threads):
-    """`project` then `forward` with save=False and no lengths, reverse or reset, in one pass.
+    """`project` (or `project_valid`) then `forward` with save=False, in one pass.
 
-    x [B,T,I], W [G*H,I], b [G*H] or None; R, b_r, state0, block, seq [1,B,T,H], state_out
-    as in `forward`.  The same bits as the two calls; but a job that owns whole rows (every
-    head) projects them a block of time steps at a time, into a buffer that stays in cache,
-    instead of writing W x + b [B,T,G*H] to memory and reading it back.
+    x [B,T,I], W [G*H,I], b [G*H] or None; R, b_r, state0, lengths, reverse, reset, block,
+    seq [1,B,T,H], state_out as in `forward`.  The same bits as the two calls; but a job that
+    owns whole rows (every head) projects them a block of time steps at a time, into a buffer
+    that stays in cache, instead of writing W x + b [B,T,G*H] to memory and reading it back.
     """
     cdef int cell = CELL_IDS[cell_name]
     cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2], M = W.shape[0]
@@ -759,10 +785,19 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
     cdef floating* wp
     cdef int status
     cdef Fused fz
+    cdef Varlen vl
+    cdef JobRows jr = None
+    cdef const Py_ssize_t* rows = NULL
+    cdef const Py_ssize_t* start = NULL
+    cdef Py_ssize_t nblocks = 0, RB = 0
     if B == 0 or T == 0 or D == 0:
         if T == 0:
             state_out[...] = state0
         return
+    vl = varlen(lengths, reverse, reset, B, T)
+    if lengths is not None:
+        jr = JobRows(B, forward_rows_per_job(B, heads, num_threads, block), lengths)
+        rows, start, nblocks, RB = jr.rows, jr.start, jr.nblocks, jr.RB
     mp = <floating*> scratch_alloc(heads * ((GD + NT - 1) // NT) * D * NT * sizeof(floating))
     wp = <floating*> scratch_alloc(((M + NT - 1) // NT) * max(I, 1) * NT * sizeof(floating))
     if mp == NULL or wp == NULL:
@@ -777,7 +812,7 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
         pack_forward(&R[0, 0, 0], heads, GD, D, mp, num_threads)
         status = run_forward(cell, B, T, heads, D, GD // D, state0.shape[0], 1, &x[0, 0, 0], mp,
                              &b_r[0], &state0[0, 0, 0], &seq[0, 0, 0, 0], NULL,
-                             &state_out[0, 0, 0], NULL, NULL, 0, 0, no_varlen(), block,
+                             &state_out[0, 0, 0], rows, start, nblocks, RB, vl, block,
                              num_threads, &fz)
     scratch_free(mp)
     scratch_free(wp)

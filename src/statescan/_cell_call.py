@@ -185,7 +185,8 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
         ext.forward(cell.name, x if b is None else x + b, R, b_r, state0, False, None, False,
                     None, block, seq, None, final, threads)
     else:       # project + forward, W x + b projected inside the time loop (the same bits)
-        ext.forward_projected(cell.name, x, W, b, R, b_r, state0, block, seq, final, threads)
+        ext.forward_projected(cell.name, x, W, b, R, b_r, state0, None, False, None, block, seq,
+                              final, threads)
     return outputs(cell, seq[0], final)
 
 
@@ -257,6 +258,26 @@ def forward(call, ax, save, block=0):
     return _dispatch.run("rnn", "forward", call.cell.name, ax, call.R, b_r, call.state0, save,
                          call.lengths, call.reverse, call.reset, block, out=out,
                          empty=B == 0 or T == 0 or H == 0)
+
+
+def projected_forward(call):
+    """:func:`input_preactivation` then :func:`forward` (save=False) in one compiled pass:
+    (y [B,T,H], final state [S,B,H]), the same bits, without the W x + b [B,T,G*H] array
+    (the compiled forward projects each job's rows a block of steps at a time).  None when
+    W is None or the python backend is active: those calls take the two steps."""
+    if call.W is None or not _dispatch.use_compiled():
+        return None
+    B, T, H = call.shape
+    dtype = call.x.dtype
+    seq = _memory.empty((1, B, T, H), dtype, "y [1, B, T, H]")
+    final = np.empty_like(call.state0)
+    _dispatch.ext_module("rnn").forward_projected(
+        call.cell.name, call.x, call.W, call.b, call.R,
+        np.zeros(call.W.shape[0], dtype) if call.b_r is None else call.b_r, call.state0,
+        call.lengths, call.reverse, call.reset,
+        _tuning.rnn_block(call.cell.name, B, H, call.R.shape[0], dtype), seq, final,
+        _dispatch.get_num_threads())
+    return seq[0], final
 
 
 def backward(call, ax, ar_seq, seq, dy, dstate):

@@ -4,9 +4,11 @@ All four share one calling convention (see :func:`lstm`) and one path: ``_cell_c
 validates, ``_cell_call.input_preactivation`` computes W x + b, then the sequential kernel
 (``_cell_call.forward``: the compiled ``statescan._ext.rnn.forward`` or the numpy reference
 ``_reference/rnn.py``) or a parallel solver (:mod:`statescan.cell_solvers`) runs the sequence.
-The cells themselves are described once, in ``_cells.py``.  A plain sequential call of
-already-valid arrays on the compiled backend skips the intermediate steps and calls the same
-kernels directly (``_cell_call.plain_forward``: small calls, the same bits).
+The cells themselves are described once, in ``_cells.py``.  On the compiled backend a
+sequential call with W runs ``_cell_call.projected_forward``: the kernel projects W x + b
+itself, a block of time steps at a time, instead of the whole [B, T, G*H] array (the same
+bits); a plain call of already-valid arrays also skips validation's intermediate steps
+(``_cell_call.plain_forward``: small calls, the same bits).
 """
 import numpy as np
 
@@ -40,6 +42,10 @@ def _run(cell, x, W, R, b, b_r, heads, state, solver, tol, max_iter, guess, leng
             return result
     call = _cell_call.prepare(cell, x, W, R, b, b_r, heads, state, lengths, reverse, reset)
     _check_solver(solver, call)
+    if solver == "sequential":
+        result = _cell_call.projected_forward(call)
+        if result is not None:
+            return _cell_call.outputs(cell, *result)
     ax = _cell_call.input_preactivation(call)
     if solver != "sequential":
         return solve_cell(call, ax, solver, tol=tol, max_iter=max_iter, guess=guess)
