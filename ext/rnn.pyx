@@ -9,7 +9,7 @@ import numpy as np
 
 cnp.import_array()
 
-from _microkernel cimport NT, matmul_acc, pack_panels, prefetch
+from _microkernel cimport NT, matmul_acc, matmul_store, pack_panels, prefetch
 from _cells cimport cell_forward, cell_backward, cell_ids
 from _scratch cimport scratch_alloc, scratch_free
 from libc.string cimport memset
@@ -802,14 +802,13 @@ cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floati
     """out[N, M] = x[N, I] @ W^T (+ b) with W^T packed in panels; -1 on allocation failure.
     `jobs` NULL: every row, in jobs of PROJECT_ROWS rows; else only rows jobs[2j]:jobs[2j] +
     jobs[2j+1] for j < njobs (each at most PROJECT_ROWS rows)."""
-    cdef Py_ssize_t ntiles = (M + NT - 1) // NT, Mp = ntiles * NT
     cdef Py_ssize_t job, r0, nr
     cdef int failed = 0
     cdef floating* buf
     if jobs == NULL:
         njobs = (N + PROJECT_ROWS - 1) // PROJECT_ROWS
     if num_threads == 1 or njobs == 1:
-        buf = <floating*> scratch_alloc(min(N, PROJECT_ROWS) * Mp * sizeof(floating))
+        buf = <floating*> scratch_alloc(min(N, PROJECT_ROWS) * NT * sizeof(floating))
         if buf == NULL:
             return -1
         for job in range(njobs):
@@ -819,7 +818,7 @@ cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floati
         scratch_free(buf)
         return 0
     with parallel(num_threads=num_threads):
-        buf = <floating*> scratch_alloc(PROJECT_ROWS * Mp * sizeof(floating))
+        buf = <floating*> scratch_alloc(PROJECT_ROWS * NT * sizeof(floating))
         for job in prange(njobs, schedule="static"):
             if buf == NULL:
                 failed += 1
@@ -834,25 +833,30 @@ cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floati
 cdef void project_job(const floating* x, Py_ssize_t nr, Py_ssize_t I, const floating* wp,
                       Py_ssize_t M, const floating* b, floating* out,
                       floating* buf) noexcept nogil:
-    # The kernel writes whole panels, so unless M is whole panels, rows go through a buffer
-    # padded to Mp columns.
-    cdef Py_ssize_t ntiles = (M + NT - 1) // NT, Mp = ntiles * NT
+    """out[nr, M] = x[nr, I] @ W^T (+ b) with W^T packed in panels; buf: nr * NT scratch.
+
+    Whole panels are stored straight into out: each element written once and never read (for
+    a large B*T the output is far bigger than any cache, and filling it with the bias first
+    cost two more passes over it).  The kernel writes whole panels, so a partial last panel
+    goes through buf."""
+    cdef Py_ssize_t full = M // NT, width = M - full * NT
     cdef Py_ssize_t r, m
-    if Mp == M:     # whole panels: accumulate in out itself (the same sums, one pass fewer)
+    if I == 0:      # no products: the bias (or 0) alone
         for r in range(nr):
             for m in range(M):
                 out[r * M + m] = b[m] if b != NULL else 0
-        if I > 0:
-            matmul_acc(x, I, wp, I, ntiles, out, M, nr)
+        return
+    if full > 0:
+        matmul_store(x, I, wp, I, full, b, out, M, nr)
+    if width == 0:
         return
     for r in range(nr):
-        for m in range(Mp):
-            buf[r * Mp + m] = (b[m] if b != NULL else 0) if m < M else 0
-    if I > 0:
-        matmul_acc(x, I, wp, I, ntiles, buf, Mp, nr)
+        for m in range(NT):
+            buf[r * NT + m] = (b[full * NT + m] if b != NULL else 0) if m < width else 0
+    matmul_acc(x, I, wp + full * I * NT, I, 1, buf, NT, nr)
     for r in range(nr):
-        for m in range(M):
-            out[r * M + m] = buf[r * Mp + m]
+        for m in range(width):
+            out[r * M + full * NT + m] = buf[r * NT + m]
 
 
 def project(const floating[:, :, ::1] x, const floating[:, ::1] W, const floating[::1] b,
