@@ -9,7 +9,8 @@ import numpy as np
 
 cnp.import_array()
 
-from _microkernel cimport NT, matmul_acc, matmul_store, pack_panels, prefetch
+from _microkernel cimport (NT, matmul_acc, matmul_store, matmul_store_kblocked, pack_panels,
+                          prefetch)
 from _cells cimport cell_forward, cell_backward, cell_ids
 from _scratch cimport scratch_alloc, scratch_free
 from libc.string cimport memset
@@ -794,6 +795,7 @@ def backward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, :
 
 cdef enum:
     PROJECT_ROWS = 64     # rows per job of `project`
+    PROJECT_SLICE_BYTES = 16384     # a slice of a panel of W^T that stays in L1 (project_job)
 
 
 cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floating* wp,
@@ -838,22 +840,31 @@ cdef void project_job(const floating* x, Py_ssize_t nr, Py_ssize_t I, const floa
     Whole panels are stored straight into out: each element written once and never read (for
     a large B*T the output is far bigger than any cache, and filling it with the bias first
     cost two more passes over it).  The kernel writes whole panels, so a partial last panel
-    goes through buf."""
+    goes through buf.  A long I runs in slices of the panel that stay in L1 while the job's
+    row blocks use them (the same bits)."""
     cdef Py_ssize_t full = M // NT, width = M - full * NT
-    cdef Py_ssize_t r, m
+    cdef Py_ssize_t kc = PROJECT_SLICE_BYTES // (NT * sizeof(floating))
+    cdef Py_ssize_t r, m, tile
+    cdef floating bpad[NT]
     if I == 0:      # no products: the bias (or 0) alone
         for r in range(nr):
             for m in range(M):
                 out[r * M + m] = b[m] if b != NULL else 0
         return
-    if full > 0:
-        matmul_store(x, I, wp, I, full, b, out, M, nr)
+    if I <= kc or nr <= 8:      # the panel fits, or one row block: no slice is reused
+        kc = I
+        if full > 0:
+            matmul_store(x, I, wp, I, full, b, out, M, nr)
+    else:
+        for tile in range(full):
+            matmul_store_kblocked(x, I, wp + tile * I * NT, I, kc,
+                                  b + tile * NT if b != NULL else NULL, out + tile * NT, M, nr)
     if width == 0:
         return
-    for r in range(nr):
-        for m in range(NT):
-            buf[r * NT + m] = (b[full * NT + m] if b != NULL else 0) if m < width else 0
-    matmul_acc(x, I, wp + full * I * NT, I, 1, buf, NT, nr)
+    for m in range(NT):
+        bpad[m] = (b[full * NT + m] if b != NULL else 0) if m < width else 0
+    matmul_store_kblocked(x, I, wp + full * I * NT, I, kc, bpad if b != NULL else NULL, buf,
+                          NT, nr)
     for r in range(nr):
         for m in range(width):
             out[r * M + full * NT + m] = buf[r * NT + m]

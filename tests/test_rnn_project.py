@@ -15,8 +15,10 @@ pytestmark = pytest.mark.skipif(not _dispatch.compiled_available(),
 DTYPES = (np.float32, np.float64)
 # M: one partial panel, exactly one panel, one column past a panel, several panels plus a
 # partial one; N = B*T rows: one row, fewer rows than the micro-kernel's row block, more than
-# one job of 64 rows with a partial last job
-SHAPES = [(1, 1, 5, 31), (1, 3, 8, 32), (2, 5, 7, 33), (3, 50, 16, 135), (1, 130, 3, 256)]
+# one job of 64 rows with a partial last job; I = 300: a long I runs in slices of the panel
+# (a job of more than 8 rows) or in one piece (fewer rows, or a chunk of one row)
+SHAPES = [(1, 1, 5, 31), (1, 3, 8, 32), (2, 5, 7, 33), (3, 50, 16, 135), (1, 130, 3, 256),
+          (2, 40, 300, 70)]
 
 
 def _problem(B, T, I, M, dtype, seed=0):
