@@ -9,7 +9,8 @@ import numpy as np
 
 cnp.import_array()
 
-from _microkernel cimport NT, matmul_acc, pack_panels, prefetch
+from _microkernel cimport (NT, matmul_acc, matmul_store, matmul_store_kblocked, pack_panels,
+                          prefetch)
 from _cells cimport cell_forward, cell_backward, cell_ids
 from _scratch cimport scratch_alloc, scratch_free
 from libc.string cimport memset
@@ -977,6 +978,7 @@ def backward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, :
 
 cdef enum:
     PROJECT_ROWS = 64     # rows per job of `project`
+    PROJECT_SLICE_BYTES = 16384     # a slice of a panel of W^T that stays in L1 (project_job)
 
 
 cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floating* wp,
@@ -985,14 +987,13 @@ cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floati
     """out[N, M] = x[N, I] @ W^T (+ b) with W^T packed in panels; -1 on allocation failure.
     `jobs` NULL: every row, in jobs of PROJECT_ROWS rows; else only rows jobs[2j]:jobs[2j] +
     jobs[2j+1] for j < njobs (each at most PROJECT_ROWS rows)."""
-    cdef Py_ssize_t ntiles = (M + NT - 1) // NT, Mp = ntiles * NT
     cdef Py_ssize_t job, r0, nr
     cdef int failed = 0
     cdef floating* buf
     if jobs == NULL:
         njobs = (N + PROJECT_ROWS - 1) // PROJECT_ROWS
     if num_threads == 1 or njobs == 1:
-        buf = <floating*> scratch_alloc(min(N, PROJECT_ROWS) * Mp * sizeof(floating))
+        buf = <floating*> scratch_alloc(min(N, PROJECT_ROWS) * NT * sizeof(floating))
         if buf == NULL:
             return -1
         for job in range(njobs):
@@ -1002,7 +1003,7 @@ cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floati
         scratch_free(buf)
         return 0
     with parallel(num_threads=num_threads):
-        buf = <floating*> scratch_alloc(PROJECT_ROWS * Mp * sizeof(floating))
+        buf = <floating*> scratch_alloc(PROJECT_ROWS * NT * sizeof(floating))
         for job in prange(njobs, schedule="static"):
             if buf == NULL:
                 failed += 1
@@ -1017,25 +1018,39 @@ cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floati
 cdef void project_job(const floating* x, Py_ssize_t nr, Py_ssize_t I, const floating* wp,
                       Py_ssize_t M, const floating* b, floating* out,
                       floating* buf) noexcept nogil:
-    # The kernel writes whole panels, so unless M is whole panels, rows go through a buffer
-    # padded to Mp columns.
-    cdef Py_ssize_t ntiles = (M + NT - 1) // NT, Mp = ntiles * NT
-    cdef Py_ssize_t r, m
-    if Mp == M:     # whole panels: accumulate in out itself (the same sums, one pass fewer)
+    """out[nr, M] = x[nr, I] @ W^T (+ b) with W^T packed in panels; buf: nr * NT scratch.
+
+    Whole panels are stored straight into out: each element written once and never read (for
+    a large B*T the output is far bigger than any cache, and filling it with the bias first
+    cost two more passes over it).  The kernel writes whole panels, so a partial last panel
+    goes through buf.  A long I runs in slices of the panel that stay in L1 while the job's
+    row blocks use them (the same bits)."""
+    cdef Py_ssize_t full = M // NT, width = M - full * NT
+    cdef Py_ssize_t kc = PROJECT_SLICE_BYTES // (NT * sizeof(floating))
+    cdef Py_ssize_t r, m, tile
+    cdef floating bpad[NT]
+    if I == 0:      # no products: the bias (or 0) alone
         for r in range(nr):
             for m in range(M):
                 out[r * M + m] = b[m] if b != NULL else 0
-        if I > 0:
-            matmul_acc(x, I, wp, I, ntiles, out, M, nr)
         return
+    if I <= kc or nr <= 8:      # the panel fits, or one row block: no slice is reused
+        kc = I
+        if full > 0:
+            matmul_store(x, I, wp, I, full, b, out, M, nr)
+    else:
+        for tile in range(full):
+            matmul_store_kblocked(x, I, wp + tile * I * NT, I, kc,
+                                  b + tile * NT if b != NULL else NULL, out + tile * NT, M, nr)
+    if width == 0:
+        return
+    for m in range(NT):
+        bpad[m] = (b[full * NT + m] if b != NULL else 0) if m < width else 0
+    matmul_store_kblocked(x, I, wp + full * I * NT, I, kc, bpad if b != NULL else NULL, buf,
+                          NT, nr)
     for r in range(nr):
-        for m in range(Mp):
-            buf[r * Mp + m] = (b[m] if b != NULL else 0) if m < M else 0
-    if I > 0:
-        matmul_acc(x, I, wp, I, ntiles, buf, Mp, nr)
-    for r in range(nr):
-        for m in range(M):
-            out[r * M + m] = buf[r * Mp + m]
+        for m in range(width):
+            out[r * M + full * NT + m] = buf[r * NT + m]
 
 
 def project(const floating[:, :, ::1] x, const floating[:, ::1] W, const floating[::1] b,
