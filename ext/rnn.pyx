@@ -729,10 +729,26 @@ def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::
     state_out [S,B,H] (each row's state after its last valid step).  B, T or H = 0 return
     at once.
     """
+    cdef Py_ssize_t B = ax.shape[0], T = ax.shape[1], D = R.shape[2]
     cdef int cell = CELL_IDS[cell_name]
-    cdef Py_ssize_t B = ax.shape[0], T = ax.shape[1]
+    if B == 0 or T == 0 or D == 0:
+        if T == 0:
+            state_out[...] = state0
+        return
+    if save and (ar_seq is None or seq.shape[0] != state0.shape[0]):
+        raise ValueError("save needs ar_seq and every state component in seq")
+    run_call(cell, &ax[0, 0, 0], R, b_r, state0, B, T, lengths, reverse, reset, block, seq,
+             &ar_seq[0, 0, 0] if save else NULL, state_out, num_threads, NULL)
+
+
+cdef run_call(int cell, const floating* ax, const floating[:, :, ::1] R,
+              const floating[::1] b_r, const floating[:, :, ::1] state0, Py_ssize_t B,
+              Py_ssize_t T, const cnp.int64_t[::1] lengths, bint reverse, reset, int block,
+              floating[:, :, :, ::1] seq, floating* ar_ptr, floating[:, :, ::1] state_out,
+              int num_threads, const Fused* fz):
+    """The part `forward` and `forward_projected` share: R packed, then run_forward on the
+    rows of JobRows (with lengths) or contiguous blocks; MemoryError when out of memory."""
     cdef Py_ssize_t heads = R.shape[0], GD = R.shape[1], D = R.shape[2]
-    cdef floating* ar_ptr = NULL
     cdef floating* mp
     cdef int status
     cdef Varlen vl
@@ -740,27 +756,19 @@ def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::
     cdef const Py_ssize_t* rows = NULL
     cdef const Py_ssize_t* start = NULL
     cdef Py_ssize_t nblocks = 0, RB = 0
-    if B == 0 or T == 0 or D == 0:
-        if T == 0:
-            state_out[...] = state0
-        return
-    if save and (ar_seq is None or seq.shape[0] != state0.shape[0]):
-        raise ValueError("save needs ar_seq and every state component in seq")
     vl = varlen(lengths, reverse, reset, B, T)
     if lengths is not None:
         jr = JobRows(B, forward_rows_per_job(B, heads, num_threads, block), lengths)
         rows, start, nblocks, RB = jr.rows, jr.start, jr.nblocks, jr.RB
-    if save:
-        ar_ptr = &ar_seq[0, 0, 0]
     mp = <floating*> scratch_alloc(heads * ((GD + NT - 1) // NT) * D * NT * sizeof(floating))
     if mp == NULL:
         raise MemoryError()
     with nogil:
         pack_forward(&R[0, 0, 0], heads, GD, D, mp, num_threads)
-        status = run_forward(cell, B, T, heads, D, GD // D, state0.shape[0], seq.shape[0],
-                             &ax[0, 0, 0], mp, &b_r[0], &state0[0, 0, 0], &seq[0, 0, 0, 0],
-                             ar_ptr, &state_out[0, 0, 0], rows, start, nblocks, RB, vl,
-                             block, num_threads, NULL)
+        status = run_forward(cell, B, T, heads, D, GD // D, state0.shape[0], seq.shape[0], ax,
+                             mp, &b_r[0], &state0[0, 0, 0], &seq[0, 0, 0, 0], ar_ptr,
+                             &state_out[0, 0, 0], rows, start, nblocks, RB, vl, block,
+                             num_threads, fz)
     scratch_free(mp)
     if status:
         raise MemoryError()
@@ -779,46 +787,27 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
     owns whole rows (every head) projects them a block of time steps at a time, into a buffer
     that stays in cache, instead of writing W x + b [B,T,G*H] to memory and reading it back.
     """
-    cdef int cell = CELL_IDS[cell_name]
     cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2], M = W.shape[0]
-    cdef Py_ssize_t heads = R.shape[0], GD = R.shape[1], D = R.shape[2]
-    cdef floating* mp
+    cdef int cell = CELL_IDS[cell_name]
     cdef floating* wp
-    cdef int status
     cdef Fused fz
-    cdef Varlen vl
-    cdef JobRows jr = None
-    cdef const Py_ssize_t* rows = NULL
-    cdef const Py_ssize_t* start = NULL
-    cdef Py_ssize_t nblocks = 0, RB = 0
-    if B == 0 or T == 0 or D == 0:
+    if B == 0 or T == 0 or R.shape[2] == 0:
         if T == 0:
             state_out[...] = state0
         return
-    vl = varlen(lengths, reverse, reset, B, T)
-    if lengths is not None:
-        jr = JobRows(B, forward_rows_per_job(B, heads, num_threads, block), lengths)
-        rows, start, nblocks, RB = jr.rows, jr.start, jr.nblocks, jr.RB
-    mp = <floating*> scratch_alloc(heads * ((GD + NT - 1) // NT) * D * NT * sizeof(floating))
     wp = <floating*> scratch_alloc(((M + NT - 1) // NT) * max(I, 1) * NT * sizeof(floating))
-    if mp == NULL or wp == NULL:
-        scratch_free(mp)
-        scratch_free(wp)
+    if wp == NULL:
         raise MemoryError()
+    if I > 0:
+        with nogil:
+            pack_panels(&W[0, 0], 1, I, I, M, wp)
     fz.x, fz.wp, fz.bias, fz.ax = &x[0, 0, 0], wp, NULL if b is None else &b[0], NULL
     fz.n_in, fz.ldo, fz.steps = I, round_up(M, NT), 0
-    with nogil:
-        if I > 0:
-            pack_panels(&W[0, 0], 1, I, I, M, wp)
-        pack_forward(&R[0, 0, 0], heads, GD, D, mp, num_threads)
-        status = run_forward(cell, B, T, heads, D, GD // D, state0.shape[0], 1, &x[0, 0, 0], mp,
-                             &b_r[0], &state0[0, 0, 0], &seq[0, 0, 0, 0], NULL,
-                             &state_out[0, 0, 0], rows, start, nblocks, RB, vl, block,
-                             num_threads, &fz)
-    scratch_free(mp)
-    scratch_free(wp)
-    if status:
-        raise MemoryError()
+    try:
+        run_call(cell, &x[0, 0, 0], R, b_r, state0, B, T, lengths, reverse, reset, block, seq,
+                 NULL, state_out, num_threads, &fz)
+    finally:
+        scratch_free(wp)
 
 
 cdef void backward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
