@@ -11,10 +11,12 @@
  *
  * Hand-over (ss_team_wait): a member whose partner is not running (another process took its
  * core) would wait for it every step -- a time slice of the scheduler, milliseconds, for a
- * step of microseconds.  A member that has waited SS_SLOW_NS asks to run the job alone; the
- * last member to arrive grants the request for everyone before it releases the generation,
- * so all members see the same decision after the same step.  The owner then does every
- * member's work (the same arithmetic, so the same bits) and the others leave.  A call that
+ * step of microseconds.  A member that loses time in the team (it waited SS_SLOW_NS at once,
+ * or longer in all than it would take to do its partners' work: ss_team_loses) asks for a
+ * hand-over; the last member to arrive -- running, unlike a waiter, which may have lost its
+ * core -- takes the job and tells everyone before it releases the generation, so all
+ * members see the same decision after the same step.  The owner then does every member's
+ * work (the same arithmetic, so the same bits) and the others leave.  A call that
  * needed a hand-over makes the automatic rule run the next calls on one thread for a while
  * (ss_split_paused / ss_split_outcome): the first stall of a call is not avoidable. */
 #ifndef STATESCAN_BARRIER_H
@@ -60,7 +62,8 @@
 /* spins before yielding: some microseconds, a few time steps of a small recurrence */
 #define SS_BARRIER_SPINS 2000
 /* a wait this long (ns) means a member is not running, not just slower: a scheduler's time
- * slice is milliseconds, a step's imbalance or an interrupt some microseconds */
+ * slice is milliseconds, a step's imbalance or an interrupt some microseconds; also the
+ * slack of ss_team_loses */
 #define SS_SLOW_NS 200000LL
 /* how long (ns) the automatic rule keeps a sequence on one thread after a hand-over: doubled
  * after each call that needed one again, back to the start after a call that did not */
@@ -71,7 +74,7 @@ typedef struct {
     volatile long count;       /* threads arrived in this generation */
     volatile long generation;
     volatile long failed;
-    volatile long request;     /* member + 1 asking to run the job alone (0: none) */
+    volatile long request;     /* 0: none; -1: a member loses time; m + 1: a test asks for m */
     volatile long solo;        /* member + 1 running the job alone from this generation on */
     volatile long slow;        /* 1: a member waited SS_SLOW_NS (the machine is busy) */
     char pad[64 - 6 * sizeof(long)];   /* one cache line per barrier: teams do not share one */
@@ -110,40 +113,67 @@ static inline void ss_barrier_wait(ss_barrier* b, long team) {
     }
 }
 
-/* A step's wait for member `member` of `team`: as ss_barrier_wait, and a member that waited
- * SS_SLOW_NS (or that passes ask = 1: a test's forced hand-over) asks to run the job alone.
- * Returns the member that runs the job alone from now on, or -1 (the team goes on). */
-static inline long ss_team_wait(ss_barrier* b, long team, long member, int ask) {
+/* A member's clock for the hand-over rule: time (ns) spent working and waiting so far */
+typedef struct {
+    long long last;     /* when the member left its last wait */
+    long long worked, waited;
+} ss_member_clock;
+
+/* spins between two readings of the clock (a reading costs some tens of ns, a pause ~10) */
+#define SS_CLOCK_SPINS 64
+
+/* 1: this member had better run the job alone.  Alone it would do the whole step, about
+ * `alone` times its own part (D / its units), so it loses time in the team when its waiting
+ * exceeds (alone - 1) times its working, beyond a slack for a partner that starts late
+ * (waking a thread) -- or when one wait alone is a scheduler's time slice. */
+static inline int ss_team_loses(const ss_member_clock* c, long long now, long long since,
+                                double alone) {
+    long long wait = now - since;
+    return wait > SS_SLOW_NS
+        || (double)(c->waited + wait) > (alone - 1.0) * (double)c->worked + (double)SS_SLOW_NS;
+}
+
+/* A step's wait for member `member` of `team`: as ss_barrier_wait, and a member that loses
+ * time in the team (ss_team_loses) asks for a hand-over: the last member to arrive at this or
+ * the next step's barrier takes the job.  `ask` (a test's forced hand-over): 0, or a request
+ * made on arrival: -1 as under load, m + 1 for member m to take the job.  Returns the member
+ * that runs the job alone from now on, or -1 (the team goes on). */
+static inline long ss_team_wait(ss_barrier* b, long team, long member, long ask,
+                                ss_member_clock* c, double alone) {
     long gen, spins = 0, req;
-    long long start = 0;
+    long long now, since;
+    int asked = 0;
     if (team <= 1)
         return -1;
     if (ask)
-        SS_STORE(&b->request, member + 1);
+        SS_STORE(&b->request, ask);
+    since = ss_now_ns();
+    c->worked += since - c->last;
     gen = SS_LOAD(&b->generation);
     if (SS_FETCH_ADD(&b->count, 1) == team - 1) {
-        req = SS_LOAD(&b->request);
-        if (req)
-            SS_STORE(&b->solo, req);            /* seen by all: released by the store below */
+        req = SS_LOAD(&b->request);         /* the job goes to this member, which is running, */
+        if (req)                            /* not to the waiter that asked: it may not be */
+            SS_STORE(&b->solo, req > 0 ? req : member + 1);   /* released by the store below */
         SS_STORE(&b->count, 0);
         SS_STORE(&b->generation, gen + 1);
     } else {
         while (SS_LOAD(&b->generation) == gen) {
-            if (spins < SS_BARRIER_SPINS) {
-                spins++;
-                ss_pause();
-                continue;
-            }
-            if (start == 0) {
-                start = ss_now_ns();
-            } else if (start > 0 && ss_now_ns() - start > SS_SLOW_NS) {
+            spins++;
+            if (!asked && spins % SS_CLOCK_SPINS == 0
+                    && ss_team_loses(c, ss_now_ns(), since, alone)) {
                 SS_STORE(&b->slow, 1);
-                SS_STORE(&b->request, member + 1);   /* granted at this or the next step */
-                start = -1;
+                SS_STORE(&b->request, -1L);      /* granted at this or the next step */
+                asked = 1;
             }
-            ss_yield();
+            if (spins < SS_BARRIER_SPINS)
+                ss_pause();
+            else        /* a member is not running (more threads than free cores): let it */
+                ss_yield();
         }
     }
+    now = ss_now_ns();
+    c->waited += now - since;
+    c->last = now;
     return SS_LOAD(&b->solo) - 1;
 }
 
@@ -156,7 +186,7 @@ static inline int ss_split_paused(void) {
     return SS_LOAD64(&ss_split_pause) > 0 && ss_now_ns() < SS_LOAD64(&ss_split_until);
 }
 
-/* after a call of the column split: `busy` = a member waited SS_SLOW_NS in it */
+/* after a call of the column split: `busy` = a member lost time in the team */
 static inline void ss_split_outcome(int busy) {
     long long pause;
     if (!busy) {

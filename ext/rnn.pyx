@@ -176,8 +176,14 @@ cdef extern from "_barrier.h" nogil:
     ctypedef struct ss_barrier:
         long solo
         long slow
+    ctypedef struct ss_member_clock:
+        long long last
+        long long worked
+        long long waited
     void ss_barrier_wait(ss_barrier* b, long team)
-    long ss_team_wait(ss_barrier* b, long team, long member, int ask)
+    long ss_team_wait(ss_barrier* b, long team, long member, long ask, ss_member_clock* c,
+                      double alone)
+    long long ss_now_ns()
     void ss_barrier_fail(ss_barrier* b)
     int ss_barrier_failed(ss_barrier* b)
     int ss_split_paused()
@@ -193,9 +199,10 @@ cdef enum:
     # fewer steps than this (streaming, T = 1) need proportionally more work per step
     MIN_COLUMN_STEPS = 4
 
-# Test hook (_force_handover): every team hands its job to member handover_member % team at
-# the barrier after step handover_step (-1: the one before the first step; -2: never);
-# handovers counts the jobs handed over (forced or not) since the hook's last call.
+# Test hook (_force_handover): every team hands its job to member handover_member % team (or,
+# when it is -1, to the last member to arrive, as under load) at the barrier after step
+# handover_step (-1: the one before the first step; -2: never); handovers counts the jobs
+# handed over (forced or not) since the hook's last call.
 cdef Py_ssize_t handover_step = -2
 cdef long handover_member = 0
 cdef long handovers = 0
@@ -203,14 +210,22 @@ cdef long handovers = 0
 
 def _force_handover(Py_ssize_t step=-2, long member=0):
     """Test hook: make every column-split team hand its job over to member `member % team`
-    at the barrier after processing step `step` (-1: before the first step), as a busy machine
-    would; step=-2 (the default) turns it off.  The results must not change.  Returns the
-    number of jobs handed over since the previous call."""
+    (member=-1: to the last member to arrive, as a busy machine does) at the barrier after
+    processing step `step` (-1: before the first step); step=-2 (the default) turns it off.
+    The results must not change.  Returns the number of jobs handed over since the previous
+    call."""
     global handover_step, handover_member, handovers
     handover_step = step
     handover_member = member
     done, handovers = handovers, 0
     return done
+
+
+cdef inline long forced_request(Py_ssize_t j, long member, long team) noexcept nogil:
+    """ss_team_wait's `ask` for member `member` at the barrier after step j (the test hook)."""
+    if handover_step != j or (handover_member >= 0 and member != handover_member % team):
+        return 0
+    return -1 if handover_member < 0 else member + 1
 
 
 cdef int column_team(Py_ssize_t njobs, Py_ssize_t RB, Py_ssize_t T, Py_ssize_t D, Py_ssize_t G,
@@ -363,8 +378,12 @@ cdef long forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ss
     cdef long owner, m
     cdef floating* hr
     cdef floating* hw
+    cdef ss_member_clock clock
+    cdef double alone = <double> D / (parts[member].d1 - parts[member].d0)
+    clock.last = ss_now_ns()
+    clock.worked = clock.waited = 0
     column_setup(parts + member, rows, nr, k, B, T, H, D, G, S, mp_k, state0, hbuf, vl)
-    owner = ss_team_wait(bar, team, member, handover_step == -1 and member == handover_member % team)
+    owner = ss_team_wait(bar, team, member, forced_request(-1, member, team), &clock, alone)
     if owner >= 0 and owner != member:
         return owner
     for j in range(steps):
@@ -379,8 +398,7 @@ cdef long forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ss
             continue
         column_step(cell, parts + member, rows, nr, nact, j, k, B, T, H, D, G, S, S_save, ax,
                     mp_k, b_r, seq, ar_seq, hr, hw, vl)
-        owner = ss_team_wait(bar, team, member,
-                             handover_step == j and member == handover_member % team)
+        owner = ss_team_wait(bar, team, member, forced_request(j, member, team), &clock, alone)
         if owner >= 0 and owner != member:
             return owner
     for m in range(team):

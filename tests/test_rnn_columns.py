@@ -159,8 +159,9 @@ def handover():
 
 
 # (step, member): the barrier before the first step, one in the middle, the one after the
-# last step (T = 7 below: nothing is left to run alone); member 0 or the last member takes over
-HANDOVERS = [(-1, 0), (-1, 1), (0, 1), (3, 0), (3, 2), (5, 1), (6, 0)]
+# last step (T = 7 below: nothing is left to run alone); member 0, another member, or (-1)
+# whichever arrives last takes over
+HANDOVERS = [(-1, 0), (-1, 1), (-1, -1), (0, 1), (3, 0), (3, 2), (3, -1), (5, 1), (6, 0)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
