@@ -66,7 +66,8 @@
  * slack of ss_team_loses */
 #define SS_SLOW_NS 200000LL
 /* how long (ns) the automatic rule keeps a sequence on one thread after a hand-over: doubled
- * after each call that needed one again, back to the start after a call that did not */
+ * after each call that needed one again, halved after each call that did not (one lucky call
+ * on a busy machine does not restart the stalls; a quiet machine is back in a few calls) */
 #define SS_PAUSE_MIN_NS 10000000LL
 #define SS_PAUSE_MAX_NS 1000000000LL
 
@@ -188,14 +189,15 @@ static inline int ss_split_paused(void) {
 
 /* after a call of the column split: `busy` = a member lost time in the team */
 static inline void ss_split_outcome(int busy) {
-    long long pause;
+    long long pause = SS_LOAD64(&ss_split_pause);
     if (!busy) {
-        if (SS_LOAD64(&ss_split_pause))
-            SS_STORE64(&ss_split_pause, 0LL);
+        if (pause)
+            SS_STORE64(&ss_split_pause, pause / 2 < SS_PAUSE_MIN_NS ? 0LL : pause / 2);
         return;
     }
-    pause = SS_LOAD64(&ss_split_pause) * 2;
-    pause = pause < SS_PAUSE_MIN_NS ? SS_PAUSE_MIN_NS : pause > SS_PAUSE_MAX_NS ? SS_PAUSE_MAX_NS : pause;
+    pause *= 2;
+    pause = pause < SS_PAUSE_MIN_NS ? SS_PAUSE_MIN_NS
+            : pause > SS_PAUSE_MAX_NS ? SS_PAUSE_MAX_NS : pause;
     SS_STORE64(&ss_split_pause, pause);
     SS_STORE64(&ss_split_until, ss_now_ns() + pause);
 }
