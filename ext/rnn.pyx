@@ -558,9 +558,11 @@ cdef void pack_forward(const floating* R, Py_ssize_t heads, Py_ssize_t GD, Py_ss
                        floating* mp, int num_threads) noexcept nogil:
     """pack_recurrent(transpose=True) with the panels split across threads: a large model's R
     (16 MB for an LSTM with H = 1024) takes as long to pack as several time steps, so a serial
-    pack would cap the speed-up of short sequences.  Each panel gets the same bytes."""
+    pack would cap the speed-up of short sequences.  Each panel gets the same bytes.  Serial
+    too while the column split finds the machine busy: a static split then waits a time slice
+    for a thread that lost its core (+8-10 ms per call at H = 1024 under load)."""
     cdef Py_ssize_t ntiles = (GD + NT - 1) // NT, i, k, tile
-    if num_threads == 1 or heads * GD * D < PACK_PARALLEL_MIN:
+    if num_threads == 1 or heads * GD * D < PACK_PARALLEL_MIN or ss_split_paused():
         pack_recurrent(R, heads, GD, D, True, mp)
         return
     for i in prange(heads * ntiles, num_threads=num_threads, schedule="static"):
