@@ -202,6 +202,9 @@ static inline void ss_split_outcome(int busy) {
     SS_STORE64(&ss_split_until, ss_now_ns() + pause);
 }
 
+/* a test's reset of that memory */
+static inline void ss_split_forget(void) { SS_STORE64(&ss_split_pause, 0LL); }
+
 static inline void ss_barrier_fail(ss_barrier* b) { SS_STORE(&b->failed, 1); }
 /* meaningful after a wait that follows every member's ss_barrier_fail */
 static inline int ss_barrier_failed(ss_barrier* b) { return SS_LOAD(&b->failed) != 0; }

@@ -188,6 +188,7 @@ cdef extern from "_barrier.h" nogil:
     int ss_barrier_failed(ss_barrier* b)
     int ss_split_paused()
     void ss_split_outcome(int busy)
+    void ss_split_forget()
     int ss_region_threads()
     int ss_region_thread()
 
@@ -201,30 +202,38 @@ cdef enum:
 
 # Test hook (_force_handover): every team hands its job to member handover_member % team (or,
 # when it is -1, to the last member to arrive, as under load) at the barrier after step
-# handover_step (-1: the one before the first step; -2: never); handovers counts the jobs
-# handed over (forced or not) since the hook's last call.
+# handover_step (-1: the one before the first step; -2: never), as a busy machine would when
+# handover_busy; handovers counts the jobs handed over (forced or not) since the hook's last call.
 cdef Py_ssize_t handover_step = -2
 cdef long handover_member = 0
+cdef bint handover_busy = False
 cdef long handovers = 0
 
 
-def _force_handover(Py_ssize_t step=-2, long member=0):
+def _force_handover(Py_ssize_t step=-2, long member=0, bint busy=False):
     """Test hook: make every column-split team hand its job over to member `member % team`
     (member=-1: to the last member to arrive, as a busy machine does) at the barrier after
-    processing step `step` (-1: before the first step); step=-2 (the default) turns it off.
-    The results must not change.  Returns the number of jobs handed over since the previous
-    call."""
-    global handover_step, handover_member, handovers
+    processing step `step` (-1: before the first step); busy: the call counts as one that
+    found the machine busy (the automatic rule then keeps the next calls on one thread).
+    step=-2 (the default) turns the hook off and forgets any busy call, forced or not.  The
+    results must not change.  Returns the number of jobs handed over since the previous call."""
+    global handover_step, handover_member, handover_busy, handovers
     handover_step = step
     handover_member = member
+    handover_busy = busy
+    if step == -2:
+        ss_split_forget()
     done, handovers = handovers, 0
     return done
 
 
-cdef inline long forced_request(Py_ssize_t j, long member, long team) noexcept nogil:
+cdef inline long forced_request(Py_ssize_t j, long member, long team,
+                                ss_barrier* bar) noexcept nogil:
     """ss_team_wait's `ask` for member `member` at the barrier after step j (the test hook)."""
     if handover_step != j or (handover_member >= 0 and member != handover_member % team):
         return 0
+    if handover_busy:
+        bar.slow = 1            # read after the parallel region only
     return -1 if handover_member < 0 else member + 1
 
 
@@ -383,7 +392,7 @@ cdef long forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ss
     clock.last = ss_now_ns()
     clock.worked = clock.waited = 0
     column_setup(parts + member, rows, nr, k, B, T, H, D, G, S, mp_k, state0, hbuf, vl)
-    owner = ss_team_wait(bar, team, member, forced_request(-1, member, team), &clock, alone)
+    owner = ss_team_wait(bar, team, member, forced_request(-1, member, team, bar), &clock, alone)
     if owner >= 0 and owner != member:
         return owner
     for j in range(steps):
@@ -398,7 +407,7 @@ cdef long forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ss
             continue
         column_step(cell, parts + member, rows, nr, nact, j, k, B, T, H, D, G, S, S_save, ax,
                     mp_k, b_r, seq, ar_seq, hr, hw, vl)
-        owner = ss_team_wait(bar, team, member, forced_request(j, member, team), &clock, alone)
+        owner = ss_team_wait(bar, team, member, forced_request(j, member, team, bar), &clock, alone)
         if owner >= 0 and owner != member:
             return owner
     for m in range(team):

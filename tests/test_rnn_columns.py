@@ -196,3 +196,21 @@ def test_handover_hook_reaches_every_team(handover):
     handover(4, 1)
     assert_all_equal(_forward("gru", *args, block=-1, threads=8), rows, what="handover")
     assert handover() == 4
+
+
+def test_busy_calls_keep_the_next_calls_on_one_thread(handover):
+    """Calls that found the machine busy make the automatic rule leave the column split for a
+    while (10 ms, doubled per busy call up to 1 s: 640 ms after the seven forced here, far
+    longer than the calls below take); the hook's reset brings the split back.  Same bits."""
+    args = _problem("lstm", 1, 8, 256, 1, np.float32)
+    rows = _forward("lstm", *args, block=0, threads=1)
+    handover(2, -1, busy=True)
+    for _ in range(7):          # block=-1 forces the split whatever the rule says
+        assert_all_equal(_forward("lstm", *args, block=-1, threads=2), rows, what="busy")
+    assert handover(2, 0) == 7
+    assert_all_equal(_forward("lstm", *args, block=0, threads=2), rows, what="paused")
+    assert handover(2, 0) == 0      # no team: the rule ran the sequence on one thread
+    handover()
+    handover(2, 0)
+    assert_all_equal(_forward("lstm", *args, block=0, threads=2), rows, what="split again")
+    assert handover() == 1
