@@ -318,8 +318,10 @@ cdef void column_step(int cell, ColumnPart* part, const Py_ssize_t* rows, Py_ssi
                 for d in range(n):
                     st[s * ss + r * n + d] = 0
         for g in range(G):
-            for d in range(np_):
-                gates[r * Gnp + g * np_ + d] = b_r[g * H + k * D + d0 + d] if d < n else 0
+            for d in range(n):
+                gates[r * Gnp + g * np_ + d] = b_r[g * H + k * D + d0 + d]
+            for d in range(n, np_):
+                gates[r * Gnp + g * np_ + d] = 0
             if j + 1 < length:
                 prefetch(ax + (b * T + time_index(j + 1, length, vl.reverse)) * GH
                          + g * H + k * D + d0, n)
@@ -400,6 +402,9 @@ cdef long forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ss
         hw = hbuf + ((j + 1) % 2) * nr * D
         while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
             nact -= 1
+        # the other members' h was just written on their cores: ask for all of its lines at
+        # once, so the transfers overlap (the matmul would meet them one by one)
+        prefetch(hr, nact * D)
         if owner >= 0:          # alone: every part in turn, each with its own arithmetic
             for m in range(team):
                 column_step(cell, parts + m, rows, nr, nact, j, k, B, T, H, D, G, S, S_save,
