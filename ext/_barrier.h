@@ -77,7 +77,7 @@ typedef struct {
     volatile long failed;
     volatile long request;     /* 0: none; -1: a member loses time; m + 1: a test asks for m */
     volatile long solo;        /* member + 1 running the job alone from this generation on */
-    volatile long slow;        /* 1: a member waited SS_SLOW_NS (the machine is busy) */
+    volatile long slow;        /* 1: a member lost time in the team (the machine is busy) */
     char pad[64 - 6 * sizeof(long)];   /* one cache line per barrier: teams do not share one */
 } ss_barrier;
 
@@ -120,7 +120,8 @@ typedef struct {
     long long worked, waited;
 } ss_member_clock;
 
-/* spins between two readings of the clock (a reading costs some tens of ns, a pause ~10) */
+/* spins between two readings of the clock (a reading costs some tens of ns, a pause ~10);
+ * once yielding, every time (a yield may give the core away for a time slice) */
 #define SS_CLOCK_SPINS 64
 
 /* 1: this member had better run the job alone.  Alone it would do the whole step, about
@@ -160,7 +161,7 @@ static inline long ss_team_wait(ss_barrier* b, long team, long member, long ask,
     } else {
         while (SS_LOAD(&b->generation) == gen) {
             spins++;
-            if (!asked && spins % SS_CLOCK_SPINS == 0
+            if (!asked && (spins > SS_BARRIER_SPINS || spins % SS_CLOCK_SPINS == 0)
                     && ss_team_loses(c, ss_now_ns(), since, alone)) {
                 SS_STORE(&b->slow, 1);
                 SS_STORE(&b->request, -1L);      /* granted at this or the next step */
