@@ -447,6 +447,7 @@ cdef extern from "_block_diag.h" nogil:
     void ss_bd_matmul_d(const double* h, Py_ssize_t ldh, const double* mp, Py_ssize_t D,
                         Py_ssize_t GD, Py_ssize_t ntiles, Py_ssize_t nt, Py_ssize_t nk,
                         double* out, Py_ssize_t ldo, Py_ssize_t nrows)
+    void ss_bd_prefetch_w(const void* p)
 
 cdef enum:
     # rows whose gates are computed and then used by their cells together: a row block's gates
@@ -457,6 +458,14 @@ cdef enum:
 cdef inline bint groups_fit(Py_ssize_t D, Py_ssize_t itemsize) noexcept nogil:
     """True when heads of D units can be grouped: D a multiple of the micro-kernel's lanes."""
     return D % (SS_BD_VL_f if itemsize == sizeof(float) else SS_BD_VL_d) == 0
+
+
+cdef inline void prefetch_w(floating* p, Py_ssize_t n) noexcept nogil:
+    """Fetch p[0:n] for writing (64-byte lines)."""
+    cdef Py_ssize_t i = 0
+    while i < n:
+        ss_bd_prefetch_w(p + i)
+        i += 64 // sizeof(floating)
 
 
 cdef inline void block_diag(const floating* h, Py_ssize_t ldh, const floating* mp, Py_ssize_t D,
@@ -494,28 +503,24 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
     for j in range(steps):
         while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
             nact -= 1
-        for r in range(nact):
-            b = rows[r]
-            length = row_length(vl.lens, b, T)
-            if vl.reset != NULL and vl.reset[b * T + time_index(j, length, vl.reverse)]:
-                for s in range(S):
-                    for u in range(W):
-                        st[s * ss + r * W + u] = 0
-            if j + 1 < length:   # rows of different batch entries are far apart: prefetch
-                for g in range(G):
-                    prefetch(ax + (b * T + time_index(j + 1, length, vl.reverse)) * GH
-                             + g * H + off, W)
         for i in range((nact + GROUP_ROWS - 1) // GROUP_ROWS):
             r0 = i * GROUP_ROWS
             nrg = min(<Py_ssize_t> GROUP_ROWS, nact - r0)
             for r in range(nrg):
+                b = rows[r0 + r]
+                if vl.reset != NULL and vl.reset[b * T + time_index(j, row_length(vl.lens, b, T),
+                                                                    vl.reverse)]:
+                    for s in range(S):
+                        for u in range(W):
+                            st[s * ss + (r0 + r) * W + u] = 0
                 for g in range(G):
                     for u in range(W):
                         gates[r * GW + g * W + u] = b_r[g * H + off + u]
             block_diag(st + r0 * W, W, mpk, D, G * D, nk, gates, GW, nrg)
             for r in range(nrg):
                 b = rows[r0 + r]
-                t = time_index(j, row_length(vl.lens, b, T), vl.reverse)
+                length = row_length(vl.lens, b, T)
+                t = time_index(j, length, vl.reverse)
                 str_ = st + (r0 + r) * W
                 if ar_seq != NULL:
                     for g in range(G):
@@ -525,6 +530,15 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
                 for s in range(S_save):
                     for u in range(W):
                         seq[((s * B + b) * T + t) * H + off + u] = str_[s * ss + u]
+                # the row's lines of the next step, far from the other rows' (the hardware
+                # prefetcher cannot follow): fetched here, between cells, and not all at the
+                # start of the step, whose burst of misses stalled on the fill buffers
+                if j + 1 < length:
+                    t = time_index(j + 1, length, vl.reverse)
+                    for g in range(G):
+                        prefetch(ax + (b * T + t) * GH + g * H + off, W)
+                    for s in range(S_save):
+                        prefetch_w(seq + ((s * B + b) * T + t) * H + off, W)
     for r in range(nr):
         b = rows[r]
         for s in range(S):
