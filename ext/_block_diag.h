@@ -52,8 +52,8 @@ enum { SS_BD_VL_##SFX = SS_BD_LANES((int)sizeof(T)) };                          
 SS_BD_INLINE void ss_bd_block_##SFX(const T* a, ptrdiff_t lda, const T* const* p,             \
                                     ptrdiff_t nt, ptrdiff_t K, T* out, ptrdiff_t ldo,          \
                                     const ptrdiff_t* o, const int rows, const int nb) {        \
-    ss_bdv_##SFX acc[SS_BD_ACC][8];                                                            \
-    ss_bdv_##SFX pv[8];                                                                        \
+    ss_bdv_##SFX acc[SS_BD_ACC][4];                                                            \
+    ss_bdv_##SFX pv[4];                                                                        \
     SS_BD_UNROLL for (int r = 0; r < rows; r++)                                                \
         SS_BD_UNROLL for (int v = 0; v < nb; v++) acc[r][v] = (ss_bdv_##SFX){0};               \
     for (ptrdiff_t k = 0; k < K; k++) {                                                        \
@@ -93,33 +93,30 @@ SS_BD_INLINE void ss_bd_rows_##SFX(const T* a, ptrdiff_t lda, const T* const* p,
             ss_bd_block_##SFX(a, lda, p, nt, K, out, ldo, o, 1, nb);                           \
     }                                                                                          \
 }                                                                                              \
-/* out[r][g*W + kk*D + d] += sum_{k<D} h[r*ldh + kk*D + k] * R_kk^T[k][g*D + d] for r < nrows, \
-   kk < nk, g*D + d < GD; head kk's panels at mp + kk * ntiles * D * nt, W = nk * D.         \
-   One row: up to 8 vectors per block (independent FMA chains); more rows: up to 4. */        \
+/* out[r][g*ldg + kk*D + d] += sum_{k<D} h[r*ldh + kk*D + k] * R_kk^T[k][g*D + d] for        \
+   r < nrows, kk < nk, g*D + d < GD; head kk's panels at mp + kk * ntiles * D * nt; ldg (>=   \
+   nk * D): the gates' stride.  Blocks of up to 4 vectors: with 8, the 8 panel pointers of a \
+   one-row block no longer fit in registers (reloaded every k: B = 1 took 1.2x longer). */      \
 static void ss_bd_matmul_##SFX(const T* h, ptrdiff_t ldh, const T* mp, ptrdiff_t D,            \
                                ptrdiff_t GD, ptrdiff_t ntiles, ptrdiff_t nt, ptrdiff_t nk,     \
-                               T* out, ptrdiff_t ldo, ptrdiff_t nrows) {                       \
-    const ptrdiff_t VL = SS_BD_VL_##SFX, nvec = GD / VL, W = nk * D;                           \
-    const int nbmax = nrows == 1 ? 8 : 4;                                                      \
-    const T* p[8];                                                                             \
-    ptrdiff_t o[8];                                                                            \
+                               T* out, ptrdiff_t ldo, ptrdiff_t ldg, ptrdiff_t nrows) {        \
+    const ptrdiff_t VL = SS_BD_VL_##SFX, nvec = GD / VL;                                       \
+    const T* p[4];                                                                             \
+    ptrdiff_t o[4];                                                                            \
     for (ptrdiff_t kk = 0; kk < nk; kk++) {                                                    \
         const T* mk = mp + kk * ntiles * D * nt;                                               \
         for (ptrdiff_t j = 0; j < nvec;) {                                                     \
-            int nb = nvec - j < nbmax ? (int)(nvec - j) : nbmax;                               \
+            int nb = nvec - j < 4 ? (int)(nvec - j) : 4;                                       \
             for (int v = 0; v < nb; v++) {                                                     \
                 ptrdiff_t c = (j + v) * VL;          /* column of R_kk^T */                    \
                 p[v] = mk + (c / nt) * D * nt + c % nt;                                        \
-                o[v] = (c / D) * W + kk * D + c % D;                                           \
+                o[v] = (c / D) * ldg + kk * D + c % D;                                         \
             }                                                                                  \
             switch (nb) {                                                                      \
-            case 8: ss_bd_rows_##SFX(h + kk * D, ldh, p, nt, D, out, ldo, o, nrows, 8); break; \
             case 4: ss_bd_rows_##SFX(h + kk * D, ldh, p, nt, D, out, ldo, o, nrows, 4); break; \
             case 3: ss_bd_rows_##SFX(h + kk * D, ldh, p, nt, D, out, ldo, o, nrows, 3); break; \
             case 2: ss_bd_rows_##SFX(h + kk * D, ldh, p, nt, D, out, ldo, o, nrows, 2); break; \
-            case 1: ss_bd_rows_##SFX(h + kk * D, ldh, p, nt, D, out, ldo, o, nrows, 1); break; \
-            default: nb = 4;         /* 5..7 vectors of one row: a block of 4, then the rest */\
-                ss_bd_rows_##SFX(h + kk * D, ldh, p, nt, D, out, ldo, o, nrows, 4);            \
+            default: ss_bd_rows_##SFX(h + kk * D, ldh, p, nt, D, out, ldo, o, nrows, 1);       \
             }                                                                                  \
             j += nb;                                                                           \
         }                                                                                      \

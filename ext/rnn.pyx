@@ -443,21 +443,29 @@ cdef extern from "_block_diag.h" nogil:
     int SS_BD_VL_d
     void ss_bd_matmul_f(const float* h, Py_ssize_t ldh, const float* mp, Py_ssize_t D,
                         Py_ssize_t GD, Py_ssize_t ntiles, Py_ssize_t nt, Py_ssize_t nk,
-                        float* out, Py_ssize_t ldo, Py_ssize_t nrows)
+                        float* out, Py_ssize_t ldo, Py_ssize_t ldg, Py_ssize_t nrows)
     void ss_bd_matmul_d(const double* h, Py_ssize_t ldh, const double* mp, Py_ssize_t D,
                         Py_ssize_t GD, Py_ssize_t ntiles, Py_ssize_t nt, Py_ssize_t nk,
-                        double* out, Py_ssize_t ldo, Py_ssize_t nrows)
+                        double* out, Py_ssize_t ldo, Py_ssize_t ldg, Py_ssize_t nrows)
     void ss_bd_prefetch_w(const void* p)
 
 cdef enum:
     # rows whose gates are computed and then used by their cells together: a row block's gates
     # (16 x G*nk*D) stay in L1 between the micro-kernel and the cells
     GROUP_ROWS = 16
+    # Jobs of fewer rows than this whose heads' panels exceed GROUP_L1_BYTES keep the per-head
+    # path: their steps wait on L2 for the panels, and the per-head path overlaps that with the
+    # previous head's cells (B = 1 sLSTM, 4 heads of D = 64: grouped 1.1x slower)
+    GROUP_MIN_ROWS = 4
+    GROUP_L1_BYTES = 32 * 1024
 
 
-cdef inline bint groups_fit(Py_ssize_t D, Py_ssize_t itemsize) noexcept nogil:
-    """True when heads of D units can be grouped: D a multiple of the micro-kernel's lanes."""
-    return D % (SS_BD_VL_f if itemsize == sizeof(float) else SS_BD_VL_d) == 0
+cdef inline bint use_groups(Py_ssize_t RB, Py_ssize_t hpj, Py_ssize_t D, Py_ssize_t G,
+                            Py_ssize_t itemsize) noexcept nogil:
+    """True when jobs of RB rows and hpj heads of D units take the grouped path: several
+    heads, D a multiple of the micro-kernel's lanes, and not a few rows on large heads."""
+    return (hpj > 1 and D % (SS_BD_VL_f if itemsize == sizeof(float) else SS_BD_VL_d) == 0
+            and (RB >= GROUP_MIN_ROWS or hpj * G * D * D * itemsize <= GROUP_L1_BYTES))
 
 
 cdef inline void prefetch_w(floating* p, Py_ssize_t n) noexcept nogil:
@@ -470,14 +478,14 @@ cdef inline void prefetch_w(floating* p, Py_ssize_t n) noexcept nogil:
 
 cdef inline void block_diag(const floating* h, Py_ssize_t ldh, const floating* mp, Py_ssize_t D,
                             Py_ssize_t GD, Py_ssize_t nk, floating* out, Py_ssize_t ldo,
-                            Py_ssize_t nrows) noexcept nogil:
-    """out[r][g*nk*D + kk*D + d] += h[r, kk*D:(kk+1)*D] @ R_kk^T[:, g*D + d]: nk heads whose
+                            Py_ssize_t ldg, Py_ssize_t nrows) noexcept nogil:
+    """out[r][g*ldg + kk*D + d] += h[r, kk*D:(kk+1)*D] @ R_kk^T[:, g*D + d]: nk heads whose
     panels (pack_recurrent) start at mp."""
     cdef Py_ssize_t ntiles = (GD + NT - 1) // NT
     if floating is float:
-        ss_bd_matmul_f(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, nrows)
+        ss_bd_matmul_f(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, ldg, nrows)
     else:
-        ss_bd_matmul_d(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, nrows)
+        ss_bd_matmul_d(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, ldg, nrows)
 
 
 cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
@@ -492,9 +500,10 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
     cdef Py_ssize_t GH = G * H, W = nk * D, GW = G * W, off = k0 * D
     cdef Py_ssize_t ss = state_stride(nr, W)
     cdef Py_ssize_t i, j, r, r0, nrg, b, s, g, u, t, length
+    cdef Py_ssize_t ntiles = (G * D + NT - 1) // NT
     cdef Py_ssize_t nact = nr
     cdef Py_ssize_t steps = row_length(vl.lens, rows[0], T)   # rows[0] is the longest
-    cdef const floating* mpk = mp + k0 * ((G * D + NT - 1) // NT) * D * NT
+    cdef const floating* mpk = mp + k0 * ntiles * D * NT
     cdef floating* str_
     for s in range(S):
         for r in range(nr):
@@ -516,7 +525,7 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
                 for g in range(G):
                     for u in range(W):
                         gates[r * GW + g * W + u] = b_r[g * H + off + u]
-            block_diag(st + r0 * W, W, mpk, D, G * D, nk, gates, GW, nrg)
+            block_diag(st + r0 * W, W, mpk, D, G * D, nk, gates, GW, W, nrg)
             for r in range(nrg):
                 b = rows[r0 + r]
                 length = row_length(vl.lens, b, T)
@@ -722,7 +731,7 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
         return run_columns(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
                            state_out, rows, start, nblocks, RB, vl, team, num_threads)
     hpj = heads_per_job(nblocks, heads, num_threads, G * D * D * sizeof(floating))
-    if hpj > 1 and groups_fit(D, sizeof(floating)):     # several small heads per job
+    if use_groups(RB, hpj, D, G, sizeof(floating)):     # several small heads per job
         return run_groups(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
                           state_out, rows, start, nblocks, RB, hpj, vl, num_threads)
     groups = (heads + hpj - 1) // hpj
