@@ -93,14 +93,14 @@ SS_BD_INLINE void ss_bd_rows_##SFX(const T* a, ptrdiff_t lda, const T* const* p,
             ss_bd_block_##SFX(a, lda, p, nt, K, out, ldo, o, 1, nb);                           \
     }                                                                                          \
 }                                                                                              \
-/* out[r][g*ldg + kk*D + d] += sum_{k<D} h[r*ldh + kk*D + k] * R_kk^T[k][g*D + d] for        \
-   r < nrows, kk < nk, g*D + d < GD; head kk's panels at mp + kk * ntiles * D * nt; ldg (>=   \
-   nk * D): the gates' stride.  Blocks of up to 4 vectors: with 8, the 8 panel pointers of a \
-   one-row block no longer fit in registers (reloaded every k: B = 1 took 1.2x longer). */      \
+/* out[r][g*W + kk*D + d] += sum_{k<D} h[r*ldh + kk*D + k] * R_kk^T[k][g*D + d] for          \
+   r < nrows, kk < nk, g*D + d < GD; head kk's panels at mp + kk * ntiles * D * nt; W = nk*D. \
+   Blocks of up to 4 vectors: with 8, the 8 panel pointers of a one-row block no longer fit  \
+   in registers (reloaded every k: B = 1 took 1.2x longer). */                                 \
 static void ss_bd_matmul_##SFX(const T* h, ptrdiff_t ldh, const T* mp, ptrdiff_t D,            \
                                ptrdiff_t GD, ptrdiff_t ntiles, ptrdiff_t nt, ptrdiff_t nk,     \
-                               T* out, ptrdiff_t ldo, ptrdiff_t ldg, ptrdiff_t nrows) {        \
-    const ptrdiff_t VL = SS_BD_VL_##SFX, nvec = GD / VL;                                       \
+                               T* out, ptrdiff_t ldo, ptrdiff_t nrows) {                       \
+    const ptrdiff_t VL = SS_BD_VL_##SFX, nvec = GD / VL, W = nk * D;                           \
     const T* p[4];                                                                             \
     ptrdiff_t o[4];                                                                            \
     for (ptrdiff_t kk = 0; kk < nk; kk++) {                                                    \
@@ -110,7 +110,7 @@ static void ss_bd_matmul_##SFX(const T* h, ptrdiff_t ldh, const T* mp, ptrdiff_t
             for (int v = 0; v < nb; v++) {                                                     \
                 ptrdiff_t c = (j + v) * VL;          /* column of R_kk^T */                    \
                 p[v] = mk + (c / nt) * D * nt + c % nt;                                        \
-                o[v] = (c / D) * ldg + kk * D + c % D;                                         \
+                o[v] = (c / D) * W + kk * D + c % D;                                           \
             }                                                                                  \
             switch (nb) {                                                                      \
             case 4: ss_bd_rows_##SFX(h + kk * D, ldh, p, nt, D, out, ldo, o, nrows, 4); break; \

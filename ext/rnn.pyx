@@ -443,10 +443,10 @@ cdef extern from "_block_diag.h" nogil:
     int SS_BD_VL_d
     void ss_bd_matmul_f(const float* h, Py_ssize_t ldh, const float* mp, Py_ssize_t D,
                         Py_ssize_t GD, Py_ssize_t ntiles, Py_ssize_t nt, Py_ssize_t nk,
-                        float* out, Py_ssize_t ldo, Py_ssize_t ldg, Py_ssize_t nrows)
+                        float* out, Py_ssize_t ldo, Py_ssize_t nrows)
     void ss_bd_matmul_d(const double* h, Py_ssize_t ldh, const double* mp, Py_ssize_t D,
                         Py_ssize_t GD, Py_ssize_t ntiles, Py_ssize_t nt, Py_ssize_t nk,
-                        double* out, Py_ssize_t ldo, Py_ssize_t ldg, Py_ssize_t nrows)
+                        double* out, Py_ssize_t ldo, Py_ssize_t nrows)
     void ss_bd_prefetch_w(const void* p)
 
 cdef enum:
@@ -478,14 +478,14 @@ cdef inline void prefetch_w(floating* p, Py_ssize_t n) noexcept nogil:
 
 cdef inline void block_diag(const floating* h, Py_ssize_t ldh, const floating* mp, Py_ssize_t D,
                             Py_ssize_t GD, Py_ssize_t nk, floating* out, Py_ssize_t ldo,
-                            Py_ssize_t ldg, Py_ssize_t nrows) noexcept nogil:
-    """out[r][g*ldg + kk*D + d] += h[r, kk*D:(kk+1)*D] @ R_kk^T[:, g*D + d]: nk heads whose
+                            Py_ssize_t nrows) noexcept nogil:
+    """out[r][g*nk*D + kk*D + d] += h[r, kk*D:(kk+1)*D] @ R_kk^T[:, g*D + d]: nk heads whose
     panels (pack_recurrent) start at mp."""
     cdef Py_ssize_t ntiles = (GD + NT - 1) // NT
     if floating is float:
-        ss_bd_matmul_f(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, ldg, nrows)
+        ss_bd_matmul_f(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, nrows)
     else:
-        ss_bd_matmul_d(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, ldg, nrows)
+        ss_bd_matmul_d(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, nrows)
 
 
 cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
@@ -525,7 +525,7 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
                 for g in range(G):
                     for u in range(W):
                         gates[r * GW + g * W + u] = b_r[g * H + off + u]
-            block_diag(st + r0 * W, W, mpk, D, G * D, nk, gates, GW, W, nrg)
+            block_diag(st + r0 * W, W, mpk, D, G * D, nk, gates, GW, nrg)
             for r in range(nrg):
                 b = rows[r0 + r]
                 length = row_length(vl.lens, b, T)
