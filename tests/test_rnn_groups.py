@@ -3,7 +3,9 @@ multiple of the vector width (D = 16 and 32 here, for every build), their gates 
 share one layout and a block-diagonal micro-kernel.  Each head must still get, bit for bit,
 what a one-head call on its slices gives (which runs the per-head path), with lengths,
 reverse, resets and any thread count (2 threads split 3 or 4 heads into groups of 2 and 1).
-3 heads of D = 32 at B < 4 take the per-head path (few rows on heads beyond L1): also checked."""
+The gated cells' 3 heads of D = 32 at B < 4 take the per-head path (few rows on heads whose
+weights exceed L1): also checked.  Plain calls (only h saved per step) and vjp's forward (every
+state component and the recurrent pre-activations saved) must agree as well."""
 import numpy as np
 import pytest
 
@@ -51,6 +53,9 @@ def test_grouped_heads_equal_heads_run_alone(cell, dtype, B, heads, D, mode, thr
         (y, state), pullback = ss.vjp(p.fn, p.x, None, p.R, None, p.b_r, heads=heads,
                                       state=p.state, **kw)
         dx = pullback((dy, None))[0]
+        plain = p.fn(p.x, None, p.R, None, p.b_r, heads=heads, state=p.state, **kw)
+        assert_all_equal((plain[0],) + state_parts(cell, plain[1]),
+                         (y,) + state_parts(cell, state), f"{cell} {mode} B={B} plain vs vjp")
         for k in range(heads):
             units = slice(k * D, (k + 1) * D)
             st_k = _state(cell, [np.ascontiguousarray(s[:, units]) for s in parts])
