@@ -1,7 +1,8 @@
-# Register-blocked micro-kernel for out[rows, N] += a[rows, K] @ M, with M packed once per call
-# into column panels of NT entries: Mp[tile][k][NT] (zero-padded past N).  Each step of k loads
-# a panel row into registers once and applies it to a block of rows (or, for a single row, to
-# several panels), so accumulators stay in registers and each panel stays hot in L1/L2.
+# Register-blocked micro-kernel for out[rows, N] += a[rows, K] @ M (or out = bias + a @ M, the
+# store variant), with M packed once per call into column panels of NT entries:
+# Mp[tile][k][NT] (zero-padded past N).  Each step of k loads a panel row into registers once
+# and applies it to a block of rows (or, for a single row, to several panels), so accumulators
+# stay in registers and each panel stays hot in L1/L2.
 #
 # The kernel is C with GCC/Clang vector extensions (portable: the compiler lowers them to
 # whatever SIMD the target has, or to scalars).  Every output element is summed over k in the
@@ -23,6 +24,11 @@ cdef extern from *:
     #define SS_ACC 12
     #endif
     #define SS_NT 32             /* panel width in elements; NT in the .pxd */
+    /* what a block does with out: SS_ADD out += acc; SS_STORE out = bias + acc (0 + acc
+       without a bias); over slices of k, the accumulators pass through out unrounded:
+       SS_FIRST out = acc, SS_MID acc starts from out, out = acc, SS_LAST as SS_MID then
+       out = bias + acc -- the same operations on every element as one SS_STORE */
+    enum { SS_ADD, SS_STORE, SS_FIRST, SS_MID, SS_LAST };
 
     #if defined(__GNUC__)
     #define SS_INLINE static inline __attribute__((always_inline))
@@ -45,11 +51,15 @@ cdef extern from *:
            SS_MR_##SFX = SS_ACC / SS_NV_##SFX > 0 ? SS_ACC / SS_NV_##SFX : 1,                \\
            SS_VL_##SFX = SS_NT / SS_NV_##SFX };                                              \\
     SS_INLINE void ss_block_##SFX(const T* a, Py_ssize_t lda, const T* mp, Py_ssize_t K,     \\
-                                  T* out, Py_ssize_t ldo, const int rows, const int ntl) {   \\
+                                  T* out, Py_ssize_t ldo, const int rows, const int ntl,     \\
+                                  const int mode, const T* bias) {                           \\
         ss_v##SFX acc[SS_MR_##SFX][4 * SS_NV_##SFX];                                         \\
         ss_v##SFX pv[4 * SS_NV_##SFX];                                                       \\
         SS_UNROLL for (int r = 0; r < rows; r++)                                             \\
-            SS_UNROLL for (int v = 0; v < ntl * SS_NV_##SFX; v++) acc[r][v] = (ss_v##SFX){0}; \\
+            SS_UNROLL for (int p = 0; p < ntl; p++)                                          \\
+                SS_UNROLL for (int v = 0; v < SS_NV_##SFX; v++)                              \\
+                    acc[r][p * SS_NV_##SFX + v] = mode < SS_MID ? (ss_v##SFX){0}             \\
+                        : *(ss_v##SFX*)(out + r * ldo + p * SS_NT + v * SS_VL_##SFX);        \\
         for (Py_ssize_t k = 0; k < K; k++) {                                                 \\
             SS_UNROLL for (int p = 0; p < ntl; p++)                                          \\
                 SS_UNROLL for (int v = 0; v < SS_NV_##SFX; v++)                              \\
@@ -61,48 +71,86 @@ cdef extern from *:
                     acc[r][v] += ar * pv[v];                                                 \\
             }                                                                                \\
         }                                                                                    \\
+        /* SS_STORE / SS_LAST: out = bias + acc, or 0 + acc without a bias -- the bits of    \\
+           filling out with the bias (or 0) and adding acc, without reading out */           \\
         SS_UNROLL for (int r = 0; r < rows; r++)                                             \\
             SS_UNROLL for (int p = 0; p < ntl; p++)                                          \\
-                SS_UNROLL for (int v = 0; v < SS_NV_##SFX; v++)                              \\
-                    *(ss_v##SFX*)(out + r * ldo + p * SS_NT + v * SS_VL_##SFX) +=            \\
-                        acc[r][p * SS_NV_##SFX + v];                                         \\
+                SS_UNROLL for (int v = 0; v < SS_NV_##SFX; v++) {                            \\
+                    ss_v##SFX* o = (ss_v##SFX*)(out + r * ldo + p * SS_NT + v * SS_VL_##SFX); \\
+                    ss_v##SFX a_ = acc[r][p * SS_NV_##SFX + v];                              \\
+                    if (mode == SS_ADD)                                                      \\
+                        *o = *o + a_;                                                        \\
+                    else if (mode == SS_STORE || mode == SS_LAST)                            \\
+                        *o = (bias ? *(const ss_v##SFX*)(bias + p * SS_NT + v * SS_VL_##SFX)  \\
+                                   : (ss_v##SFX){0}) + a_;                                   \\
+                    else                                                                     \\
+                        *o = a_;                                                             \\
+                }                                                                            \\
     }                                                                                        \\
     /* rows < MR rows with a literal row count per case (the block unrolls over rows) */  \\
     static void ss_rest_##SFX(const T* a, Py_ssize_t lda, const T* mp, Py_ssize_t K,         \\
-                              T* out, Py_ssize_t ldo, Py_ssize_t rows) {                     \\
+                              T* out, Py_ssize_t ldo, Py_ssize_t rows, const int mode,       \\
+                              const T* bias) {                                               \\
         switch (rows < SS_MR_##SFX ? rows : 0) {                                             \\
-        case 7: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 7 ? 7 : 1, 1); break;  \\
-        case 6: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 6 ? 6 : 1, 1); break;  \\
-        case 5: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 5 ? 5 : 1, 1); break;  \\
-        case 4: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 4 ? 4 : 1, 1); break;  \\
-        case 3: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 3 ? 3 : 1, 1); break;  \\
-        case 2: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 2 ? 2 : 1, 1); break;  \\
-        case 1: ss_block_##SFX(a, lda, mp, K, out, ldo, 1, 1); break;                        \\
+        case 7: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 7 ? 7 : 1, 1, mode,    \\
+                               bias); break;                                                 \\
+        case 6: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 6 ? 6 : 1, 1, mode,    \\
+                               bias); break;                                                 \\
+        case 5: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 5 ? 5 : 1, 1, mode,    \\
+                               bias); break;                                                 \\
+        case 4: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 4 ? 4 : 1, 1, mode,    \\
+                               bias); break;                                                 \\
+        case 3: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 3 ? 3 : 1, 1, mode,    \\
+                               bias); break;                                                 \\
+        case 2: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 2 ? 2 : 1, 1, mode,    \\
+                               bias); break;                                                 \\
+        case 1: ss_block_##SFX(a, lda, mp, K, out, ldo, 1, 1, mode, bias); break;            \\
         default:                                                                             \\
             for (Py_ssize_t r = 0; r < rows; r++)                                            \\
-                ss_block_##SFX(a + r * lda, lda, mp, K, out + r * ldo, ldo, 1, 1);           \\
+                ss_block_##SFX(a + r * lda, lda, mp, K, out + r * ldo, ldo, 1, 1, mode, bias);  \\
+        }                                                                                    \\
+    }                                                                                        \\
+    /* mode SS_ADD: out += a @ M; SS_STORE: out = bias + a @ M (bias NULL: 0 + a @ M) */     \\
+    SS_INLINE void ss_matmul_##SFX(const T* a, Py_ssize_t lda, const T* mp, Py_ssize_t K,    \\
+                                   Py_ssize_t ntiles, T* out, Py_ssize_t ldo,                \\
+                                   Py_ssize_t nrows, const int mode, const T* bias) {        \\
+        Py_ssize_t tile = 0, r;                                                              \\
+        if (nrows == 1) {  /* one row: several panels at once for independent FMA chains */  \\
+            for (; tile + 4 <= ntiles; tile += 4)                                            \\
+                ss_block_##SFX(a, lda, mp + tile * K * SS_NT, K, out + tile * SS_NT, ldo, 1, 4, \\
+                               mode, bias ? bias + tile * SS_NT : NULL);                     \\
+            for (; tile + 2 <= ntiles; tile += 2)                                            \\
+                ss_block_##SFX(a, lda, mp + tile * K * SS_NT, K, out + tile * SS_NT, ldo, 1, 2, \\
+                               mode, bias ? bias + tile * SS_NT : NULL);                     \\
+        }                                                                                    \\
+        for (; tile < ntiles; tile++) {                                                      \\
+            const T* panel = mp + tile * K * SS_NT;                                          \\
+            const T* tbias = bias ? bias + tile * SS_NT : NULL;                              \\
+            for (r = 0; r + SS_MR_##SFX <= nrows; r += SS_MR_##SFX)                           \\
+                ss_block_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, ldo, \\
+                               SS_MR_##SFX, 1, mode, tbias);                                 \\
+            /* the rest (fewer than MR rows, e.g. rows still running in a variable-length   \\
+               batch) in one block: a single-row block would re-read the panel per row */    \\
+            ss_rest_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, ldo,     \\
+                          nrows - r, mode, tbias);                                           \\
         }                                                                                    \\
     }                                                                                        \\
     static void ss_matmul_acc_##SFX(const T* a, Py_ssize_t lda, const T* mp, Py_ssize_t K,   \\
                                     Py_ssize_t ntiles, T* out, Py_ssize_t ldo,               \\
                                     Py_ssize_t nrows) {                                      \\
-        Py_ssize_t tile = 0, r;                                                              \\
-        if (nrows == 1) {  /* one row: several panels at once for independent FMA chains */  \\
-            for (; tile + 4 <= ntiles; tile += 4)                                            \\
-                ss_block_##SFX(a, lda, mp + tile * K * SS_NT, K, out + tile * SS_NT, ldo, 1, 4); \\
-            for (; tile + 2 <= ntiles; tile += 2)                                            \\
-                ss_block_##SFX(a, lda, mp + tile * K * SS_NT, K, out + tile * SS_NT, ldo, 1, 2); \\
-        }                                                                                    \\
-        for (; tile < ntiles; tile++) {                                                      \\
-            const T* panel = mp + tile * K * SS_NT;                                          \\
-            for (r = 0; r + SS_MR_##SFX <= nrows; r += SS_MR_##SFX)                           \\
-                ss_block_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, ldo, \\
-                               SS_MR_##SFX, 1);                                              \\
-            /* the rest (fewer than MR rows, e.g. rows still running in a variable-length   \\
-               batch) in one block: a single-row block would re-read the panel per row */    \\
-            ss_rest_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, ldo,     \\
-                          nrows - r);                                                        \\
-        }                                                                                    \\
+        ss_matmul_##SFX(a, lda, mp, K, ntiles, out, ldo, nrows, SS_ADD, NULL);               \\
+    }                                                                                        \\
+    static void ss_matmul_store_##SFX(const T* a, Py_ssize_t lda, const T* mp, Py_ssize_t K, \\
+                                      Py_ssize_t ntiles, const T* bias, T* out,              \\
+                                      Py_ssize_t ldo, Py_ssize_t nrows) {                    \\
+        ss_matmul_##SFX(a, lda, mp, K, ntiles, out, ldo, nrows, SS_STORE, bias);             \\
+    }                                                                                        \\
+    /* one panel, a slice of k (a and panel point at its first k): mode SS_FIRST, SS_MID or  \\
+       SS_LAST (or SS_STORE for the whole of k) */                                           \\
+    static void ss_matmul_part_##SFX(const T* a, Py_ssize_t lda, const T* panel,             \\
+                                     Py_ssize_t kc, const T* bias, T* out, Py_ssize_t ldo,   \\
+                                     Py_ssize_t nrows, const int mode) {                     \\
+        ss_matmul_##SFX(a, lda, panel, kc, 1, out, ldo, nrows, mode, bias);                  \\
     }
 
     SS_DEFINE_MATMUL(float, f)
@@ -179,6 +227,23 @@ cdef extern from *:
                          Py_ssize_t ntiles, float* out, Py_ssize_t ldo, Py_ssize_t nrows) nogil
     void ss_matmul_acc_d(const double* a, Py_ssize_t lda, const double* mp, Py_ssize_t K,
                          Py_ssize_t ntiles, double* out, Py_ssize_t ldo, Py_ssize_t nrows) nogil
+    void ss_matmul_store_f(const float* a, Py_ssize_t lda, const float* mp, Py_ssize_t K,
+                           Py_ssize_t ntiles, const float* bias, float* out, Py_ssize_t ldo,
+                           Py_ssize_t nrows) nogil
+    void ss_matmul_store_d(const double* a, Py_ssize_t lda, const double* mp, Py_ssize_t K,
+                           Py_ssize_t ntiles, const double* bias, double* out, Py_ssize_t ldo,
+                           Py_ssize_t nrows) nogil
+    void ss_matmul_part_f(const float* a, Py_ssize_t lda, const float* panel, Py_ssize_t kc,
+                          const float* bias, float* out, Py_ssize_t ldo, Py_ssize_t nrows,
+                          int mode) nogil
+    void ss_matmul_part_d(const double* a, Py_ssize_t lda, const double* panel, Py_ssize_t kc,
+                          const double* bias, double* out, Py_ssize_t ldo, Py_ssize_t nrows,
+                          int mode) nogil
+    enum:
+        SS_STORE
+        SS_FIRST
+        SS_MID
+        SS_LAST
     int SS_NT
     void ss_prefetch(const void* p) nogil
     void ss_pack_t_f(const float* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,
@@ -198,6 +263,38 @@ cdef inline void matmul_acc(const floating* a, Py_ssize_t lda, const floating* m
         ss_matmul_acc_f(a, lda, mp, K, ntiles, out, ldo, nrows)
     else:
         ss_matmul_acc_d(a, lda, mp, K, ntiles, out, ldo, nrows)
+
+
+cdef inline void matmul_store(const floating* a, Py_ssize_t lda, const floating* mp,
+                              Py_ssize_t K, Py_ssize_t ntiles, const floating* bias,
+                              floating* out, Py_ssize_t ldo, Py_ssize_t nrows) noexcept nogil:
+    """out[:nrows, :ntiles*NT] = bias + a[:nrows, :K] @ M (bias [ntiles*NT], or NULL for 0):
+    the bits of filling out with bias (or 0) then matmul_acc, writing out once, never reading
+    it (an output far bigger than the cache then costs one memory pass instead of three)."""
+    if floating is float:
+        ss_matmul_store_f(a, lda, mp, K, ntiles, bias, out, ldo, nrows)
+    else:
+        ss_matmul_store_d(a, lda, mp, K, ntiles, bias, out, ldo, nrows)
+
+
+cdef inline void matmul_store_kblocked(const floating* a, Py_ssize_t lda, const floating* panel,
+                                       Py_ssize_t K, Py_ssize_t kc, const floating* bias,
+                                       floating* out, Py_ssize_t ldo,
+                                       Py_ssize_t nrows) noexcept nogil:
+    """matmul_store of one panel (bias [NT] or NULL) in slices of kc rows of the panel, so that
+    a slice stays in L1 while every row block uses it (a whole panel of a long K does not fit).
+    The accumulators pass between slices through out unrounded: the same bits as one call."""
+    cdef Py_ssize_t k0 = 0, n
+    cdef int mode
+    while k0 < K:
+        n = min(kc, K - k0)
+        mode = (SS_STORE if n == K else SS_FIRST) if k0 == 0 else (
+            SS_LAST if k0 + n == K else SS_MID)
+        if floating is float:
+            ss_matmul_part_f(a + k0, lda, panel + k0 * NT, n, bias, out, ldo, nrows, mode)
+        else:
+            ss_matmul_part_d(a + k0, lda, panel + k0 * NT, n, bias, out, ldo, nrows, mode)
+        k0 += n
 
 
 cdef inline void prefetch(const floating* p, Py_ssize_t n) noexcept nogil:

@@ -9,7 +9,8 @@ import numpy as np
 
 cnp.import_array()
 
-from _microkernel cimport NT, matmul_acc, pack_panels, prefetch
+from _microkernel cimport (NT, matmul_acc, matmul_store, matmul_store_kblocked, pack_panels,
+                          prefetch)
 from _cells cimport cell_forward, cell_backward, cell_ids
 from _scratch cimport scratch_alloc, scratch_free
 from libc.string cimport memset
@@ -84,13 +85,64 @@ cdef struct Varlen:
     bint reverse
 
 
+# ---- the input projection fused into the time loop --------------------------------------------
+# A plain call (no lengths, reverse, reset; outputs not saved for a backward) need not write
+# W x + b for the whole sequence to memory and read it back: forward_job projects each block of
+# `steps` time steps of its rows into a small buffer (ldo = G*H rounded up to whole panels)
+# just before stepping through them.  Each output is the same sum as `project` computes (the
+# bias, then the products summed over the inputs in one order), so the bits are those of
+# project + forward.
+
+cdef struct Fused:
+    const void* x            # [B, T, I] (floating)
+    const void* wp           # W^T packed in panels
+    const void* bias         # [G*H] or NULL
+    void* ax                 # this job's buffer [rows, steps, ldo] (floating)
+    Py_ssize_t n_in, ldo, steps    # inputs per row (not `I`: complex.h's macro)
+
+
+cdef inline Py_ssize_t block_steps(const Fused* fz, Py_ssize_t j, Py_ssize_t length) noexcept nogil:
+    """Steps of a row of this length in the projected block that holds processing step j."""
+    return min(fz.steps, length - (j - j % fz.steps))
+
+
+cdef inline Py_ssize_t block_index(const Fused* fz, Py_ssize_t j, Py_ssize_t length,
+                                   bint reverse) noexcept nogil:
+    """The buffer row of processing step j of a row of this length: a block holds the row's
+    x rows in time order, so with `reverse` its processing steps run from the last one down."""
+    return block_steps(fz, j, length) - 1 - j % fz.steps if reverse else j % fz.steps
+
+
+cdef void project_block(const floating* x, const floating* wp, const floating* bias,
+                        floating* ax, const Fused* fz, const Py_ssize_t* rows, Py_ssize_t nact,
+                        Py_ssize_t T, Py_ssize_t j, Py_ssize_t M, Varlen vl) noexcept nogil:
+    """For the active rows r < nact, the block of processing steps from j (a multiple of
+    fz.steps): ax[r, i, :] = x[rows[r], t0 + i] @ W^T + b for i < block_steps, where t0 is the
+    first time step of the block (x, wp, bias and ax: fz's).  One panel of W at a time over
+    every row: the panel stays in cache while all of the job's rows use it."""
+    cdef Py_ssize_t ldo = fz.ldo, I = fz.n_in, r, i, m, n, t0, tile, length
+    for r in range(nact):
+        for i in range(block_steps(fz, j, row_length(vl.lens, rows[r], T))):
+            for m in range(ldo):
+                ax[(r * fz.steps + i) * ldo + m] = bias[m] if bias != NULL and m < M else 0
+    if I == 0:
+        return
+    for tile in range(ldo // NT):
+        for r in range(nact):
+            length = row_length(vl.lens, rows[r], T)
+            n = block_steps(fz, j, length)
+            t0 = length - j - n if vl.reverse else j
+            matmul_acc(x + (rows[r] * T + t0) * I, I, wp + tile * I * NT, I, 1,
+                       ax + r * fz.steps * ldo + tile * NT, ldo, n)
+
+
 cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
                       Py_ssize_t nk, Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, Py_ssize_t G,
                       Py_ssize_t S, Py_ssize_t S_save,
                       const floating* ax, const floating* mp, const floating* b_r,
                       const floating* state0, floating* seq, floating* ar_seq,
                       floating* state_out, floating* st, floating* gates,
-                      Varlen vl) noexcept nogil:
+                      Varlen vl, const Fused* fz) noexcept nogil:
     cdef Py_ssize_t GH = G * H, GD = G * D
     cdef Py_ssize_t ntiles = (GD + NT - 1) // NT, GDp = ntiles * NT
     # stride between state components in `st`: padded to whole 64-byte lines, so how the
@@ -113,6 +165,10 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
     for j in range(steps):
         while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
             nact -= 1
+        if fz != NULL and j % fz.steps == 0:
+            project_block(<const floating*> fz.x, <const floating*> fz.wp,
+                          <const floating*> fz.bias, <floating*> fz.ax, fz, rows, nact, T, j,
+                          GH, vl)
         for r in range(nact):
             b = rows[r]
             length = row_length(vl.lens, b, T)
@@ -121,7 +177,7 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
                     for s in range(S):
                         for d in range(D):
                             st[(kk * S + s) * ss + r * D + d] = 0
-            if j + 1 < length:   # rows of different batch entries are far apart: prefetch
+            if fz == NULL and j + 1 < length:   # rows of different batch entries are far apart: prefetch
                 for g in range(G):
                     prefetch(ax + (b * T + time_index(j + 1, length, vl.reverse)) * GH
                              + g * H + k0 * D, nk * D)
@@ -136,7 +192,11 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
             for r in range(nact):
                 b = rows[r]
                 t = time_index(j, row_length(vl.lens, b, T), vl.reverse)
-                axp = ax + (b * T + t) * GH + k * D
+                if fz == NULL:
+                    axp = ax + (b * T + t) * GH + k * D
+                else:
+                    axp = (<floating*> fz.ax + (r * fz.steps + block_index(
+                        fz, j, row_length(vl.lens, b, T), vl.reverse)) * fz.ldo + k * D)
                 if ar_seq != NULL:
                     for g in range(G):
                         for d in range(D):
@@ -697,24 +757,53 @@ cdef Py_ssize_t forward_rows_per_job(Py_ssize_t B, Py_ssize_t heads, int num_thr
     return B if block == -1 else rows_per_job(B, heads, num_threads)
 
 
+cdef enum:
+    # rows of x a fused job projects per block at least (rows x steps), so each panel of W
+    # read into cache serves as many rows as one job of `project` (PROJECT_ROWS)
+    FUSED_ROWS = 64
+    # bytes of a fused job's projection buffer above which blocks shrink towards 8 steps
+    FUSED_BYTES = 1 << 20
+    # bytes of packed W above which the jobs do not project their own blocks: W must stay in
+    # a core's cache between blocks (H = I = 1024: a 16 MB W re-read every few steps next to
+    # R ran 1.25x slower than projecting the whole sequence first)
+    FUSED_W_BYTES = 1 << 20
+
+
+cdef Py_ssize_t fused_steps(Py_ssize_t RB, Py_ssize_t ldo, Py_ssize_t T,
+                            Py_ssize_t itemsize) noexcept nogil:
+    """Time steps per projected block of a fused job of RB rows (buffer [RB, steps, ldo])."""
+    cdef Py_ssize_t steps = max(8, round_up((FUSED_ROWS + RB - 1) // RB, 8))
+    while steps > 8 and RB * steps * ldo * itemsize > FUSED_BYTES:
+        steps //= 2
+    return min(T, steps)
+
+
 cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D,
                      Py_ssize_t G, Py_ssize_t S, Py_ssize_t S_save, const floating* ax,
                      const floating* mp, const floating* b_r, const floating* state0,
                      floating* seq, floating* ar_seq, floating* state_out,
                      const Py_ssize_t* rows, const Py_ssize_t* start, Py_ssize_t nblocks,
-                     Py_ssize_t RB, Varlen vl, int block, int num_threads) noexcept nogil:
+                     Py_ssize_t RB, Varlen vl, int block, int num_threads,
+                     const Fused* fz) noexcept nogil:
     """All jobs of a forward pass; -1 when scratch memory could not be allocated.
     `rows` and `start` as in JobRows; NULL: contiguous blocks of forward_rows_per_job rows (no
     lengths).  `block`: 0 chooses row or column split from the shapes; > 0 row split (with
-    that many rows per job when `rows` is NULL); -1 column split."""
+    that many rows per job when `rows` is NULL); -1 column split.  `fz`: NULL, or x, packed W
+    and b of a plain call (`ax` unused): jobs that own whole rows (every head) project their
+    own blocks of steps; otherwise W x + b is projected for the whole sequence first."""
     cdef int team
     cdef Py_ssize_t njobs, hpj, groups
     cdef Py_ssize_t ntiles = (G * D + NT - 1) // NT
     cdef Py_ssize_t job, blk, k0
     cdef int failed = 0, status
+    cdef bint columns, grouped
     cdef floating* st
     cdef floating* gates
+    cdef floating* own_ax
     cdef Py_ssize_t* own = NULL
+    cdef Py_ssize_t fsteps = 0
+    cdef Fused job_fz
+    cdef const Fused* jfz = NULL
     if rows == NULL:
         RB = forward_rows_per_job(B, heads, num_threads, block)
         nblocks = (B + RB - 1) // RB
@@ -723,48 +812,93 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
             return -1
         status = run_forward(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq,
                              ar_seq, state_out, own, own + B, nblocks, RB, vl, block,
-                             num_threads)
+                             num_threads, fz)
         scratch_free(own)
         return status
     team = column_team(nblocks * heads, RB, T, D, G, num_threads, block == -1)
-    if block == -1 or (block == 0 and team > 1):      # fewer (row block, head) jobs than threads
+    columns = block == -1 or (block == 0 and team > 1)  # fewer (row block, head) jobs than threads
+    hpj = heads_per_job(nblocks, heads, num_threads, G * D * D * sizeof(floating))
+    groups = (heads + hpj - 1) // hpj
+    # the grouped path reads a projected ax: with a fused call's time-block projection at hand
+    # it only pays off for row blocks up to GROUP_ROWS (heads=4, D=16, 1 thread: B=16 grouped
+    # after projecting 1.0-1.2x faster than fused per head, B=64 0.74-0.88x but elman 1.5x)
+    grouped = (not columns and use_groups(RB, hpj, D, G, sizeof(floating))
+               and (fz == NULL or RB <= GROUP_ROWS))
+    if fz != NULL and (columns or groups > 1 or grouped
+                       or fz.n_in * fz.ldo * sizeof(floating) > FUSED_W_BYTES):
+        # jobs do not own whole rows, or W would not stay in cache: project first
+        own_ax = <floating*> scratch_alloc(B * T * G * heads * D * sizeof(floating))
+        status = -1 if own_ax == NULL else 0
+        for blk in range(B if vl.lens != NULL and status == 0 else 0):  # valid steps only
+            if vl.lens[blk] > 0 and run_project(
+                    <const floating*> fz.x + blk * T * fz.n_in, vl.lens[blk], fz.n_in,
+                    <const floating*> fz.wp, G * heads * D, <const floating*> fz.bias,
+                    own_ax + blk * T * G * heads * D, NULL, 0, num_threads):
+                status = -1
+                break
+        if vl.lens == NULL and status == 0:
+            status = run_project(<const floating*> fz.x, B * T, fz.n_in,
+                                 <const floating*> fz.wp, G * heads * D,
+                                 <const floating*> fz.bias, own_ax, NULL, 0, num_threads)
+        if status == 0:
+            status = run_forward(cell, B, T, heads, D, G, S, S_save, own_ax, mp, b_r, state0,
+                                 seq, ar_seq, state_out, rows, start, nblocks, RB, vl, block,
+                                 num_threads, NULL)
+        scratch_free(own_ax)
+        return status
+    if columns:
         return run_columns(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
                            state_out, rows, start, nblocks, RB, vl, team, num_threads)
-    hpj = heads_per_job(nblocks, heads, num_threads, G * D * D * sizeof(floating))
-    if use_groups(RB, hpj, D, G, sizeof(floating)):     # several small heads per job
+    if grouped:     # several small heads per job (the grouped path does not fuse W x)
         return run_groups(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
                           state_out, rows, start, nblocks, RB, hpj, vl, num_threads)
-    groups = (heads + hpj - 1) // hpj
     njobs = nblocks * groups
+    if fz != NULL:
+        fsteps = fused_steps(RB, fz.ldo, T, sizeof(floating))
     if num_threads == 1 or njobs == 1:     # no OpenMP region: matters for T=1 streaming calls
         st = <floating*> scratch_alloc(hpj * S * state_stride(RB, D) * sizeof(floating))
         gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
-        if st != NULL and gates != NULL:
+        if fz != NULL:
+            job_fz = fz[0]
+            job_fz.steps = fsteps
+            job_fz.ax = scratch_alloc(RB * fsteps * fz.ldo * sizeof(floating))
+            jfz = &job_fz
+        if st != NULL and gates != NULL and (fz == NULL or job_fz.ax != NULL):
             for job in range(njobs):
                 blk = job // groups
                 k0 = job % groups * hpj
                 forward_job(cell, rows + start[blk], start[blk + 1] - start[blk], k0,
                             min(hpj, heads - k0), B, T, heads * D, D, G, S, S_save, ax, mp,
-                            b_r, state0, seq, ar_seq, state_out, st, gates, vl)
+                            b_r, state0, seq, ar_seq, state_out, st, gates, vl, jfz)
         else:
             failed = 1
         scratch_free(st)
         scratch_free(gates)
+        if fz != NULL:
+            scratch_free(job_fz.ax)
         return -failed
     with parallel(num_threads=num_threads):
         st = <floating*> scratch_alloc(hpj * S * state_stride(RB, D) * sizeof(floating))
         gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
+        jfz = NULL
+        if fz != NULL:      # each thread its own copy of job_fz, with its own buffer
+            job_fz = fz[0]
+            job_fz.steps = fsteps
+            job_fz.ax = scratch_alloc(RB * fsteps * fz.ldo * sizeof(floating))
+            jfz = &job_fz
         for job in prange(njobs, schedule="static"):
-            if st == NULL or gates == NULL:
+            if st == NULL or gates == NULL or (jfz != NULL and jfz.ax == NULL):
                 failed += 1
             else:
                 blk = job // groups
                 k0 = job % groups * hpj
                 forward_job(cell, rows + start[blk], start[blk + 1] - start[blk], k0,
                             min(hpj, heads - k0), B, T, heads * D, D, G, S, S_save, ax, mp,
-                            b_r, state0, seq, ar_seq, state_out, st, gates, vl)
+                            b_r, state0, seq, ar_seq, state_out, st, gates, vl, jfz)
         scratch_free(st)
         scratch_free(gates)
+        if jfz != NULL:
+            scratch_free(jfz.ax)
     return -1 if failed else 0
 
 
@@ -786,10 +920,26 @@ def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::
     state_out [S,B,H] (each row's state after its last valid step).  B, T or H = 0 return
     at once.
     """
+    cdef Py_ssize_t B = ax.shape[0], T = ax.shape[1], D = R.shape[2]
     cdef int cell = CELL_IDS[cell_name]
-    cdef Py_ssize_t B = ax.shape[0], T = ax.shape[1]
+    if B == 0 or T == 0 or D == 0:
+        if T == 0:
+            state_out[...] = state0
+        return
+    if save and (ar_seq is None or seq.shape[0] != state0.shape[0]):
+        raise ValueError("save needs ar_seq and every state component in seq")
+    run_call(cell, &ax[0, 0, 0], R, b_r, state0, B, T, lengths, reverse, reset, block, seq,
+             &ar_seq[0, 0, 0] if save else NULL, state_out, num_threads, NULL)
+
+
+cdef run_call(int cell, const floating* ax, const floating[:, :, ::1] R,
+              const floating[::1] b_r, const floating[:, :, ::1] state0, Py_ssize_t B,
+              Py_ssize_t T, const cnp.int64_t[::1] lengths, bint reverse, reset, int block,
+              floating[:, :, :, ::1] seq, floating* ar_ptr, floating[:, :, ::1] state_out,
+              int num_threads, const Fused* fz):
+    """The part `forward` and `forward_projected` share: R packed, then run_forward on the
+    rows of JobRows (with lengths) or contiguous blocks; MemoryError when out of memory."""
     cdef Py_ssize_t heads = R.shape[0], GD = R.shape[1], D = R.shape[2]
-    cdef floating* ar_ptr = NULL
     cdef floating* mp
     cdef int status
     cdef Varlen vl
@@ -797,30 +947,58 @@ def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::
     cdef const Py_ssize_t* rows = NULL
     cdef const Py_ssize_t* start = NULL
     cdef Py_ssize_t nblocks = 0, RB = 0
-    if B == 0 or T == 0 or D == 0:
-        if T == 0:
-            state_out[...] = state0
-        return
-    if save and (ar_seq is None or seq.shape[0] != state0.shape[0]):
-        raise ValueError("save needs ar_seq and every state component in seq")
     vl = varlen(lengths, reverse, reset, B, T)
     if lengths is not None:
         jr = JobRows(B, forward_rows_per_job(B, heads, num_threads, block), lengths)
         rows, start, nblocks, RB = jr.rows, jr.start, jr.nblocks, jr.RB
-    if save:
-        ar_ptr = &ar_seq[0, 0, 0]
     mp = <floating*> scratch_alloc(heads * ((GD + NT - 1) // NT) * D * NT * sizeof(floating))
     if mp == NULL:
         raise MemoryError()
     with nogil:
         pack_forward(&R[0, 0, 0], heads, GD, D, mp, num_threads)
-        status = run_forward(cell, B, T, heads, D, GD // D, state0.shape[0], seq.shape[0],
-                             &ax[0, 0, 0], mp, &b_r[0], &state0[0, 0, 0], &seq[0, 0, 0, 0],
-                             ar_ptr, &state_out[0, 0, 0], rows, start, nblocks, RB, vl,
-                             block, num_threads)
+        status = run_forward(cell, B, T, heads, D, GD // D, state0.shape[0], seq.shape[0], ax,
+                             mp, &b_r[0], &state0[0, 0, 0], &seq[0, 0, 0, 0], ar_ptr,
+                             &state_out[0, 0, 0], rows, start, nblocks, RB, vl, block,
+                             num_threads, fz)
     scratch_free(mp)
     if status:
         raise MemoryError()
+
+
+def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating[:, ::1] W,
+                      const floating[::1] b, const floating[:, :, ::1] R,
+                      const floating[::1] b_r, const floating[:, :, ::1] state0,
+                      const cnp.int64_t[::1] lengths, bint reverse, reset, int block,
+                      floating[:, :, :, ::1] seq, floating[:, :, ::1] state_out,
+                      int num_threads):
+    """`project` (or `project_valid`) then `forward` with save=False, in one pass.
+
+    x [B,T,I], W [G*H,I], b [G*H] or None; R, b_r, state0, lengths, reverse, reset, block,
+    seq [1,B,T,H], state_out as in `forward`.  The same bits as the two calls; but a job that
+    owns whole rows (every head) projects them a block of time steps at a time, into a buffer
+    that stays in cache, instead of writing W x + b [B,T,G*H] to memory and reading it back.
+    """
+    cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2], M = W.shape[0]
+    cdef int cell = CELL_IDS[cell_name]
+    cdef floating* wp
+    cdef Fused fz
+    if B == 0 or T == 0 or R.shape[2] == 0:
+        if T == 0:
+            state_out[...] = state0
+        return
+    wp = <floating*> scratch_alloc(((M + NT - 1) // NT) * max(I, 1) * NT * sizeof(floating))
+    if wp == NULL:
+        raise MemoryError()
+    if I > 0:
+        with nogil:
+            pack_panels(&W[0, 0], 1, I, I, M, wp)
+    fz.x, fz.wp, fz.bias, fz.ax = &x[0, 0, 0], wp, NULL if b is None else &b[0], NULL
+    fz.n_in, fz.ldo, fz.steps = I, round_up(M, NT), 0
+    try:
+        run_call(cell, &x[0, 0, 0], R, b_r, state0, B, T, lengths, reverse, reset, block, seq,
+                 NULL, state_out, num_threads, &fz)
+    finally:
+        scratch_free(wp)
 
 
 cdef void backward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
@@ -980,6 +1158,7 @@ def backward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, :
 
 cdef enum:
     PROJECT_ROWS = 64     # rows per job of `project`
+    PROJECT_SLICE_BYTES = 16384     # a slice of a panel of W^T that stays in L1 (project_job)
 
 
 cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floating* wp,
@@ -988,14 +1167,13 @@ cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floati
     """out[N, M] = x[N, I] @ W^T (+ b) with W^T packed in panels; -1 on allocation failure.
     `jobs` NULL: every row, in jobs of PROJECT_ROWS rows; else only rows jobs[2j]:jobs[2j] +
     jobs[2j+1] for j < njobs (each at most PROJECT_ROWS rows)."""
-    cdef Py_ssize_t ntiles = (M + NT - 1) // NT, Mp = ntiles * NT
     cdef Py_ssize_t job, r0, nr
     cdef int failed = 0
     cdef floating* buf
     if jobs == NULL:
         njobs = (N + PROJECT_ROWS - 1) // PROJECT_ROWS
     if num_threads == 1 or njobs == 1:
-        buf = <floating*> scratch_alloc(min(N, PROJECT_ROWS) * Mp * sizeof(floating))
+        buf = <floating*> scratch_alloc(min(N, PROJECT_ROWS) * NT * sizeof(floating))
         if buf == NULL:
             return -1
         for job in range(njobs):
@@ -1005,7 +1183,7 @@ cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floati
         scratch_free(buf)
         return 0
     with parallel(num_threads=num_threads):
-        buf = <floating*> scratch_alloc(PROJECT_ROWS * Mp * sizeof(floating))
+        buf = <floating*> scratch_alloc(PROJECT_ROWS * NT * sizeof(floating))
         for job in prange(njobs, schedule="static"):
             if buf == NULL:
                 failed += 1
@@ -1020,25 +1198,39 @@ cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floati
 cdef void project_job(const floating* x, Py_ssize_t nr, Py_ssize_t I, const floating* wp,
                       Py_ssize_t M, const floating* b, floating* out,
                       floating* buf) noexcept nogil:
-    # The kernel writes whole panels, so unless M is whole panels, rows go through a buffer
-    # padded to Mp columns.
-    cdef Py_ssize_t ntiles = (M + NT - 1) // NT, Mp = ntiles * NT
-    cdef Py_ssize_t r, m
-    if Mp == M:     # whole panels: accumulate in out itself (the same sums, one pass fewer)
+    """out[nr, M] = x[nr, I] @ W^T (+ b) with W^T packed in panels; buf: nr * NT scratch.
+
+    Whole panels are stored straight into out: each element written once and never read (for
+    a large B*T the output is far bigger than any cache, and filling it with the bias first
+    cost two more passes over it).  The kernel writes whole panels, so a partial last panel
+    goes through buf.  A long I runs in slices of the panel that stay in L1 while the job's
+    row blocks use them (the same bits)."""
+    cdef Py_ssize_t full = M // NT, width = M - full * NT
+    cdef Py_ssize_t kc = PROJECT_SLICE_BYTES // (NT * sizeof(floating))
+    cdef Py_ssize_t r, m, tile
+    cdef floating bpad[NT]
+    if I == 0:      # no products: the bias (or 0) alone
         for r in range(nr):
             for m in range(M):
                 out[r * M + m] = b[m] if b != NULL else 0
-        if I > 0:
-            matmul_acc(x, I, wp, I, ntiles, out, M, nr)
         return
+    if I <= kc or nr <= 8:      # the panel fits, or one row block: no slice is reused
+        kc = I
+        if full > 0:
+            matmul_store(x, I, wp, I, full, b, out, M, nr)
+    else:
+        for tile in range(full):
+            matmul_store_kblocked(x, I, wp + tile * I * NT, I, kc,
+                                  b + tile * NT if b != NULL else NULL, out + tile * NT, M, nr)
+    if width == 0:
+        return
+    for m in range(NT):
+        bpad[m] = (b[full * NT + m] if b != NULL else 0) if m < width else 0
+    matmul_store_kblocked(x, I, wp + full * I * NT, I, kc, bpad if b != NULL else NULL, buf,
+                          NT, nr)
     for r in range(nr):
-        for m in range(Mp):
-            buf[r * Mp + m] = (b[m] if b != NULL else 0) if m < M else 0
-    if I > 0:
-        matmul_acc(x, I, wp, I, ntiles, buf, Mp, nr)
-    for r in range(nr):
-        for m in range(M):
-            out[r * M + m] = buf[r * Mp + m]
+        for m in range(width):
+            out[r * M + full * NT + m] = buf[r * NT + m]
 
 
 def project(const floating[:, :, ::1] x, const floating[:, ::1] W, const floating[::1] b,
@@ -1116,20 +1308,21 @@ cdef int stream_step(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssiz
     cdef Py_ssize_t GH = G * heads * D, n
     cdef floating* ax = NULL
     cdef int status
-    if wp != NULL or b != NULL:
+    cdef Fused fz
+    if wp != NULL:                  # projected block by block inside the jobs
+        fz.x, fz.wp, fz.bias, fz.ax = x, wp, b, NULL
+        fz.n_in, fz.ldo, fz.steps = I, round_up(GH, NT), 0
+        return run_forward(cell, B, T, heads, D, G, S, 1, x, rp, b_r, state0, y, NULL,
+                           state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads, &fz)
+    if b != NULL:                   # x already holds W x; only the bias to add
         ax = <floating*> scratch_alloc(B * T * GH * sizeof(floating))
         if ax == NULL:
             return -1
-        if wp != NULL:
-            if run_project(x, B * T, I, wp, GH, b, ax, NULL, 0, num_threads):
-                scratch_free(ax)
-                return -1
-        else:                       # x already holds W x; only the bias to add
-            for n in range(B * T * GH):
-                ax[n] = x[n] + b[n % GH]
+        for n in range(B * T * GH):
+            ax[n] = x[n] + b[n % GH]
     status = run_forward(cell, B, T, heads, D, G, S, 1,
                          <const floating*> ax if ax != NULL else x, rp, b_r, state0, y, NULL,
-                         state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads)
+                         state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads, NULL)
     scratch_free(ax)
     return status
 

@@ -282,26 +282,58 @@ cdef Py_ssize_t forward_impl(Py_ssize_t Bt, Py_ssize_t T, Py_ssize_t NH, Py_ssiz
     return failed
 
 
-cdef void delta_impl(Py_ssize_t n, Py_ssize_t NH, const floating* dt, const floating* bias,
-                     bint sp, floating* delta) noexcept nogil:
-    """delta = dt (+ dt_bias[h]), through softplus when `sp`: the decode step's arithmetic."""
+# delta and the D skip are elementwise passes over every step: split over the steps when they
+# are large (the same arithmetic per element whatever the split), or on 2 threads they cost as
+# much as a tenth of a prefill that the heads split evenly
+
+cdef enum:
+    SPLIT_MIN = 1 << 16     # elements below which a pass stays on the calling thread
+
+
+cdef void delta_rows(Py_ssize_t i0, Py_ssize_t i1, Py_ssize_t NH, const floating* dt,
+                     const floating* bias, bint sp, floating* delta) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating d
-    for i in range(n):
+    for i in range(i0 * NH, i1 * NH):
         d = dt[i] + bias[i % NH] if bias != NULL else dt[i]
         delta[i] = softplus(d) if sp else d
 
 
-cdef void skip_impl(Py_ssize_t n, Py_ssize_t NH, Py_ssize_t P, const floating* D,
-                    Py_ssize_t sD, const floating* x, floating* y) noexcept nogil:
-    """y += D x over n steps of [NH, P] (D [NH] when sD = 0, [NH, P] when sD = 1): the decode
-    step's arithmetic; padded steps too (the caller zeroes them)."""
+cdef void delta_impl(Py_ssize_t n, Py_ssize_t NH, const floating* dt, const floating* bias,
+                     bint sp, floating* delta, int num_threads) noexcept nogil:
+    """delta = dt (+ dt_bias[h]) over n steps of [NH], through softplus when `sp`: the decode
+    step's arithmetic."""
+    cdef Py_ssize_t part
+    if num_threads == 1 or n * NH < SPLIT_MIN:
+        delta_rows(0, n, NH, dt, bias, sp, delta)
+        return
+    for part in prange(num_threads, schedule="static", num_threads=num_threads):
+        delta_rows(part * n // num_threads, (part + 1) * n // num_threads, NH, dt, bias, sp,
+                   delta)
+
+
+cdef void skip_rows(Py_ssize_t i0, Py_ssize_t i1, Py_ssize_t NH, Py_ssize_t P,
+                    const floating* D, Py_ssize_t sD, const floating* x,
+                    floating* y) noexcept nogil:
     cdef Py_ssize_t i, h, p, o
-    for i in range(n):
+    for i in range(i0, i1):
         for h in range(NH):
             o = (i * NH + h) * P
             for p in range(P):
                 y[o + p] = y[o + p] + D[h * (P if sD else 1) + p * sD] * x[o + p]
+
+
+cdef void skip_impl(Py_ssize_t n, Py_ssize_t NH, Py_ssize_t P, const floating* D,
+                    Py_ssize_t sD, const floating* x, floating* y,
+                    int num_threads) noexcept nogil:
+    """y += D x over n steps of [NH, P] (D [NH] when sD = 0, [NH, P] when sD = 1): the decode
+    step's arithmetic; padded steps too (the caller zeroes them)."""
+    cdef Py_ssize_t part
+    if num_threads == 1 or n * NH * P < SPLIT_MIN:
+        skip_rows(0, n, NH, P, D, sD, x, y)
+        return
+    for part in prange(num_threads, schedule="static", num_threads=num_threads):
+        skip_rows(part * n // num_threads, (part + 1) * n // num_threads, NH, P, D, sD, x, y)
 
 
 def ssd_forward(x, dt, dt_bias, bint dt_softplus, A, B, C, D, state, Py_ssize_t chunk,
@@ -334,24 +366,25 @@ def ssd_forward(x, dt, dt_bias, bint dt_softplus, A, B, C, D, state, Py_ssize_t 
     if x.dtype.itemsize == 4:
         with nogil:
             if pd != pdt:
-                delta_impl[float](Bt * T * NH, NH, <float*> pdt, <float*> pbias, dt_softplus,
-                                  <float*> pd)
+                delta_impl[float](Bt * T, NH, <float*> pdt, <float*> pbias, dt_softplus,
+                                  <float*> pd, num_threads)
             failed = forward_impl[float](Bt, T, NH, P, N, G, Ch, <float*> px, <float*> pd,
                                          <float*> pA, <float*> pB, <float*> pC, <float*> ph,
                                          pl, pr, <float*> py, <float*> pho, num_threads)
             if pD != NULL and not failed:
-                skip_impl[float](Bt * T, NH, P, <float*> pD, sD, <float*> px, <float*> py)
+                skip_impl[float](Bt * T, NH, P, <float*> pD, sD, <float*> px, <float*> py,
+                                 num_threads)
     else:
         with nogil:
             if pd != pdt:
-                delta_impl[double](Bt * T * NH, NH, <double*> pdt, <double*> pbias,
-                                   dt_softplus, <double*> pd)
+                delta_impl[double](Bt * T, NH, <double*> pdt, <double*> pbias,
+                                   dt_softplus, <double*> pd, num_threads)
             failed = forward_impl[double](Bt, T, NH, P, N, G, Ch, <double*> px, <double*> pd,
                                           <double*> pA, <double*> pB, <double*> pC,
                                           <double*> ph, pl, pr, <double*> py, <double*> pho,
                                           num_threads)
             if pD != NULL and not failed:
                 skip_impl[double](Bt * T, NH, P, <double*> pD, sD, <double*> px,
-                                  <double*> py)
+                                  <double*> py, num_threads)
     if failed:
         raise MemoryError(f"ssd: no memory for the {Ch} x {Ch} blocks (chunk)")

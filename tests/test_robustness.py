@@ -130,7 +130,7 @@ def test_impossible_sizes_raise_memory_error():
         resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
         big = lambda *shape: np.broadcast_to(np.float32(0.5), shape)   # no memory behind it
         calls = {
-            "lstm": lambda: ss.lstm(big(4, 2**16, 8), big(4 * 1024, 8), big(4 * 1024, 1024)),
+            "lstm": lambda: ss.lstm(big(16, 2**16, 8), big(4 * 1024, 8), big(4 * 1024, 1024)),
             "linear_scan": lambda: ss.linear_scan(big(64, 2**16, 1024), big(64, 2**16, 1024)),
             "selective_scan": lambda: ss.selective_scan(
                 big(8, 2**14, 4096), big(8, 2**14, 4096), -big(4096, 16),
@@ -167,11 +167,11 @@ def test_memory_error_names_the_array():
         resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
         big = lambda *shape: np.broadcast_to(np.float32(0.5), shape)   # no memory behind it
         try:
-            ss.lstm(big(4, 2**16, 8), big(4 * 1024, 8), big(4 * 1024, 1024))
+            ss.lstm(big(16, 2**16, 8), big(4 * 1024, 8), big(4 * 1024, 1024))
         except MemoryError as e:
             print(e)
     """)
-    assert out.strip() == (f"W x + b [B, T, G*H] of shape [4, 65536, 4096] (float32) needs "
+    assert out.strip() == (f"y [1, B, T, H] of shape [1, 16, 65536, 1024] (float32) needs "
                            f"{2**32} bytes, more than can be allocated")
 
 

@@ -176,17 +176,17 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
     state0 = _zeros((S, B, H), dtype) if state is None else _stacked(parts, (S, B, H), dtype)
     ext = _dispatch.ext_module("rnn")
     threads = _dispatch.get_num_threads()
-    if W is None:                                     # as input_preactivation
-        ax = x if b is None else x + b
-    else:
-        ax = _memory.empty((B, T, GH), dtype, _PROJECTION)
-        ext.project(x, W, b, ax, _dispatch.threads_for(x.size * GH))
     seq = _memory.empty((1, B, T, H), dtype, "y [1, B, T, H]")      # as forward(save=False)
     final = np.empty((S, B, H), dtype)
-    ext.forward(cell.name, ax, R if R.ndim == 3 else R.reshape(1, GD, D),
-                _zeros((GH,), dtype) if b_r is None else b_r, state0, False, None, False,
-                None, _tuning.rnn_block(cell.name, B, H, heads, dtype), seq, None, final,
-                threads)
+    R = R if R.ndim == 3 else R.reshape(1, GD, D)
+    b_r = _zeros((GH,), dtype) if b_r is None else b_r
+    block = _tuning.rnn_block(cell.name, B, H, heads, dtype)
+    if W is None:                                     # as input_preactivation
+        ext.forward(cell.name, x if b is None else x + b, R, b_r, state0, False, None, False,
+                    None, block, seq, None, final, threads)
+    else:       # project + forward, W x + b projected inside the time loop (the same bits)
+        ext.forward_projected(cell.name, x, W, b, R, b_r, state0, None, False, None, block, seq,
+                              final, threads)
     return outputs(cell, seq[0], final)
 
 
@@ -258,6 +258,26 @@ def forward(call, ax, save, block=0):
     return _dispatch.run("rnn", "forward", call.cell.name, ax, call.R, b_r, call.state0, save,
                          call.lengths, call.reverse, call.reset, block, out=out,
                          empty=B == 0 or T == 0 or H == 0)
+
+
+def projected_forward(call):
+    """:func:`input_preactivation` then :func:`forward` (save=False) in one compiled pass:
+    (y [B,T,H], final state [S,B,H]), the same bits, without the W x + b [B,T,G*H] array
+    (the compiled forward projects each job's rows a block of steps at a time).  None when
+    W is None or the python backend is active: those calls take the two steps."""
+    if call.W is None or not _dispatch.use_compiled():
+        return None
+    B, T, H = call.shape
+    dtype = call.x.dtype
+    seq = _memory.empty((1, B, T, H), dtype, "y [1, B, T, H]")
+    final = np.empty_like(call.state0)
+    _dispatch.ext_module("rnn").forward_projected(
+        call.cell.name, call.x, call.W, call.b, call.R,
+        np.zeros(call.W.shape[0], dtype) if call.b_r is None else call.b_r, call.state0,
+        call.lengths, call.reverse, call.reset,
+        _tuning.rnn_block(call.cell.name, B, H, call.R.shape[0], dtype), seq, final,
+        _dispatch.get_num_threads())
+    return seq[0], final
 
 
 def backward(call, ax, ar_seq, seq, dy, dstate):

@@ -4,9 +4,11 @@ All four share one calling convention (see :func:`lstm`) and one path: ``_cell_c
 validates, ``_cell_call.input_preactivation`` computes W x + b, then the sequential kernel
 (``_cell_call.forward``: the compiled ``statescan._ext.rnn.forward`` or the numpy reference
 ``_reference/rnn.py``) or a parallel solver (:mod:`statescan.cell_solvers`) runs the sequence.
-The cells themselves are described once, in ``_cells.py``.  A plain sequential call of
-already-valid arrays on the compiled backend skips the intermediate steps and calls the same
-kernels directly (``_cell_call.plain_forward``: small calls, the same bits).
+The cells themselves are described once, in ``_cells.py``.  On the compiled backend a
+sequential call with W runs ``_cell_call.projected_forward``: the kernel projects W x + b
+itself, a block of time steps at a time, instead of the whole [B, T, G*H] array (the same
+bits); a plain call of already-valid arrays also skips validation's intermediate steps
+(``_cell_call.plain_forward``: small calls, the same bits).
 """
 import numpy as np
 
@@ -40,6 +42,10 @@ def _run(cell, x, W, R, b, b_r, heads, state, solver, tol, max_iter, guess, leng
             return result
     call = _cell_call.prepare(cell, x, W, R, b, b_r, heads, state, lengths, reverse, reset)
     _check_solver(solver, call)
+    if solver == "sequential":
+        result = _cell_call.projected_forward(call)
+        if result is not None:
+            return _cell_call.outputs(cell, *result)
     ax = _cell_call.input_preactivation(call)
     if solver != "sequential":
         return solve_cell(call, ax, solver, tol=tol, max_iter=max_iter, guess=guess)
@@ -124,7 +130,9 @@ _MEMORY = {"lstm": (5.1, 3.7, 17.7), "gru": (4.1, 3.6, 16.6), "elman": (2.0, 2.5
 _DOC_MEMORY = """Notes
     -----
     Memory, measured as the peak RSS increase in units of the output y (float64, B=16,
-    T=1024, H=I=256): the forward {fwd}x (y and the input projection W x, G={G} times y).
+    T=1024, H=I=256): the forward {fwd}x (y and the input projection W x, G={G} times y);
+    1.1x when W packs into 1 MiB or less (float32 H=I=256, float64 H=I=128), whose calls
+    project W x a block of time steps at a time inside the time loop.
     vjp with its pullback {vjp}x: calls whose saved arrays exceed 64 MiB run in 16 time
     blocks, keep y and the state at each block boundary, and recompute one block at a time
     in the pullback (one more forward pass of work); {unblocked}x when not blocked (smaller
