@@ -645,6 +645,189 @@ cdef void pack_forward(const floating* R, Py_ssize_t heads, Py_ssize_t GD, Py_ss
         pack_panels(R + k * GD * D + tile * NT * D, 1, D, D, min(<Py_ssize_t> NT, GD - tile * NT),
                     mp + i * D * NT)
 
+# ---- grouped small heads: a job's heads in one layout (issue 12, many small heads) ------------
+# When D is a multiple of the vector width, a job's nk heads share one layout: a row's gates are
+# [g][nk*D] and its state components [s][row][nk*D], so a row's step is one gate initialisation,
+# the block-diagonal micro-kernel of _block_diag.h (each vector of output columns belongs to
+# one head, whose part of h it is multiplied by; no zero columns) and one cell call on nk*D
+# units instead of nk calls on D.  Every unit's arithmetic is forward_job's on its head alone,
+# bit for bit (tests/test_rnn_groups.py compares with one-head calls).
+
+cdef extern from "_block_diag.h" nogil:
+    int SS_BD_VL_f
+    int SS_BD_VL_d
+    void ss_bd_matmul_f(const float* h, Py_ssize_t ldh, const float* mp, Py_ssize_t D,
+                        Py_ssize_t GD, Py_ssize_t ntiles, Py_ssize_t nt, Py_ssize_t nk,
+                        float* out, Py_ssize_t ldo, Py_ssize_t nrows)
+    void ss_bd_matmul_d(const double* h, Py_ssize_t ldh, const double* mp, Py_ssize_t D,
+                        Py_ssize_t GD, Py_ssize_t ntiles, Py_ssize_t nt, Py_ssize_t nk,
+                        double* out, Py_ssize_t ldo, Py_ssize_t nrows)
+    void ss_bd_prefetch_w(const void* p)
+
+cdef enum:
+    # rows whose gates are computed and then used by their cells together: a row block's gates
+    # (16 x G*nk*D) stay in L1 between the micro-kernel and the cells
+    GROUP_ROWS = 16
+    # Jobs of fewer rows than this whose heads' panels exceed GROUP_L1_BYTES keep the per-head
+    # path: their steps wait on L2 for the panels, and the per-head path overlaps that with the
+    # previous head's cells (B = 1 sLSTM, 4 heads of D = 64: grouped 1.1x slower)
+    GROUP_MIN_ROWS = 4
+    GROUP_L1_BYTES = 32 * 1024
+
+
+cdef inline bint use_groups(Py_ssize_t RB, Py_ssize_t hpj, Py_ssize_t D, Py_ssize_t G,
+                            Py_ssize_t itemsize) noexcept nogil:
+    """True when jobs of RB rows and hpj heads of D units take the grouped path: several
+    heads, D a multiple of the micro-kernel's lanes, and not a few rows on large heads."""
+    return (hpj > 1 and D % (SS_BD_VL_f if itemsize == sizeof(float) else SS_BD_VL_d) == 0
+            and (RB >= GROUP_MIN_ROWS or hpj * G * D * D * itemsize <= GROUP_L1_BYTES))
+
+
+cdef inline void prefetch_w(floating* p, Py_ssize_t n) noexcept nogil:
+    """Fetch p[0:n] for writing (64-byte lines)."""
+    cdef Py_ssize_t i = 0
+    while i < n:
+        ss_bd_prefetch_w(p + i)
+        i += 64 // sizeof(floating)
+
+
+cdef inline void block_diag(const floating* h, Py_ssize_t ldh, const floating* mp, Py_ssize_t D,
+                            Py_ssize_t GD, Py_ssize_t nk, floating* out, Py_ssize_t ldo,
+                            Py_ssize_t nrows) noexcept nogil:
+    """out[r][g*nk*D + kk*D + d] += h[r, kk*D:(kk+1)*D] @ R_kk^T[:, g*D + d]: nk heads whose
+    panels (pack_recurrent) start at mp."""
+    cdef Py_ssize_t ntiles = (GD + NT - 1) // NT
+    if floating is float:
+        ss_bd_matmul_f(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, nrows)
+    else:
+        ss_bd_matmul_d(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, nrows)
+
+
+cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
+                        Py_ssize_t nk, Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D,
+                        Py_ssize_t G, Py_ssize_t S, Py_ssize_t S_save,
+                        const floating* ax, const floating* mp, const floating* b_r,
+                        const floating* state0, floating* seq, floating* ar_seq,
+                        floating* state_out, floating* st, floating* gates,
+                        Varlen vl) noexcept nogil:
+    """forward_job's work (heads k0 .. k0+nk-1 of rows `rows`) in the grouped layout: st [S, ss]
+    with row r's units at r*W (W = nk*D), gates [GROUP_ROWS, G, W]."""
+    cdef Py_ssize_t GH = G * H, W = nk * D, GW = G * W, off = k0 * D
+    cdef Py_ssize_t ss = state_stride(nr, W)
+    cdef Py_ssize_t i, j, r, r0, nrg, b, s, g, u, t, length
+    cdef Py_ssize_t ntiles = (G * D + NT - 1) // NT
+    cdef Py_ssize_t nact = nr
+    cdef Py_ssize_t steps = row_length(vl.lens, rows[0], T)   # rows[0] is the longest
+    cdef const floating* mpk = mp + k0 * ntiles * D * NT
+    cdef floating* str_
+    for s in range(S):
+        for r in range(nr):
+            for u in range(W):
+                st[s * ss + r * W + u] = state0[(s * B + rows[r]) * H + off + u]
+    for j in range(steps):
+        while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
+            nact -= 1
+        for i in range((nact + GROUP_ROWS - 1) // GROUP_ROWS):
+            r0 = i * GROUP_ROWS
+            nrg = min(<Py_ssize_t> GROUP_ROWS, nact - r0)
+            for r in range(nrg):
+                b = rows[r0 + r]
+                if vl.reset != NULL and vl.reset[b * T + time_index(j, row_length(vl.lens, b, T),
+                                                                    vl.reverse)]:
+                    for s in range(S):
+                        for u in range(W):
+                            st[s * ss + (r0 + r) * W + u] = 0
+                for g in range(G):
+                    for u in range(W):
+                        gates[r * GW + g * W + u] = b_r[g * H + off + u]
+            block_diag(st + r0 * W, W, mpk, D, G * D, nk, gates, GW, nrg)
+            for r in range(nrg):
+                b = rows[r0 + r]
+                length = row_length(vl.lens, b, T)
+                t = time_index(j, length, vl.reverse)
+                str_ = st + (r0 + r) * W
+                if ar_seq != NULL:
+                    for g in range(G):
+                        for u in range(W):
+                            ar_seq[(b * T + t) * GH + g * H + off + u] = gates[r * GW + g * W + u]
+                cell_forward(cell, W, ax + (b * T + t) * GH + off, H, gates + r * GW, W, str_, ss)
+                for s in range(S_save):
+                    for u in range(W):
+                        seq[((s * B + b) * T + t) * H + off + u] = str_[s * ss + u]
+                # the row's lines of the next step, far from the other rows' (the hardware
+                # prefetcher cannot follow): fetched here, between cells, and not all at the
+                # start of the step, whose burst of misses stalled on the fill buffers
+                if j + 1 < length:
+                    t = time_index(j + 1, length, vl.reverse)
+                    for g in range(G):
+                        prefetch(ax + (b * T + t) * GH + g * H + off, W)
+                    for s in range(S_save):
+                        prefetch_w(seq + ((s * B + b) * T + t) * H + off, W)
+    for r in range(nr):
+        b = rows[r]
+        for s in range(S):
+            for u in range(W):
+                state_out[(s * B + b) * H + off + u] = st[s * ss + r * W + u]
+        length = row_length(vl.lens, b, T)         # padded steps: outputs are 0
+        zero_steps(seq, b * T * H + off, S_save, B * T * H, H, length, T, W)
+        if ar_seq != NULL:
+            zero_steps(ar_seq, b * T * GH + off, G, H, GH, length, T, W)
+
+
+cdef void group_job(int cell, Py_ssize_t job, Py_ssize_t groups, Py_ssize_t hpj,
+                    Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D, Py_ssize_t G,
+                    Py_ssize_t S, Py_ssize_t S_save, const floating* ax, const floating* mp,
+                    const floating* b_r, const floating* state0, floating* seq,
+                    floating* ar_seq, floating* state_out, const Py_ssize_t* rows,
+                    const Py_ssize_t* start, floating* st, floating* gates,
+                    Varlen vl) noexcept nogil:
+    """Job `job` of run_groups: row block job // groups, heads from (job % groups) * hpj."""
+    cdef Py_ssize_t blk = job // groups, k0 = job % groups * hpj
+    forward_group(cell, rows + start[blk], start[blk + 1] - start[blk], k0,
+                  min(hpj, heads - k0), B, T, heads * D, D, G, S, S_save, ax, mp, b_r, state0,
+                  seq, ar_seq, state_out, st, gates, vl)
+
+
+cdef int run_groups(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D,
+                    Py_ssize_t G, Py_ssize_t S, Py_ssize_t S_save, const floating* ax,
+                    const floating* mp, const floating* b_r, const floating* state0,
+                    floating* seq, floating* ar_seq, floating* state_out,
+                    const Py_ssize_t* rows, const Py_ssize_t* start, Py_ssize_t nblocks,
+                    Py_ssize_t RB, Py_ssize_t hpj, Varlen vl, int num_threads) noexcept nogil:
+    """run_forward's row-split jobs (row blocks x groups of hpj heads) in the grouped layout;
+    -1 when scratch memory could not be allocated."""
+    cdef Py_ssize_t groups = (heads + hpj - 1) // hpj, njobs = nblocks * groups, job
+    cdef Py_ssize_t st_bytes = S * state_stride(RB, hpj * D) * sizeof(floating)
+    cdef Py_ssize_t gate_bytes = min(RB, <Py_ssize_t> GROUP_ROWS) * G * hpj * D * sizeof(floating)
+    cdef int failed = 0
+    cdef floating* st
+    cdef floating* gates
+    if num_threads == 1 or njobs == 1:     # no OpenMP region: matters for T=1 streaming calls
+        st = <floating*> scratch_alloc(st_bytes)
+        gates = <floating*> scratch_alloc(gate_bytes)
+        if st != NULL and gates != NULL:
+            for job in range(njobs):
+                group_job(cell, job, groups, hpj, B, T, heads, D, G, S, S_save, ax, mp, b_r,
+                          state0, seq, ar_seq, state_out, rows, start, st, gates, vl)
+        else:
+            failed = 1
+        scratch_free(st)
+        scratch_free(gates)
+        return -failed
+    with parallel(num_threads=num_threads):
+        st = <floating*> scratch_alloc(st_bytes)
+        gates = <floating*> scratch_alloc(gate_bytes)
+        for job in prange(njobs, schedule="static"):
+            if st == NULL or gates == NULL:
+                failed += 1
+            else:
+                group_job(cell, job, groups, hpj, B, T, heads, D, G, S, S_save, ax, mp, b_r,
+                          state0, seq, ar_seq, state_out, rows, start, st, gates, vl)
+        scratch_free(st)
+        scratch_free(gates)
+    return -1 if failed else 0
+
+
 cdef class JobRows:
     """The batch rows of every job of a call: job block i owns rows[start[i]:start[i + 1]].
 
@@ -768,7 +951,7 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     cdef Py_ssize_t ntiles = (G * D + NT - 1) // NT
     cdef Py_ssize_t job, blk, k0
     cdef int failed = 0, status
-    cdef bint columns
+    cdef bint columns, grouped
     cdef floating* st
     cdef floating* gates
     cdef floating* own_ax
@@ -791,7 +974,12 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     columns = block == -1 or (block == 0 and team > 1)  # fewer (row block, head) jobs than threads
     hpj = heads_per_job(nblocks, heads, num_threads, G * D * D * sizeof(floating))
     groups = (heads + hpj - 1) // hpj
-    if fz != NULL and (columns or groups > 1
+    # the grouped path reads a projected ax: with a fused call's time-block projection at hand
+    # it only pays off for row blocks up to GROUP_ROWS (heads=4, D=16, 1 thread: B=16 grouped
+    # after projecting 1.0-1.2x faster than fused per head, B=64 0.74-0.88x but elman 1.5x)
+    grouped = (not columns and use_groups(RB, hpj, D, G, sizeof(floating))
+               and (fz == NULL or RB <= GROUP_ROWS))
+    if fz != NULL and (columns or groups > 1 or grouped
                        or fz.n_in * fz.ldo * sizeof(floating) > FUSED_W_BYTES):
         # jobs do not own whole rows, or W would not stay in cache: project first
         own_ax = <floating*> scratch_alloc(B * T * G * heads * D * sizeof(floating))
@@ -816,6 +1004,9 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     if columns:
         return run_columns(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
                            state_out, rows, start, nblocks, RB, vl, team, num_threads)
+    if grouped:     # several small heads per job (the grouped path does not fuse W x)
+        return run_groups(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
+                          state_out, rows, start, nblocks, RB, hpj, vl, num_threads)
     njobs = nblocks * groups
     if fz != NULL:
         fsteps = fused_steps(RB, fz.ldo, T, sizeof(floating))
