@@ -96,7 +96,7 @@ cdef struct Varlen:
 cdef struct Fused:
     const void* x            # [B, T, I] (floating)
     const void* wp           # W^T packed in panels
-    const void* bias         # [G*H] or NULL
+    const void* bias         # [ldo] (b, then zeros) or NULL
     void* ax                 # this job's buffer [rows, steps, ldo] (floating)
     Py_ssize_t n_in, ldo, steps    # inputs per row (not `I`: complex.h's macro)
 
@@ -115,25 +115,54 @@ cdef inline Py_ssize_t block_index(const Fused* fz, Py_ssize_t j, Py_ssize_t len
 
 cdef void project_block(const floating* x, const floating* wp, const floating* bias,
                         floating* ax, const Fused* fz, const Py_ssize_t* rows, Py_ssize_t nact,
-                        Py_ssize_t T, Py_ssize_t j, Py_ssize_t M, Varlen vl) noexcept nogil:
+                        Py_ssize_t T, Py_ssize_t j, Varlen vl) noexcept nogil:
     """For the active rows r < nact, the block of processing steps from j (a multiple of
     fz.steps): ax[r, i, :] = x[rows[r], t0 + i] @ W^T + b for i < block_steps, where t0 is the
     first time step of the block (x, wp, bias and ax: fz's).  One panel of W at a time over
     every row: the panel stays in cache while all of the job's rows use it."""
     cdef Py_ssize_t ldo = fz.ldo, I = fz.n_in, r, i, m, n, t0, tile, length
-    for r in range(nact):
+    for r in range(nact if I == 0 else 0):      # no products: the bias (or 0) alone
         for i in range(block_steps(fz, j, row_length(vl.lens, rows[r], T))):
             for m in range(ldo):
-                ax[(r * fz.steps + i) * ldo + m] = bias[m] if bias != NULL and m < M else 0
-    if I == 0:
-        return
-    for tile in range(ldo // NT):
+                ax[(r * fz.steps + i) * ldo + m] = bias[m] if bias != NULL else 0
+    for tile in range(ldo // NT if I > 0 else 0):
         for r in range(nact):
             length = row_length(vl.lens, rows[r], T)
             n = block_steps(fz, j, length)
             t0 = length - j - n if vl.reverse else j
-            matmul_acc(x + (rows[r] * T + t0) * I, I, wp + tile * I * NT, I, 1,
-                       ax + r * fz.steps * ldo + tile * NT, ldo, n)
+            matmul_store(x + (rows[r] * T + t0) * I, I, wp + tile * I * NT, I, 1,
+                         bias + tile * NT if bias != NULL else NULL,
+                         ax + r * fz.steps * ldo + tile * NT, ldo, n)
+
+
+cdef void fused_init(Fused* fz, const floating* x, Py_ssize_t I, const floating* wp,
+                     const floating* b, Py_ssize_t M, floating* bias) noexcept nogil:
+    """fz for x [B,T,I], W^T packed at wp (M columns), b [M] or NULL; bias: room for
+    round_up(M, NT) entries, where b is copied and zero-padded (the kernel stores whole
+    panels, bias included)."""
+    cdef Py_ssize_t m
+    fz.x, fz.wp, fz.bias, fz.ax = x, wp, NULL, NULL
+    fz.n_in, fz.ldo, fz.steps = I, round_up(M, NT), 0
+    if b != NULL:
+        for m in range(fz.ldo):
+            bias[m] = b[m] if m < M else 0
+        fz.bias = bias
+
+
+cdef Fused* job_fused(const Fused* fz, Py_ssize_t steps, Py_ssize_t RB,
+                      size_t itemsize) noexcept nogil:
+    """A copy of fz with blocks of `steps` steps and its own buffer [RB, steps, fz.ldo] in one
+    allocation (scratch_free it): what one thread's jobs use.  NULL when fz is NULL or there
+    is no memory."""
+    cdef Fused* job
+    if fz == NULL:
+        return NULL
+    job = <Fused*> scratch_alloc(64 + RB * steps * fz.ldo * itemsize)
+    if job != NULL:
+        job[0] = fz[0]
+        job.steps = steps
+        job.ax = <char*> job + 64       # past the struct, on its own cache line
+    return job
 
 
 cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
@@ -167,8 +196,7 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
             nact -= 1
         if fz != NULL and j % fz.steps == 0:
             project_block(<const floating*> fz.x, <const floating*> fz.wp,
-                          <const floating*> fz.bias, <floating*> fz.ax, fz, rows, nact, T, j,
-                          GH, vl)
+                          <const floating*> fz.bias, <floating*> fz.ax, fz, rows, nact, T, j, vl)
         for r in range(nact):
             b = rows[r]
             length = row_length(vl.lens, b, T)
@@ -709,9 +737,9 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
                         const floating* ax, const floating* mp, const floating* b_r,
                         const floating* state0, floating* seq, floating* ar_seq,
                         floating* state_out, floating* st, floating* gates,
-                        Varlen vl) noexcept nogil:
+                        Varlen vl, const Fused* fz) noexcept nogil:
     """forward_job's work (heads k0 .. k0+nk-1 of rows `rows`) in the grouped layout: st [S, ss]
-    with row r's units at r*W (W = nk*D), gates [GROUP_ROWS, G, W]."""
+    with row r's units at r*W (W = nk*D), gates [GROUP_ROWS, G, W].  `fz` as in forward_job."""
     cdef Py_ssize_t GH = G * H, W = nk * D, GW = G * W, off = k0 * D
     cdef Py_ssize_t ss = state_stride(nr, W)
     cdef Py_ssize_t i, j, r, r0, nrg, b, s, g, u, t, length
@@ -719,6 +747,7 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
     cdef Py_ssize_t nact = nr
     cdef Py_ssize_t steps = row_length(vl.lens, rows[0], T)   # rows[0] is the longest
     cdef const floating* mpk = mp + k0 * ntiles * D * NT
+    cdef const floating* axr
     cdef floating* str_
     for s in range(S):
         for r in range(nr):
@@ -727,6 +756,9 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
     for j in range(steps):
         while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
             nact -= 1
+        if fz != NULL and j % fz.steps == 0:
+            project_block(<const floating*> fz.x, <const floating*> fz.wp,
+                          <const floating*> fz.bias, <floating*> fz.ax, fz, rows, nact, T, j, vl)
         for i in range((nact + GROUP_ROWS - 1) // GROUP_ROWS):
             r0 = i * GROUP_ROWS
             nrg = min(<Py_ssize_t> GROUP_ROWS, nact - r0)
@@ -750,7 +782,13 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
                     for g in range(G):
                         for u in range(W):
                             ar_seq[(b * T + t) * GH + g * H + off + u] = gates[r * GW + g * W + u]
-                cell_forward(cell, W, ax + (b * T + t) * GH + off, H, gates + r * GW, W, str_, ss)
+                if fz == NULL:
+                    axr = ax + (b * T + t) * GH + off
+                else:
+                    axr = (<floating*> fz.ax + ((r0 + r) * fz.steps
+                                                 + block_index(fz, j, length, vl.reverse))
+                           * fz.ldo + off)
+                cell_forward(cell, W, axr, H, gates + r * GW, W, str_, ss)
                 for s in range(S_save):
                     for u in range(W):
                         seq[((s * B + b) * T + t) * H + off + u] = str_[s * ss + u]
@@ -759,7 +797,7 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
                 # start of the step, whose burst of misses stalled on the fill buffers
                 if j + 1 < length:
                     t = time_index(j + 1, length, vl.reverse)
-                    for g in range(G):
+                    for g in range(G if fz == NULL else 0):
                         prefetch(ax + (b * T + t) * GH + g * H + off, W)
                     for s in range(S_save):
                         prefetch_w(seq + ((s * B + b) * T + t) * H + off, W)
@@ -780,12 +818,12 @@ cdef void group_job(int cell, Py_ssize_t job, Py_ssize_t groups, Py_ssize_t hpj,
                     const floating* b_r, const floating* state0, floating* seq,
                     floating* ar_seq, floating* state_out, const Py_ssize_t* rows,
                     const Py_ssize_t* start, floating* st, floating* gates,
-                    Varlen vl) noexcept nogil:
+                    Varlen vl, const Fused* fz) noexcept nogil:
     """Job `job` of run_groups: row block job // groups, heads from (job % groups) * hpj."""
     cdef Py_ssize_t blk = job // groups, k0 = job % groups * hpj
     forward_group(cell, rows + start[blk], start[blk + 1] - start[blk], k0,
                   min(hpj, heads - k0), B, T, heads * D, D, G, S, S_save, ax, mp, b_r, state0,
-                  seq, ar_seq, state_out, st, gates, vl)
+                  seq, ar_seq, state_out, st, gates, vl, fz)
 
 
 cdef int run_groups(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D,
@@ -793,38 +831,45 @@ cdef int run_groups(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_s
                     const floating* mp, const floating* b_r, const floating* state0,
                     floating* seq, floating* ar_seq, floating* state_out,
                     const Py_ssize_t* rows, const Py_ssize_t* start, Py_ssize_t nblocks,
-                    Py_ssize_t RB, Py_ssize_t hpj, Varlen vl, int num_threads) noexcept nogil:
+                    Py_ssize_t RB, Py_ssize_t hpj, Varlen vl, int num_threads,
+                    const Fused* fz, Py_ssize_t fsteps) noexcept nogil:
     """run_forward's row-split jobs (row blocks x groups of hpj heads) in the grouped layout;
-    -1 when scratch memory could not be allocated."""
+    -1 when scratch memory could not be allocated.  `fz` (with blocks of `fsteps` steps) as
+    in run_forward, whose jobs then own whole rows."""
     cdef Py_ssize_t groups = (heads + hpj - 1) // hpj, njobs = nblocks * groups, job
     cdef Py_ssize_t st_bytes = S * state_stride(RB, hpj * D) * sizeof(floating)
     cdef Py_ssize_t gate_bytes = min(RB, <Py_ssize_t> GROUP_ROWS) * G * hpj * D * sizeof(floating)
     cdef int failed = 0
     cdef floating* st
     cdef floating* gates
+    cdef Fused* jfz
     if num_threads == 1 or njobs == 1:     # no OpenMP region: matters for T=1 streaming calls
         st = <floating*> scratch_alloc(st_bytes)
         gates = <floating*> scratch_alloc(gate_bytes)
-        if st != NULL and gates != NULL:
+        jfz = job_fused(fz, fsteps, RB, sizeof(floating))
+        if st != NULL and gates != NULL and (fz == NULL or jfz != NULL):
             for job in range(njobs):
                 group_job(cell, job, groups, hpj, B, T, heads, D, G, S, S_save, ax, mp, b_r,
-                          state0, seq, ar_seq, state_out, rows, start, st, gates, vl)
+                          state0, seq, ar_seq, state_out, rows, start, st, gates, vl, jfz)
         else:
             failed = 1
         scratch_free(st)
         scratch_free(gates)
+        scratch_free(jfz)
         return -failed
     with parallel(num_threads=num_threads):
         st = <floating*> scratch_alloc(st_bytes)
         gates = <floating*> scratch_alloc(gate_bytes)
+        jfz = job_fused(fz, fsteps, RB, sizeof(floating))    # each thread its own buffer
         for job in prange(njobs, schedule="static"):
-            if st == NULL or gates == NULL:
+            if st == NULL or gates == NULL or (fz != NULL and jfz == NULL):
                 failed += 1
             else:
                 group_job(cell, job, groups, hpj, B, T, heads, D, G, S, S_save, ax, mp, b_r,
-                          state0, seq, ar_seq, state_out, rows, start, st, gates, vl)
+                          state0, seq, ar_seq, state_out, rows, start, st, gates, vl, jfz)
         scratch_free(st)
         scratch_free(gates)
+        scratch_free(jfz)
     return -1 if failed else 0
 
 
@@ -957,8 +1002,7 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     cdef floating* own_ax
     cdef Py_ssize_t* own = NULL
     cdef Py_ssize_t fsteps = 0
-    cdef Fused job_fz
-    cdef const Fused* jfz = NULL
+    cdef Fused* jfz
     if rows == NULL:
         RB = forward_rows_per_job(B, heads, num_threads, block)
         nblocks = (B + RB - 1) // RB
@@ -977,9 +1021,8 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     # the grouped path reads a projected ax: with a fused call's time-block projection at hand
     # it only pays off for row blocks up to GROUP_ROWS (heads=4, D=16, 1 thread: B=16 grouped
     # after projecting 1.0-1.2x faster than fused per head, B=64 0.74-0.88x but elman 1.5x)
-    grouped = (not columns and use_groups(RB, hpj, D, G, sizeof(floating))
-               and (fz == NULL or RB <= GROUP_ROWS))
-    if fz != NULL and (columns or groups > 1 or grouped
+    grouped = not columns and use_groups(RB, hpj, D, G, sizeof(floating))
+    if fz != NULL and (columns or groups > 1
                        or fz.n_in * fz.ldo * sizeof(floating) > FUSED_W_BYTES):
         # jobs do not own whole rows, or W would not stay in cache: project first
         own_ax = <floating*> scratch_alloc(B * T * G * heads * D * sizeof(floating))
@@ -1004,21 +1047,17 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     if columns:
         return run_columns(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
                            state_out, rows, start, nblocks, RB, vl, team, num_threads)
-    if grouped:     # several small heads per job (the grouped path does not fuse W x)
-        return run_groups(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
-                          state_out, rows, start, nblocks, RB, hpj, vl, num_threads)
-    njobs = nblocks * groups
     if fz != NULL:
         fsteps = fused_steps(RB, fz.ldo, T, sizeof(floating))
+    if grouped:     # several small heads per job
+        return run_groups(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
+                          state_out, rows, start, nblocks, RB, hpj, vl, num_threads, fz, fsteps)
+    njobs = nblocks * groups
     if num_threads == 1 or njobs == 1:     # no OpenMP region: matters for T=1 streaming calls
         st = <floating*> scratch_alloc(hpj * S * state_stride(RB, D) * sizeof(floating))
         gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
-        if fz != NULL:
-            job_fz = fz[0]
-            job_fz.steps = fsteps
-            job_fz.ax = scratch_alloc(RB * fsteps * fz.ldo * sizeof(floating))
-            jfz = &job_fz
-        if st != NULL and gates != NULL and (fz == NULL or job_fz.ax != NULL):
+        jfz = job_fused(fz, fsteps, RB, sizeof(floating))
+        if st != NULL and gates != NULL and (fz == NULL or jfz != NULL):
             for job in range(njobs):
                 blk = job // groups
                 k0 = job % groups * hpj
@@ -1029,20 +1068,14 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
             failed = 1
         scratch_free(st)
         scratch_free(gates)
-        if fz != NULL:
-            scratch_free(job_fz.ax)
+        scratch_free(jfz)
         return -failed
     with parallel(num_threads=num_threads):
         st = <floating*> scratch_alloc(hpj * S * state_stride(RB, D) * sizeof(floating))
         gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
-        jfz = NULL
-        if fz != NULL:      # each thread its own copy of job_fz, with its own buffer
-            job_fz = fz[0]
-            job_fz.steps = fsteps
-            job_fz.ax = scratch_alloc(RB * fsteps * fz.ldo * sizeof(floating))
-            jfz = &job_fz
+        jfz = job_fused(fz, fsteps, RB, sizeof(floating))    # each thread its own buffer
         for job in prange(njobs, schedule="static"):
-            if st == NULL or gates == NULL or (jfz != NULL and jfz.ax == NULL):
+            if st == NULL or gates == NULL or (fz != NULL and jfz == NULL):
                 failed += 1
             else:
                 blk = job // groups
@@ -1052,8 +1085,7 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
                             b_r, state0, seq, ar_seq, state_out, st, gates, vl, jfz)
         scratch_free(st)
         scratch_free(gates)
-        if jfz != NULL:
-            scratch_free(jfz.ax)
+        scratch_free(jfz)
     return -1 if failed else 0
 
 
@@ -1135,20 +1167,20 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
     """
     cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2], M = W.shape[0]
     cdef int cell = CELL_IDS[cell_name]
+    cdef Py_ssize_t wsize = round_up(M, NT) * max(I, 1)
     cdef floating* wp
     cdef Fused fz
     if B == 0 or T == 0 or R.shape[2] == 0:
         if T == 0:
             state_out[...] = state0
         return
-    wp = <floating*> scratch_alloc(((M + NT - 1) // NT) * max(I, 1) * NT * sizeof(floating))
+    wp = <floating*> scratch_alloc((wsize + round_up(M, NT)) * sizeof(floating))   # + bias
     if wp == NULL:
         raise MemoryError()
-    if I > 0:
-        with nogil:
+    with nogil:
+        if I > 0:
             pack_panels(&W[0, 0], 1, I, I, M, wp)
-    fz.x, fz.wp, fz.bias, fz.ax = &x[0, 0, 0], wp, NULL if b is None else &b[0], NULL
-    fz.n_in, fz.ldo, fz.steps = I, round_up(M, NT), 0
+        fused_init(&fz, &x[0, 0, 0], I, wp, NULL if b is None else &b[0], M, wp + wsize)
     try:
         run_call(cell, &x[0, 0, 0], R, b_r, state0, B, T, lengths, reverse, reset, block, seq,
                  NULL, state_out, num_threads, &fz)
@@ -1464,11 +1496,16 @@ cdef int stream_step(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssiz
     cdef floating* ax = NULL
     cdef int status
     cdef Fused fz
+    cdef floating* bias
     if wp != NULL:                  # projected block by block inside the jobs
-        fz.x, fz.wp, fz.bias, fz.ax = x, wp, b, NULL
-        fz.n_in, fz.ldo, fz.steps = I, round_up(GH, NT), 0
-        return run_forward(cell, B, T, heads, D, G, S, 1, x, rp, b_r, state0, y, NULL,
-                           state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads, &fz)
+        bias = <floating*> scratch_alloc(round_up(GH, NT) * sizeof(floating))
+        if bias == NULL:
+            return -1
+        fused_init(&fz, x, I, wp, b, GH, bias)
+        status = run_forward(cell, B, T, heads, D, G, S, 1, x, rp, b_r, state0, y, NULL,
+                             state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads, &fz)
+        scratch_free(bias)
+        return status
     if b != NULL:                   # x already holds W x; only the bias to add
         ax = <floating*> scratch_alloc(B * T * GH * sizeof(floating))
         if ax == NULL:
