@@ -845,33 +845,41 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
             zero_steps(ar_seq, b * T * GH + off, G, H, GH, length, T, W)
 
 
-cdef void group_job(int cell, Py_ssize_t job, Py_ssize_t groups, Py_ssize_t hpj,
-                    Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D, Py_ssize_t G,
-                    Py_ssize_t S, Py_ssize_t S_save, const floating* ax, const floating* mp,
-                    const floating* b_r, const floating* state0, floating* seq,
-                    floating* ar_seq, floating* state_out, const Py_ssize_t* rows,
-                    const Py_ssize_t* start, floating* st, floating* gates,
-                    Varlen vl, const Fused* fz) noexcept nogil:
-    """Job `job` of run_groups: row block job // groups, heads from (job % groups) * hpj."""
+cdef void row_job(bint grouped, int cell, Py_ssize_t job, Py_ssize_t groups, Py_ssize_t hpj,
+                  Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D, Py_ssize_t G,
+                  Py_ssize_t S, Py_ssize_t S_save, const floating* ax, const floating* mp,
+                  const floating* b_r, const floating* state0, floating* seq,
+                  floating* ar_seq, floating* state_out, const Py_ssize_t* rows,
+                  const Py_ssize_t* start, floating* st, floating* gates,
+                  Varlen vl, const Fused* fz) noexcept nogil:
+    """Job `job` of run_rows: row block job // groups, heads from (job % groups) * hpj, in the
+    grouped layout (forward_group) or head by head (forward_job)."""
     cdef Py_ssize_t blk = job // groups, k0 = job % groups * hpj
-    forward_group(cell, rows + start[blk], start[blk + 1] - start[blk], k0,
-                  min(hpj, heads - k0), B, T, heads * D, D, G, S, S_save, ax, mp, b_r, state0,
-                  seq, ar_seq, state_out, st, gates, vl, fz)
+    if grouped:
+        forward_group(cell, rows + start[blk], start[blk + 1] - start[blk], k0,
+                      min(hpj, heads - k0), B, T, heads * D, D, G, S, S_save, ax, mp, b_r,
+                      state0, seq, ar_seq, state_out, st, gates, vl, fz)
+    else:
+        forward_job(cell, rows + start[blk], start[blk + 1] - start[blk], k0,
+                    min(hpj, heads - k0), B, T, heads * D, D, G, S, S_save, ax, mp, b_r,
+                    state0, seq, ar_seq, state_out, st, gates, vl, fz)
 
 
-cdef int run_groups(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D,
+cdef int run_rows(bint grouped, int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D,
                     Py_ssize_t G, Py_ssize_t S, Py_ssize_t S_save, const floating* ax,
                     const floating* mp, const floating* b_r, const floating* state0,
                     floating* seq, floating* ar_seq, floating* state_out,
                     const Py_ssize_t* rows, const Py_ssize_t* start, Py_ssize_t nblocks,
                     Py_ssize_t RB, Py_ssize_t hpj, Varlen vl, int num_threads,
                     const Fused* fz, Py_ssize_t fsteps) noexcept nogil:
-    """run_forward's row-split jobs (row blocks x groups of hpj heads) in the grouped layout;
-    -1 when scratch memory could not be allocated.  `fz` (with blocks of `fsteps` steps) as
-    in run_forward, whose jobs then own whole rows."""
+    """run_forward's row-split jobs (row blocks x groups of hpj heads), in the grouped layout
+    or head by head; -1 when scratch memory could not be allocated.  `fz` (with blocks of
+    `fsteps` steps) as in run_forward, whose jobs then own whole rows."""
     cdef Py_ssize_t groups = (heads + hpj - 1) // hpj, njobs = nblocks * groups, job
-    cdef Py_ssize_t st_bytes = S * state_stride(RB, hpj * D) * sizeof(floating)
-    cdef Py_ssize_t gate_bytes = min(RB, <Py_ssize_t> GROUP_ROWS) * G * hpj * D * sizeof(floating)
+    cdef Py_ssize_t st_bytes = S * (state_stride(RB, hpj * D) if grouped
+                                    else hpj * state_stride(RB, D)) * sizeof(floating)
+    cdef Py_ssize_t gate_bytes = (min(RB, <Py_ssize_t> GROUP_ROWS) * G * hpj * D if grouped
+                                  else RB * ((G * D + NT - 1) // NT) * NT) * sizeof(floating)
     cdef int failed = 0
     cdef floating* st
     cdef floating* gates
@@ -882,8 +890,8 @@ cdef int run_groups(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_s
         jfz = job_fused(fz, fsteps, RB, sizeof(floating))
         if st != NULL and gates != NULL and (fz == NULL or jfz != NULL):
             for job in range(njobs):
-                group_job(cell, job, groups, hpj, B, T, heads, D, G, S, S_save, ax, mp, b_r,
-                          state0, seq, ar_seq, state_out, rows, start, st, gates, vl, jfz)
+                row_job(grouped, cell, job, groups, hpj, B, T, heads, D, G, S, S_save, ax, mp,
+                        b_r, state0, seq, ar_seq, state_out, rows, start, st, gates, vl, jfz)
         else:
             failed = 1
         scratch_free(st)
@@ -898,8 +906,8 @@ cdef int run_groups(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_s
             if st == NULL or gates == NULL or (fz != NULL and jfz == NULL):
                 failed += 1
             else:
-                group_job(cell, job, groups, hpj, B, T, heads, D, G, S, S_save, ax, mp, b_r,
-                          state0, seq, ar_seq, state_out, rows, start, st, gates, vl, jfz)
+                row_job(grouped, cell, job, groups, hpj, B, T, heads, D, G, S, S_save, ax, mp,
+                        b_r, state0, seq, ar_seq, state_out, rows, start, st, gates, vl, jfz)
         scratch_free(st)
         scratch_free(gates)
         scratch_free(jfz)
@@ -1024,18 +1032,12 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     that many rows per job when `rows` is NULL); -1 column split.  `fz`: NULL, or x, packed W
     and b of a plain call (`ax` unused): jobs that own whole rows (every head) project their
     own blocks of steps; otherwise W x + b is projected for the whole sequence first."""
-    cdef int team
-    cdef Py_ssize_t njobs, hpj, groups
-    cdef Py_ssize_t ntiles = (G * D + NT - 1) // NT
-    cdef Py_ssize_t job, blk, k0
-    cdef int failed = 0, status
+    cdef int team, status
+    cdef Py_ssize_t hpj, groups
     cdef bint columns, grouped
-    cdef floating* st
-    cdef floating* gates
     cdef floating* own_ax
     cdef Py_ssize_t* own = NULL
     cdef Py_ssize_t fsteps = 0
-    cdef Fused* jfz
     if rows == NULL:
         RB = forward_rows_per_job(B, heads, num_threads, block)
         nblocks = (B + RB - 1) // RB
@@ -1072,44 +1074,8 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
                            state_out, rows, start, nblocks, RB, vl, team, num_threads)
     if fz != NULL:
         fsteps = fused_steps(RB, fz.ldo, T, sizeof(floating))
-    if grouped:     # several small heads per job
-        return run_groups(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
-                          state_out, rows, start, nblocks, RB, hpj, vl, num_threads, fz, fsteps)
-    njobs = nblocks * groups
-    if num_threads == 1 or njobs == 1:     # no OpenMP region: matters for T=1 streaming calls
-        st = <floating*> scratch_alloc(hpj * S * state_stride(RB, D) * sizeof(floating))
-        gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
-        jfz = job_fused(fz, fsteps, RB, sizeof(floating))
-        if st != NULL and gates != NULL and (fz == NULL or jfz != NULL):
-            for job in range(njobs):
-                blk = job // groups
-                k0 = job % groups * hpj
-                forward_job(cell, rows + start[blk], start[blk + 1] - start[blk], k0,
-                            min(hpj, heads - k0), B, T, heads * D, D, G, S, S_save, ax, mp,
-                            b_r, state0, seq, ar_seq, state_out, st, gates, vl, jfz)
-        else:
-            failed = 1
-        scratch_free(st)
-        scratch_free(gates)
-        scratch_free(jfz)
-        return -failed
-    with parallel(num_threads=num_threads):
-        st = <floating*> scratch_alloc(hpj * S * state_stride(RB, D) * sizeof(floating))
-        gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
-        jfz = job_fused(fz, fsteps, RB, sizeof(floating))    # each thread its own buffer
-        for job in prange(njobs, schedule="static"):
-            if st == NULL or gates == NULL or (fz != NULL and jfz == NULL):
-                failed += 1
-            else:
-                blk = job // groups
-                k0 = job % groups * hpj
-                forward_job(cell, rows + start[blk], start[blk + 1] - start[blk], k0,
-                            min(hpj, heads - k0), B, T, heads * D, D, G, S, S_save, ax, mp,
-                            b_r, state0, seq, ar_seq, state_out, st, gates, vl, jfz)
-        scratch_free(st)
-        scratch_free(gates)
-        scratch_free(jfz)
-    return -1 if failed else 0
+    return run_rows(grouped, cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq,
+                    ar_seq, state_out, rows, start, nblocks, RB, hpj, vl, num_threads, fz, fsteps)
 
 
 def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::1] R,

@@ -1,4 +1,4 @@
-"""Grouped small heads (rnn.pyx run_groups): when a job steps several heads whose D is a
+"""Grouped small heads (rnn.pyx forward_group): when a job steps several heads whose D is a
 multiple of the vector width (D = 16 and 32 here, for every build), their gates and states
 share one layout and a block-diagonal micro-kernel.  Each head must still get, bit for bit,
 what a one-head call on its slices gives (which runs the per-head path), with lengths,
