@@ -15,7 +15,7 @@ cdef extern from *:
     """
     #if defined(__AVX512F__)
     #define SS_VBYTES 64
-    #define SS_ACC 16            /* accumulator registers to use (of 32) */
+    #define SS_ACC 24            /* accumulator registers to use (of 32) */
     #elif defined(__AVX__)
     #define SS_VBYTES 32
     #define SS_ACC 12            /* of 16 */
@@ -92,6 +92,14 @@ cdef extern from *:
                               T* out, Py_ssize_t ldo, Py_ssize_t rows, const int mode,       \\
                               const T* bias) {                                               \\
         switch (rows < SS_MR_##SFX ? rows : 0) {                                             \\
+        case 11: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 11 ? 11 : 1, 1, mode,   \\
+                                bias); break;                                                \\
+        case 10: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 10 ? 10 : 1, 1, mode,   \\
+                                bias); break;                                                \\
+        case 9: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 9 ? 9 : 1, 1, mode,   \\
+                                bias); break;                                                \\
+        case 8: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 8 ? 8 : 1, 1, mode,   \\
+                                bias); break;                                                \\
         case 7: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 7 ? 7 : 1, 1, mode,    \\
                                bias); break;                                                 \\
         case 6: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 6 ? 6 : 1, 1, mode,    \\
