@@ -7,7 +7,18 @@
  * machine with more threads than cores still makes progress.  The team size is an argument
  * of every wait, so every member passes the same number and no state has to be set up per
  * team: a zeroed ss_barrier is ready.  `failed` lets one member tell the others (after the
- * next wait) that it could not get its scratch memory, so no one waits for it forever. */
+ * next wait) that it could not get its scratch memory, so no one waits for it forever.
+ *
+ * Hand-over (ss_team_wait): a member whose partner is not running (another process took its
+ * core) would wait for it every step -- a time slice of the scheduler, milliseconds, for a
+ * step of microseconds.  A member that loses time in the team (it waited SS_SLOW_NS at once,
+ * or longer in all than it would take to do its partners' work: ss_team_loses) asks for a
+ * hand-over; the last member to arrive -- running, unlike a waiter, which may have lost its
+ * core -- takes the job and tells everyone before it releases the generation, so all
+ * members see the same decision after the same step.  The owner then does every member's
+ * work (the same arithmetic, so the same bits) and the others leave.  A call that
+ * needed a hand-over makes the automatic rule run the next calls on one thread for a while
+ * (ss_split_paused / ss_split_outcome): the first stall of a call is not avoidable. */
 #ifndef STATESCAN_BARRIER_H
 #define STATESCAN_BARRIER_H
 
@@ -20,6 +31,7 @@
 #define ss_yield() SwitchToThread()
 #else
 #include <sched.h>
+#include <time.h>
 #define ss_yield() sched_yield()
 #endif
 
@@ -27,6 +39,8 @@
 #define SS_FETCH_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_ACQ_REL)
 #define SS_LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define SS_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define SS_LOAD64 SS_LOAD
+#define SS_STORE64 SS_STORE
 #if defined(__x86_64__) || defined(__i386__)
 #define ss_pause() __builtin_ia32_pause()
 #elif defined(__aarch64__)
@@ -38,6 +52,8 @@
 #define SS_FETCH_ADD(p, v) InterlockedExchangeAdd((p), (v))
 #define SS_LOAD(p) InterlockedCompareExchange((p), 0, 0)
 #define SS_STORE(p, v) ((void)InterlockedExchange((p), (v)))
+#define SS_LOAD64(p) InterlockedCompareExchange64((p), 0, 0)
+#define SS_STORE64(p, v) ((void)InterlockedExchange64((p), (v)))
 #define ss_pause() YieldProcessor()
 #else
 #error "statescan needs GCC/Clang atomics or MSVC Interlocked functions for its barrier"
@@ -45,13 +61,38 @@
 
 /* spins before yielding: some microseconds, a few time steps of a small recurrence */
 #define SS_BARRIER_SPINS 2000
+/* a wait this long (ns) means a member is not running, not just slower: a scheduler's time
+ * slice is milliseconds, a step's imbalance or an interrupt some microseconds; also the
+ * slack of ss_team_loses */
+#define SS_SLOW_NS 200000LL
+/* how long (ns) the automatic rule keeps a sequence on one thread after a hand-over: doubled
+ * after each call that needed one again, halved after each call that did not (one lucky call
+ * on a busy machine does not restart the stalls; a quiet machine is back in a few calls) */
+#define SS_PAUSE_MIN_NS 10000000LL
+#define SS_PAUSE_MAX_NS 1000000000LL
 
 typedef struct {
     volatile long count;       /* threads arrived in this generation */
     volatile long generation;
     volatile long failed;
-    char pad[64 - 3 * sizeof(long)];   /* one cache line per barrier: teams do not share one */
+    volatile long request;     /* 0: none; -1: a member loses time; m + 1: a test asks for m */
+    volatile long solo;        /* member + 1 running the job alone from this generation on */
+    volatile long slow;        /* 1: a member lost time in the team (the machine is busy) */
+    char pad[64 - 6 * sizeof(long)];   /* one cache line per barrier: teams do not share one */
 } ss_barrier;
+
+static inline long long ss_now_ns(void) {
+#if defined(_WIN32)
+    LARGE_INTEGER f, c;
+    QueryPerformanceFrequency(&f);
+    QueryPerformanceCounter(&c);
+    return (long long)((double)c.QuadPart * 1e9 / (double)f.QuadPart);
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+#endif
+}
 
 static inline void ss_barrier_wait(ss_barrier* b, long team) {
     long gen, spins = 0;
@@ -72,6 +113,98 @@ static inline void ss_barrier_wait(ss_barrier* b, long team) {
         }
     }
 }
+
+/* A member's clock for the hand-over rule: time (ns) spent working and waiting so far */
+typedef struct {
+    long long last;     /* when the member left its last wait */
+    long long worked, waited;
+} ss_member_clock;
+
+/* spins between two readings of the clock (a reading costs some tens of ns, a pause ~10);
+ * once yielding, every time (a yield may give the core away for a time slice) */
+#define SS_CLOCK_SPINS 64
+
+/* 1: this member had better run the job alone.  Alone it would do the whole step, about
+ * `alone` times its own part (D / its units), so it loses time in the team when its waiting
+ * exceeds (alone - 1) times its working, beyond a slack for a partner that starts late
+ * (waking a thread) -- or when one wait alone is a scheduler's time slice. */
+static inline int ss_team_loses(const ss_member_clock* c, long long now, long long since,
+                                double alone) {
+    long long wait = now - since;
+    return wait > SS_SLOW_NS
+        || (double)(c->waited + wait) > (alone - 1.0) * (double)c->worked + (double)SS_SLOW_NS;
+}
+
+/* A step's wait for member `member` of `team`: as ss_barrier_wait, and a member that loses
+ * time in the team (ss_team_loses) asks for a hand-over: the last member to arrive at this or
+ * the next step's barrier takes the job.  `ask` (a test's forced hand-over): 0, or a request
+ * made on arrival: -1 as under load, m + 1 for member m to take the job.  Returns the member
+ * that runs the job alone from now on, or -1 (the team goes on). */
+static inline long ss_team_wait(ss_barrier* b, long team, long member, long ask,
+                                ss_member_clock* c, double alone) {
+    long gen, spins = 0, req;
+    long long now, since;
+    int asked = 0;
+    if (team <= 1)
+        return -1;
+    if (ask)
+        SS_STORE(&b->request, ask);
+    since = ss_now_ns();
+    c->worked += since - c->last;
+    gen = SS_LOAD(&b->generation);
+    if (SS_FETCH_ADD(&b->count, 1) == team - 1) {
+        req = SS_LOAD(&b->request);         /* the job goes to this member, which is running, */
+        if (req)                            /* not to the waiter that asked: it may not be */
+            SS_STORE(&b->solo, req > 0 ? req : member + 1);   /* released by the store below */
+        SS_STORE(&b->count, 0);
+        SS_STORE(&b->generation, gen + 1);
+    } else {
+        while (SS_LOAD(&b->generation) == gen) {
+            spins++;
+            if (!asked && (spins > SS_BARRIER_SPINS || spins % SS_CLOCK_SPINS == 0)
+                    && ss_team_loses(c, ss_now_ns(), since, alone)) {
+                SS_STORE(&b->slow, 1);
+                SS_STORE(&b->request, -1L);      /* granted at this or the next step */
+                asked = 1;
+            }
+            if (spins < SS_BARRIER_SPINS)
+                ss_pause();
+            else        /* a member is not running (more threads than free cores): let it */
+                ss_yield();
+        }
+    }
+    now = ss_now_ns();
+    c->waited += now - since;
+    c->last = now;
+    return SS_LOAD(&b->solo) - 1;
+}
+
+/* The automatic rule's memory of hand-overs, shared by every call of the process (a race
+ * between two calls only misjudges one pause: the bits never depend on it). */
+static volatile long long ss_split_until = 0, ss_split_pause = 0;
+
+/* 1: a recent call needed a hand-over, run this one on one thread */
+static inline int ss_split_paused(void) {
+    return SS_LOAD64(&ss_split_pause) > 0 && ss_now_ns() < SS_LOAD64(&ss_split_until);
+}
+
+/* after a call of the column split: `busy` = a member lost time in the team */
+static inline void ss_split_outcome(int busy) {
+    long long pause = SS_LOAD64(&ss_split_pause);
+    if (!busy) {
+        if (pause)
+            SS_STORE64(&ss_split_pause, pause / 2 < SS_PAUSE_MIN_NS ? 0LL : pause / 2);
+        return;
+    }
+    pause *= 2;
+    pause = pause < SS_PAUSE_MIN_NS ? SS_PAUSE_MIN_NS
+            : pause > SS_PAUSE_MAX_NS ? SS_PAUSE_MAX_NS : pause;
+    SS_STORE64(&ss_split_pause, pause);
+    SS_STORE64(&ss_split_until, ss_now_ns() + pause);
+}
+
+/* a test's reset of that memory */
+static inline void ss_split_forget(void) { SS_STORE64(&ss_split_pause, 0LL); }
 
 static inline void ss_barrier_fail(ss_barrier* b) { SS_STORE(&b->failed, 1); }
 /* meaningful after a wait that follows every member's ss_barrier_fail */

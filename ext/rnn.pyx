@@ -96,7 +96,7 @@ cdef struct Varlen:
 cdef struct Fused:
     const void* x            # [B, T, I] (floating)
     const void* wp           # W^T packed in panels
-    const void* bias         # [G*H] or NULL
+    const void* bias         # [ldo] (b, then zeros) or NULL
     void* ax                 # this job's buffer [rows, steps, ldo] (floating)
     Py_ssize_t n_in, ldo, steps    # inputs per row (not `I`: complex.h's macro)
 
@@ -115,25 +115,54 @@ cdef inline Py_ssize_t block_index(const Fused* fz, Py_ssize_t j, Py_ssize_t len
 
 cdef void project_block(const floating* x, const floating* wp, const floating* bias,
                         floating* ax, const Fused* fz, const Py_ssize_t* rows, Py_ssize_t nact,
-                        Py_ssize_t T, Py_ssize_t j, Py_ssize_t M, Varlen vl) noexcept nogil:
+                        Py_ssize_t T, Py_ssize_t j, Varlen vl) noexcept nogil:
     """For the active rows r < nact, the block of processing steps from j (a multiple of
     fz.steps): ax[r, i, :] = x[rows[r], t0 + i] @ W^T + b for i < block_steps, where t0 is the
     first time step of the block (x, wp, bias and ax: fz's).  One panel of W at a time over
     every row: the panel stays in cache while all of the job's rows use it."""
     cdef Py_ssize_t ldo = fz.ldo, I = fz.n_in, r, i, m, n, t0, tile, length
-    for r in range(nact):
+    for r in range(nact if I == 0 else 0):      # no products: the bias (or 0) alone
         for i in range(block_steps(fz, j, row_length(vl.lens, rows[r], T))):
             for m in range(ldo):
-                ax[(r * fz.steps + i) * ldo + m] = bias[m] if bias != NULL and m < M else 0
-    if I == 0:
-        return
-    for tile in range(ldo // NT):
+                ax[(r * fz.steps + i) * ldo + m] = bias[m] if bias != NULL else 0
+    for tile in range(ldo // NT if I > 0 else 0):
         for r in range(nact):
             length = row_length(vl.lens, rows[r], T)
             n = block_steps(fz, j, length)
             t0 = length - j - n if vl.reverse else j
-            matmul_acc(x + (rows[r] * T + t0) * I, I, wp + tile * I * NT, I, 1,
-                       ax + r * fz.steps * ldo + tile * NT, ldo, n)
+            matmul_store(x + (rows[r] * T + t0) * I, I, wp + tile * I * NT, I, 1,
+                         bias + tile * NT if bias != NULL else NULL,
+                         ax + r * fz.steps * ldo + tile * NT, ldo, n)
+
+
+cdef void fused_init(Fused* fz, const floating* x, Py_ssize_t I, const floating* wp,
+                     const floating* b, Py_ssize_t M, floating* bias) noexcept nogil:
+    """fz for x [B,T,I], W^T packed at wp (M columns), b [M] or NULL; bias: room for
+    round_up(M, NT) entries, where b is copied and zero-padded (the kernel stores whole
+    panels, bias included)."""
+    cdef Py_ssize_t m
+    fz.x, fz.wp, fz.bias, fz.ax = x, wp, NULL, NULL
+    fz.n_in, fz.ldo, fz.steps = I, round_up(M, NT), 0
+    if b != NULL:
+        for m in range(fz.ldo):
+            bias[m] = b[m] if m < M else 0
+        fz.bias = bias
+
+
+cdef Fused* job_fused(const Fused* fz, Py_ssize_t steps, Py_ssize_t RB,
+                      size_t itemsize) noexcept nogil:
+    """A copy of fz with blocks of `steps` steps and its own buffer [RB, steps, fz.ldo] in one
+    allocation (scratch_free it): what one thread's jobs use.  NULL when fz is NULL or there
+    is no memory."""
+    cdef Fused* job
+    if fz == NULL:
+        return NULL
+    job = <Fused*> scratch_alloc(64 + RB * steps * fz.ldo * itemsize)
+    if job != NULL:
+        job[0] = fz[0]
+        job.steps = steps
+        job.ax = <char*> job + 64       # past the struct, on its own cache line
+    return job
 
 
 cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
@@ -167,8 +196,7 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
             nact -= 1
         if fz != NULL and j % fz.steps == 0:
             project_block(<const floating*> fz.x, <const floating*> fz.wp,
-                          <const floating*> fz.bias, <floating*> fz.ax, fz, rows, nact, T, j,
-                          GH, vl)
+                          <const floating*> fz.bias, <floating*> fz.ax, fz, rows, nact, T, j, vl)
         for r in range(nact):
             b = rows[r]
             length = row_length(vl.lens, b, T)
@@ -227,13 +255,28 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
 # one barrier per step.  The results are therefore those of forward_job, bit for bit (the cell's
 # vector loop also splits each member's units at the same multiples of the vector width as one
 # thread's: tests/test_rnn_columns.py checks the bits across thread counts and splits).
+# A member whose partner is not running (a busy machine) asks, at a step's barrier, to take the
+# job over (_barrier.h, ss_team_wait): it then runs every member's part in turn -- the same
+# arithmetic on the same buffers, so the same bits -- and the automatic rule keeps the next
+# calls on one thread for a while (column_team).
 
 cdef extern from "_barrier.h" nogil:
     ctypedef struct ss_barrier:
-        pass
+        long solo
+        long slow
+    ctypedef struct ss_member_clock:
+        long long last
+        long long worked
+        long long waited
     void ss_barrier_wait(ss_barrier* b, long team)
+    long ss_team_wait(ss_barrier* b, long team, long member, long ask, ss_member_clock* c,
+                      double alone)
+    long long ss_now_ns()
     void ss_barrier_fail(ss_barrier* b)
     int ss_barrier_failed(ss_barrier* b)
+    int ss_split_paused()
+    void ss_split_outcome(int busy)
+    void ss_split_forget()
     int ss_region_threads()
     int ss_region_thread()
 
@@ -245,44 +288,81 @@ cdef enum:
     # fewer steps than this (streaming, T = 1) need proportionally more work per step
     MIN_COLUMN_STEPS = 4
 
+# Test hook (_force_handover): every team hands its job to member handover_member % team (or,
+# when it is -1, to the last member to arrive, as under load) at the barrier after step
+# handover_step (-1: the one before the first step; -2: never), as a busy machine would when
+# handover_busy; handovers counts the jobs handed over (forced or not) since the hook's last call.
+cdef Py_ssize_t handover_step = -2
+cdef long handover_member = 0
+cdef bint handover_busy = False
+cdef long handovers = 0
+
+
+def _force_handover(Py_ssize_t step=-2, long member=0, bint busy=False):
+    """Test hook: make every column-split team hand its job over to member `member % team`
+    (member=-1: to the last member to arrive, as a busy machine does) at the barrier after
+    processing step `step` (-1: before the first step); busy: the call counts as one that
+    found the machine busy (the automatic rule then keeps the next calls on one thread).
+    step=-2 (the default) turns the hook off and forgets any busy call, forced or not.  The
+    results must not change.  Returns the number of jobs handed over since the previous call."""
+    global handover_step, handover_member, handover_busy, handovers
+    handover_step = step
+    handover_member = member
+    handover_busy = busy
+    if step == -2:
+        ss_split_forget()
+    done, handovers = handovers, 0
+    return done
+
+
+cdef inline long forced_request(Py_ssize_t j, long member, long team,
+                                ss_barrier* bar) noexcept nogil:
+    """ss_team_wait's `ask` for member `member` at the barrier after step j (the test hook)."""
+    if handover_step != j or (handover_member >= 0 and member != handover_member % team):
+        return 0
+    if handover_busy:
+        bar.slow = 1            # read after the parallel region only
+    return -1 if handover_member < 0 else member + 1
+
 
 cdef int column_team(Py_ssize_t njobs, Py_ssize_t RB, Py_ssize_t T, Py_ssize_t D, Py_ssize_t G,
                      int num_threads, bint forced) noexcept nogil:
-    """Threads per job for the column split (1: the row split is better)."""
+    """Threads per job for the column split (1: the row split is better, or a recent call
+    found the machine busy)."""
     cdef Py_ssize_t team = num_threads // njobs
     team = min(team, (D + NT - 1) // NT)        # at least one panel of units per member
     if not forced:
+        if ss_split_paused():
+            return 1
         team = min(team, RB * G * D * D * min(T, <Py_ssize_t> MIN_COLUMN_STEPS)
                    // (MIN_COLUMN_WORK * MIN_COLUMN_STEPS))
     return <int> max(1, team)
 
 
-cdef void forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k,
-                          Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, Py_ssize_t G,
-                          Py_ssize_t S, Py_ssize_t S_save, Py_ssize_t d0, Py_ssize_t d1,
-                          const floating* ax, const floating* mp, const floating* b_r,
-                          const floating* state0, floating* seq, floating* ar_seq,
-                          floating* state_out, floating* hbuf, ss_barrier* bar, long team,
-                          floating* st, floating* gates, floating* panels,
-                          Varlen vl) noexcept nogil:
-    """forward_job's work on units [d0, d1) of head k, as one member of a team of `team`
-    threads sharing hbuf [2, nr, D] and `bar`.  st [S, ss] and gates [nr, G, np] are this
-    member's; panels: room for its columns of R_k^T when they are not whole packed panels."""
-    cdef Py_ssize_t GH = G * H, n = d1 - d0
-    cdef Py_ssize_t ntg = (n + NT - 1) // NT, np_ = ntg * NT, Gnp = G * np_
-    cdef Py_ssize_t ntiles = (G * D + NT - 1) // NT
+cdef struct ColumnPart:
+    # one member's hidden units [d0, d1) of the job's head and its buffers (st [S, ss], gates
+    # [nr, G, np], panels: floating*, void* here as a struct cannot hold a fused type), where
+    # every member can reach them: after a hand-over one member runs all parts
+    Py_ssize_t d0, d1
+    void* st
+    void* gates
+    void* panels
+
+
+cdef void column_setup(ColumnPart* part, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k,
+                       Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, Py_ssize_t G,
+                       Py_ssize_t S, const floating* mp_k, const floating* state0,
+                       floating* hbuf, Varlen vl) noexcept nogil:
+    """A part's state from state0, its h in hbuf's first buffer, and its columns of R_k^T
+    gathered into part.panels when they are not whole packed panels (D % NT != 0)."""
+    cdef Py_ssize_t d0 = part.d0, n = part.d1 - part.d0
+    cdef Py_ssize_t ntg = (n + NT - 1) // NT
     cdef Py_ssize_t ss = state_stride(nr, n)
-    cdef Py_ssize_t j, r, b, s, g, d, t, c, kk, length
-    cdef Py_ssize_t nact = nr
-    cdef Py_ssize_t steps = row_length(vl.lens, rows[0], T)
-    cdef const floating* mp_k = mp + k * ntiles * D * NT
-    cdef const floating* axp
+    cdef Py_ssize_t r, b, s, g, d, c, kk, length
+    cdef floating* st = <floating*> part.st
+    cdef floating* panels = <floating*> part.panels
     cdef const floating* src
-    cdef const floating* pan
-    cdef floating* hr
-    cdef floating* hw
-    cdef bint direct = D % NT == 0      # gate g's units [d0, d1) are whole panels of mp_k
-    if not direct:                      # gather them: column c of R_k^T is in panel c // NT
+    if D % NT != 0:                     # column c of R_k^T is in panel c // NT
         memset(panels, 0, G * ntg * D * NT * sizeof(floating))
         for g in range(G):
             for d in range(n):
@@ -300,49 +380,74 @@ cdef void forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ss
             hbuf[r * D + d0 + d] = (0 if vl.reset != NULL and length > 0
                                     and vl.reset[b * T + time_index(0, length, vl.reverse)]
                                     else st[r * n + d])
-    ss_barrier_wait(bar, team)
-    for j in range(steps):
-        hr = hbuf + (j % 2) * nr * D
-        hw = hbuf + ((j + 1) % 2) * nr * D
-        while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
-            nact -= 1
-        for r in range(nact):
-            b = rows[r]
-            length = row_length(vl.lens, b, T)
-            if vl.reset != NULL and vl.reset[b * T + time_index(j, length, vl.reverse)]:
-                for s in range(S):
-                    for d in range(n):
-                        st[s * ss + r * n + d] = 0
-            for g in range(G):
-                for d in range(np_):
-                    gates[r * Gnp + g * np_ + d] = b_r[g * H + k * D + d0 + d] if d < n else 0
-                if j + 1 < length:
-                    prefetch(ax + (b * T + time_index(j + 1, length, vl.reverse)) * GH
-                             + g * H + k * D + d0, n)
+
+
+cdef void column_step(int cell, ColumnPart* part, const Py_ssize_t* rows, Py_ssize_t nr,
+                      Py_ssize_t nact, Py_ssize_t j, Py_ssize_t k, Py_ssize_t B, Py_ssize_t T,
+                      Py_ssize_t H, Py_ssize_t D, Py_ssize_t G, Py_ssize_t S, Py_ssize_t S_save,
+                      const floating* ax, const floating* mp_k, const floating* b_r,
+                      floating* seq, floating* ar_seq, const floating* hr, floating* hw,
+                      Varlen vl) noexcept nogil:
+    """Processing step j of a part for its first nact rows: gate columns from h in hr, the
+    cell on the part's units, the new h into hw."""
+    cdef Py_ssize_t GH = G * H, d0 = part.d0, n = part.d1 - part.d0
+    cdef Py_ssize_t ntg = (n + NT - 1) // NT, np_ = ntg * NT, Gnp = G * np_
+    cdef Py_ssize_t ss = state_stride(nr, n)
+    cdef Py_ssize_t r, b, s, g, d, t, length
+    cdef floating* st = <floating*> part.st
+    cdef floating* gates = <floating*> part.gates
+    cdef const floating* pan
+    cdef const floating* axp
+    for r in range(nact):
+        b = rows[r]
+        length = row_length(vl.lens, b, T)
+        if vl.reset != NULL and vl.reset[b * T + time_index(j, length, vl.reverse)]:
+            for s in range(S):
+                for d in range(n):
+                    st[s * ss + r * n + d] = 0
         for g in range(G):
-            pan = mp_k + ((g * D + d0) // NT) * D * NT if direct else panels + g * ntg * D * NT
-            matmul_acc(hr, D, pan, D, ntg, gates + g * np_, Gnp, nact)
-        for r in range(nact):
-            b = rows[r]
-            length = row_length(vl.lens, b, T)
-            t = time_index(j, length, vl.reverse)
-            axp = ax + (b * T + t) * GH + k * D + d0
-            if ar_seq != NULL:
-                for g in range(G):
-                    for d in range(n):
-                        ar_seq[(b * T + t) * GH + g * H + k * D + d0 + d] = gates[r * Gnp + g * np_ + d]
-            cell_forward(cell, n, axp, H, gates + r * Gnp, np_, st + r * n, ss)
-            for s in range(S_save):
+            for d in range(n):
+                gates[r * Gnp + g * np_ + d] = b_r[g * H + k * D + d0 + d]
+            for d in range(n, np_):
+                gates[r * Gnp + g * np_ + d] = 0
+            if j + 1 < length:
+                prefetch(ax + (b * T + time_index(j + 1, length, vl.reverse)) * GH
+                         + g * H + k * D + d0, n)
+    for g in range(G):
+        pan = (mp_k + ((g * D + d0) // NT) * D * NT if D % NT == 0     # whole packed panels
+               else <floating*> part.panels + g * ntg * D * NT)
+        matmul_acc(hr, D, pan, D, ntg, gates + g * np_, Gnp, nact)
+    for r in range(nact):
+        b = rows[r]
+        length = row_length(vl.lens, b, T)
+        t = time_index(j, length, vl.reverse)
+        axp = ax + (b * T + t) * GH + k * D + d0
+        if ar_seq != NULL:
+            for g in range(G):
                 for d in range(n):
-                    seq[((s * B + b) * T + t) * H + k * D + d0 + d] = st[s * ss + r * n + d]
-            if (vl.reset != NULL and j + 1 < length
-                    and vl.reset[b * T + time_index(j + 1, length, vl.reverse)]):
-                for d in range(n):
-                    hw[r * D + d0 + d] = 0
-            else:
-                for d in range(n):
-                    hw[r * D + d0 + d] = st[r * n + d]
-        ss_barrier_wait(bar, team)
+                    ar_seq[(b * T + t) * GH + g * H + k * D + d0 + d] = gates[r * Gnp + g * np_ + d]
+        cell_forward(cell, n, axp, H, gates + r * Gnp, np_, st + r * n, ss)
+        for s in range(S_save):
+            for d in range(n):
+                seq[((s * B + b) * T + t) * H + k * D + d0 + d] = st[s * ss + r * n + d]
+        if (vl.reset != NULL and j + 1 < length
+                and vl.reset[b * T + time_index(j + 1, length, vl.reverse)]):
+            for d in range(n):
+                hw[r * D + d0 + d] = 0
+        else:
+            for d in range(n):
+                hw[r * D + d0 + d] = st[r * n + d]
+
+
+cdef void column_finish(ColumnPart* part, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k,
+                        Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, Py_ssize_t G,
+                        Py_ssize_t S, Py_ssize_t S_save, floating* seq, floating* ar_seq,
+                        floating* state_out, Varlen vl) noexcept nogil:
+    """A part's final state into state_out and zeros at its rows' padded steps."""
+    cdef Py_ssize_t d0 = part.d0, n = part.d1 - part.d0
+    cdef Py_ssize_t ss = state_stride(nr, n)
+    cdef Py_ssize_t r, b, s, d, length
+    cdef floating* st = <floating*> part.st
     for r in range(nr):
         b = rows[r]
         for s in range(S):
@@ -351,7 +456,64 @@ cdef void forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ss
         length = row_length(vl.lens, b, T)         # padded steps: outputs are 0
         zero_steps(seq, b * T * H + k * D + d0, S_save, B * T * H, H, length, T, n)
         if ar_seq != NULL:
-            zero_steps(ar_seq, b * T * GH + k * D + d0, G, H, GH, length, T, n)
+            zero_steps(ar_seq, b * T * G * H + k * D + d0, G, H, G * H, length, T, n)
+
+
+cdef long forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k,
+                          Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, Py_ssize_t G,
+                          Py_ssize_t S, Py_ssize_t S_save,
+                          const floating* ax, const floating* mp, const floating* b_r,
+                          const floating* state0, floating* seq, floating* ar_seq,
+                          floating* state_out, floating* hbuf, ss_barrier* bar,
+                          ColumnPart* parts, long member, long team,
+                          Varlen vl) noexcept nogil:
+    """forward_job's work on head k as member `member` of a team of `team` threads sharing
+    hbuf [2, nr, D] (h read from buffer j % 2, written to the other), `bar` and the team's
+    parts (this member's: parts[member]).  Returns -1, or the member that took the job over
+    at a step's barrier: it ran every part's remaining steps (this one's too)."""
+    cdef Py_ssize_t j, nact = nr, ntiles = (G * D + NT - 1) // NT
+    cdef Py_ssize_t steps = row_length(vl.lens, rows[0], T)
+    cdef const floating* mp_k = mp + k * ntiles * D * NT
+    cdef long owner, m
+    cdef floating* hr
+    cdef floating* hw
+    cdef ss_member_clock clock
+    cdef double alone = <double> D / (parts[member].d1 - parts[member].d0)
+    clock.last = ss_now_ns()
+    clock.worked = clock.waited = 0
+    column_setup(parts + member, rows, nr, k, B, T, H, D, G, S, mp_k, state0, hbuf, vl)
+    owner = ss_team_wait(bar, team, member, forced_request(-1, member, team, bar), &clock, alone)
+    if owner >= 0 and owner != member:
+        return owner
+    for j in range(steps):
+        hr = hbuf + (j % 2) * nr * D
+        hw = hbuf + ((j + 1) % 2) * nr * D
+        while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
+            nact -= 1
+        # the other members' h was just written on their cores: ask for all of its lines at
+        # once, so the transfers overlap (the matmul would meet them one by one)
+        prefetch(hr, nact * D)
+        if owner >= 0:          # alone: every part in turn, each with its own arithmetic
+            for m in range(team):
+                column_step(cell, parts + m, rows, nr, nact, j, k, B, T, H, D, G, S, S_save,
+                            ax, mp_k, b_r, seq, ar_seq, hr, hw, vl)
+            continue
+        column_step(cell, parts + member, rows, nr, nact, j, k, B, T, H, D, G, S, S_save, ax,
+                    mp_k, b_r, seq, ar_seq, hr, hw, vl)
+        owner = ss_team_wait(bar, team, member, forced_request(j, member, team, bar), &clock, alone)
+        if owner >= 0 and owner != member:
+            return owner
+    for m in range(team):
+        if owner >= 0 or m == member:
+            column_finish(parts + m, rows, nr, k, B, T, H, D, G, S, S_save, seq, ar_seq,
+                          state_out, vl)
+    return owner
+
+
+cdef void free_part(ColumnPart* part) noexcept nogil:
+    scratch_free(part.st)
+    scratch_free(part.gates)
+    scratch_free(part.panels)
 
 
 cdef int column_member(int cell, Py_ssize_t job, long member, long team, Py_ssize_t B,
@@ -360,36 +522,43 @@ cdef int column_member(int cell, Py_ssize_t job, long member, long team, Py_ssiz
                        const floating* b_r, const floating* state0, floating* seq,
                        floating* ar_seq, floating* state_out, const Py_ssize_t* rows,
                        const Py_ssize_t* start, Py_ssize_t hstride, floating* hbufs,
-                       ss_barrier* bars, Varlen vl) noexcept nogil:
+                       ss_barrier* bars, ColumnPart* parts, long pstride,
+                       Varlen vl) noexcept nogil:
     """One member's part of job `job` (row block job // heads, head job % heads): its units
     are panels [member * P / team, (member + 1) * P / team) of the head's P unit panels.
-    -1 when any member of the team lacked scratch memory (all of them return it)."""
+    -1 when any member of the team lacked scratch memory (all of them return it).  A part's
+    buffers are freed by whoever ran it to the end (the owner after a hand-over)."""
     cdef Py_ssize_t blk = job // heads
     cdef Py_ssize_t nr = start[blk + 1] - start[blk]
     cdef Py_ssize_t P = (D + NT - 1) // NT
-    cdef Py_ssize_t d0 = member * P // team * NT
-    cdef Py_ssize_t d1 = min(D, (member + 1) * P // team * NT)
-    cdef Py_ssize_t np_ = round_up(d1 - d0, NT)
+    cdef ColumnPart* team_parts = parts + job * pstride
+    cdef ColumnPart* part = team_parts + member
+    cdef Py_ssize_t np_
     cdef ss_barrier* bar = bars + job
-    cdef int status = 0
-    cdef floating* st = <floating*> scratch_alloc(S * state_stride(nr, d1 - d0) * sizeof(floating))
-    cdef floating* gates = <floating*> scratch_alloc(nr * G * np_ * sizeof(floating))
-    cdef floating* panels = NULL
+    cdef long owner, m
+    part.d0 = member * P // team * NT
+    part.d1 = min(D, (member + 1) * P // team * NT)
+    np_ = round_up(part.d1 - part.d0, NT)
+    part.st = scratch_alloc(S * state_stride(nr, part.d1 - part.d0) * sizeof(floating))
+    part.gates = scratch_alloc(nr * G * np_ * sizeof(floating))
+    part.panels = NULL
     if D % NT != 0:
-        panels = <floating*> scratch_alloc(G * np_ * D * sizeof(floating))
-    if st == NULL or gates == NULL or (D % NT != 0 and panels == NULL):
+        part.panels = scratch_alloc(G * np_ * D * sizeof(floating))
+    if part.st == NULL or part.gates == NULL or (D % NT != 0 and part.panels == NULL):
         ss_barrier_fail(bar)
-    ss_barrier_wait(bar, team)
+    ss_barrier_wait(bar, team)          # also publishes every member's part to the others
     if ss_barrier_failed(bar):
-        status = -1
-    else:
-        forward_columns(cell, rows + start[blk], nr, job % heads, B, T, heads * D, D, G, S,
-                        S_save, d0, d1, ax, mp, b_r, state0, seq, ar_seq, state_out,
-                        hbufs + job * hstride, bar, team, st, gates, panels, vl)
-    scratch_free(st)
-    scratch_free(gates)
-    scratch_free(panels)
-    return status
+        free_part(part)
+        return -1
+    owner = forward_columns(cell, rows + start[blk], nr, job % heads, B, T, heads * D, D, G,
+                            S, S_save, ax, mp, b_r, state0, seq, ar_seq, state_out,
+                            hbufs + job * hstride, bar, team_parts, member, team, vl)
+    if owner < 0:
+        free_part(part)
+    elif owner == member:
+        for m in range(team):
+            free_part(team_parts + m)
+    return 0
 
 
 cdef void column_thread(int cell, Py_ssize_t njobs, int team, Py_ssize_t B, Py_ssize_t T,
@@ -398,7 +567,8 @@ cdef void column_thread(int cell, Py_ssize_t njobs, int team, Py_ssize_t B, Py_s
                         const floating* b_r, const floating* state0, floating* seq,
                         floating* ar_seq, floating* state_out, const Py_ssize_t* rows,
                         const Py_ssize_t* start, Py_ssize_t hstride, floating* hbufs,
-                        ss_barrier* bars, Varlen vl, int* status) noexcept nogil:
+                        ss_barrier* bars, ColumnPart* parts, Varlen vl,
+                        int* status) noexcept nogil:
     """The work of the calling thread of run_columns' parallel region (status[thread] = -1
     on failure).  Teams are formed from the threads OpenMP actually gave: job j gets threads
     ceil(j nt / njobs) ... (at most `team` of them); with fewer threads than jobs each thread
@@ -413,12 +583,13 @@ cdef void column_thread(int cell, Py_ssize_t njobs, int team, Py_ssize_t B, Py_s
         if tid - first < size:
             status[tid] = column_member(cell, job, tid - first, size, B, T, heads, D, G, S,
                                         S_save, ax, mp, b_r, state0, seq, ar_seq, state_out,
-                                        rows, start, hstride, hbufs, bars, vl)
+                                        rows, start, hstride, hbufs, bars, parts, team, vl)
         return
     job = tid
     while job < njobs:
         if column_member(cell, job, 0, 1, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0,
-                         seq, ar_seq, state_out, rows, start, hstride, hbufs, bars, vl):
+                         seq, ar_seq, state_out, rows, start, hstride, hbufs, bars, parts,
+                         team, vl):
             status[tid] = -1
         job += nt
 
@@ -434,13 +605,16 @@ cdef int run_columns(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     # each job's barrier and h buffers start on their own 64-byte lines: two teams' barriers
     # share no line, nor (when D is a multiple of 16) do the members' slices of h
     cdef Py_ssize_t hstride = round_up(2 * RB * D, 16)
-    cdef char* shared = <char*> scratch_alloc(64 + njobs * (sizeof(ss_barrier)
-                                                            + hstride * sizeof(floating)))
+    cdef char* shared = <char*> scratch_alloc(
+        64 + njobs * (sizeof(ss_barrier) + hstride * sizeof(floating)
+                      + team * sizeof(ColumnPart)))
     cdef ss_barrier* bars = <ss_barrier*> ((<size_t> shared + 63) & ~(<size_t> 63))
     cdef floating* hbufs = <floating*> (bars + njobs)
+    cdef ColumnPart* parts = <ColumnPart*> (hbufs + njobs * hstride)
     cdef int nreq = <int> min(njobs * team, <Py_ssize_t> num_threads)
     cdef int* status = <int*> scratch_alloc(nreq * sizeof(int))
-    cdef int failed = 0, i
+    cdef int failed = 0, busy = 0, i
+    global handovers
     if shared == NULL or status == NULL:
         failed = 1
     else:
@@ -448,10 +622,17 @@ cdef int run_columns(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
         memset(status, 0, nreq * sizeof(int))
         with parallel(num_threads=nreq):
             column_thread(cell, njobs, team, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0,
-                          seq, ar_seq, state_out, rows, start, hstride, hbufs, bars, vl, status)
+                          seq, ar_seq, state_out, rows, start, hstride, hbufs, bars, parts,
+                          vl, status)
         for i in range(nreq):
             if status[i]:
                 failed = 1
+        for job in range(njobs):
+            if bars[job].slow:
+                busy = 1
+            if bars[job].solo:
+                handovers += 1
+        ss_split_outcome(busy)
     scratch_free(shared)
     scratch_free(status)
     return -failed
@@ -479,9 +660,11 @@ cdef void pack_forward(const floating* R, Py_ssize_t heads, Py_ssize_t GD, Py_ss
                        floating* mp, int num_threads) noexcept nogil:
     """pack_recurrent(transpose=True) with the panels split across threads: a large model's R
     (16 MB for an LSTM with H = 1024) takes as long to pack as several time steps, so a serial
-    pack would cap the speed-up of short sequences.  Each panel gets the same bytes."""
+    pack would cap the speed-up of short sequences.  Each panel gets the same bytes.  Serial
+    too while the column split finds the machine busy: a static split then waits a time slice
+    for a thread that lost its core (+8-10 ms per call at H = 1024 under load)."""
     cdef Py_ssize_t ntiles = (GD + NT - 1) // NT, i, k, tile
-    if num_threads == 1 or heads * GD * D < PACK_PARALLEL_MIN:
+    if num_threads == 1 or heads * GD * D < PACK_PARALLEL_MIN or ss_split_paused():
         pack_recurrent(R, heads, GD, D, True, mp)
         return
     for i in prange(heads * ntiles, num_threads=num_threads, schedule="static"):
@@ -489,6 +672,206 @@ cdef void pack_forward(const floating* R, Py_ssize_t heads, Py_ssize_t GD, Py_ss
         tile = i % ntiles
         pack_panels(R + k * GD * D + tile * NT * D, 1, D, D, min(<Py_ssize_t> NT, GD - tile * NT),
                     mp + i * D * NT)
+
+# ---- grouped small heads: a job's heads in one layout (issue 12, many small heads) ------------
+# When D is a multiple of the vector width, a job's nk heads share one layout: a row's gates are
+# [g][nk*D] and its state components [s][row][nk*D], so a row's step is one gate initialisation,
+# the block-diagonal micro-kernel of _block_diag.h (each vector of output columns belongs to
+# one head, whose part of h it is multiplied by; no zero columns) and one cell call on nk*D
+# units instead of nk calls on D.  Every unit's arithmetic is forward_job's on its head alone,
+# bit for bit (tests/test_rnn_groups.py compares with one-head calls).
+
+cdef extern from "_block_diag.h" nogil:
+    int SS_BD_VL_f
+    int SS_BD_VL_d
+    void ss_bd_matmul_f(const float* h, Py_ssize_t ldh, const float* mp, Py_ssize_t D,
+                        Py_ssize_t GD, Py_ssize_t ntiles, Py_ssize_t nt, Py_ssize_t nk,
+                        float* out, Py_ssize_t ldo, Py_ssize_t nrows)
+    void ss_bd_matmul_d(const double* h, Py_ssize_t ldh, const double* mp, Py_ssize_t D,
+                        Py_ssize_t GD, Py_ssize_t ntiles, Py_ssize_t nt, Py_ssize_t nk,
+                        double* out, Py_ssize_t ldo, Py_ssize_t nrows)
+    void ss_bd_prefetch_w(const void* p)
+
+cdef enum:
+    # rows whose gates are computed and then used by their cells together: a row block's gates
+    # (16 x G*nk*D) stay in L1 between the micro-kernel and the cells
+    GROUP_ROWS = 16
+    # Jobs of fewer rows than this whose heads' panels exceed GROUP_L1_BYTES keep the per-head
+    # path: their steps wait on L2 for the panels, and the per-head path overlaps that with the
+    # previous head's cells (B = 1 sLSTM, 4 heads of D = 64: grouped 1.1x slower)
+    GROUP_MIN_ROWS = 4
+    GROUP_L1_BYTES = 32 * 1024
+
+
+cdef inline bint use_groups(Py_ssize_t RB, Py_ssize_t hpj, Py_ssize_t D, Py_ssize_t G,
+                            Py_ssize_t itemsize) noexcept nogil:
+    """True when jobs of RB rows and hpj heads of D units take the grouped path: several
+    heads, D a multiple of the micro-kernel's lanes, and not a few rows on large heads."""
+    return (hpj > 1 and D % (SS_BD_VL_f if itemsize == sizeof(float) else SS_BD_VL_d) == 0
+            and (RB >= GROUP_MIN_ROWS or hpj * G * D * D * itemsize <= GROUP_L1_BYTES))
+
+
+cdef inline void prefetch_w(floating* p, Py_ssize_t n) noexcept nogil:
+    """Fetch p[0:n] for writing (64-byte lines)."""
+    cdef Py_ssize_t i = 0
+    while i < n:
+        ss_bd_prefetch_w(p + i)
+        i += 64 // sizeof(floating)
+
+
+cdef inline void block_diag(const floating* h, Py_ssize_t ldh, const floating* mp, Py_ssize_t D,
+                            Py_ssize_t GD, Py_ssize_t nk, floating* out, Py_ssize_t ldo,
+                            Py_ssize_t nrows) noexcept nogil:
+    """out[r][g*nk*D + kk*D + d] += h[r, kk*D:(kk+1)*D] @ R_kk^T[:, g*D + d]: nk heads whose
+    panels (pack_recurrent) start at mp."""
+    cdef Py_ssize_t ntiles = (GD + NT - 1) // NT
+    if floating is float:
+        ss_bd_matmul_f(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, nrows)
+    else:
+        ss_bd_matmul_d(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, nrows)
+
+
+cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
+                        Py_ssize_t nk, Py_ssize_t B, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D,
+                        Py_ssize_t G, Py_ssize_t S, Py_ssize_t S_save,
+                        const floating* ax, const floating* mp, const floating* b_r,
+                        const floating* state0, floating* seq, floating* ar_seq,
+                        floating* state_out, floating* st, floating* gates,
+                        Varlen vl, const Fused* fz) noexcept nogil:
+    """forward_job's work (heads k0 .. k0+nk-1 of rows `rows`) in the grouped layout: st [S, ss]
+    with row r's units at r*W (W = nk*D), gates [GROUP_ROWS, G, W].  `fz` as in forward_job."""
+    cdef Py_ssize_t GH = G * H, W = nk * D, GW = G * W, off = k0 * D
+    cdef Py_ssize_t ss = state_stride(nr, W)
+    cdef Py_ssize_t i, j, r, r0, nrg, b, s, g, u, t, length
+    cdef Py_ssize_t ntiles = (G * D + NT - 1) // NT
+    cdef Py_ssize_t nact = nr
+    cdef Py_ssize_t steps = row_length(vl.lens, rows[0], T)   # rows[0] is the longest
+    cdef const floating* mpk = mp + k0 * ntiles * D * NT
+    cdef const floating* axr
+    cdef floating* str_
+    for s in range(S):
+        for r in range(nr):
+            for u in range(W):
+                st[s * ss + r * W + u] = state0[(s * B + rows[r]) * H + off + u]
+    for j in range(steps):
+        while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
+            nact -= 1
+        if fz != NULL and j % fz.steps == 0:
+            project_block(<const floating*> fz.x, <const floating*> fz.wp,
+                          <const floating*> fz.bias, <floating*> fz.ax, fz, rows, nact, T, j, vl)
+        for i in range((nact + GROUP_ROWS - 1) // GROUP_ROWS):
+            r0 = i * GROUP_ROWS
+            nrg = min(<Py_ssize_t> GROUP_ROWS, nact - r0)
+            for r in range(nrg):
+                b = rows[r0 + r]
+                if vl.reset != NULL and vl.reset[b * T + time_index(j, row_length(vl.lens, b, T),
+                                                                    vl.reverse)]:
+                    for s in range(S):
+                        for u in range(W):
+                            st[s * ss + (r0 + r) * W + u] = 0
+                for g in range(G):
+                    for u in range(W):
+                        gates[r * GW + g * W + u] = b_r[g * H + off + u]
+            block_diag(st + r0 * W, W, mpk, D, G * D, nk, gates, GW, nrg)
+            for r in range(nrg):
+                b = rows[r0 + r]
+                length = row_length(vl.lens, b, T)
+                t = time_index(j, length, vl.reverse)
+                str_ = st + (r0 + r) * W
+                if ar_seq != NULL:
+                    for g in range(G):
+                        for u in range(W):
+                            ar_seq[(b * T + t) * GH + g * H + off + u] = gates[r * GW + g * W + u]
+                if fz == NULL:
+                    axr = ax + (b * T + t) * GH + off
+                else:
+                    axr = (<floating*> fz.ax + ((r0 + r) * fz.steps
+                                                 + block_index(fz, j, length, vl.reverse))
+                           * fz.ldo + off)
+                cell_forward(cell, W, axr, H, gates + r * GW, W, str_, ss)
+                for s in range(S_save):
+                    for u in range(W):
+                        seq[((s * B + b) * T + t) * H + off + u] = str_[s * ss + u]
+                # the row's lines of the next step, far from the other rows' (the hardware
+                # prefetcher cannot follow): fetched here, between cells, and not all at the
+                # start of the step, whose burst of misses stalled on the fill buffers
+                if j + 1 < length:
+                    t = time_index(j + 1, length, vl.reverse)
+                    for g in range(G if fz == NULL else 0):
+                        prefetch(ax + (b * T + t) * GH + g * H + off, W)
+                    for s in range(S_save):
+                        prefetch_w(seq + ((s * B + b) * T + t) * H + off, W)
+    for r in range(nr):
+        b = rows[r]
+        for s in range(S):
+            for u in range(W):
+                state_out[(s * B + b) * H + off + u] = st[s * ss + r * W + u]
+        length = row_length(vl.lens, b, T)         # padded steps: outputs are 0
+        zero_steps(seq, b * T * H + off, S_save, B * T * H, H, length, T, W)
+        if ar_seq != NULL:
+            zero_steps(ar_seq, b * T * GH + off, G, H, GH, length, T, W)
+
+
+cdef void group_job(int cell, Py_ssize_t job, Py_ssize_t groups, Py_ssize_t hpj,
+                    Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D, Py_ssize_t G,
+                    Py_ssize_t S, Py_ssize_t S_save, const floating* ax, const floating* mp,
+                    const floating* b_r, const floating* state0, floating* seq,
+                    floating* ar_seq, floating* state_out, const Py_ssize_t* rows,
+                    const Py_ssize_t* start, floating* st, floating* gates,
+                    Varlen vl, const Fused* fz) noexcept nogil:
+    """Job `job` of run_groups: row block job // groups, heads from (job % groups) * hpj."""
+    cdef Py_ssize_t blk = job // groups, k0 = job % groups * hpj
+    forward_group(cell, rows + start[blk], start[blk + 1] - start[blk], k0,
+                  min(hpj, heads - k0), B, T, heads * D, D, G, S, S_save, ax, mp, b_r, state0,
+                  seq, ar_seq, state_out, st, gates, vl, fz)
+
+
+cdef int run_groups(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D,
+                    Py_ssize_t G, Py_ssize_t S, Py_ssize_t S_save, const floating* ax,
+                    const floating* mp, const floating* b_r, const floating* state0,
+                    floating* seq, floating* ar_seq, floating* state_out,
+                    const Py_ssize_t* rows, const Py_ssize_t* start, Py_ssize_t nblocks,
+                    Py_ssize_t RB, Py_ssize_t hpj, Varlen vl, int num_threads,
+                    const Fused* fz, Py_ssize_t fsteps) noexcept nogil:
+    """run_forward's row-split jobs (row blocks x groups of hpj heads) in the grouped layout;
+    -1 when scratch memory could not be allocated.  `fz` (with blocks of `fsteps` steps) as
+    in run_forward, whose jobs then own whole rows."""
+    cdef Py_ssize_t groups = (heads + hpj - 1) // hpj, njobs = nblocks * groups, job
+    cdef Py_ssize_t st_bytes = S * state_stride(RB, hpj * D) * sizeof(floating)
+    cdef Py_ssize_t gate_bytes = min(RB, <Py_ssize_t> GROUP_ROWS) * G * hpj * D * sizeof(floating)
+    cdef int failed = 0
+    cdef floating* st
+    cdef floating* gates
+    cdef Fused* jfz
+    if num_threads == 1 or njobs == 1:     # no OpenMP region: matters for T=1 streaming calls
+        st = <floating*> scratch_alloc(st_bytes)
+        gates = <floating*> scratch_alloc(gate_bytes)
+        jfz = job_fused(fz, fsteps, RB, sizeof(floating))
+        if st != NULL and gates != NULL and (fz == NULL or jfz != NULL):
+            for job in range(njobs):
+                group_job(cell, job, groups, hpj, B, T, heads, D, G, S, S_save, ax, mp, b_r,
+                          state0, seq, ar_seq, state_out, rows, start, st, gates, vl, jfz)
+        else:
+            failed = 1
+        scratch_free(st)
+        scratch_free(gates)
+        scratch_free(jfz)
+        return -failed
+    with parallel(num_threads=num_threads):
+        st = <floating*> scratch_alloc(st_bytes)
+        gates = <floating*> scratch_alloc(gate_bytes)
+        jfz = job_fused(fz, fsteps, RB, sizeof(floating))    # each thread its own buffer
+        for job in prange(njobs, schedule="static"):
+            if st == NULL or gates == NULL or (fz != NULL and jfz == NULL):
+                failed += 1
+            else:
+                group_job(cell, job, groups, hpj, B, T, heads, D, G, S, S_save, ax, mp, b_r,
+                          state0, seq, ar_seq, state_out, rows, start, st, gates, vl, jfz)
+        scratch_free(st)
+        scratch_free(gates)
+        scratch_free(jfz)
+    return -1 if failed else 0
+
 
 cdef class JobRows:
     """The batch rows of every job of a call: job block i owns rows[start[i]:start[i + 1]].
@@ -613,14 +996,13 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     cdef Py_ssize_t ntiles = (G * D + NT - 1) // NT
     cdef Py_ssize_t job, blk, k0
     cdef int failed = 0, status
-    cdef bint columns
+    cdef bint columns, grouped
     cdef floating* st
     cdef floating* gates
     cdef floating* own_ax
     cdef Py_ssize_t* own = NULL
     cdef Py_ssize_t fsteps = 0
-    cdef Fused job_fz
-    cdef const Fused* jfz = NULL
+    cdef Fused* jfz
     if rows == NULL:
         RB = forward_rows_per_job(B, heads, num_threads, block)
         nblocks = (B + RB - 1) // RB
@@ -636,6 +1018,10 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     columns = block == -1 or (block == 0 and team > 1)  # fewer (row block, head) jobs than threads
     hpj = heads_per_job(nblocks, heads, num_threads, G * D * D * sizeof(floating))
     groups = (heads + hpj - 1) // hpj
+    # the grouped path reads a projected ax: with a fused call's time-block projection at hand
+    # it only pays off for row blocks up to GROUP_ROWS (heads=4, D=16, 1 thread: B=16 grouped
+    # after projecting 1.0-1.2x faster than fused per head, B=64 0.74-0.88x but elman 1.5x)
+    grouped = not columns and use_groups(RB, hpj, D, G, sizeof(floating))
     if fz != NULL and (columns or groups > 1
                        or fz.n_in * fz.ldo * sizeof(floating) > FUSED_W_BYTES):
         # jobs do not own whole rows, or W would not stay in cache: project first
@@ -661,18 +1047,17 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     if columns:
         return run_columns(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
                            state_out, rows, start, nblocks, RB, vl, team, num_threads)
-    njobs = nblocks * groups
     if fz != NULL:
         fsteps = fused_steps(RB, fz.ldo, T, sizeof(floating))
+    if grouped:     # several small heads per job
+        return run_groups(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
+                          state_out, rows, start, nblocks, RB, hpj, vl, num_threads, fz, fsteps)
+    njobs = nblocks * groups
     if num_threads == 1 or njobs == 1:     # no OpenMP region: matters for T=1 streaming calls
         st = <floating*> scratch_alloc(hpj * S * state_stride(RB, D) * sizeof(floating))
         gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
-        if fz != NULL:
-            job_fz = fz[0]
-            job_fz.steps = fsteps
-            job_fz.ax = scratch_alloc(RB * fsteps * fz.ldo * sizeof(floating))
-            jfz = &job_fz
-        if st != NULL and gates != NULL and (fz == NULL or job_fz.ax != NULL):
+        jfz = job_fused(fz, fsteps, RB, sizeof(floating))
+        if st != NULL and gates != NULL and (fz == NULL or jfz != NULL):
             for job in range(njobs):
                 blk = job // groups
                 k0 = job % groups * hpj
@@ -683,20 +1068,14 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
             failed = 1
         scratch_free(st)
         scratch_free(gates)
-        if fz != NULL:
-            scratch_free(job_fz.ax)
+        scratch_free(jfz)
         return -failed
     with parallel(num_threads=num_threads):
         st = <floating*> scratch_alloc(hpj * S * state_stride(RB, D) * sizeof(floating))
         gates = <floating*> scratch_alloc(RB * ntiles * NT * sizeof(floating))
-        jfz = NULL
-        if fz != NULL:      # each thread its own copy of job_fz, with its own buffer
-            job_fz = fz[0]
-            job_fz.steps = fsteps
-            job_fz.ax = scratch_alloc(RB * fsteps * fz.ldo * sizeof(floating))
-            jfz = &job_fz
+        jfz = job_fused(fz, fsteps, RB, sizeof(floating))    # each thread its own buffer
         for job in prange(njobs, schedule="static"):
-            if st == NULL or gates == NULL or (jfz != NULL and jfz.ax == NULL):
+            if st == NULL or gates == NULL or (fz != NULL and jfz == NULL):
                 failed += 1
             else:
                 blk = job // groups
@@ -706,8 +1085,7 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
                             b_r, state0, seq, ar_seq, state_out, st, gates, vl, jfz)
         scratch_free(st)
         scratch_free(gates)
-        if jfz != NULL:
-            scratch_free(jfz.ax)
+        scratch_free(jfz)
     return -1 if failed else 0
 
 
@@ -729,10 +1107,26 @@ def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::
     state_out [S,B,H] (each row's state after its last valid step).  B, T or H = 0 return
     at once.
     """
+    cdef Py_ssize_t B = ax.shape[0], T = ax.shape[1], D = R.shape[2]
     cdef int cell = CELL_IDS[cell_name]
-    cdef Py_ssize_t B = ax.shape[0], T = ax.shape[1]
+    if B == 0 or T == 0 or D == 0:
+        if T == 0:
+            state_out[...] = state0
+        return
+    if save and (ar_seq is None or seq.shape[0] != state0.shape[0]):
+        raise ValueError("save needs ar_seq and every state component in seq")
+    run_call(cell, &ax[0, 0, 0], R, b_r, state0, B, T, lengths, reverse, reset, block, seq,
+             &ar_seq[0, 0, 0] if save else NULL, state_out, num_threads, NULL)
+
+
+cdef run_call(int cell, const floating* ax, const floating[:, :, ::1] R,
+              const floating[::1] b_r, const floating[:, :, ::1] state0, Py_ssize_t B,
+              Py_ssize_t T, const cnp.int64_t[::1] lengths, bint reverse, reset, int block,
+              floating[:, :, :, ::1] seq, floating* ar_ptr, floating[:, :, ::1] state_out,
+              int num_threads, const Fused* fz):
+    """The part `forward` and `forward_projected` share: R packed, then run_forward on the
+    rows of JobRows (with lengths) or contiguous blocks; MemoryError when out of memory."""
     cdef Py_ssize_t heads = R.shape[0], GD = R.shape[1], D = R.shape[2]
-    cdef floating* ar_ptr = NULL
     cdef floating* mp
     cdef int status
     cdef Varlen vl
@@ -740,27 +1134,19 @@ def forward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, ::
     cdef const Py_ssize_t* rows = NULL
     cdef const Py_ssize_t* start = NULL
     cdef Py_ssize_t nblocks = 0, RB = 0
-    if B == 0 or T == 0 or D == 0:
-        if T == 0:
-            state_out[...] = state0
-        return
-    if save and (ar_seq is None or seq.shape[0] != state0.shape[0]):
-        raise ValueError("save needs ar_seq and every state component in seq")
     vl = varlen(lengths, reverse, reset, B, T)
     if lengths is not None:
         jr = JobRows(B, forward_rows_per_job(B, heads, num_threads, block), lengths)
         rows, start, nblocks, RB = jr.rows, jr.start, jr.nblocks, jr.RB
-    if save:
-        ar_ptr = &ar_seq[0, 0, 0]
     mp = <floating*> panel_alloc(heads * ((GD + NT - 1) // NT) * D * NT * sizeof(floating))
     if mp == NULL:
         raise MemoryError()
     with nogil:
         pack_forward(&R[0, 0, 0], heads, GD, D, mp, num_threads)
-        status = run_forward(cell, B, T, heads, D, GD // D, state0.shape[0], seq.shape[0],
-                             &ax[0, 0, 0], mp, &b_r[0], &state0[0, 0, 0], &seq[0, 0, 0, 0],
-                             ar_ptr, &state_out[0, 0, 0], rows, start, nblocks, RB, vl,
-                             block, num_threads, NULL)
+        status = run_forward(cell, B, T, heads, D, GD // D, state0.shape[0], seq.shape[0], ax,
+                             mp, &b_r[0], &state0[0, 0, 0], &seq[0, 0, 0, 0], ar_ptr,
+                             &state_out[0, 0, 0], rows, start, nblocks, RB, vl, block,
+                             num_threads, fz)
     scratch_free(mp)
     if status:
         raise MemoryError()
@@ -779,46 +1165,27 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
     owns whole rows (every head) projects them a block of time steps at a time, into a buffer
     that stays in cache, instead of writing W x + b [B,T,G*H] to memory and reading it back.
     """
-    cdef int cell = CELL_IDS[cell_name]
     cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2], M = W.shape[0]
-    cdef Py_ssize_t heads = R.shape[0], GD = R.shape[1], D = R.shape[2]
-    cdef floating* mp
+    cdef int cell = CELL_IDS[cell_name]
+    cdef Py_ssize_t wsize = round_up(M, NT) * max(I, 1)
     cdef floating* wp
-    cdef int status
     cdef Fused fz
-    cdef Varlen vl
-    cdef JobRows jr = None
-    cdef const Py_ssize_t* rows = NULL
-    cdef const Py_ssize_t* start = NULL
-    cdef Py_ssize_t nblocks = 0, RB = 0
-    if B == 0 or T == 0 or D == 0:
+    if B == 0 or T == 0 or R.shape[2] == 0:
         if T == 0:
             state_out[...] = state0
         return
-    vl = varlen(lengths, reverse, reset, B, T)
-    if lengths is not None:
-        jr = JobRows(B, forward_rows_per_job(B, heads, num_threads, block), lengths)
-        rows, start, nblocks, RB = jr.rows, jr.start, jr.nblocks, jr.RB
-    mp = <floating*> panel_alloc(heads * ((GD + NT - 1) // NT) * D * NT * sizeof(floating))
-    wp = <floating*> panel_alloc(((M + NT - 1) // NT) * max(I, 1) * NT * sizeof(floating))
-    if mp == NULL or wp == NULL:
-        scratch_free(mp)
-        scratch_free(wp)
+    wp = <floating*> panel_alloc((wsize + round_up(M, NT)) * sizeof(floating))   # + bias
+    if wp == NULL:
         raise MemoryError()
-    fz.x, fz.wp, fz.bias, fz.ax = &x[0, 0, 0], wp, NULL if b is None else &b[0], NULL
-    fz.n_in, fz.ldo, fz.steps = I, round_up(M, NT), 0
     with nogil:
         if I > 0:
             pack_panels(&W[0, 0], 1, I, I, M, wp)
-        pack_forward(&R[0, 0, 0], heads, GD, D, mp, num_threads)
-        status = run_forward(cell, B, T, heads, D, GD // D, state0.shape[0], 1, &x[0, 0, 0], mp,
-                             &b_r[0], &state0[0, 0, 0], &seq[0, 0, 0, 0], NULL,
-                             &state_out[0, 0, 0], rows, start, nblocks, RB, vl, block,
-                             num_threads, &fz)
-    scratch_free(mp)
-    scratch_free(wp)
-    if status:
-        raise MemoryError()
+        fused_init(&fz, &x[0, 0, 0], I, wp, NULL if b is None else &b[0], M, wp + wsize)
+    try:
+        run_call(cell, &x[0, 0, 0], R, b_r, state0, B, T, lengths, reverse, reset, block, seq,
+                 NULL, state_out, num_threads, &fz)
+    finally:
+        scratch_free(wp)
 
 
 cdef void backward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
@@ -1129,11 +1496,16 @@ cdef int stream_step(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssiz
     cdef floating* ax = NULL
     cdef int status
     cdef Fused fz
+    cdef floating* bias
     if wp != NULL:                  # projected block by block inside the jobs
-        fz.x, fz.wp, fz.bias, fz.ax = x, wp, b, NULL
-        fz.n_in, fz.ldo, fz.steps = I, round_up(GH, NT), 0
-        return run_forward(cell, B, T, heads, D, G, S, 1, x, rp, b_r, state0, y, NULL,
-                           state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads, &fz)
+        bias = <floating*> scratch_alloc(round_up(GH, NT) * sizeof(floating))
+        if bias == NULL:
+            return -1
+        fused_init(&fz, x, I, wp, b, GH, bias)
+        status = run_forward(cell, B, T, heads, D, G, S, 1, x, rp, b_r, state0, y, NULL,
+                             state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads, &fz)
+        scratch_free(bias)
+        return status
     if b != NULL:                   # x already holds W x; only the bias to add
         ax = <floating*> scratch_alloc(B * T * GH * sizeof(floating))
         if ax == NULL:

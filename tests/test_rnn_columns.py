@@ -148,3 +148,69 @@ def test_teams_form_from_the_threads_openmp_gives(tmp_path):
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                           text=True, timeout=300, cwd=tests_dir)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.fixture
+def handover():
+    """The compiled module's hand-over hook (rnn._force_handover), switched off afterwards."""
+    force = _dispatch.ext_module("rnn")._force_handover
+    yield force
+    force()
+
+
+# (step, member): the barrier before the first step, one in the middle, the one after the
+# last step (T = 7 below: nothing is left to run alone); member 0, another member, or (-1)
+# whichever arrives last takes over
+HANDOVERS = [(-1, 0), (-1, 1), (-1, -1), (0, 1), (3, 0), (3, 2), (3, -1), (5, 1), (6, 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_handover_to_one_member_gives_the_same_bits(cell, dtype, handover):
+    """A busy machine makes a team hand its job to one member at a step's barrier (forced here
+    through the test hook): that member runs every part's remaining steps, with lengths,
+    reverse and resets, and the results stay the bits of one thread."""
+    B, T = 5, 7
+    lengths = np.array([7, 0, 3, 1, 5], np.int64)
+    reset = np.random.default_rng(2).random((B, T)) < 0.3
+    reset[:, 0] = [True, False, True, False, False]
+    for H, heads in ((100, 1), (128, 2)):      # gathered panels, whole panels with two heads
+        args = _problem(cell, B, T, H, heads, dtype, seed=3)
+        for kw in ({}, dict(lengths=lengths, reverse=True, reset=reset), dict(reset=reset)):
+            rows = _forward(cell, *args, block=0, threads=1, **kw)
+            for step, member in HANDOVERS:
+                handover(step, member)
+                for threads in (2, 3, 4):
+                    assert_all_equal(_forward(cell, *args, block=-1, threads=threads, **kw),
+                                     rows, what=f"H={H} {sorted(kw)} handover at {step} to "
+                                                f"{member}, {threads} threads")
+                handover()
+
+
+def test_handover_hook_reaches_every_team(handover):
+    """The hook hands over every team's job, and the hook counts them: four heads (jobs) of
+    two panels each on eight threads, teams of two.  (Without the hook the count is not
+    checked: a busy machine may hand jobs over by itself.)"""
+    args = _problem("gru", 1, 20, 256, 4, np.float64, seed=4)
+    rows = _forward("gru", *args, block=0, threads=1)
+    handover(4, 1)
+    assert_all_equal(_forward("gru", *args, block=-1, threads=8), rows, what="handover")
+    assert handover() == 4
+
+
+def test_busy_calls_keep_the_next_calls_on_one_thread(handover):
+    """Calls that found the machine busy make the automatic rule leave the column split for a
+    while (10 ms, doubled per busy call up to 1 s: 640 ms after the seven forced here, far
+    longer than the calls below take); the hook's reset brings the split back.  Same bits."""
+    args = _problem("lstm", 1, 8, 256, 1, np.float32)
+    rows = _forward("lstm", *args, block=0, threads=1)
+    handover(2, -1, busy=True)
+    for _ in range(7):          # block=-1 forces the split whatever the rule says
+        assert_all_equal(_forward("lstm", *args, block=-1, threads=2), rows, what="busy")
+    assert handover(2, 0) == 7
+    assert_all_equal(_forward("lstm", *args, block=0, threads=2), rows, what="paused")
+    assert handover(2, 0) == 0      # no team: the rule ran the sequence on one thread
+    handover()
+    handover(2, 0)
+    assert_all_equal(_forward("lstm", *args, block=0, threads=2), rows, what="split again")
+    assert handover() == 1

@@ -4,7 +4,9 @@ Batches too small to give every thread its own rows (B=1 at H=256 and 1024, B=4 
 one head): the same call with the run's thread count (``statescan``) and with one thread
 (``statescan-1t``), in one run, so "statescan-1t x" is the speed-up of the extra threads.
 Run it with ``--threads 2`` (or more); with ``--threads 1`` both runners are the same.  The
-outputs are compared too: they are bit-identical for any thread count.
+outputs are compared too: they are bit-identical for any thread count.  On a busy machine a
+team hands its job to one thread and the automatic rule stays on one thread for a while (up to
+a second), so the ratio there measures that fallback, not the split: check the cpu/wall column.
 """
 import numpy as np
 
