@@ -95,7 +95,7 @@ cdef struct Varlen:
 
 cdef struct Fused:
     const void* x            # [B, T, I] (floating)
-    const void* wp           # W^T packed in panels
+    const void* wp           # W^T packed in panels; NULL: x already holds W x (n_in = G*H)
     const void* bias         # [ldo] (b, then zeros) or NULL
     void* ax                 # this job's buffer [rows, steps, ldo] (floating)
     Py_ssize_t n_in, ldo, steps    # inputs per row (not `I`: complex.h's macro)
@@ -121,6 +121,15 @@ cdef void project_block(const floating* x, const floating* wp, const floating* b
     first time step of the block (x, wp, bias and ax: fz's).  One panel of W at a time over
     every row: the panel stays in cache while all of the job's rows use it."""
     cdef Py_ssize_t ldo = fz.ldo, I = fz.n_in, r, i, m, n, t0, tile, length
+    if wp == NULL:      # W x given: x + b, as numpy adds them
+        for r in range(nact):
+            length = row_length(vl.lens, rows[r], T)
+            n = block_steps(fz, j, length)
+            t0 = length - j - n if vl.reverse else j
+            for i in range(n):
+                for m in range(I):
+                    ax[(r * fz.steps + i) * ldo + m] = x[(rows[r] * T + t0 + i) * I + m] + bias[m]
+        return
     for r in range(nact if I == 0 else 0):      # no products: the bias (or 0) alone
         for i in range(block_steps(fz, j, row_length(vl.lens, rows[r], T))):
             for m in range(ldo):
@@ -147,6 +156,30 @@ cdef void fused_init(Fused* fz, const floating* x, Py_ssize_t I, const floating*
         for m in range(fz.ldo):
             bias[m] = b[m] if m < M else 0
         fz.bias = bias
+
+
+cdef int project_all(const Fused* fz, Py_ssize_t B, Py_ssize_t T, Py_ssize_t M, Varlen vl,
+                     floating* ax, int num_threads) noexcept nogil:
+    """ax [B, T, M] = W x + b of fz's x (M = G*H), at every step, or only the valid ones with
+    lengths (padded steps are never read): the projection of a call whose jobs do not project
+    their own blocks; -1 when out of memory."""
+    cdef const floating* x = <const floating*> fz.x
+    cdef const floating* bias = <const floating*> fz.bias
+    cdef Py_ssize_t b, n, m
+    if fz.wp == NULL:           # W x given: x + b, as numpy adds them
+        for n in range(B * T):
+            for m in range(M):
+                ax[n * M + m] = x[n * M + m] + bias[m]
+        return 0
+    if vl.lens == NULL:
+        return run_project(x, B * T, fz.n_in, <const floating*> fz.wp, M, bias, ax, NULL, 0,
+                           num_threads)
+    for b in range(B):
+        if vl.lens[b] > 0 and run_project(x + b * T * fz.n_in, vl.lens[b], fz.n_in,
+                                          <const floating*> fz.wp, M, bias, ax + b * T * M,
+                                          NULL, 0, num_threads):
+            return -1
+    return 0
 
 
 cdef Fused* job_fused(const Fused* fz, Py_ssize_t steps, Py_ssize_t RB,
@@ -1023,21 +1056,11 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     # after projecting 1.0-1.2x faster than fused per head, B=64 0.74-0.88x but elman 1.5x)
     grouped = not columns and use_groups(RB, hpj, D, G, sizeof(floating))
     if fz != NULL and (columns or groups > 1
-                       or fz.n_in * fz.ldo * sizeof(floating) > FUSED_W_BYTES):
+                       or fz.wp != NULL and fz.n_in * fz.ldo * sizeof(floating) > FUSED_W_BYTES):
         # jobs do not own whole rows, or W would not stay in cache: project first
         own_ax = <floating*> panel_alloc(B * T * G * heads * D * sizeof(floating))
-        status = -1 if own_ax == NULL else 0
-        for blk in range(B if vl.lens != NULL and status == 0 else 0):  # valid steps only
-            if vl.lens[blk] > 0 and run_project(
-                    <const floating*> fz.x + blk * T * fz.n_in, vl.lens[blk], fz.n_in,
-                    <const floating*> fz.wp, G * heads * D, <const floating*> fz.bias,
-                    own_ax + blk * T * G * heads * D, NULL, 0, num_threads):
-                status = -1
-                break
-        if vl.lens == NULL and status == 0:
-            status = run_project(<const floating*> fz.x, B * T, fz.n_in,
-                                 <const floating*> fz.wp, G * heads * D,
-                                 <const floating*> fz.bias, own_ax, NULL, 0, num_threads)
+        status = -1 if own_ax == NULL else project_all(fz, B, T, G * heads * D, vl, own_ax,
+                                                       num_threads)
         if status == 0:
             status = run_forward(cell, B, T, heads, D, G, S, S_save, own_ax, mp, b_r, state0,
                                  seq, ar_seq, state_out, rows, start, nblocks, RB, vl, block,
@@ -1160,16 +1183,21 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
                       int num_threads):
     """`project` (or `project_valid`) then `forward` with save=False, in one pass.
 
-    x [B,T,I], W [G*H,I], b [G*H] or None; R, b_r, state0, lengths, reverse, reset, block,
-    seq [1,B,T,H], state_out as in `forward`.  The same bits as the two calls; but a job that
-    owns whole rows (every head) projects them a block of time steps at a time, into a buffer
-    that stays in cache, instead of writing W x + b [B,T,G*H] to memory and reading it back.
+    x [B,T,I], W [G*H,I], b [G*H] or None; or W None: x [B,T,G*H] holds W x, and b [G*H]
+    is added (x + b, as `forward`'s caller would).  R, b_r, state0, lengths, reverse, reset,
+    block, seq [1,B,T,H], state_out as in `forward`.  The same bits as the two calls; but a job
+    that owns whole rows (every head) projects them a block of time steps at a time, into a
+    buffer that stays in cache, instead of writing W x + b [B,T,G*H] to memory and reading it
+    back.
     """
-    cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2], M = W.shape[0]
+    cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2]
+    cdef Py_ssize_t M = I if W is None else W.shape[0]
     cdef int cell = CELL_IDS[cell_name]
-    cdef Py_ssize_t wsize = round_up(M, NT) * max(I, 1)
+    cdef Py_ssize_t wsize = 0 if W is None else round_up(M, NT) * max(I, 1)
     cdef floating* wp
     cdef Fused fz
+    if W is None and b is None:
+        raise ValueError("forward_projected needs W or b (x alone: call forward)")
     if B == 0 or T == 0 or R.shape[2] == 0:
         if T == 0:
             state_out[...] = state0
@@ -1178,9 +1206,10 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
     if wp == NULL:
         raise MemoryError()
     with nogil:
-        if I > 0:
+        if wsize > 0 and I > 0:
             pack_panels(&W[0, 0], 1, I, I, M, wp)
-        fused_init(&fz, &x[0, 0, 0], I, wp, NULL if b is None else &b[0], M, wp + wsize)
+        fused_init(&fz, &x[0, 0, 0], I, wp if wsize > 0 else NULL, NULL if b is None else &b[0],
+                   M, wp + wsize)
     try:
         run_call(cell, &x[0, 0, 0], R, b_r, state0, B, T, lengths, reverse, reset, block, seq,
                  NULL, state_out, num_threads, &fz)

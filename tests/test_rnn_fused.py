@@ -83,3 +83,29 @@ def test_fused_with_lengths_equals_project_valid_then_forward(cell, shape, rever
     assert not np.isnan(y1).any()
     assert_all_equal(y1, y0)
     assert_all_equal(s1, s0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("varlen", (False, True))
+@pytest.mark.parametrize("threads,block", [(1, 0), (2, 0), (2, -1)])
+def test_fused_bias_of_given_wx_equals_forward_of_x_plus_b(cell, shape, varlen, threads, block):
+    """W None, b given (x holds W x): the jobs add b to their block of x -- numpy's x + b."""
+    B, T, _, H, heads = shape
+    ext = _dispatch.ext_module("rnn")
+    dtype = np.float32 if T % 2 else np.float64
+    G = CELL_SIZES[cell][0]
+    _, _, b, R, b_r, state0 = _problem(cell, B, T, 1, H, heads, dtype, True)
+    x = np.random.default_rng(T).standard_normal((B, T, G * H)).astype(dtype)
+    lengths = reset = None
+    if varlen:
+        lengths = np.random.default_rng(B).integers(0, T + 1, B).astype(np.int64)
+        reset = np.random.default_rng(H).random((B, T)) < 0.1
+    y0, s0 = np.empty((1, B, T, H), dtype), np.empty_like(state0)
+    ext.forward(cell, x + b, R, b_r, state0, False, lengths, varlen, reset, block, y0, None, s0,
+                threads)
+    y1, s1 = np.full((1, B, T, H), np.nan, dtype), np.full_like(state0, np.nan)
+    ext.forward_projected(cell, x, None, b, R, b_r, state0, lengths, varlen, reset, block, y1,
+                          s1, threads)
+    assert_all_equal(y1, y0)
+    assert_all_equal(s1, s0)

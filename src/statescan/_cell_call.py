@@ -181,10 +181,10 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
     R = R if R.ndim == 3 else R.reshape(1, GD, D)
     b_r = _zeros((GH,), dtype) if b_r is None else b_r
     block = _tuning.rnn_block(cell.name, B, H, heads, dtype)
-    if W is None:                                     # as input_preactivation
-        ext.forward(cell.name, x if b is None else x + b, R, b_r, state0, False, None, False,
-                    None, block, seq, None, final, threads)
-    else:       # project + forward, W x + b projected inside the time loop (the same bits)
+    if W is None and b is None:                       # as input_preactivation
+        ext.forward(cell.name, x, R, b_r, state0, False, None, False, None, block, seq, None,
+                    final, threads)
+    else:       # project + forward, W x + b (or x + b) made inside the time loop (same bits)
         ext.forward_projected(cell.name, x, W, b, R, b_r, state0, None, False, None, block, seq,
                               final, threads)
     return outputs(cell, seq[0], final)
@@ -263,9 +263,10 @@ def forward(call, ax, save, block=0):
 def projected_forward(call):
     """:func:`input_preactivation` then :func:`forward` (save=False) in one compiled pass:
     (y [B,T,H], final state [S,B,H]), the same bits, without the W x + b [B,T,G*H] array
-    (the compiled forward projects each job's rows a block of steps at a time).  None when
-    W is None or the python backend is active: those calls take the two steps."""
-    if call.W is None or not _dispatch.use_compiled():
+    (the compiled forward projects each job's rows a block of steps at a time; with W None it
+    adds b to x there).  None without W and b, or on the python backend: those calls take
+    the two steps."""
+    if (call.W is None and call.b is None) or not _dispatch.use_compiled():
         return None
     B, T, H = call.shape
     dtype = call.x.dtype
@@ -273,7 +274,8 @@ def projected_forward(call):
     final = np.empty_like(call.state0)
     _dispatch.ext_module("rnn").forward_projected(
         call.cell.name, call.x, call.W, call.b, call.R,
-        np.zeros(call.W.shape[0], dtype) if call.b_r is None else call.b_r, call.state0,
+        np.zeros(call.R.shape[0] * call.R.shape[1], dtype) if call.b_r is None else call.b_r,
+        call.state0,
         call.lengths, call.reverse, call.reset,
         _tuning.rnn_block(call.cell.name, B, H, call.R.shape[0], dtype), seq, final,
         _dispatch.get_num_threads())
