@@ -15,7 +15,7 @@ cdef extern from *:
     """
     #if defined(__AVX512F__)
     #define SS_VBYTES 64
-    #define SS_ACC 16            /* accumulator registers to use (of 32) */
+    #define SS_ACC 24            /* accumulator registers to use (of 32) */
     #elif defined(__AVX__)
     #define SS_VBYTES 32
     #define SS_ACC 12            /* of 16 */
@@ -92,6 +92,14 @@ cdef extern from *:
                               T* out, Py_ssize_t ldo, Py_ssize_t rows, const int mode,       \\
                               const T* bias) {                                               \\
         switch (rows < SS_MR_##SFX ? rows : 0) {                                             \\
+        case 11: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 11 ? 11 : 1, 1, mode,   \\
+                                bias); break;                                                \\
+        case 10: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 10 ? 10 : 1, 1, mode,   \\
+                                bias); break;                                                \\
+        case 9: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 9 ? 9 : 1, 1, mode,   \\
+                                bias); break;                                                \\
+        case 8: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 8 ? 8 : 1, 1, mode,   \\
+                                bias); break;                                                \\
         case 7: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 7 ? 7 : 1, 1, mode,    \\
                                bias); break;                                                 \\
         case 6: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 6 ? 6 : 1, 1, mode,    \\
@@ -217,6 +225,29 @@ cdef extern from *:
     SS_DEFINE_PACK_T(float, f)
     SS_DEFINE_PACK_T(double, d)
 
+    /* a block for packed weights (or another large buffer the kernels stream through): from
+       2 MiB up, 2 MiB aligned and advised to use transparent huge pages (Linux), so a 16 MB
+       panel copy takes 8 page faults instead of 4096 on every call and the per-step stream
+       through it misses the TLB far less; the advice is only a hint (failure ignored), and
+       the block is freed with free() like any malloc block */
+    #include <stdlib.h>
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    #endif
+    #define SS_HUGE_BYTES ((size_t)2 << 20)
+    static void* ss_panel_alloc(size_t nbytes) {
+    #if defined(__linux__) && defined(MADV_HUGEPAGE)
+        if (nbytes >= SS_HUGE_BYTES) {
+            void* p = NULL;
+            if (posix_memalign(&p, SS_HUGE_BYTES, nbytes) != 0)
+                return NULL;
+            madvise(p, nbytes & ~(SS_HUGE_BYTES - 1), MADV_HUGEPAGE);
+            return p;
+        }
+    #endif
+        return malloc(nbytes > 0 ? nbytes : 1);
+    }
+
     #if defined(__GNUC__)
     #define ss_prefetch(p) __builtin_prefetch(p)
     #else
@@ -246,6 +277,7 @@ cdef extern from *:
         SS_LAST
     int SS_NT
     void ss_prefetch(const void* p) nogil
+    void* panel_alloc "ss_panel_alloc"(size_t nbytes) nogil
     void ss_pack_t_f(const float* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,
                      float* panel) nogil
     void ss_pack_t_d(const double* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,

@@ -10,7 +10,7 @@ import numpy as np
 cnp.import_array()
 
 from _microkernel cimport (NT, matmul_acc, matmul_store, matmul_store_kblocked, pack_panels,
-                          prefetch)
+                          panel_alloc, prefetch)
 from _cells cimport cell_forward, cell_backward, cell_ids
 from _scratch cimport scratch_alloc, scratch_free
 from libc.string cimport memset
@@ -1060,7 +1060,7 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     if fz != NULL and (columns or groups > 1
                        or fz.wp != NULL and fz.n_in * fz.ldo * sizeof(floating) > FUSED_W_BYTES):
         # jobs do not own whole rows, or W would not stay in cache: project first
-        own_ax = <floating*> scratch_alloc(B * T * G * heads * D * sizeof(floating))
+        own_ax = <floating*> panel_alloc(B * T * G * heads * D * sizeof(floating))
         status = -1 if own_ax == NULL else project_all(fz, B, T, G * heads * D, vl, own_ax,
                                                        num_threads)
         if status == 0:
@@ -1127,7 +1127,7 @@ cdef run_call(int cell, const floating* ax, const floating[:, :, ::1] R,
     if lengths is not None:
         jr = JobRows(B, forward_rows_per_job(B, heads, num_threads, block), lengths)
         rows, start, nblocks, RB = jr.rows, jr.start, jr.nblocks, jr.RB
-    mp = <floating*> scratch_alloc(heads * ((GD + NT - 1) // NT) * D * NT * sizeof(floating))
+    mp = <floating*> panel_alloc(heads * ((GD + NT - 1) // NT) * D * NT * sizeof(floating))
     if mp == NULL:
         raise MemoryError()
     with nogil:
@@ -1168,7 +1168,7 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
         if T == 0:
             state_out[...] = state0
         return
-    wp = <floating*> scratch_alloc((wsize + round_up(M, NT)) * sizeof(floating))   # + bias
+    wp = <floating*> panel_alloc((wsize + round_up(M, NT)) * sizeof(floating))   # + bias
     if wp == NULL:
         raise MemoryError()
     with nogil:
@@ -1311,7 +1311,7 @@ def backward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, :
     jr = JobRows(B, rows_per_job(B, heads, num_threads), lengths)
     hpj = heads_per_job(jr.nblocks, heads, num_threads, G * D * D * sizeof(floating))
     groups = (heads + hpj - 1) // hpj
-    mb = <floating*> scratch_alloc(heads * ntiles * GD * NT * sizeof(floating))
+    mb = <floating*> panel_alloc(heads * ntiles * GD * NT * sizeof(floating))
     if mb == NULL:
         raise MemoryError()
     with nogil:
@@ -1431,7 +1431,7 @@ def project(const floating[:, :, ::1] x, const floating[:, ::1] W, const floatin
         return
     if b is not None:
         bp = &b[0]
-    wp = <floating*> scratch_alloc(((M + NT - 1) // NT) * I * NT * sizeof(floating))
+    wp = <floating*> panel_alloc(((M + NT - 1) // NT) * I * NT * sizeof(floating))
     if wp == NULL:
         raise MemoryError()
     with nogil:
@@ -1466,7 +1466,7 @@ def project_valid(const floating[:, :, ::1] x, const floating[:, ::1] W,
     jobs = np.ascontiguousarray(np.stack([row0, count], axis=1), dtype=np.intp)
     if b is not None:
         bp = &b[0]
-    wp = <floating*> scratch_alloc(((M + NT - 1) // NT) * I * NT * sizeof(floating))
+    wp = <floating*> panel_alloc(((M + NT - 1) // NT) * I * NT * sizeof(floating))
     if wp == NULL:
         raise MemoryError()
     with nogil:
