@@ -1161,7 +1161,10 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
     cdef int cell = CELL_IDS[cell_name]
     cdef Py_ssize_t wsize = 0 if W is None else round_up(M, NT) * max(I, 1)
     cdef floating* wp
+    cdef floating* ax = NULL
     cdef Fused fz
+    cdef Varlen vl
+    cdef int status = 0
     if W is None and b is None:
         raise ValueError("forward_projected needs W or b (x alone: call forward)")
     if B == 0 or T == 0 or R.shape[2] == 0:
@@ -1176,11 +1179,31 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
             pack_panels(&W[0, 0], 1, I, I, M, wp)
         fused_init(&fz, &x[0, 0, 0], I, wp if wsize > 0 else NULL, NULL if b is None else &b[0],
                    M, wp + wsize)
+    if wsize * sizeof(floating) > FUSED_W_BYTES:
+        # no job would project its own blocks (run_forward): project the whole sequence now
+        # and free W's pack before R's is made, as `project` then `forward` do (the two packs
+        # at once cost another 16 MB of fresh pages per call at H = 1024: 1.15x slower)
+        vl = varlen(lengths, reverse, reset, B, T)
+        ax = <floating*> panel_alloc(B * T * M * sizeof(floating))
+        if ax == NULL:
+            status = -1
+        else:
+            with nogil:
+                status = project_all(&fz, B, T, M, vl, ax, num_threads)
+        scratch_free(wp)
+        wp = NULL
     try:
-        run_call(cell, &x[0, 0, 0], R, b_r, state0, B, T, lengths, reverse, reset, block, seq,
-                 NULL, state_out, num_threads, &fz)
+        if status:
+            raise MemoryError()
+        if ax != NULL:
+            run_call(cell, ax, R, b_r, state0, B, T, lengths, reverse, reset, block, seq, NULL,
+                     state_out, num_threads, NULL)
+        else:
+            run_call(cell, &x[0, 0, 0], R, b_r, state0, B, T, lengths, reverse, reset, block,
+                     seq, NULL, state_out, num_threads, &fz)
     finally:
         scratch_free(wp)
+        scratch_free(ax)
 
 
 cdef void backward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
