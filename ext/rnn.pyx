@@ -113,13 +113,21 @@ cdef inline Py_ssize_t block_index(const Fused* fz, Py_ssize_t j, Py_ssize_t len
     return block_steps(fz, j, length) - 1 - j % fz.steps if reverse else j % fz.steps
 
 
-cdef void project_block(const floating* x, const floating* wp, const floating* bias,
-                        floating* ax, const Fused* fz, const Py_ssize_t* rows, Py_ssize_t nact,
+cdef inline Py_ssize_t block_row(const Fused* fz, Py_ssize_t r, Py_ssize_t j,
+                                 Py_ssize_t length, bint reverse) noexcept nogil:
+    """Offset in fz.ax of the projected row of processing step j of job row r."""
+    return (r * fz.steps + block_index(fz, j, length, reverse)) * fz.ldo
+
+
+cdef void project_block(const Fused* fz, floating* ax, const Py_ssize_t* rows, Py_ssize_t nact,
                         Py_ssize_t T, Py_ssize_t j, Varlen vl) noexcept nogil:
     """For the active rows r < nact, the block of processing steps from j (a multiple of
     fz.steps): ax[r, i, :] = x[rows[r], t0 + i] @ W^T + b for i < block_steps, where t0 is the
-    first time step of the block (x, wp, bias and ax: fz's).  One panel of W at a time over
-    every row: the panel stays in cache while all of the job's rows use it."""
+    first time step of the block (ax: fz.ax).  One panel of W at a time over every row: the
+    panel stays in cache while all of the job's rows use it."""
+    cdef const floating* x = <const floating*> fz.x
+    cdef const floating* wp = <const floating*> fz.wp
+    cdef const floating* bias = <const floating*> fz.bias
     cdef Py_ssize_t ldo = fz.ldo, I = fz.n_in, r, i, m, n, t0, tile, length
     if wp == NULL:      # W x given: x + b, as numpy adds them
         for r in range(nact):
@@ -228,8 +236,7 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
         while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
             nact -= 1
         if fz != NULL and j % fz.steps == 0:
-            project_block(<const floating*> fz.x, <const floating*> fz.wp,
-                          <const floating*> fz.bias, <floating*> fz.ax, fz, rows, nact, T, j, vl)
+            project_block(fz, <floating*> fz.ax, rows, nact, T, j, vl)
         for r in range(nact):
             b = rows[r]
             length = row_length(vl.lens, b, T)
@@ -256,8 +263,8 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
                 if fz == NULL:
                     axp = ax + (b * T + t) * GH + k * D
                 else:
-                    axp = (<floating*> fz.ax + (r * fz.steps + block_index(
-                        fz, j, row_length(vl.lens, b, T), vl.reverse)) * fz.ldo + k * D)
+                    axp = (<floating*> fz.ax
+                           + block_row(fz, r, j, row_length(vl.lens, b, T), vl.reverse) + k * D)
                 if ar_seq != NULL:
                     for g in range(G):
                         for d in range(D):
@@ -790,8 +797,7 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
         while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
             nact -= 1
         if fz != NULL and j % fz.steps == 0:
-            project_block(<const floating*> fz.x, <const floating*> fz.wp,
-                          <const floating*> fz.bias, <floating*> fz.ax, fz, rows, nact, T, j, vl)
+            project_block(fz, <floating*> fz.ax, rows, nact, T, j, vl)
         for i in range((nact + GROUP_ROWS - 1) // GROUP_ROWS):
             r0 = i * GROUP_ROWS
             nrg = min(<Py_ssize_t> GROUP_ROWS, nact - r0)
@@ -818,9 +824,7 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
                 if fz == NULL:
                     axr = ax + (b * T + t) * GH + off
                 else:
-                    axr = (<floating*> fz.ax + ((r0 + r) * fz.steps
-                                                 + block_index(fz, j, length, vl.reverse))
-                           * fz.ldo + off)
+                    axr = <floating*> fz.ax + block_row(fz, r0 + r, j, length, vl.reverse) + off
                 cell_forward(cell, W, axr, H, gates + r * GW, W, str_, ss)
                 for s in range(S_save):
                     for u in range(W):
@@ -1019,6 +1023,12 @@ cdef Py_ssize_t fused_steps(Py_ssize_t RB, Py_ssize_t ldo, Py_ssize_t T,
     return min(T, steps)
 
 
+cdef inline bint fuses_w(const Fused* fz, size_t itemsize) noexcept nogil:
+    """Whether jobs may project their own blocks with this W: it must stay in a core's cache
+    between blocks (FUSED_W_BYTES); x + b (no W) always can."""
+    return fz.wp == NULL or fz.n_in * fz.ldo * itemsize <= FUSED_W_BYTES
+
+
 cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D,
                      Py_ssize_t G, Py_ssize_t S, Py_ssize_t S_save, const floating* ax,
                      const floating* mp, const floating* b_r, const floating* state0,
@@ -1057,8 +1067,7 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     # it only pays off for row blocks up to GROUP_ROWS (heads=4, D=16, 1 thread: B=16 grouped
     # after projecting 1.0-1.2x faster than fused per head, B=64 0.74-0.88x but elman 1.5x)
     grouped = not columns and use_groups(RB, hpj, D, G, sizeof(floating))
-    if fz != NULL and (columns or groups > 1
-                       or fz.wp != NULL and fz.n_in * fz.ldo * sizeof(floating) > FUSED_W_BYTES):
+    if fz != NULL and (columns or groups > 1 or not fuses_w(fz, sizeof(floating))):
         # jobs do not own whole rows, or W would not stay in cache: project first
         own_ax = <floating*> panel_alloc(B * T * G * heads * D * sizeof(floating))
         status = -1 if own_ax == NULL else project_all(fz, B, T, G * heads * D, vl, own_ax,
@@ -1179,7 +1188,7 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
             pack_panels(&W[0, 0], 1, I, I, M, wp)
         fused_init(&fz, &x[0, 0, 0], I, wp if wsize > 0 else NULL, NULL if b is None else &b[0],
                    M, wp + wsize)
-    if wsize * sizeof(floating) > FUSED_W_BYTES:
+    if not fuses_w(&fz, sizeof(floating)):
         # no job would project its own blocks (run_forward): project the whole sequence now
         # and free W's pack before R's is made, as `project` then `forward` do (the two packs
         # at once cost another 16 MB of fresh pages per call at H = 1024: 1.15x slower)
@@ -1510,30 +1519,21 @@ cdef int stream_step(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssiz
                      const floating* wp, const floating* b, const floating* rp,
                      const floating* b_r, const floating* state0, floating* y,
                      floating* state_out, int num_threads) noexcept nogil:
-    cdef Py_ssize_t GH = G * heads * D, n
-    cdef floating* ax = NULL
+    cdef Py_ssize_t GH = G * heads * D
     cdef int status
     cdef Fused fz
     cdef floating* bias
-    if wp != NULL:                  # projected block by block inside the jobs
-        bias = <floating*> scratch_alloc(round_up(GH, NT) * sizeof(floating))
-        if bias == NULL:
-            return -1
-        fused_init(&fz, x, I, wp, b, GH, bias)
-        status = run_forward(cell, B, T, heads, D, G, S, 1, x, rp, b_r, state0, y, NULL,
-                             state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads, &fz)
-        scratch_free(bias)
-        return status
-    if b != NULL:                   # x already holds W x; only the bias to add
-        ax = <floating*> scratch_alloc(B * T * GH * sizeof(floating))
-        if ax == NULL:
-            return -1
-        for n in range(B * T * GH):
-            ax[n] = x[n] + b[n % GH]
-    status = run_forward(cell, B, T, heads, D, G, S, 1,
-                         <const floating*> ax if ax != NULL else x, rp, b_r, state0, y, NULL,
-                         state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads, NULL)
-    scratch_free(ax)
+    if wp == NULL and b == NULL:    # x holds W x: nothing to project
+        return run_forward(cell, B, T, heads, D, G, S, 1, x, rp, b_r, state0, y, NULL,
+                           state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads, NULL)
+    # W x + b (or x + b when x holds W x) projected block by block inside the jobs
+    bias = <floating*> scratch_alloc(round_up(GH, NT) * sizeof(floating))
+    if bias == NULL:
+        return -1
+    fused_init(&fz, x, I if wp != NULL else GH, wp, b, GH, bias)
+    status = run_forward(cell, B, T, heads, D, G, S, 1, x, rp, b_r, state0, y, NULL,
+                         state_out, NULL, NULL, 0, 0, no_varlen(), 0, num_threads, &fz)
+    scratch_free(bias)
     return status
 
 

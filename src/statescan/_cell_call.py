@@ -274,9 +274,8 @@ def projected_forward(call):
     final = np.empty_like(call.state0)
     _dispatch.ext_module("rnn").forward_projected(
         call.cell.name, call.x, call.W, call.b, call.R,
-        np.zeros(call.R.shape[0] * call.R.shape[1], dtype) if call.b_r is None else call.b_r,
-        call.state0,
-        call.lengths, call.reverse, call.reset,
+        _zeros((call.R.shape[0] * call.R.shape[1],), dtype) if call.b_r is None else call.b_r,
+        call.state0, call.lengths, call.reverse, call.reset,
         _tuning.rnn_block(call.cell.name, B, H, call.R.shape[0], dtype), seq, final,
         _dispatch.get_num_threads())
     return seq[0], final
