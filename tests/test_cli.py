@@ -11,6 +11,7 @@ import pytest
 
 import statescan
 from statescan import cli
+import statescan._bench.machine
 from statescan._bench import core, guard, load_cases, report
 
 TINY = ["--quick", "--family", "rnn", "--peers", "none", "--no-plot"]
@@ -44,21 +45,26 @@ def test_bench_table_and_json(tmp_path, capsys):
     assert set(result["runners"]) == {"statescan", "numpy-ref"}
 
 
+def _cases(doc):
+    """The cases of this machine's section of a baseline document."""
+    return doc["machines"][statescan._bench.machine.describe()["cpu"]]["cases"]
+
+
 def test_check_against_fresh_and_doctored_baseline(tmp_path, capsys):
     base = tmp_path / "baseline.json"
     code, out, _ = run_cli(capsys, "--update-baseline", "--baseline", str(base),
                            "--filter", GUARD_CASE)
     assert code == 0 and base.exists()
     doc = json.loads(base.read_text())
-    assert list(doc["cases"]) == [f"rnn/{GUARD_CASE} float32"]
-    assert set(doc["cases"][f"rnn/{GUARD_CASE} float32"]) == {"vs_numpy_ref", "peak_fraction"}
+    assert list(_cases(doc)) == [f"rnn/{GUARD_CASE} float32"]
+    assert set(_cases(doc)[f"rnn/{GUARD_CASE} float32"]) == {"vs_numpy_ref", "peak_fraction"}
 
     # A loaded CI box is noisy: the pass check only asks for no ten-fold slowdown.
     code, out, _ = run_cli(capsys, "--check", "--baseline", str(base), "--tolerance", "0.9")
     assert code == 0, out
     assert "passed" in out
 
-    for metrics in doc["cases"].values():
+    for metrics in _cases(doc).values():
         metrics["vs_numpy_ref"] *= 100
     doctored = tmp_path / "doctored.json"
     doctored.write_text(json.dumps(doc))
@@ -67,12 +73,62 @@ def test_check_against_fresh_and_doctored_baseline(tmp_path, capsys):
     assert "FAIL" in out and "vs_numpy_ref" in out
 
 
+def test_update_only_raises_this_machines_ratios(tmp_path, capsys):
+    case = f"rnn/{GUARD_CASE} float32"
+    cpu = statescan._bench.machine.describe()["cpu"]
+    other = {"cases": {case: {"vs_numpy_ref": 1e-9, "peak_fraction": 1e-9}}}
+    base = tmp_path / "baseline.json"
+    base.write_text(json.dumps({"schema": guard.SCHEMA, "machines": {
+        "Another CPU": other,
+        cpu: {"cases": {case: {"vs_numpy_ref": 1e9, "peak_fraction": 1e-9},
+                        "rnn/not run here float32": {"vs_numpy_ref": 2.0}}}}}))
+    code, out, _ = run_cli(capsys, "--update-baseline", "--baseline", str(base),
+                           "--filter", GUARD_CASE)
+    assert code == 0, out
+    doc = json.loads(base.read_text())
+    assert doc["machines"]["Another CPU"] == other
+    mine = doc["machines"][cpu]["cases"]
+    assert mine[case]["vs_numpy_ref"] == 1e9                  # a better old ratio stays
+    assert 1e-9 < mine[case]["peak_fraction"] < 10            # a worse one is replaced
+    assert mine["rnn/not run here float32"] == {"vs_numpy_ref": 2.0}
+
+
+def test_check_uses_this_machines_section(tmp_path, capsys):
+    case = f"rnn/{GUARD_CASE} float32"
+    cpu = statescan._bench.machine.describe()["cpu"]
+    impossible = {"cases": {case: {"vs_numpy_ref": 1e9, "peak_fraction": 1e9}}}
+    easy = {"cases": {case: {"vs_numpy_ref": 1e-9, "peak_fraction": 1e-9}}}
+    base = tmp_path / "baseline.json"
+    base.write_text(json.dumps({"schema": guard.SCHEMA,
+                                "machines": {"Another CPU": impossible, cpu: easy}}))
+    code, out, err = run_cli(capsys, "--check", "--baseline", str(base))
+    assert code == 0 and f"({cpu})" in out and "no ratios from this CPU" not in err
+
+    base.write_text(json.dumps({"schema": guard.SCHEMA, "machines": {"Another CPU": easy}}))
+    code, out, err = run_cli(capsys, "--check", "--baseline", str(base))
+    assert code == 0 and "(Another CPU)" in out
+    assert f"no ratios from this CPU ({cpu}); checking against those of Another CPU" in err
+
+
 def test_check_fails_on_a_case_that_no_longer_exists(tmp_path, capsys):
     base = tmp_path / "baseline.json"
-    base.write_text(json.dumps({"schema": "statescan-bench-baseline/1", "cases": {
-        "rnn/nonexistent B=1 float32": {"vs_numpy_ref": 1.0, "peak_fraction": 0.1}}}))
+    base.write_text(json.dumps({"schema": guard.SCHEMA, "machines": {"Some CPU": {"cases": {
+        "rnn/nonexistent B=1 float32": {"vs_numpy_ref": 1.0, "peak_fraction": 0.1}}}}}))
     code, out, err = run_cli(capsys, "--check", "--baseline", str(base))
     assert code == 2 and "no case selected" in err
+
+
+def test_unreadable_baselines_are_errors(tmp_path, capsys):
+    base = tmp_path / "baseline.json"
+    for doc in ({"schema": "statescan-bench-baseline/1", "cases": {}},      # the old layout
+                {"schema": guard.SCHEMA, "machines": {"A": {"no cases": 1}}}):
+        base.write_text(json.dumps(doc))
+        for mode in ("--check", "--update-baseline"):
+            assert cli.main(["bench", mode, "--baseline", str(base)]) == 2
+            assert "is not a statescan benchmark baseline" in capsys.readouterr().err
+    base.write_text(json.dumps({"schema": guard.SCHEMA, "machines": {}}))
+    assert cli.main(["bench", "--check", "--baseline", str(base)]) == 2
+    assert "holds no machine's ratios" in capsys.readouterr().err
 
 
 def test_bad_arguments(tmp_path, capsys):
@@ -152,7 +208,8 @@ def test_unknown_peer_is_an_error_listing_the_valid_ones(capsys):
 def test_the_baseline_ships_inside_the_package(tmp_path, monkeypatch, capsys):
     assert cli.DEFAULT_BASELINE.is_file()
     assert cli.DEFAULT_BASELINE.parent == Path(core.__file__).parent
-    baseline = guard.load(cli.DEFAULT_BASELINE)
+    doc = guard.load(cli.DEFAULT_BASELINE)
+    _, baseline = guard.section(doc, statescan._bench.machine.describe()["cpu"])
     monkeypatch.chdir(tmp_path)                      # --check from anywhere
     code = cli.main(["bench", "--check", "--list"])
     out = capsys.readouterr().out.splitlines()

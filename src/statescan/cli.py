@@ -50,7 +50,8 @@ def _parser():
     guard.add_argument("--check", action="store_true",
                        help="rerun the baseline's cases; exit 1 if a ratio regressed")
     guard.add_argument("--update-baseline", action="store_true",
-                       help="run the guard cases and write the baseline")
+                       help="run the guard cases and raise this machine's ratios in the "
+                            "baseline (a ratio is only replaced by a better one)")
     guard.add_argument("--baseline", type=Path, metavar="PATH",
                        help="baseline file (default: the one shipped with statescan, "
                             "statescan/_bench/baseline.json)")
@@ -89,12 +90,21 @@ def _bench(args):
                          f"{', '.join(core.PEERS)}, or 'none'")
     guard_mode = args.check or args.update_baseline
     baseline_path = args.baseline or DEFAULT_BASELINE
-    baseline = None
-    if args.check:
+    doc = baseline = None
+    if args.check or (args.update_baseline and baseline_path.exists()):
         try:
-            baseline = guard.load(baseline_path)
+            doc = guard.load(baseline_path)
         except (OSError, ValueError) as exc:
             return _fail(f"cannot read the baseline: {exc}")
+    if args.check:
+        cpu = machine.describe()["cpu"]
+        recorded_on, baseline = guard.section(doc, cpu)
+        if baseline is None:
+            return _fail(f"{baseline_path} holds no machine's ratios")
+        if recorded_on != cpu:
+            print(f"statescan bench: {baseline_path} has no ratios from this CPU ({cpu}); "
+                  f"checking against those of {recorded_on}, which may differ "
+                  "(record this machine's with --update-baseline)", file=sys.stderr)
 
     notes = []
     statescan.set_num_threads(args.threads)
@@ -146,13 +156,15 @@ def _bench(args):
             found = guard.measured(_run(again, budget, core, statistic, args.clock), peaks,
                                    found)
         passed, lines = guard.report(found, baseline, args.tolerance)
-        print(f"Regression check against {baseline_path}:")
+        print(f"Regression check against {baseline_path} ({recorded_on}):")
         print("\n".join(f"  {line}" for line in lines))
         return 0 if passed else 1
     if args.update_baseline:
-        doc = guard.baseline_doc(results, peaks, meta, args.tolerance)
+        doc = guard.updated(doc, results, peaks, meta, args.tolerance)
         report.write_json(doc, baseline_path)
-        print(f"baseline with {len(doc['cases'])} case(s) written to {baseline_path}")
+        cases = doc["machines"][meta["machine"]["cpu"]]["cases"]
+        print(f"baseline of {meta['machine']['cpu']} with {len(cases)} case(s) written to "
+              f"{baseline_path}")
         return 0
     _write_outputs(args, results, peaks, meta, report)
     return 0

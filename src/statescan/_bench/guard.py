@@ -5,13 +5,17 @@ own numpy reference (same machine, same run) and its GFLOP/s as a fraction of th
 measured in the same run.  A case regresses when either falls by more than the tolerance
 and stays there when measured again (the CLI re-measures failing cases: on a busy machine
 single measurements swing by 30%).
+
+They do move between CPUs, though (another ISA, cache sizes, BLAS), so a baseline file holds
+one section per machine (keyed by the CPU's name): a check compares with this machine's
+section when there is one, and an update only raises this machine's ratios.
 """
 import json
 import time
 
 from .core import NUMPY_REF, STATESCAN
 
-SCHEMA = "statescan-bench-baseline/1"
+SCHEMA = "statescan-bench-baseline/2"
 METRICS = ("vs_numpy_ref", "peak_fraction")
 
 
@@ -25,23 +29,43 @@ def metrics(result, peaks):
             "peak_fraction": gf / peak_gflops if gf is not None and peak_gflops else None}
 
 
-def baseline_doc(results, peaks, meta, tolerance):
-    cases = {}
+def updated(doc, results, peaks, meta, tolerance):
+    """`doc` (a baseline document, or None for a new one) with this machine's section raised
+    to the ratios of `results`: per case and metric the better of the old and the new value,
+    so a baseline only moves up; other machines' sections are kept as they are."""
+    doc = doc or {"schema": SCHEMA, "machines": {}}
+    cpu = meta["machine"]["cpu"]
+    old = doc["machines"].get(cpu, {}).get("cases", {})
+    cases = dict(old)
     for r in results:
-        m = metrics(r, peaks)
-        if all(v is not None for v in m.values()):
-            cases[r.case.id] = m
-    return {"schema": SCHEMA, "tolerance": tolerance,
-            "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "machine": meta["machine"]["cpu"], "threads": meta["threads"],
-            "gemm_peaks_gflops": peaks, "cases": cases}
+        new = metrics(r, peaks)
+        if all(v is not None for v in new.values()):
+            kept = old.get(r.case.id, {})
+            cases[r.case.id] = {k: max(v, kept.get(k, v)) for k, v in new.items()}
+    doc["machines"][cpu] = {"tolerance": tolerance,
+                            "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            "cpu_flags": meta["machine"]["cpu_flags"],
+                            "threads": meta["threads"], "gemm_peaks_gflops": peaks,
+                            "cases": cases}
+    return doc
 
 
 def load(path):
     doc = json.loads(path.read_text())
-    if doc.get("schema") != SCHEMA or not isinstance(doc.get("cases"), dict):
+    machines = doc.get("machines")
+    if doc.get("schema") != SCHEMA or not isinstance(machines, dict) or not all(
+            isinstance(m, dict) and isinstance(m.get("cases"), dict) for m in machines.values()):
         raise ValueError(f"{path} is not a statescan benchmark baseline ({SCHEMA})")
     return doc
+
+
+def section(doc, cpu):
+    """(machine name, section) of baseline `doc` to check a run on CPU `cpu` against: its
+    own section, else the first one (whose ratios may differ from this machine's), or
+    (None, None) when the document has no section."""
+    if cpu in doc["machines"]:
+        return cpu, doc["machines"][cpu]
+    return next(iter(doc["machines"].items()), (None, None))
 
 
 def measured(results, peaks, previous=None):
