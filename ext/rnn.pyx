@@ -700,7 +700,8 @@ cdef void pack_forward(const floating* R, Py_ssize_t heads, Py_ssize_t GD, Py_ss
                        floating* mp, int num_threads) noexcept nogil:
     """pack_recurrent(transpose=True) with the panels split across threads: a large model's R
     (16 MB for an LSTM with H = 1024) takes as long to pack as several time steps, so a serial
-    pack would cap the speed-up of short sequences.  Each panel gets the same bytes.  Serial
+    pack would cap the speed-up of short sequences.  W [M, I] is packed for the projection as
+    one head (heads = 1, GD = M, D = I).  Each panel gets the same bytes.  Serial
     too while the column split finds the machine busy: a static split then waits a time slice
     for a thread that lost its core (+8-10 ms per call at H = 1024 under load)."""
     cdef Py_ssize_t ntiles = (GD + NT - 1) // NT, i, k, tile
@@ -1185,7 +1186,7 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
         raise MemoryError()
     with nogil:
         if wsize > 0 and I > 0:
-            pack_panels(&W[0, 0], 1, I, I, M, wp)
+            pack_forward(&W[0, 0], 1, M, I, wp, num_threads)
         fused_init(&fz, &x[0, 0, 0], I, wp if wsize > 0 else NULL, NULL if b is None else &b[0],
                    M, wp + wsize)
     if not fuses_w(&fz, sizeof(floating)):
@@ -1373,6 +1374,9 @@ def backward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, :
 cdef enum:
     PROJECT_ROWS = 64     # rows per job of `project`
     PROJECT_SLICE_BYTES = 16384     # a slice of a panel of W^T that stays in L1 (project_job)
+    # multiply-adds of a projection below which it stays on the calling thread even when its
+    # rows give fewer jobs than threads (a parallel region costs a few microseconds)
+    PROJECT_SPLIT_MIN = 1 << 18
 
 
 cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floating* wp,
@@ -1380,63 +1384,75 @@ cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floati
                      Py_ssize_t njobs, int num_threads) noexcept nogil:
     """out[N, M] = x[N, I] @ W^T (+ b) with W^T packed in panels; -1 on allocation failure.
     `jobs` NULL: every row, in jobs of PROJECT_ROWS rows; else only rows jobs[2j]:jobs[2j] +
-    jobs[2j+1] for j < njobs (each at most PROJECT_ROWS rows)."""
-    cdef Py_ssize_t job, r0, nr
+    jobs[2j+1] for j < njobs (each at most PROJECT_ROWS rows).  When the row jobs are fewer
+    than the threads (one sequence: B*T rows), each is also split into `parts` ranges of
+    panels: an element's products and sums are the same in any range, so are its bits.  Not
+    while the column split finds the machine busy (pack_forward says why)."""
+    cdef Py_ssize_t job, r0, nr, part, p0, p1
+    cdef Py_ssize_t ntiles = (M + NT - 1) // NT, parts = 1
     cdef int failed = 0
     cdef floating* buf
     if jobs == NULL:
         njobs = (N + PROJECT_ROWS - 1) // PROJECT_ROWS
-    if num_threads == 1 or njobs == 1:
+    if njobs < num_threads and N * I * M >= PROJECT_SPLIT_MIN and not ss_split_paused():
+        parts = min(ntiles, (num_threads + njobs - 1) // njobs)
+    if num_threads == 1 or njobs * parts == 1:
         buf = <floating*> scratch_alloc(min(N, PROJECT_ROWS) * NT * sizeof(floating))
         if buf == NULL:
             return -1
         for job in range(njobs):
             r0 = job * PROJECT_ROWS if jobs == NULL else jobs[2 * job]
             nr = min(PROJECT_ROWS, N - r0) if jobs == NULL else jobs[2 * job + 1]
-            project_job(x + r0 * I, nr, I, wp, M, b, out + r0 * M, buf)
+            project_job(x + r0 * I, nr, I, wp, 0, ntiles, M, b, out + r0 * M, buf)
         scratch_free(buf)
         return 0
     with parallel(num_threads=num_threads):
         buf = <floating*> scratch_alloc(PROJECT_ROWS * NT * sizeof(floating))
-        for job in prange(njobs, schedule="static"):
+        for job in prange(njobs * parts, schedule="static"):
             if buf == NULL:
                 failed += 1
             else:
-                r0 = job * PROJECT_ROWS if jobs == NULL else jobs[2 * job]
-                nr = min(PROJECT_ROWS, N - r0) if jobs == NULL else jobs[2 * job + 1]
-                project_job(x + r0 * I, nr, I, wp, M, b, out + r0 * M, buf)
+                part = job % parts
+                r0 = job // parts * PROJECT_ROWS if jobs == NULL else jobs[2 * (job // parts)]
+                nr = (min(PROJECT_ROWS, N - r0) if jobs == NULL
+                      else jobs[2 * (job // parts) + 1])
+                p0 = part * ntiles // parts
+                p1 = (part + 1) * ntiles // parts
+                project_job(x + r0 * I, nr, I, wp, p0, p1, M, b, out + r0 * M, buf)
         scratch_free(buf)
     return -1 if failed else 0
 
 
 cdef void project_job(const floating* x, Py_ssize_t nr, Py_ssize_t I, const floating* wp,
-                      Py_ssize_t M, const floating* b, floating* out,
-                      floating* buf) noexcept nogil:
-    """out[nr, M] = x[nr, I] @ W^T (+ b) with W^T packed in panels; buf: nr * NT scratch.
+                      Py_ssize_t p0, Py_ssize_t p1, Py_ssize_t M, const floating* b,
+                      floating* out, floating* buf) noexcept nogil:
+    """Columns [p0 * NT, min(M, p1 * NT)) of out[nr, M] = x[nr, I] @ W^T (+ b) with W^T packed
+    in panels (panels p0 <= tile < p1); buf: nr * NT scratch.
 
     Whole panels are stored straight into out: each element written once and never read (for
     a large B*T the output is far bigger than any cache, and filling it with the bias first
     cost two more passes over it).  The kernel writes whole panels, so a partial last panel
     goes through buf.  A long I runs in slices of the panel that stay in L1 while the job's
     row blocks use them (the same bits)."""
-    cdef Py_ssize_t full = M // NT, width = M - full * NT
+    cdef Py_ssize_t full = min(p1, M // NT), width = min(M, p1 * NT) - full * NT
     cdef Py_ssize_t kc = PROJECT_SLICE_BYTES // (NT * sizeof(floating))
     cdef Py_ssize_t r, m, tile
     cdef floating bpad[NT]
     if I == 0:      # no products: the bias (or 0) alone
         for r in range(nr):
-            for m in range(M):
+            for m in range(p0 * NT, min(M, p1 * NT)):
                 out[r * M + m] = b[m] if b != NULL else 0
         return
     if I <= kc or nr <= 8:      # the panel fits, or one row block: no slice is reused
         kc = I
-        if full > 0:
-            matmul_store(x, I, wp, I, full, b, out, M, nr)
+        if full > p0:
+            matmul_store(x, I, wp + p0 * I * NT, I, full - p0,
+                         b + p0 * NT if b != NULL else NULL, out + p0 * NT, M, nr)
     else:
-        for tile in range(full):
+        for tile in range(p0, full):
             matmul_store_kblocked(x, I, wp + tile * I * NT, I, kc,
                                   b + tile * NT if b != NULL else NULL, out + tile * NT, M, nr)
-    if width == 0:
+    if width <= 0:
         return
     for m in range(NT):
         bpad[m] = (b[full * NT + m] if b != NULL else 0) if m < width else 0
@@ -1467,7 +1483,7 @@ def project(const floating[:, :, ::1] x, const floating[:, ::1] W, const floatin
     if wp == NULL:
         raise MemoryError()
     with nogil:
-        pack_panels(&W[0, 0], 1, I, I, M, wp)
+        pack_forward(&W[0, 0], 1, M, I, wp, num_threads)
         status = run_project(&x[0, 0, 0], N, I, wp, M, bp, &out[0, 0, 0], NULL, 0,
                              num_threads)
     scratch_free(wp)
@@ -1502,7 +1518,7 @@ def project_valid(const floating[:, :, ::1] x, const floating[:, ::1] W,
     if wp == NULL:
         raise MemoryError()
     with nogil:
-        pack_panels(&W[0, 0], 1, I, I, M, wp)
+        pack_forward(&W[0, 0], 1, M, I, wp, num_threads)
         status = run_project(&x[0, 0, 0], B * T, I, wp, M, bp, &out[0, 0, 0],
                              <const Py_ssize_t*> cnp.PyArray_DATA(jobs), jobs.shape[0],
                              num_threads)

@@ -16,9 +16,11 @@ DTYPES = (np.float32, np.float64)
 # M: one partial panel, exactly one panel, one column past a panel, several panels plus a
 # partial one; N = B*T rows: one row, fewer rows than the micro-kernel's row block, more than
 # one job of 64 rows with a partial last job; I = 300: a long I runs in slices of the panel
-# (a job of more than 8 rows) or in one piece (fewer rows, or a chunk of one row)
+# (a job of more than 8 rows) or in one piece (fewer rows, or a chunk of one row); the last two:
+# fewer row jobs than threads and enough work that each job's panels are split across threads
+# (in slices, and in one piece), with a partial last panel
 SHAPES = [(1, 1, 5, 31), (1, 3, 8, 32), (2, 5, 7, 33), (3, 50, 16, 135), (1, 130, 3, 256),
-          (2, 40, 300, 70)]
+          (2, 40, 300, 70), (1, 40, 300, 1100), (1, 5, 64, 1001)]
 
 
 def _problem(B, T, I, M, dtype, seed=0):
@@ -51,7 +53,8 @@ def test_project_matches_reference(B, T, I, M, dtype, with_bias):
 def test_project_rows_do_not_depend_on_the_call(B, T, I, M, dtype):
     x, W, b = _problem(B, T, I, M, dtype, seed=1)
     whole = _project(x, W, b, 1)
-    for threads in (2, 3):
+    _dispatch.ext_module("rnn")._force_handover()   # forget busy calls: panels split again
+    for threads in (2, 3, 4):
         np.testing.assert_array_equal(_project(x, W, b, threads), whole)
     for t0, t1 in ((0, 1), (1, T), (T // 2, T)):        # chunks of the sequence
         if t1 > t0:
