@@ -1384,18 +1384,19 @@ cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floati
                      Py_ssize_t njobs, int num_threads) noexcept nogil:
     """out[N, M] = x[N, I] @ W^T (+ b) with W^T packed in panels; -1 on allocation failure.
     `jobs` NULL: every row, in jobs of PROJECT_ROWS rows; else only rows jobs[2j]:jobs[2j] +
-    jobs[2j+1] for j < njobs (each at most PROJECT_ROWS rows).  When the row jobs are fewer
-    than the threads (one sequence: B*T rows), each is also split into `parts` ranges of
-    panels: an element's products and sums are the same in any range, so are its bits.  Not
-    while the column split finds the machine busy (pack_forward says why)."""
+    jobs[2j+1] for j < njobs (each at most PROJECT_ROWS rows).  When the row jobs are few for
+    the threads (one sequence or a few: B*T rows; 3 jobs on 2 threads take 2 jobs' time),
+    each is also split into `parts` ranges of panels, for at least 4 jobs per thread: an
+    element's products and sums are the same in any range, so are its bits.  Not while the
+    column split finds the machine busy (pack_forward says why)."""
     cdef Py_ssize_t job, r0, nr, part, p0, p1
     cdef Py_ssize_t ntiles = (M + NT - 1) // NT, parts = 1
     cdef int failed = 0
     cdef floating* buf
     if jobs == NULL:
         njobs = (N + PROJECT_ROWS - 1) // PROJECT_ROWS
-    if njobs < num_threads and N * I * M >= PROJECT_SPLIT_MIN and not ss_split_paused():
-        parts = min(ntiles, (num_threads + njobs - 1) // njobs)
+    if njobs < 4 * num_threads and N * I * M >= PROJECT_SPLIT_MIN and not ss_split_paused():
+        parts = min(ntiles, (4 * num_threads + njobs - 1) // njobs)
     if num_threads == 1 or njobs * parts == 1:
         buf = <floating*> scratch_alloc(min(N, PROJECT_ROWS) * NT * sizeof(floating))
         if buf == NULL:
@@ -1408,7 +1409,7 @@ cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floati
         return 0
     with parallel(num_threads=num_threads):
         buf = <floating*> scratch_alloc(PROJECT_ROWS * NT * sizeof(floating))
-        for job in prange(njobs * parts, schedule="static"):
+        for job in prange(njobs * parts, schedule="dynamic"):
             if buf == NULL:
                 failed += 1
             else:
