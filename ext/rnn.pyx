@@ -1554,11 +1554,25 @@ cdef int stream_step(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssiz
     return status
 
 
-def _pack_weights(const floating[:, :, ::1] R, const floating[:, ::1] W, floating[::1] rp,
-                  floating[::1] wp):
-    pack_recurrent(&R[0, 0, 0], R.shape[0], R.shape[1], R.shape[2], True, &rp[0])
-    if W is not None and W.shape[0] > 0 and W.shape[1] > 0:
-        pack_panels(&W[0, 0], 1, W.shape[1], W.shape[1], W.shape[0], &wp[0])
+cdef int pack_weights(const floating[:, :, ::1] R, const floating[:, ::1] W, void** rp,
+                      void** wp) except -1:
+    """R's panels (pack_recurrent, forward layout) into a new block at *rp and W's (or NULL
+    when W is None) at *wp, both from panel_alloc: huge pages from 2 MiB, as a call's own
+    packs, which the per-step stream through a 16 MB R needs (in 4 KB pages a stream ran
+    no faster than a call packing its weights every time, B=16 H=1024 T=16)."""
+    cdef Py_ssize_t heads = R.shape[0], GD = R.shape[1], D = R.shape[2]
+    cdef Py_ssize_t M = 0 if W is None else W.shape[0], I = 0 if W is None else W.shape[1]
+    rp[0] = panel_alloc(heads * ((GD + NT - 1) // NT) * D * NT * sizeof(floating))
+    if rp[0] == NULL:
+        raise MemoryError()
+    pack_recurrent(&R[0, 0, 0], heads, GD, D, True, <floating*> rp[0])
+    if W is not None:
+        wp[0] = panel_alloc(((M + NT - 1) // NT) * I * NT * sizeof(floating))
+        if wp[0] == NULL:
+            raise MemoryError()
+        if M > 0 and I > 0:
+            pack_panels(&W[0, 0], 1, I, I, M, <floating*> wp[0])
+    return 0
 
 
 cdef class CellStream:
@@ -1570,28 +1584,43 @@ cdef class CellStream:
     cdef int cell
     cdef bint is_double
     cdef Py_ssize_t n_in, heads, D, G, S
-    cdef object rp, wp, b, b_r
+    cdef void* rp           # packed R and W (NULL: no W), owned
+    cdef void* wp
+    cdef object b, b_r
+    cdef tuple args         # the constructor's arguments: a pickle packs anew when loaded
+
+    def __cinit__(self):
+        self.rp = self.wp = NULL
+
+    def __dealloc__(self):
+        scratch_free(self.rp)
+        scratch_free(self.wp)
 
     def __init__(self, str cell_name, int S, W, R, b, b_r):
+        self.args = (cell_name, S, W, R, b, b_r)
         self.cell, self.S = CELL_IDS[cell_name], S
         self.heads, self.D = R.shape[0], R.shape[2]
         self.G = R.shape[1] // self.D if self.D else 1    # hidden size 0: step does nothing
         self.n_in = W.shape[1] if W is not None else 0
         self.is_double = R.dtype == np.float64
         GH = self.G * self.heads * self.D
-        self.rp = np.empty(self.heads * ((self.G * self.D + NT - 1) // NT) * self.D * NT, R.dtype)
-        self.wp = None if W is None else np.empty(((GH + NT - 1) // NT) * self.n_in * NT + 1, R.dtype)
-        _pack_weights(R, W, self.rp, self.wp if W is not None else np.empty(1, R.dtype))
+        if self.is_double:
+            pack_weights[double](R, W, &self.rp, &self.wp)
+        else:
+            pack_weights[float](R, W, &self.rp, &self.wp)
         self.b = b
         self.b_r = np.zeros(GH, R.dtype) if b_r is None else b_r
+
+    def __reduce__(self):
+        return CellStream, self.args
 
     def step(self, cnp.ndarray x, cnp.ndarray state0, cnp.ndarray y, cnp.ndarray state_out,
              int num_threads):
         """x [B,T,I] (or [B,T,G*H] without W), state0 [S,B,H] -> y [B,T,H], state_out [S,B,H]."""
         cdef Py_ssize_t B = x.shape[0], T = x.shape[1]
-        cdef void* wp = NULL if self.wp is None else cnp.PyArray_DATA(self.wp)
+        cdef void* wp = self.wp
         cdef void* b = NULL if self.b is None else cnp.PyArray_DATA(self.b)
-        cdef void* rp = cnp.PyArray_DATA(self.rp)
+        cdef void* rp = self.rp
         cdef void* b_r = cnp.PyArray_DATA(self.b_r)
         cdef int status
         if B == 0 or T == 0 or self.D == 0:     # nothing to compute (hidden size 0: no state)

@@ -81,6 +81,8 @@ OWN = {NUMPY_REF: "statescan's numpy reference",
        "weight-streaming": "one GEMV over the weight bytes a decode step reads (the bound)",
        "default": "statescan with its automatic blocking, ignoring statescan.tune()'s cache",
        "statescan-1t": "statescan with one thread (the calls and split cases)",
+       "weights-packed": "statescan with its weights packed once (statescan.stream), as ONNX "
+                         "Runtime packs them when its session is made (the rnn cases)",
        "kernel-only": "the compiled kernels of the call alone, outputs ready (the calls cases)"}
 # Column order in tables; unknown runner names follow in the order cases return them.
 RUNNER_ORDER = (STATESCAN, *OWN, *PEERS)
