@@ -166,14 +166,16 @@ def ssd_step(x, dt, A, B, C, D, z, dt_bias, bint dt_softplus, state, y, out_stat
 
 # ---- chunked prefill ---------------------------------------------------------------------------
 
-cdef void scores_job(Py_ssize_t Tb, Py_ssize_t N, Py_ssize_t C, const floating* Cm,
-                     const floating* Bm, Py_ssize_t ld, const uint8_t* rs,
+cdef void scores_job(Py_ssize_t t0, Py_ssize_t t_stop, Py_ssize_t N, Py_ssize_t C,
+                     const floating* Cm, const floating* Bm, Py_ssize_t ld, const uint8_t* rs,
                      floating* out) noexcept nogil:
-    """The block scores C_blk B_blk^T of one (row, group), every block of its Tb valid steps:
-    the block starting at t0 lands at out + t0 * C (rows of C entries)."""
-    cdef Py_ssize_t t0 = 0, t1, c
-    while t0 < Tb:
-        t1 = block_end(t0, Tb, C, rs)
+    """The block scores C_blk B_blk^T of one (row, group) for its blocks in steps [t0, t_stop)
+    (t0 a multiple of C, t_stop one too or the row's valid length: no block crosses a multiple
+    of C, resets only cut blocks shorter): the block starting at t0 lands at out + t0 * C (rows
+    of C entries)."""
+    cdef Py_ssize_t t1, c
+    while t0 < t_stop:
+        t1 = block_end(t0, t_stop, C, rs)
         c = t1 - t0
         gemm(False, True, c, c, N, 1, Cm + t0 * ld, ld, Bm + t0 * ld, ld, 0, out + t0 * C, C)
         t0 = t1
@@ -242,7 +244,8 @@ cdef Py_ssize_t forward_impl(Py_ssize_t Bt, Py_ssize_t T, Py_ssize_t NH, Py_ssiz
                              const uint8_t* reset, floating* y, floating* h_out,
                              int num_threads) noexcept nogil:
     """Every (row, head) job; returns the number of jobs that found no scratch memory."""
-    cdef Py_ssize_t job, b, h, grp, Tb, hpg = NH // G, ld = G * N, failed = 0
+    cdef Py_ssize_t job, b, h, grp, Tb, hpg = NH // G, ld = G * N, failed = 0, i
+    cdef Py_ssize_t nchunks = (T + C - 1) // C
     cdef Py_ssize_t per_job = N * P + C * C + T + C + C * P + C * max(N, P)
     cdef floating* buf
     cdef floating* scores = NULL
@@ -254,13 +257,17 @@ cdef Py_ssize_t forward_impl(Py_ssize_t Bt, Py_ssize_t T, Py_ssize_t NH, Py_ssiz
             return 1
     with parallel(num_threads=num_threads):
         buf = <floating*> scratch_alloc(per_job * sizeof(floating))
-        if scores != NULL:
-            for job in prange(Bt * G, schedule="dynamic"):
-                b = job // G
+        if scores != NULL:      # jobs of C steps: one group (ngroups = 1) uses every thread
+            for job in prange(Bt * G * nchunks, schedule="dynamic"):
+                b = job // (G * nchunks)
+                grp = job // nchunks % G
+                i = job % nchunks
                 Tb = lengths[b] if lengths != NULL else T
-                scores_job(Tb, N, C, Cm + b * T * ld + (job % G) * N,
-                           Bm + b * T * ld + (job % G) * N, ld,
-                           (reset + b * T) if reset != NULL else NULL, scores + job * T * C)
+                if i * C < Tb:
+                    scores_job(i * C, min(Tb, (i + 1) * C), N, C, Cm + b * T * ld + grp * N,
+                               Bm + b * T * ld + grp * N, ld,
+                               (reset + b * T) if reset != NULL else NULL,
+                               scores + (b * G + grp) * T * C)
         for job in prange(Bt * NH, schedule="dynamic"):
             if buf == NULL:
                 failed += 1
