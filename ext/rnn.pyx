@@ -1375,8 +1375,9 @@ cdef enum:
     PROJECT_ROWS = 64     # rows per job of `project`
     PROJECT_SLICE_BYTES = 16384     # a slice of a panel of W^T that stays in L1 (project_job)
     # multiply-adds of a projection below which it stays on the calling thread even when its
-    # rows give fewer jobs than threads (a parallel region costs a few microseconds)
-    PROJECT_SPLIT_MIN = 1 << 18
+    # rows give fewer jobs than threads: ~10 us of work, where a parallel region costs a few
+    # (a T = 1 call at H = I = 256 stays on one thread)
+    PROJECT_SPLIT_MIN = 1 << 20
 
 
 cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floating* wp,

@@ -20,7 +20,7 @@ DTYPES = (np.float32, np.float64)
 # fewer row jobs than threads and enough work that each job's panels are split across threads
 # (in slices, and in one piece), with a partial last panel
 SHAPES = [(1, 1, 5, 31), (1, 3, 8, 32), (2, 5, 7, 33), (3, 50, 16, 135), (1, 130, 3, 256),
-          (2, 40, 300, 70), (1, 40, 300, 1100), (1, 5, 64, 1001)]
+          (2, 40, 300, 70), (1, 40, 300, 1100), (1, 5, 256, 1001)]
 
 
 def _problem(B, T, I, M, dtype, seed=0):
