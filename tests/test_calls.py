@@ -433,13 +433,57 @@ def test_python_backend_takes_the_general_path(monkeypatch):
     assert spy.served == 0
 
 
-def test_contiguous_arrays():
-    a = np.zeros((2, 3))
-    assert _validate.contiguous_arrays((a, None, a), a.dtype)
-    assert not _validate.contiguous_arrays((a, a.T), a.dtype)
-    assert not _validate.contiguous_arrays((a, a.astype(np.float32)), a.dtype)
-    assert not _validate.contiguous_arrays((a, [1.0]), a.dtype)
-    assert not _validate.contiguous_arrays((a, a.view(_Subclass)), a.dtype)
+_MATCH = [_validate._match_python] + ([] if _validate.match is _validate._match_python
+                                       else [_validate.match])
+
+
+@pytest.mark.parametrize("match", _MATCH, ids=lambda f: f.__name__)
+def test_match_accepts_only_valid_arrays(match):
+    """The fast paths' check (compiled, and its Python twin): the sizes when every array is
+    a C-contiguous ndarray of one float dtype with the plan's rank and matching sizes."""
+    plan, names = _validate.plan({"x": "B T D", "A": "D N", "b?": "D", "out?!": "B _ N",
+                                  "extra?": "E"})
+    assert names == ("B", "T", "D", "N", "E")
+    x, A, b, out = np.ones((2, 3, 4)), np.ones((4, 5)), np.ones(4), np.ones((2, 7, 5))
+    assert match(plan, x, A, b, out, None) == (2, 3, 4, 5, -1)      # E: only in absent arrays
+    assert match(plan, x, A, None, None, np.ones(6)) == (2, 3, 4, 5, 6)
+    assert match(plan, *(a.astype(np.float32) for a in (x, A, b, out)), None) \
+        == (2, 3, 4, 5, -1)
+    readonly = out.copy()
+    readonly.flags.writeable = False
+    frozen_x = x.copy()
+    frozen_x.flags.writeable = False
+    assert match(plan, frozen_x, A, b, out, None) == (2, 3, 4, 5, -1)   # only "!" must be
+    refused = [
+        (None, A, b, out, None),                          # required
+        (x, A, b, readonly, None),                        # not writeable
+        (np.asfortranarray(x), A, b, out, None),          # not C-contiguous
+        (x[:, ::2], A, b, out, None),
+        (x.view(_Subclass), A, b, out, None),             # a subclass
+        (x.tolist(), A, b, out, None),
+        (x, A.astype(np.float32), b, out, None),          # mixed dtypes
+        (x.astype(np.float16), A.astype(np.float16), None, None, None),
+        (x.astype(np.int64), A.astype(np.int64), None, None, None),
+        (x.astype(">f8"), A.astype(">f8"), None, None, None),      # byte-swapped
+        (x, A, b[None], out, None),                       # rank
+        (x, A, b[:3].copy(), out, None),                  # D differs
+        (x, A, b, out[:, :, :4].copy(), None),            # N differs
+        (x, np.ones((5, 5)), b, out, None),
+        (x, A, b, out, np.ones((2, 2))),
+    ]
+    for arrays in refused:
+        assert match(plan, *arrays) is None
+    with pytest.raises(ValueError, match="takes 5 arrays"):
+        match(plan, x, A)
+
+
+def test_match_zero_sizes_are_sizes():
+    """Size-0 axes match like any other (the fast paths refuse them themselves)."""
+    plan, _ = _validate.plan({"x": "B T", "y": "T"})
+    for match in _MATCH:
+        assert match(plan, np.ones((0, 3)), np.ones(3)) == (0, 3)
+        assert match(plan, np.ones((2, 0)), np.ones(0)) == (2, 0)
+        assert match(plan, np.ones((2, 0)), np.ones(1)) is None
 
 
 class _Subclass(np.ndarray):
