@@ -104,16 +104,19 @@ def _valid_sizes(cell, x, W, R, b, b_r, heads, state):
         return None
     S = cell.states
     parts = () if state is None else (state,) if S == 1 else state
-    if type(parts) is not tuple or len(parts) not in (0, S) or R.ndim not in (2, 3):
+    if type(parts) is not tuple:
         return None
-    key = (R.ndim == 3, len(parts))
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _PLANS[key] = _plan(*key)
-    sizes = _validate.match(plan, R, W, b, b_r, x, *parts)
+    plans = _PLANS.get(R.ndim)
+    if plans is None or len(parts) not in (0, S):
+        return None
+    sizes = _validate.match(plans[len(parts)], R, W, b, b_r, x, *parts)
     if sizes is None:
         return None
-    NH, GD, D, GH, I, B, T = sizes[:7] if key[0] else (1,) + sizes[:6]
+    if R.ndim == 3:
+        NH, GD, D, GH, I, B, T = sizes[:7]
+    else:
+        GD, D, GH, I, B, T = sizes[:6]
+        NH = 1
     H = heads * D
     G = cell.gates
     if (NH != heads or GD != G * D or B * T * D * I == 0 or GH not in (-1, G * H)
@@ -122,17 +125,18 @@ def _valid_sizes(cell, x, W, R, b, b_r, heads, state):
     return B, H, D, parts
 
 
-_PLANS = {}         # (R has a heads axis, number of state parts given): _valid_sizes's plan
-
-
-def _plan(R_heads, nparts):
+def _plan(R_ndim, nparts):
     """The fast check's plan of a cell call.  Its sizes come in the order (NH,) GD, D, GH, I,
     B, T (, H): NH only when R has the heads axis, H only with a state; GH is -1 when none
     of W, b, b_r is given."""
-    spec = {"R": "NH GD D" if R_heads else "GD D", "W?": "GH I", "b?": "GH", "b_r?": "GH",
+    spec = {"R": "NH GD D" if R_ndim == 3 else "GD D", "W?": "GH I", "b?": "GH", "b_r?": "GH",
             "x": "B T I"}
     spec.update((f"state{k}", "B H") for k in range(nparts))
     return _validate.plan(spec)[0]
+
+
+# {R.ndim: [the plan of _valid_sizes with k state parts given, k = 0..4]}
+_PLANS = {ndim: [_plan(ndim, k) for k in range(5)] for ndim in (2, 3)}
 
 
 def _stacked(parts, shape, dtype):

@@ -285,9 +285,9 @@ def _fast_call(q, k, v, decay, state, chunk, out_state):
         return None
     B, NH, T, dk, dv = sizes
     dtype = q.dtype
-    if chunk is None:                     # as _prepare
-        chunk = _tuning.chunk("linear_attention", dk, dv, dtype)
-    chunk = check_chunk(chunk, T)
+    # as _prepare (T >= 1 here; the tuned or automatic chunk is already a positive int)
+    chunk = (min(_tuning.chunk("linear_attention", dk, dv, dtype), T, MAX_CHUNK)
+             if chunk is None else check_chunk(chunk, T))
     g = None if decay is None else np.broadcast_to(np.log(decay)[None, :, None], (B, NH, T))
     o, S = np.empty((B, NH, T, dv), dtype), np.empty((B, NH, dk, dv), dtype)
     kernel(q, k, v, g, _dispatch.zeros_input((B, NH, dk, dv), dtype) if state is None else state, chunk, 1,
