@@ -21,6 +21,7 @@ from _gemm cimport gemm
 from _linear_blocks cimport (Block, apply_mask, block_decay, block_end, block_start,
                             decayed, masked_scores, state_update)
 from _scratch cimport scratch_alloc, scratch_free
+from _arrays cimport data
 
 cimport numpy as cnp
 
@@ -352,11 +353,6 @@ cdef void linear_step_impl(Py_ssize_t B, Py_ssize_t NH, Py_ssize_t dk, Py_ssize_
         lam = decay[h] if decay != NULL else 1
         linear_step_job(dk, dv, lam, q + job * dk, k + job * dk, v + job * dv,
                         S_in + job * dk * dv, S_out + job * dk * dv, o + job * dv)
-
-
-cdef inline char* data(object a) noexcept:
-    """The data pointer of a (C-contiguous) ndarray, NULL for None."""
-    return <char*> cnp.PyArray_DATA(<cnp.ndarray> a) if a is not None else NULL
 
 
 def linear_step(q, k, v, decay, state, o, out_state, int num_threads):

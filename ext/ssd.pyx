@@ -24,6 +24,7 @@ from _gemm cimport gemm
 from _linear_blocks cimport Block, apply_mask, block_decay, block_end, decayed, state_update
 from _math cimport exp_, sigmoid, softplus
 from _scratch cimport scratch_alloc, scratch_free
+from _arrays cimport data
 
 cimport numpy as cnp
 import numpy as np
@@ -121,11 +122,6 @@ cdef void ssd_step_impl(Py_ssize_t Bt, Py_ssize_t NH, Py_ssize_t P, Py_ssize_t N
                      (D + h * (P if sD else 1)) if D != NULL else NULL, sD,
                      (z + job * P) if z != NULL else NULL,
                      h_in + job * P * N, h_out + job * P * N, y + job * P)
-
-
-cdef inline char* data(object a) noexcept:
-    """The data pointer of a (C-contiguous) ndarray, NULL for None."""
-    return <char*> cnp.PyArray_DATA(<cnp.ndarray> a) if a is not None else NULL
 
 
 def ssd_step(x, dt, A, B, C, D, z, dt_bias, bint dt_softplus, state, y, out_state,

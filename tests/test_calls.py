@@ -486,5 +486,50 @@ def test_match_zero_sizes_are_sizes():
         assert match(plan, np.ones((2, 0)), np.ones(1)) is None
 
 
+@pytest.mark.skipif(not _dispatch.compiled_available(), reason="compiled kernels only")
+def test_pointer_kernels_check_their_arrays():
+    """The kernels that read their arrays through pointers (no typed memoryviews: small calls)
+    refuse what a typed memoryview refused -- another dtype, rank or layout, a read-only
+    output -- with a ValueError instead of reading out of bounds."""
+    f = np.float32
+    x, A, Bv = np.ones((1, 1, 8), f), -np.ones((8, 4), f), np.ones((1, 1, 4), f)
+    state, y, out = np.zeros((1, 8, 4), f), np.empty((1, 1, 8), f), np.empty((1, 8, 4), f)
+    step = _dispatch.ext_module("scan").selective_step
+
+    def run_step(**changes):
+        args = dict(x=x, dt=x, A=A, Bm=Bv, C=Bv, D=None, z=None, dt_bias=None, softplus=False,
+                    state=state, y=y, state_out=out, num_threads=1)
+        args.update(changes)
+        return step(*args.values())
+
+    run_step()
+    readonly = y.copy()
+    readonly.flags.writeable = False
+    for bad in (dict(x=x.astype(np.float64)), dict(A=A[None]), dict(C=Bv[..., ::2]),
+                dict(D=np.ones((1, 8), f)), dict(y=readonly), dict(state=[0.0]),
+                dict(x=np.ones((1, 2, 8), f), dt=np.ones((1, 2, 8), f))):
+        with pytest.raises(ValueError):
+            run_step(**bad)
+    q, S0 = np.ones((1, 1, 2, 4), f), np.zeros((1, 1, 4, 4), f)
+    o, S = np.empty((1, 1, 2, 4), f), np.empty((1, 1, 4, 4), f)
+    forward = _dispatch.ext_module("linear_attention").linear_forward
+
+    def run_forward(**changes):
+        args = dict(q=q, k=q, v=q, g=None, S0=S0, chunk=2, group=1, lengths=None, reset=None,
+                    o=o, S_out=S, num_threads=1)
+        args.update(changes)
+        return forward(*args.values())
+
+    run_forward()
+    run_forward(q=np.ones((1, 1, 4, 4), f)[:, :, ::2], o=np.empty((1, 1, 4, 4), f)[:, :, ::2])
+    S_readonly = S.copy()
+    S_readonly.flags.writeable = False
+    for bad in (dict(k=q.astype(np.float64)), dict(v=np.ones((1, 1, 2, 8), f)[..., ::2]),
+                dict(S0=np.zeros((1, 1, 4, 8), f)[..., ::2]), dict(S_out=S_readonly),
+                dict(g=np.zeros((1, 1, 2), np.float64)), dict(o=q[0])):
+        with pytest.raises(ValueError):
+            run_forward(**bad)
+
+
 class _Subclass(np.ndarray):
     """An ndarray subclass: the fast paths leave it to the general path's conversion."""
