@@ -232,10 +232,10 @@ def threads_for(work):
     """Threads worth using for a call of about `work` multiply-adds (None: all allowed).
     The kernels give the same bits for any thread count, so this only changes the speed."""
     n = get_num_threads()
-    if work is None or n == 1:
+    if n == 1 or work is None:
         return n
-    useful = int(work) // MIN_WORK_PER_THREAD
-    return n if useful >= n else max(1, useful)
+    useful = work // MIN_WORK_PER_THREAD         # (an int: every caller counts in ints)
+    return n if useful >= n else useful or 1
 
 
 _ZEROS = {}         # (shape, dtype) -> a small read-only zero array to share

@@ -9,6 +9,10 @@ The main entry point is :func:`arrays`: a declarative shape spec per function, e
 
 checks every argument's rank and sizes, converts Python scalars and lists to the arrays'
 dtype, and returns C-contiguous arrays of one float dtype (copied only when needed).
+
+The fast paths of small calls first ask :func:`match` (with a :func:`plan` made once per
+function) whether the arguments are already valid as they are; only a call it declines pays
+for :func:`arrays` and gets its error messages.
 """
 import math
 import operator
