@@ -146,6 +146,45 @@ def test_selective_scan_bad_calls_still_explained():
             ss.selective_scan(*a, **k)
 
 
+# ---- linear_scan -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_linear_scan_fast_path_same_bits(monkeypatch, dtype, with_state):
+    rng = np.random.default_rng(5)
+    for B, T, D in [(1, 1, 64), (3, 7, 5), (2, 40, 130)]:
+        a, b = (rng.uniform(-1, 1, (B, T, D)).astype(dtype) for _ in range(2))
+        state = rng.standard_normal((B, D)).astype(dtype) if with_state else None
+        fast, general = _fast_and_general(monkeypatch, scan_module, "_linear_fast_call",
+                                          lambda: ss.linear_scan(a, b, state))
+        _equal(fast, general)
+        monkeypatch.undo()
+
+
+def test_linear_scan_fast_path_refuses_what_it_cannot_run(monkeypatch):
+    """Broadcast decays, views, lists, other dtypes, options, h0: the general path, which
+    converts or explains."""
+    rng = np.random.default_rng(6)
+    a, b = (rng.uniform(-1, 1, (2, 3, 4)) for _ in range(2))
+    state = rng.standard_normal((2, 4))
+    spy = Spy(monkeypatch, scan_module, "_linear_fast_call")
+    calls = [lambda: ss.linear_scan(0.9, b), lambda: ss.linear_scan(a[:, ::-1], b),
+             lambda: ss.linear_scan(a.tolist(), b), lambda: ss.linear_scan(a, b, state.tolist()),
+             lambda: ss.linear_scan(a, b, reverse=np.False_), lambda: ss.linear_scan(a, b[:, :2]),
+             lambda: ss.linear_scan(a.astype(np.float32), b),
+             lambda: ss.linear_scan(a, b, state[:, :3]),
+             lambda: ss.linear_scan(a, b, lengths=[3, 2])]
+    outcomes = [_outcome(c) for c in calls]
+    assert spy.served == 0
+    assert sum(isinstance(o[0], type) for o in outcomes) == 3        # the three bad sizes/dtypes
+    monkeypatch.setattr(scan_module, "_linear_fast_call", lambda *args: None)
+    for o, call in zip(outcomes, calls):
+        _equal_or_same_error(o, _outcome(call))
+    with pytest.warns(DeprecationWarning):
+        h = ss.linear_scan(a, b, h0=state)
+    _equal(h, ss.linear_scan(a, b, state))
+
+
 # ---- linear_attention --------------------------------------------------------------------------
 
 def _attention(dtype, B, NH, T, dk, dv, seed):

@@ -290,8 +290,9 @@ def _fast_call(q, k, v, decay, state, chunk, out_state):
              if chunk is None else check_chunk(chunk, T))
     g = None if decay is None else np.broadcast_to(np.log(decay)[None, :, None], (B, NH, T))
     o, S = np.empty((B, NH, T, dv), dtype), np.empty((B, NH, dk, dv), dtype)
-    kernel(q, k, v, g, _dispatch.zeros_input((B, NH, dk, dv), dtype) if state is None else state, chunk, 1,
-           None, None, o, S, _dispatch.threads_for(recurrence_work(B, NH, T, dk, dv, chunk)))
+    S0 = _dispatch.zeros_input((B, NH, dk, dv), dtype) if state is None else state
+    kernel(q, k, v, g, S0, chunk, 1, None, None, o, S,
+           _dispatch.threads_for(recurrence_work(B, NH, T, dk, dv, chunk)))
     return o, store_state(S, out_state)
 
 

@@ -119,7 +119,36 @@ def linear_scan(a, b, state=None, *, lengths=None, reverse=False, reset=None, **
     Memory, measured as the peak RSS increase in units of the output h (float64, B=16,
     T=2048, D=128): the forward 1.0x (h only); vjp with its pullback 3.0x (h, da, db).
     """
+    if not deprecated and lengths is None and reset is None and reverse is False:
+        h = _linear_fast_call(a, b, state)
+        if h is not None:
+            return h
     return _linear_forward(_prepare_linear(a, b, state, lengths, reverse, reset, deprecated))
+
+
+_LINEAR_PLAN = _validate.plan({"b": "B T D", "a": "B T D", "state?": "B D"})[0]
+
+
+def _linear_fast_call(a, b, state):
+    """A call whose arrays are already valid -- C-contiguous ndarrays of one float dtype with
+    matching nonzero sizes, `a` not broadcast (see :func:`_validate.match`), compiled backend;
+    the caller has checked that lengths, reset, reverse and h0 are not given -- run with the
+    arguments the general path would pass: h.  None for any other call, which then gets the
+    full validation and its error messages."""
+    sizes = _validate.match(_LINEAR_PLAN, b, a, state)
+    if sizes is None:
+        return None
+    B, T, D = sizes
+    if B * T * D == 0:
+        return None
+    kernel = _dispatch.compiled("scan", "linear_scan")
+    if kernel is None:
+        return None
+    dtype = b.dtype
+    h = np.empty((B, T, D), dtype)
+    kernel(a, b, _dispatch.zeros_input((B, D), dtype) if state is None else state, None, None,
+           False, 1, h, _dispatch.threads_for(B * T * D))
+    return h
 
 
 def _linear_backward(c, h, dh):
