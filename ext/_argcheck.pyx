@@ -21,16 +21,21 @@ def match(bytes plan, *arrays):
     """The sizes of the plan's named dimensions (a tuple, in the plan's order) when `arrays`
     match it, else None.  See statescan._validate.plan for the plan and the rules."""
     cdef const unsigned char* p = <const unsigned char*> (<char*> plan)
-    cdef Py_ssize_t nslots = p[0], n = p[1], pos = 2, i, d, k
+    cdef Py_ssize_t size = len(plan), nslots, n, pos = 2, i, d, k
     cdef Py_ssize_t sizes[MAX_SLOTS]
     cdef cnp.npy_intp* shape
     cdef int typenum = -1, flags, ndim
     cdef cnp.ndarray arr
-    if n != len(arrays) or nslots > MAX_SLOTS:
+    if size < 2 or p[0] > MAX_SLOTS:
+        raise ValueError("not a plan of statescan._validate.plan")
+    nslots, n = p[0], p[1]
+    if n != len(arrays):
         raise ValueError(f"the plan takes {n} arrays, got {len(arrays)}")
     for k in range(nslots):
         sizes[k] = -1
     for i in range(n):
+        if pos + 2 > size or pos + 2 + p[pos + 1] > size:
+            raise ValueError("not a plan of statescan._validate.plan")
         flags = p[pos]
         ndim = p[pos + 1]
         pos += 2
@@ -58,6 +63,8 @@ def match(bytes plan, *arrays):
             k = p[pos + d]
             if k == ANY:
                 continue
+            if k >= nslots:
+                raise ValueError("not a plan of statescan._validate.plan")
             if sizes[k] < 0:
                 sizes[k] = shape[d]
             elif sizes[k] != shape[d]:

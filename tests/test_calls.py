@@ -516,6 +516,17 @@ def test_match_accepts_only_valid_arrays(match):
         match(plan, x, A)
 
 
+@pytest.mark.skipif(_validate.match is _validate._match_python,
+                    reason="the compiled check is not built (the Python twin cannot overrun)")
+def test_compiled_match_refuses_malformed_plans():
+    """The compiled check reads the plan's bytes: one that does not come from plan() (cut
+    short, a dimension index past its table) raises instead of reading out of bounds."""
+    plan, _ = _validate.plan({"x": "B T"})
+    for bad in (b"", plan[:-1], plan[:2] + bytes([0, 2, 0, 7])):
+        with pytest.raises(ValueError, match="not a plan"):
+            _validate.match(bad, np.ones((2, 3)))
+
+
 def test_match_zero_sizes_are_sizes():
     """Size-0 axes match like any other (the fast paths refuse them themselves)."""
     plan, _ = _validate.plan({"x": "B T", "y": "T"})
