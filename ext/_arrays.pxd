@@ -29,3 +29,12 @@ cdef inline int float_type(object a) noexcept:
         return -1
     cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray> a)
     return typenum if typenum == cnp.NPY_FLOAT or typenum == cnp.NPY_DOUBLE else -1
+
+
+cdef inline Py_ssize_t dim(object a, int axis) noexcept:
+    """Size of `axis` (>= 0) of ndarray `a` (its shape attribute, without Python objects)."""
+    return cnp.PyArray_DIM(<cnp.ndarray> a, axis)
+
+
+cdef inline int ndim(object a) noexcept:
+    return cnp.PyArray_NDIM(<cnp.ndarray> a)

@@ -581,5 +581,41 @@ def test_pointer_kernels_check_their_arrays():
             run_forward(**bad)
 
 
+@pytest.mark.skipif(not _dispatch.compiled_available(), reason="compiled kernels only")
+def test_ssd_kernels_check_their_arrays():
+    """ssd_forward and ssd_step read their arrays through pointers: another dtype, rank or
+    layout, or a read-only output, is a ValueError."""
+    f = np.float32
+    x, dt, A, Bv = np.ones((1, 1, 2, 4), f), np.ones((1, 1, 2), f), -np.ones(2, f), \
+        np.ones((1, 1, 3), f)
+    state, y, h = np.zeros((1, 2, 4, 3), f), np.empty((1, 1, 2, 4), f), np.empty((1, 2, 4, 3), f)
+    ext = _dispatch.ext_module("ssd")
+
+    def forward(**changes):
+        args = dict(x=x, dt=dt, dt_bias=None, sp=False, A=A, B=Bv, C=Bv, D=None, state=state,
+                    chunk=1, lengths=None, reset=None, y=y, h_out=h, num_threads=1)
+        args.update(changes)
+        return ext.ssd_forward(*args.values())
+
+    def step(**changes):
+        args = dict(x=x, dt=dt, A=A, B=Bv, C=Bv, D=None, z=None, dt_bias=None, sp=False,
+                    state=state, y=y, out_state=h, num_threads=1)
+        args.update(changes)
+        return ext.ssd_step(*args.values())
+
+    readonly = h.copy()
+    readonly.flags.writeable = False
+    forward()
+    forward(lengths=np.ones(1, np.int64), reset=np.zeros((1, 1), bool))
+    step()
+    bad = [dict(x=x.astype(np.float64)), dict(A=A[None]), dict(C=Bv[:, :, None]),
+           dict(D=np.ones((2, 4, 1), f)), dict(state=np.zeros((1, 2, 8, 3), f)[:, :, ::2])]
+    for fn, extra in ((forward, [dict(h_out=readonly), dict(lengths=np.ones(1, np.int32))]),
+                      (step, [dict(out_state=readonly), dict(B=[1.0, 2.0, 3.0])])):
+        for changes in bad + extra:
+            with pytest.raises(ValueError):
+                fn(**changes)
+
+
 class _Subclass(np.ndarray):
     """An ndarray subclass: the fast paths leave it to the general path's conversion."""
