@@ -21,7 +21,7 @@ from _gemm cimport gemm
 from _linear_blocks cimport (Block, apply_mask, block_decay, block_end, block_start,
                             decayed, masked_scores, state_update)
 from _scratch cimport scratch_alloc, scratch_free
-from _arrays cimport data
+from _arrays cimport c_array, data, dim, float_type
 
 cimport numpy as cnp
 
@@ -360,8 +360,15 @@ def linear_step(q, k, v, decay, state, o, out_state, int num_threads):
 
     q, k [B,NH,1,dk], v [B,NH,1,dv], decay [NH] (the factor, not its log) or None,
     state [B,NH,dk,dv]; outputs o [B,NH,1,dv] and out_state [B,NH,dk,dv], which may be
-    `state` itself.  Every array C-contiguous, one dtype (the caller checks)."""
-    cdef Py_ssize_t B = q.shape[0], NH = q.shape[1], dk = q.shape[3], dv = v.shape[3]
+    `state` itself.  Every array C-contiguous, one dtype, the sizes checked by the caller;
+    dtypes, ranks and layouts are checked here (pointer reads: see _arrays.pxd)."""
+    cdef int t = float_type(q)
+    if not (t >= 0 and c_array(q, t, 4) and c_array(k, t, 4) and c_array(v, t, 4)
+            and (decay is None or c_array(decay, t, 1)) and c_array(state, t, 4)
+            and c_array(o, t, 4, True) and c_array(out_state, t, 4, True)):
+        raise ValueError("linear_step: C-contiguous 4-d arrays of one float dtype (decay 1-d), "
+                         "o and out_state writeable")
+    cdef Py_ssize_t B = dim(q, 0), NH = dim(q, 1), dk = dim(q, 3), dv = dim(v, 3)
     cdef char* pq = data(q)
     cdef char* pk = data(k)
     cdef char* pv = data(v)
@@ -369,7 +376,7 @@ def linear_step(q, k, v, decay, state, o, out_state, int num_threads):
     cdef char* ps = data(state)
     cdef char* po = data(o)
     cdef char* pso = data(out_state)
-    if q.dtype.itemsize == 4:
+    if t == cnp.NPY_FLOAT:
         with nogil:
             linear_step_impl[float](B, NH, dk, dv, <float*> pq, <float*> pk, <float*> pv,
                                     <float*> pd, <float*> ps, <float*> po, <float*> pso,

@@ -574,6 +574,14 @@ def test_pointer_kernels_check_their_arrays():
     run_forward(q=np.ones((1, 1, 4, 4), f)[:, :, ::2], o=np.empty((1, 1, 4, 4), f)[:, :, ::2])
     S_readonly = S.copy()
     S_readonly.flags.writeable = False
+    step = _dispatch.ext_module("linear_attention").linear_step
+    q1 = q[:, :, :1].copy()
+    step(q1, q1, q1, None, S0, q1.copy(), S, 1)
+    for bad in ((q1, q1.astype(np.float64), q1, None, S0, q1.copy(), S, 1),
+                (q1, q1, q1, np.ones((1, 1), f), S0, q1.copy(), S, 1),
+                (q1, q1, q1, None, S0, q1.copy(), S_readonly, 1)):
+        with pytest.raises(ValueError):
+            step(*bad)
     for bad in (dict(k=q.astype(np.float64)), dict(v=np.ones((1, 1, 2, 8), f)[..., ::2]),
                 dict(S0=np.zeros((1, 1, 4, 8), f)[..., ::2]), dict(S_out=S_readonly),
                 dict(g=np.zeros((1, 1, 2), np.float64)), dict(o=q[0])):
