@@ -21,6 +21,7 @@ from _gemm cimport gemm
 from _linear_blocks cimport (Block, apply_mask, block_decay, block_end, block_start,
                             decayed, masked_scores, state_update)
 from _scratch cimport scratch_alloc, scratch_free
+from _arrays cimport c_array, data, dim, float_type
 
 cimport numpy as cnp
 
@@ -33,15 +34,16 @@ cdef struct Rows:
     Py_ssize_t sb, sh, ld
 
 
-cdef inline Rows rows_of(object arr):
+cdef inline Rows rows_of(cnp.ndarray arr) noexcept:
     cdef Rows r
-    isz = arr.itemsize
-    r.sb = arr.strides[0] // isz
-    r.sh = arr.strides[1] // isz
-    r.ld = arr.strides[2] // isz
+    cdef cnp.npy_intp* strides = cnp.PyArray_STRIDES(arr)
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(arr)
+    r.sb = strides[0] // isz
+    r.sh = strides[1] // isz
+    r.ld = strides[2] // isz
     # numpy may give a length-1 axis any stride (0 after broadcasting); BLAS wants ld >= d
-    if arr.ndim == 4 and arr.shape[2] == 1:
-        r.ld = arr.shape[3]
+    if cnp.PyArray_NDIM(arr) == 4 and cnp.PyArray_DIM(arr, 2) == 1:
+        r.ld = cnp.PyArray_DIM(arr, 3)
     return r
 
 
@@ -105,29 +107,17 @@ cdef void linear_forward_job(Py_ssize_t T, Py_ssize_t Tb, Py_ssize_t dk, Py_ssiz
             o[i * ldo + j] = 0
 
 
-def linear_forward(q, k, v, g, const floating[:, :, :, ::1] S0, Py_ssize_t chunk,
-                   Py_ssize_t group, lengths, reset, floating[:, :, :, :] o,
-                   floating[:, :, :, ::1] S_out, int num_threads):
-    """o, S_out = chunked linear recurrence S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t.
-
-    q, k [B,G,T,dk] (head h reads group h // group), v [B,NH,T,dv] (strided, last axis
-    contiguous), g [B,NH,T] strided or None (no decay; required with reset), S0 [B,NH,dk,dv],
-    lengths int64 [B] or None, reset uint8 [B,T] or None; outputs o [B,NH,T,dv] (strided),
-    S_out [B,NH,dk,dv].  Requires every size >= 1."""
-    cdef const floating[:, :, :, :] qm = q
-    cdef const floating[:, :, :, :] km = k
-    cdef const floating[:, :, :, :] vm = v
-    cdef Py_ssize_t B = o.shape[0], NH = o.shape[1], T = o.shape[2]
-    cdef Py_ssize_t dk = qm.shape[3], dv = vm.shape[3]
-    cdef Py_ssize_t C = min(chunk, T), job, b, h, Tb, failed = 0
-    cdef Rows rq = rows_of(qm), rk = rows_of(km), rv = rows_of(vm), ro = rows_of(o)
-    cdef Options opt = options_of(g, lengths, reset)
-    cdef Rows rg = opt.rg
+cdef Py_ssize_t forward_impl(Py_ssize_t B, Py_ssize_t NH, Py_ssize_t T, Py_ssize_t dk,
+                             Py_ssize_t dv, Py_ssize_t C, Py_ssize_t group, const floating* q,
+                             Rows rq, const floating* k, Rows rk, const floating* v, Rows rv,
+                             Options opt, const floating* S0, floating* o, Rows ro,
+                             floating* S_out, int num_threads) noexcept nogil:
+    """Every (row, head) job; returns the number of jobs that found no scratch memory."""
+    cdef Py_ssize_t job, b, h, Tb, failed = 0
     cdef const floating* gp = <const floating*> opt.g
-    cdef const int64_t* lp = opt.lengths
-    cdef const uint8_t* rp = opt.reset
+    cdef Rows rg = opt.rg
     cdef floating* A
-    with nogil, parallel(num_threads=num_threads):
+    with parallel(num_threads=num_threads):
         A = <floating*> scratch_alloc((C * C + C + C * max(dk, dv)) * sizeof(floating))
         for job in prange(B * NH, schedule="static"):
             b = job // NH
@@ -135,16 +125,80 @@ def linear_forward(q, k, v, g, const floating[:, :, :, ::1] S0, Py_ssize_t chunk
             if A == NULL:
                 failed += 1
                 continue
-            Tb = lp[b] if lp != NULL else T
+            Tb = opt.lengths[b] if opt.lengths != NULL else T
             linear_forward_job(T, Tb, dk, dv, C,
-                               &qm[0, 0, 0, 0] + b * rq.sb + (h // group) * rq.sh, rq.ld,
-                               &km[0, 0, 0, 0] + b * rk.sb + (h // group) * rk.sh, rk.ld,
-                               &vm[0, 0, 0, 0] + b * rv.sb + h * rv.sh, rv.ld,
+                               q + b * rq.sb + (h // group) * rq.sh, rq.ld,
+                               k + b * rk.sb + (h // group) * rk.sh, rk.ld,
+                               v + b * rv.sb + h * rv.sh, rv.ld,
                                (gp + b * rg.sb + h * rg.sh) if gp != NULL else NULL, rg.ld,
-                               (rp + b * T) if rp != NULL else NULL,
-                               &S0[b, h, 0, 0], &o[0, 0, 0, 0] + b * ro.sb + h * ro.sh, ro.ld,
-                               &S_out[b, h, 0, 0], A, A + C * C, A + C * C + C)
+                               (opt.reset + b * T) if opt.reset != NULL else NULL,
+                               S0 + job * dk * dv, o + b * ro.sb + h * ro.sh, ro.ld,
+                               S_out + job * dk * dv, A, A + C * C, A + C * C + C)
         scratch_free(A)
+    return failed
+
+
+cdef inline bint rows_last_contiguous(object a, int typenum) noexcept:
+    """True when `a` is a 4-d ndarray of `typenum` whose last axis is contiguous (any stride
+    when it has length 1)."""
+    if type(a) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray> a
+    return (cnp.PyArray_TYPE(arr) == typenum and cnp.PyArray_NDIM(arr) == 4
+            and (cnp.PyArray_STRIDES(arr)[3] == cnp.PyArray_ITEMSIZE(arr)
+                 or cnp.PyArray_DIM(arr, 3) == 1))
+
+
+def linear_forward(q, k, v, g, S0, Py_ssize_t chunk, Py_ssize_t group, lengths, reset, o,
+                   S_out, int num_threads):
+    """o, S_out = chunked linear recurrence S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t.
+
+    q, k [B,G,T,dk] (head h reads group h // group), v [B,NH,T,dv] (strided, last axis
+    contiguous), g [B,NH,T] strided or None (no decay; required with reset), S0 [B,NH,dk,dv],
+    lengths int64 [B] or None, reset uint8 [B,T] or None; outputs o [B,NH,T,dv] (strided),
+    S_out [B,NH,dk,dv].  One float dtype; S0, S_out C-contiguous.  Requires every size >= 1.
+    The arrays are read through their pointers and strides (no typed memoryviews: a small
+    call would spend most of its time acquiring them); the dtypes and layouts are checked."""
+    if type(S0) is not cnp.ndarray:
+        raise TypeError("S0 must be an ndarray")
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray> S0)
+    if (typenum != cnp.NPY_FLOAT and typenum != cnp.NPY_DOUBLE
+            or not rows_last_contiguous(q, typenum) or not rows_last_contiguous(k, typenum)
+            or not rows_last_contiguous(v, typenum) or not rows_last_contiguous(o, typenum)
+            or not rows_last_contiguous(S0, typenum) or not rows_last_contiguous(S_out, typenum)
+            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray> S0)
+            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray> S_out)
+            or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray> o)
+            or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray> S_out)
+            or (g is not None and (type(g) is not cnp.ndarray
+                                   or cnp.PyArray_TYPE(<cnp.ndarray> g) != typenum
+                                   or cnp.PyArray_NDIM(<cnp.ndarray> g) != 3))):
+        raise ValueError("linear_forward: q, k, v, o [B, NH, T, d] with a contiguous last "
+                         "axis, S0 and S_out C-contiguous, g [B, NH, T] or None, one float "
+                         "dtype, o and S_out writeable")
+    cdef cnp.npy_intp* shape_o = cnp.PyArray_DIMS(<cnp.ndarray> o)
+    cdef Py_ssize_t B = shape_o[0], NH = shape_o[1], T = shape_o[2]
+    cdef Py_ssize_t dk = cnp.PyArray_DIM(<cnp.ndarray> q, 3), dv = shape_o[3]
+    cdef Py_ssize_t C = min(chunk, T), failed
+    cdef Rows rq = rows_of(q), rk = rows_of(k), rv = rows_of(v), ro = rows_of(o)
+    cdef Options opt = options_of(g, lengths, reset)
+    cdef void* pq = cnp.PyArray_DATA(<cnp.ndarray> q)
+    cdef void* pk = cnp.PyArray_DATA(<cnp.ndarray> k)
+    cdef void* pv = cnp.PyArray_DATA(<cnp.ndarray> v)
+    cdef void* ps0 = cnp.PyArray_DATA(<cnp.ndarray> S0)
+    cdef void* po = cnp.PyArray_DATA(<cnp.ndarray> o)
+    cdef void* ps = cnp.PyArray_DATA(<cnp.ndarray> S_out)
+    if typenum == cnp.NPY_FLOAT:
+        with nogil:
+            failed = forward_impl[float](B, NH, T, dk, dv, C, group, <float*> pq, rq,
+                                         <float*> pk, rk, <float*> pv, rv, opt, <float*> ps0,
+                                         <float*> po, ro, <float*> ps, num_threads)
+    else:
+        with nogil:
+            failed = forward_impl[double](B, NH, T, dk, dv, C, group, <double*> pq, rq,
+                                          <double*> pk, rk, <double*> pv, rv, opt,
+                                          <double*> ps0, <double*> po, ro, <double*> ps,
+                                          num_threads)
     if failed:
         raise MemoryError(f"linear attention: no memory for a {C} x {C} block (chunk)")
 
@@ -230,7 +284,7 @@ def linear_backward(q, k, v, g, const floating[:, :, :, ::1] S0, Py_ssize_t chun
     cdef Py_ssize_t dk_ = dq.shape[3], dv_ = dv.shape[3]
     cdef Py_ssize_t C = min(chunk, T), job, b, h, Tb, failed = 0
     cdef Py_ssize_t w = C * max(dk_, dv_)
-    cdef Rows rq = rows_of(qm), rk = rows_of(km), rv = rows_of(vm), rd = rows_of(dom)
+    cdef Rows rq = rows_of(q), rk = rows_of(k), rv = rows_of(v), rd = rows_of(do)
     cdef Options opt = options_of(g, lengths, reset)
     cdef Rows rg = opt.rg
     cdef const floating* gp = <const floating*> opt.g
@@ -301,18 +355,20 @@ cdef void linear_step_impl(Py_ssize_t B, Py_ssize_t NH, Py_ssize_t dk, Py_ssize_
                         S_in + job * dk * dv, S_out + job * dk * dv, o + job * dv)
 
 
-cdef inline char* data(object a) noexcept:
-    """The data pointer of a (C-contiguous) ndarray, NULL for None."""
-    return <char*> cnp.PyArray_DATA(<cnp.ndarray> a) if a is not None else NULL
-
-
 def linear_step(q, k, v, decay, state, o, out_state, int num_threads):
     """One step (T = 1) of linear attention on the state in its public layout.
 
     q, k [B,NH,1,dk], v [B,NH,1,dv], decay [NH] (the factor, not its log) or None,
     state [B,NH,dk,dv]; outputs o [B,NH,1,dv] and out_state [B,NH,dk,dv], which may be
-    `state` itself.  Every array C-contiguous, one dtype (the caller checks)."""
-    cdef Py_ssize_t B = q.shape[0], NH = q.shape[1], dk = q.shape[3], dv = v.shape[3]
+    `state` itself.  Every array C-contiguous, one dtype, the sizes checked by the caller;
+    dtypes, ranks and layouts are checked here (pointer reads: see _arrays.pxd)."""
+    cdef int t = float_type(q)
+    if not (t >= 0 and c_array(q, t, 4) and c_array(k, t, 4) and c_array(v, t, 4)
+            and (decay is None or c_array(decay, t, 1)) and c_array(state, t, 4)
+            and c_array(o, t, 4, True) and c_array(out_state, t, 4, True)):
+        raise ValueError("linear_step: C-contiguous 4-d arrays of one float dtype (decay 1-d), "
+                         "o and out_state writeable")
+    cdef Py_ssize_t B = dim(q, 0), NH = dim(q, 1), dk = dim(q, 3), dv = dim(v, 3)
     cdef char* pq = data(q)
     cdef char* pk = data(k)
     cdef char* pv = data(v)
@@ -320,7 +376,7 @@ def linear_step(q, k, v, decay, state, o, out_state, int num_threads):
     cdef char* ps = data(state)
     cdef char* po = data(o)
     cdef char* pso = data(out_state)
-    if q.dtype.itemsize == 4:
+    if t == cnp.NPY_FLOAT:
         with nogil:
             linear_step_impl[float](B, NH, dk, dv, <float*> pq, <float*> pk, <float*> pv,
                                     <float*> pd, <float*> ps, <float*> po, <float*> pso,

@@ -11,6 +11,11 @@ from libc.math cimport sqrt
 
 from _math cimport exp_clamped, sigmoid, softplus
 from _scratch cimport scratch_alloc, scratch_free
+from _arrays cimport c_array, data, float_type
+
+cimport numpy as cnp
+
+cnp.import_array()
 
 cdef enum:
     W = 16          # selective scan: channels per block (= SS_W of _scan_simd.h)
@@ -624,39 +629,71 @@ cdef void step_channels(Py_ssize_t r, Py_ssize_t c0, Py_ssize_t nc, Py_ssize_t D
     gate_store(nc, nc, z + row if z != NULL else NULL, xv, u, acc, y + row)
 
 
-def selective_step(const floating[:, :, ::1] x, const floating[:, :, ::1] dt,
-                   const floating[:, ::1] A, const floating[:, :, ::1] Bm,
-                   const floating[:, :, ::1] C, const floating[::1] D,
-                   const floating[:, :, ::1] z, const floating[::1] dt_bias, bint softplus,
-                   const floating[:, :, ::1] state, floating[:, :, ::1] y,
-                   floating[:, :, ::1] state_out, int num_threads):
-    """One step of the selective scan: x, dt, z [Bt,1,Dm]; A [Dm,N]; Bm, C [Bt,1,N]; D,
-    dt_bias [Dm] or None; state [Bt,Dm,N].  Writes y [Bt,1,Dm] and state_out [Bt,Dm,N]
-    (which may be `state` itself).  Requires Bt, Dm, N >= 1."""
-    cdef Py_ssize_t Bt = x.shape[0], Dm = x.shape[2], N = A.shape[1]
+cdef void step_impl(Py_ssize_t Bt, Py_ssize_t Dm, Py_ssize_t N, const floating* x,
+                    const floating* dt, const floating* A, const floating* Bm,
+                    const floating* C, const floating* Dp, const floating* zp,
+                    const floating* bp, bint softplus, const floating* state, floating* y,
+                    floating* state_out, int num_threads) noexcept nogil:
     cdef Py_ssize_t nchunk = (Dm + SC - 1) // SC
     cdef int threads = useful_threads(num_threads, Bt * nchunk, Bt * Dm * N)
     cdef Py_ssize_t job, r, c0
-    cdef const floating* Dp = vec_ptr(D)
-    cdef const floating* bp = vec_ptr(dt_bias)
-    cdef const floating* zp = seq_ptr(z)
-    if x.shape[1] != 1:
+    if threads == 1:                     # no parallel region: decoding is latency-bound
+        for job in range(Bt * nchunk):
+            r = job // nchunk
+            c0 = (job % nchunk) * SC
+            step_channels(r, c0, min(<Py_ssize_t> SC, Dm - c0), Dm, N, x, dt, A, Bm, C, Dp,
+                          zp, bp, softplus, state, y, state_out)
+    else:
+        for job in prange(Bt * nchunk, schedule="static", num_threads=threads):
+            r = job // nchunk
+            c0 = (job % nchunk) * SC
+            step_channels(r, c0, min(<Py_ssize_t> SC, Dm - c0), Dm, N, x, dt, A, Bm, C, Dp,
+                          zp, bp, softplus, state, y, state_out)
+
+
+def selective_step(x, dt, A, Bm, C, D, z, dt_bias, bint softplus, state, y, state_out,
+                   int num_threads):
+    """One step of the selective scan: x, dt, z [Bt,1,Dm]; A [Dm,N]; Bm, C [Bt,1,N]; D,
+    dt_bias [Dm] or None; state [Bt,Dm,N].  Writes y [Bt,1,Dm] and state_out [Bt,Dm,N]
+    (which may be `state` itself).  Every array C-contiguous, one float dtype (checked here);
+    the caller checks the sizes.  Requires Bt, Dm, N >= 1.  The arrays are read through their
+    pointers (see _arrays.pxd: this kernel is a decoding loop's, where typed memoryviews would
+    cost more than the step)."""
+    cdef int t = float_type(x)
+    if not (t >= 0 and c_array(x, t, 3) and c_array(dt, t, 3) and c_array(A, t, 2)
+            and c_array(Bm, t, 3) and c_array(C, t, 3) and (D is None or c_array(D, t, 1))
+            and (z is None or c_array(z, t, 3)) and (dt_bias is None or c_array(dt_bias, t, 1))
+            and c_array(state, t, 3) and c_array(y, t, 3, True)
+            and c_array(state_out, t, 3, True)):
+        raise ValueError("selective_step: C-contiguous arrays of one float dtype, x, dt, Bm, "
+                         "C, z, state, y, state_out 3-d, A 2-d, D, dt_bias 1-d, y and "
+                         "state_out writeable")
+    cdef cnp.npy_intp* shape = cnp.PyArray_DIMS(<cnp.ndarray> x)
+    cdef Py_ssize_t Bt = shape[0], Dm = shape[2], N = cnp.PyArray_DIM(<cnp.ndarray> A, 1)
+    if shape[1] != 1:
         raise ValueError("selective_step takes one time step")
-    with nogil:
-        if threads == 1:                     # no parallel region: decoding is latency-bound
-            for job in range(Bt * nchunk):
-                r = job // nchunk
-                c0 = (job % nchunk) * SC
-                step_channels(r, c0, min(<Py_ssize_t> SC, Dm - c0), Dm, N, &x[0, 0, 0],
-                              &dt[0, 0, 0], &A[0, 0], &Bm[0, 0, 0], &C[0, 0, 0], Dp, zp, bp,
-                              softplus, &state[0, 0, 0], &y[0, 0, 0], &state_out[0, 0, 0])
-        else:
-            for job in prange(Bt * nchunk, schedule="static", num_threads=threads):
-                r = job // nchunk
-                c0 = (job % nchunk) * SC
-                step_channels(r, c0, min(<Py_ssize_t> SC, Dm - c0), Dm, N, &x[0, 0, 0],
-                              &dt[0, 0, 0], &A[0, 0], &Bm[0, 0, 0], &C[0, 0, 0], Dp, zp, bp,
-                              softplus, &state[0, 0, 0], &y[0, 0, 0], &state_out[0, 0, 0])
+    cdef char* px = data(x)
+    cdef char* pdt = data(dt)
+    cdef char* pA = data(A)
+    cdef char* pB = data(Bm)
+    cdef char* pC = data(C)
+    cdef char* pD = data(D)
+    cdef char* pz = data(z)
+    cdef char* pb = data(dt_bias)
+    cdef char* ps = data(state)
+    cdef char* py = data(y)
+    cdef char* pso = data(state_out)
+    if t == cnp.NPY_FLOAT:
+        with nogil:
+            step_impl[float](Bt, Dm, N, <float*> px, <float*> pdt, <float*> pA, <float*> pB,
+                             <float*> pC, <float*> pD, <float*> pz, <float*> pb, softplus,
+                             <float*> ps, <float*> py, <float*> pso, num_threads)
+    else:
+        with nogil:
+            step_impl[double](Bt, Dm, N, <double*> px, <double*> pdt, <double*> pA,
+                              <double*> pB, <double*> pC, <double*> pD, <double*> pz,
+                              <double*> pb, softplus, <double*> ps, <double*> py,
+                              <double*> pso, num_threads)
 
 
 # ---- selective scan backward ---------------------------------------------------------------

@@ -24,6 +24,7 @@ from _gemm cimport gemm
 from _linear_blocks cimport Block, apply_mask, block_decay, block_end, decayed, state_update
 from _math cimport exp_, sigmoid, softplus
 from _scratch cimport scratch_alloc, scratch_free
+from _arrays cimport c_array, data, dim, float_type, ndim
 
 cimport numpy as cnp
 import numpy as np
@@ -123,11 +124,6 @@ cdef void ssd_step_impl(Py_ssize_t Bt, Py_ssize_t NH, Py_ssize_t P, Py_ssize_t N
                      h_in + job * P * N, h_out + job * P * N, y + job * P)
 
 
-cdef inline char* data(object a) noexcept:
-    """The data pointer of a (C-contiguous) ndarray, NULL for None."""
-    return <char*> cnp.PyArray_DATA(<cnp.ndarray> a) if a is not None else NULL
-
-
 def ssd_step(x, dt, A, B, C, D, z, dt_bias, bint dt_softplus, state, y, out_state,
              int num_threads):
     """One SSD step on the state in place of its public layout.
@@ -135,10 +131,20 @@ def ssd_step(x, dt, A, B, C, D, z, dt_bias, bint dt_softplus, state, y, out_stat
     x [Bt,1,NH,P], dt [Bt,1,NH], A [NH], B, C [Bt,1,G,N] or [Bt,1,N] (G = 1), D None, [NH]
     or [NH,P], z None or [Bt,1,NH,P], dt_bias None or [NH], state [Bt,NH,P,N]; outputs
     y [Bt,1,NH,P] and out_state [Bt,NH,P,N] (may be `state` itself).  Every array
-    C-contiguous, one dtype, shapes checked by the caller."""
-    cdef Py_ssize_t Bt = x.shape[0], NH = x.shape[2], P = x.shape[3], N = B.shape[B.ndim - 1]
-    cdef Py_ssize_t G = B.shape[2] if B.ndim == 4 else 1
-    cdef Py_ssize_t sD = 1 if D is not None and D.ndim == 2 else 0
+    C-contiguous, one dtype, shapes checked by the caller; dtypes, ranks and layouts are
+    checked here (the arrays are read through their pointers: see _arrays.pxd)."""
+    cdef int t = float_type(x)
+    if not (t >= 0 and c_array(x, t, 4) and c_array(dt, t, 3) and c_array(A, t, 1)
+            and (c_array(B, t, 3) or c_array(B, t, 4)) and c_array(C, t, ndim(B))
+            and (D is None or c_array(D, t, 1) or c_array(D, t, 2))
+            and (z is None or c_array(z, t, 4)) and (dt_bias is None or c_array(dt_bias, t, 1))
+            and c_array(state, t, 4) and c_array(y, t, 4, True)
+            and c_array(out_state, t, 4, True)):
+        raise ValueError("ssd_step: C-contiguous arrays of one float dtype and the documented "
+                         "ranks, y and out_state writeable")
+    cdef Py_ssize_t Bt = dim(x, 0), NH = dim(x, 2), P = dim(x, 3), N = dim(B, ndim(B) - 1)
+    cdef Py_ssize_t G = dim(B, 2) if ndim(B) == 4 else 1
+    cdef Py_ssize_t sD = 1 if D is not None and ndim(D) == 2 else 0
     cdef char* px = data(x)
     cdef char* pdt = data(dt)
     cdef char* pA = data(A)
@@ -150,7 +156,7 @@ def ssd_step(x, dt, A, B, C, D, z, dt_bias, bint dt_softplus, state, y, out_stat
     cdef char* ph = data(state)
     cdef char* py = data(y)
     cdef char* pho = data(out_state)
-    if x.dtype.itemsize == 4:
+    if t == cnp.NPY_FLOAT:
         with nogil:
             ssd_step_impl[float](Bt, NH, P, N, G, <float*> px, <float*> pdt, <float*> pA,
                                  <float*> pB, <float*> pC, <float*> pD, sD, <float*> pz,
@@ -351,11 +357,25 @@ def ssd_forward(x, dt, dt_bias, bint dt_softplus, A, B, C, D, state, Py_ssize_t 
     `dt_softplus`: as the decode step), A [NH], B, C [Bt,T,N] or [Bt,T,G,N], D None, [NH] or
     [NH,P] (y += D x, padded steps included), state [Bt,NH,P,N] or None (zeros), lengths int64
     [Bt] or None, reset bool [Bt,T] or None; outputs y [Bt,T,NH,P] and h_out [Bt,NH,P,N] (may
-    be `state`).  Every array C-contiguous, one dtype, every size >= 1 (the caller checks)."""
-    cdef Py_ssize_t Bt = x.shape[0], T = x.shape[1], NH = x.shape[2], P = x.shape[3]
-    cdef Py_ssize_t N = B.shape[B.ndim - 1], G = B.shape[2] if B.ndim == 4 else 1
+    be `state`).  Every array C-contiguous, one dtype, every size >= 1 (the caller checks the
+    sizes; dtypes, ranks and layouts are checked here: the arrays are read through their
+    pointers, see _arrays.pxd)."""
+    cdef int t = float_type(x)
+    if not (t >= 0 and c_array(x, t, 4) and c_array(dt, t, 3) and c_array(A, t, 1)
+            and (c_array(B, t, 3) or c_array(B, t, 4)) and c_array(C, t, ndim(B))
+            and (D is None or c_array(D, t, 1) or c_array(D, t, 2))
+            and (dt_bias is None or c_array(dt_bias, t, 1))
+            and (state is None or c_array(state, t, 4))
+            and (lengths is None or c_array(lengths, cnp.NPY_INT64, 1))
+            and (reset is None or c_array(reset, cnp.NPY_BOOL, 2)
+                 or c_array(reset, cnp.NPY_UINT8, 2))
+            and c_array(y, t, 4, True) and c_array(h_out, t, 4, True)):
+        raise ValueError("ssd_forward: C-contiguous arrays of one float dtype and the "
+                         "documented ranks, lengths int64, reset bool, y and h_out writeable")
+    cdef Py_ssize_t Bt = dim(x, 0), T = dim(x, 1), NH = dim(x, 2), P = dim(x, 3)
+    cdef Py_ssize_t N = dim(B, ndim(B) - 1), G = dim(B, 2) if ndim(B) == 4 else 1
     cdef Py_ssize_t Ch = min(chunk, T), failed
-    cdef Py_ssize_t sD = 1 if D is not None and D.ndim == 2 else 0
+    cdef Py_ssize_t sD = 1 if D is not None and ndim(D) == 2 else 0
     delta = dt if dt_bias is None and not dt_softplus else np.empty_like(dt)
     cdef char* px = data(x)
     cdef char* pdt = data(dt)
@@ -370,7 +390,7 @@ def ssd_forward(x, dt, dt_bias, bint dt_softplus, A, B, C, D, state, Py_ssize_t 
     cdef const uint8_t* pr = <const uint8_t*> data(reset)      # numpy bools are bytes
     cdef char* py = data(y)
     cdef char* pho = data(h_out)
-    if x.dtype.itemsize == 4:
+    if t == cnp.NPY_FLOAT:
         with nogil:
             if pd != pdt:
                 delta_impl[float](Bt * T, NH, <float*> pdt, <float*> pbias, dt_softplus,

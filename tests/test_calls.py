@@ -146,6 +146,45 @@ def test_selective_scan_bad_calls_still_explained():
             ss.selective_scan(*a, **k)
 
 
+# ---- linear_scan -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_linear_scan_fast_path_same_bits(monkeypatch, dtype, with_state):
+    rng = np.random.default_rng(5)
+    for B, T, D in [(1, 1, 64), (3, 7, 5), (2, 40, 130)]:
+        a, b = (rng.uniform(-1, 1, (B, T, D)).astype(dtype) for _ in range(2))
+        state = rng.standard_normal((B, D)).astype(dtype) if with_state else None
+        fast, general = _fast_and_general(monkeypatch, scan_module, "_linear_fast_call",
+                                          lambda: ss.linear_scan(a, b, state))
+        _equal(fast, general)
+        monkeypatch.undo()
+
+
+def test_linear_scan_fast_path_refuses_what_it_cannot_run(monkeypatch):
+    """Broadcast decays, views, lists, other dtypes, options, h0: the general path, which
+    converts or explains."""
+    rng = np.random.default_rng(6)
+    a, b = (rng.uniform(-1, 1, (2, 3, 4)) for _ in range(2))
+    state = rng.standard_normal((2, 4))
+    spy = Spy(monkeypatch, scan_module, "_linear_fast_call")
+    calls = [lambda: ss.linear_scan(0.9, b), lambda: ss.linear_scan(a[:, ::-1], b),
+             lambda: ss.linear_scan(a.tolist(), b), lambda: ss.linear_scan(a, b, state.tolist()),
+             lambda: ss.linear_scan(a, b, reverse=np.False_), lambda: ss.linear_scan(a, b[:, :2]),
+             lambda: ss.linear_scan(a.astype(np.float32), b),
+             lambda: ss.linear_scan(a, b, state[:, :3]),
+             lambda: ss.linear_scan(a, b, lengths=[3, 2])]
+    outcomes = [_outcome(c) for c in calls]
+    assert spy.served == 0
+    assert sum(isinstance(o[0], type) for o in outcomes) == 3        # the three bad sizes/dtypes
+    monkeypatch.setattr(scan_module, "_linear_fast_call", lambda *args: None)
+    for o, call in zip(outcomes, calls):
+        _equal_or_same_error(o, _outcome(call))
+    with pytest.warns(DeprecationWarning):
+        h = ss.linear_scan(a, b, h0=state)
+    _equal(h, ss.linear_scan(a, b, state))
+
+
 # ---- linear_attention --------------------------------------------------------------------------
 
 def _attention(dtype, B, NH, T, dk, dv, seed):
@@ -433,13 +472,157 @@ def test_python_backend_takes_the_general_path(monkeypatch):
     assert spy.served == 0
 
 
-def test_contiguous_arrays():
-    a = np.zeros((2, 3))
-    assert _validate.contiguous_arrays((a, None, a), a.dtype)
-    assert not _validate.contiguous_arrays((a, a.T), a.dtype)
-    assert not _validate.contiguous_arrays((a, a.astype(np.float32)), a.dtype)
-    assert not _validate.contiguous_arrays((a, [1.0]), a.dtype)
-    assert not _validate.contiguous_arrays((a, a.view(_Subclass)), a.dtype)
+_MATCH = [_validate._match_python] + ([] if _validate.match is _validate._match_python
+                                       else [_validate.match])
+
+
+@pytest.mark.parametrize("match", _MATCH, ids=lambda f: f.__name__)
+def test_match_accepts_only_valid_arrays(match):
+    """The fast paths' check (compiled, and its Python twin): the sizes when every array is
+    a C-contiguous ndarray of one float dtype with the plan's rank and matching sizes."""
+    plan, names = _validate.plan({"x": "B T D", "A": "D N", "b?": "D", "out?!": "B _ N",
+                                  "extra?": "E"})
+    assert names == ("B", "T", "D", "N", "E")
+    x, A, b, out = np.ones((2, 3, 4)), np.ones((4, 5)), np.ones(4), np.ones((2, 7, 5))
+    assert match(plan, x, A, b, out, None) == (2, 3, 4, 5, -1)      # E: only in absent arrays
+    assert match(plan, x, A, None, None, np.ones(6)) == (2, 3, 4, 5, 6)
+    assert match(plan, *(a.astype(np.float32) for a in (x, A, b, out)), None) \
+        == (2, 3, 4, 5, -1)
+    readonly = out.copy()
+    readonly.flags.writeable = False
+    frozen_x = x.copy()
+    frozen_x.flags.writeable = False
+    assert match(plan, frozen_x, A, b, out, None) == (2, 3, 4, 5, -1)   # only "!" must be
+    refused = [
+        (None, A, b, out, None),                          # required
+        (x, A, b, readonly, None),                        # not writeable
+        (np.asfortranarray(x), A, b, out, None),          # not C-contiguous
+        (x[:, ::2], A, b, out, None),
+        (x.view(_Subclass), A, b, out, None),             # a subclass
+        (x.tolist(), A, b, out, None),
+        (x, A.astype(np.float32), b, out, None),          # mixed dtypes
+        (x.astype(np.float16), A.astype(np.float16), None, None, None),
+        (x.astype(np.int64), A.astype(np.int64), None, None, None),
+        (x.astype(">f8"), A.astype(">f8"), None, None, None),      # byte-swapped
+        (x, A, b[None], out, None),                       # rank
+        (x, A, b[:3].copy(), out, None),                  # D differs
+        (x, A, b, out[:, :, :4].copy(), None),            # N differs
+        (x, np.ones((5, 5)), b, out, None),
+        (x, A, b, out, np.ones((2, 2))),
+    ]
+    for arrays in refused:
+        assert match(plan, *arrays) is None
+    with pytest.raises(ValueError, match="takes 5 arrays"):
+        match(plan, x, A)
+
+
+@pytest.mark.skipif(_validate.match is _validate._match_python,
+                    reason="the compiled check is not built (the Python twin cannot overrun)")
+def test_compiled_match_refuses_malformed_plans():
+    """The compiled check reads the plan's bytes: one that does not come from plan() (cut
+    short, a dimension index past its table) raises instead of reading out of bounds."""
+    plan, _ = _validate.plan({"x": "B T"})
+    for bad in (b"", plan[:-1], plan[:2] + bytes([0, 2, 0, 7])):
+        with pytest.raises(ValueError, match="not a plan"):
+            _validate.match(bad, np.ones((2, 3)))
+
+
+def test_match_zero_sizes_are_sizes():
+    """Size-0 axes match like any other (the fast paths refuse them themselves)."""
+    plan, _ = _validate.plan({"x": "B T", "y": "T"})
+    for match in _MATCH:
+        assert match(plan, np.ones((0, 3)), np.ones(3)) == (0, 3)
+        assert match(plan, np.ones((2, 0)), np.ones(0)) == (2, 0)
+        assert match(plan, np.ones((2, 0)), np.ones(1)) is None
+
+
+@pytest.mark.skipif(not _dispatch.compiled_available(), reason="compiled kernels only")
+def test_pointer_kernels_check_their_arrays():
+    """The kernels that read their arrays through pointers (no typed memoryviews: small calls)
+    refuse what a typed memoryview refused -- another dtype, rank or layout, a read-only
+    output -- with a ValueError instead of reading out of bounds."""
+    f = np.float32
+    x, A, Bv = np.ones((1, 1, 8), f), -np.ones((8, 4), f), np.ones((1, 1, 4), f)
+    state, y, out = np.zeros((1, 8, 4), f), np.empty((1, 1, 8), f), np.empty((1, 8, 4), f)
+    step = _dispatch.ext_module("scan").selective_step
+
+    def run_step(**changes):
+        args = dict(x=x, dt=x, A=A, Bm=Bv, C=Bv, D=None, z=None, dt_bias=None, softplus=False,
+                    state=state, y=y, state_out=out, num_threads=1)
+        args.update(changes)
+        return step(*args.values())
+
+    run_step()
+    readonly = y.copy()
+    readonly.flags.writeable = False
+    for bad in (dict(x=x.astype(np.float64)), dict(A=A[None]), dict(C=Bv[..., ::2]),
+                dict(D=np.ones((1, 8), f)), dict(y=readonly), dict(state=[0.0]),
+                dict(x=np.ones((1, 2, 8), f), dt=np.ones((1, 2, 8), f))):
+        with pytest.raises(ValueError):
+            run_step(**bad)
+    q, S0 = np.ones((1, 1, 2, 4), f), np.zeros((1, 1, 4, 4), f)
+    o, S = np.empty((1, 1, 2, 4), f), np.empty((1, 1, 4, 4), f)
+    forward = _dispatch.ext_module("linear_attention").linear_forward
+
+    def run_forward(**changes):
+        args = dict(q=q, k=q, v=q, g=None, S0=S0, chunk=2, group=1, lengths=None, reset=None,
+                    o=o, S_out=S, num_threads=1)
+        args.update(changes)
+        return forward(*args.values())
+
+    run_forward()
+    run_forward(q=np.ones((1, 1, 4, 4), f)[:, :, ::2], o=np.empty((1, 1, 4, 4), f)[:, :, ::2])
+    S_readonly = S.copy()
+    S_readonly.flags.writeable = False
+    step = _dispatch.ext_module("linear_attention").linear_step
+    q1 = q[:, :, :1].copy()
+    step(q1, q1, q1, None, S0, q1.copy(), S, 1)
+    for bad in ((q1, q1.astype(np.float64), q1, None, S0, q1.copy(), S, 1),
+                (q1, q1, q1, np.ones((1, 1), f), S0, q1.copy(), S, 1),
+                (q1, q1, q1, None, S0, q1.copy(), S_readonly, 1)):
+        with pytest.raises(ValueError):
+            step(*bad)
+    for bad in (dict(k=q.astype(np.float64)), dict(v=np.ones((1, 1, 2, 8), f)[..., ::2]),
+                dict(S0=np.zeros((1, 1, 4, 8), f)[..., ::2]), dict(S_out=S_readonly),
+                dict(g=np.zeros((1, 1, 2), np.float64)), dict(o=q[0])):
+        with pytest.raises(ValueError):
+            run_forward(**bad)
+
+
+@pytest.mark.skipif(not _dispatch.compiled_available(), reason="compiled kernels only")
+def test_ssd_kernels_check_their_arrays():
+    """ssd_forward and ssd_step read their arrays through pointers: another dtype, rank or
+    layout, or a read-only output, is a ValueError."""
+    f = np.float32
+    x, dt, A, Bv = np.ones((1, 1, 2, 4), f), np.ones((1, 1, 2), f), -np.ones(2, f), \
+        np.ones((1, 1, 3), f)
+    state, y, h = np.zeros((1, 2, 4, 3), f), np.empty((1, 1, 2, 4), f), np.empty((1, 2, 4, 3), f)
+    ext = _dispatch.ext_module("ssd")
+
+    def forward(**changes):
+        args = dict(x=x, dt=dt, dt_bias=None, sp=False, A=A, B=Bv, C=Bv, D=None, state=state,
+                    chunk=1, lengths=None, reset=None, y=y, h_out=h, num_threads=1)
+        args.update(changes)
+        return ext.ssd_forward(*args.values())
+
+    def step(**changes):
+        args = dict(x=x, dt=dt, A=A, B=Bv, C=Bv, D=None, z=None, dt_bias=None, sp=False,
+                    state=state, y=y, out_state=h, num_threads=1)
+        args.update(changes)
+        return ext.ssd_step(*args.values())
+
+    readonly = h.copy()
+    readonly.flags.writeable = False
+    forward()
+    forward(lengths=np.ones(1, np.int64), reset=np.zeros((1, 1), bool))
+    step()
+    bad = [dict(x=x.astype(np.float64)), dict(A=A[None]), dict(C=Bv[:, :, None]),
+           dict(D=np.ones((2, 4, 1), f)), dict(state=np.zeros((1, 2, 8, 3), f)[:, :, ::2])]
+    for fn, extra in ((forward, [dict(h_out=readonly), dict(lengths=np.ones(1, np.int32))]),
+                      (step, [dict(out_state=readonly), dict(B=[1.0, 2.0, 3.0])])):
+        for changes in bad + extra:
+            with pytest.raises(ValueError):
+                fn(**changes)
 
 
 class _Subclass(np.ndarray):

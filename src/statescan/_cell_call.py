@@ -97,40 +97,46 @@ def _prepare_valid(cell, x, W, R, b, b_r, heads, state):
 
 def _valid_sizes(cell, x, W, R, b, b_r, heads, state):
     """(B, H, D, state parts) when the arguments are already valid -- C-contiguous ndarrays
-    of one float dtype with matching nonzero sizes, an int `heads`, the state None or the
-    cell's structure (a tuple when it has several parts); else None."""
-    if type(x) is not np.ndarray or type(heads) is not int or heads < 1:
+    of one float dtype with matching nonzero sizes (see :func:`_validate.match`), an int
+    `heads`, the state None or the cell's structure (a tuple when it has several parts);
+    else None."""
+    if type(heads) is not int or heads < 1 or type(R) is not np.ndarray:
         return None
-    dtype = x.dtype
     S = cell.states
     parts = () if state is None else (state,) if S == 1 else state
-    if (dtype not in _validate.FLOATS or not _validate.contiguous_arrays((x, W, R, b, b_r),
-                                                                        dtype)
-            or type(parts) is not tuple or len(parts) not in (0, S)
-            or (parts and not _validate.contiguous_arrays(parts, dtype))):
+    if type(parts) is not tuple:
         return None
-    G = cell.gates
-    R_shape = R.shape
-    if len(R_shape) == 2 and heads == 1:
-        H = D = R_shape[1]
-    elif len(R_shape) == 3 and R_shape[0] == heads:
-        D = R_shape[2]
-        H = heads * D
+    plans = _PLANS.get(R.ndim)
+    if plans is None or len(parts) not in (0, S):
+        return None
+    sizes = _validate.match(plans[len(parts)], R, W, b, b_r, x, *parts)
+    if sizes is None:
+        return None
+    if R.ndim == 3:
+        NH, GD, D, GH, I, B, T = sizes[:7]
     else:
+        GD, D, GH, I, B, T = sizes[:6]
+        NH = 1
+    H = heads * D
+    G = cell.gates
+    if (NH != heads or GD != G * D or B * T * D * I == 0 or GH not in (-1, G * H)
+            or (W is None and I != G * H) or (parts and sizes[-1] != H)):
         return None
-    shape = x.shape
-    if len(shape) != 3 or R_shape[-2] != G * D:
-        return None
-    B, T, I = shape
-    if (B == 0 or T == 0 or H == 0 or I == 0
-            or (I != G * H if W is None else W.shape != (G * H, I))
-            or (b is not None and b.shape != (G * H,))
-            or (b_r is not None and b_r.shape != (G * H,))):
-        return None
-    for part in parts:
-        if part is None or part.shape != (B, H):
-            return None
     return B, H, D, parts
+
+
+def _plan(R_ndim, nparts):
+    """The fast check's plan of a cell call.  Its sizes come in the order (NH,) GD, D, GH, I,
+    B, T (, H): NH only when R has the heads axis, H only with a state; GH is -1 when none
+    of W, b, b_r is given."""
+    spec = {"R": "NH GD D" if R_ndim == 3 else "GD D", "W?": "GH I", "b?": "GH", "b_r?": "GH",
+            "x": "B T I"}
+    spec.update((f"state{k}", "B H") for k in range(nparts))
+    return _validate.plan(spec)[0]
+
+
+# {R.ndim: [the plan of _valid_sizes with k state parts given, k = 0..4]}
+_PLANS = {ndim: [_plan(ndim, k) for k in range(5)] for ndim in (2, 3)}
 
 
 def _stacked(parts, shape, dtype):
@@ -141,20 +147,7 @@ def _stacked(parts, shape, dtype):
     return state0
 
 
-_ZEROS = {}         # (shape, dtype) -> a small read-only zero array (b_r, state0) to share
-
-
-def _zeros(shape, dtype):
-    """Zeros the plain fast calls pass as a kernel input (never returned): shared when small."""
-    zeros = _ZEROS.get((shape, dtype))
-    if zeros is None:
-        zeros = np.zeros(shape, dtype)
-        if zeros.size <= 4096:
-            if len(_ZEROS) >= 64:          # many shapes: keep the cache small
-                _ZEROS.clear()
-            zeros.flags.writeable = False
-            _ZEROS[shape, dtype] = zeros
-    return zeros
+_zeros = _dispatch.zeros_input
 
 
 def plain_forward(cell, x, W, R, b, b_r, heads, state):
@@ -170,7 +163,7 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
     if sizes is None:
         return None
     B, H, D, parts = sizes
-    S, GH, GD = cell.states, cell.gates * H, cell.gates * D
+    S, GH = cell.states, cell.gates * H
     T = x.shape[1]
     dtype = x.dtype
     state0 = _zeros((S, B, H), dtype) if state is None else _stacked(parts, (S, B, H), dtype)
@@ -178,7 +171,7 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
     threads = _dispatch.get_num_threads()
     seq = _memory.empty((1, B, T, H), dtype, "y [1, B, T, H]")      # as forward(save=False)
     final = np.empty((S, B, H), dtype)
-    R = R if R.ndim == 3 else R.reshape(1, GD, D)
+    R = R if R.ndim == 3 else R[None]             # [1, G*H, H]: one head
     b_r = _zeros((GH,), dtype) if b_r is None else b_r
     block = _tuning.rnn_block(cell.name, B, H, heads, dtype)
     if W is None and b is None:                       # as input_preactivation

@@ -14,6 +14,8 @@ import importlib.machinery
 import os
 import warnings
 
+import numpy as np
+
 from ._threads import get_num_threads, set_num_threads   # noqa: F401 - kernels call them here
 
 _state = {"backend": None, "ext_error": None, "build": None}
@@ -230,10 +232,27 @@ def threads_for(work):
     """Threads worth using for a call of about `work` multiply-adds (None: all allowed).
     The kernels give the same bits for any thread count, so this only changes the speed."""
     n = get_num_threads()
-    if work is None or n == 1:
+    if n == 1 or work is None:
         return n
-    useful = int(work) // MIN_WORK_PER_THREAD
-    return n if useful >= n else max(1, useful)
+    useful = work // MIN_WORK_PER_THREAD         # (an int: every caller counts in ints)
+    return n if useful >= n else useful or 1
+
+
+_ZEROS = {}         # (shape, dtype) -> a small read-only zero array to share
+
+
+def zeros_input(shape, dtype):
+    """Zeros the fast paths of small calls pass as a kernel input (an absent state or bias;
+    never returned, never written: read-only): shared when small."""
+    zeros = _ZEROS.get((shape, dtype))
+    if zeros is None:
+        zeros = np.zeros(shape, dtype)
+        if zeros.size <= 4096:
+            if len(_ZEROS) >= 64:          # many shapes: keep the cache small
+                _ZEROS.clear()
+            zeros.flags.writeable = False
+            _ZEROS[shape, dtype] = zeros
+    return zeros
 
 
 def compiled(family, name):

@@ -9,6 +9,10 @@ The main entry point is :func:`arrays`: a declarative shape spec per function, e
 
 checks every argument's rank and sizes, converts Python scalars and lists to the arrays'
 dtype, and returns C-contiguous arrays of one float dtype (copied only when needed).
+
+The fast paths of small calls first ask :func:`match` (with a :func:`plan` made once per
+function) whether the arguments are already valid as they are; only a call it declines pays
+for :func:`arrays` and gets its error messages.
 """
 import math
 import operator
@@ -18,14 +22,87 @@ import numpy as np
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def contiguous_arrays(values, dtype):
-    """True when every entry of `values` is None or a C-contiguous ndarray of `dtype`: the
-    fast paths' check (a call that fails it gets the full validation, which explains)."""
-    for a in values:
-        if a is not None and (type(a) is not np.ndarray or a.dtype != dtype
-                              or not a.flags.c_contiguous):
-            return False
-    return True
+# ---- the small-call fast paths' check ---------------------------------------------------------
+
+_OPTIONAL, _WRITEABLE, _ANY = 1, 2, 255
+
+
+def plan(spec):
+    """The plan :func:`match` checks arguments against, and the names of its dimensions.
+
+    Parameters
+    ----------
+    spec : dict name -> shape string
+        In argument order; dimensions are names separated by spaces (``"B T NH P"``), or
+        ``_`` for an axis of any size.  A name ending in ``?`` is optional (None matches);
+        one ending in ``!`` must be writeable (an output).
+
+    Returns
+    -------
+    (plan bytes, tuple of dimension names in order of first appearance)
+    """
+    slots = {}
+    parts = [0, len(spec)]
+    for name, shape in spec.items():
+        axes = shape.split()
+        parts += [(_OPTIONAL if "?" in name else 0) | (_WRITEABLE if "!" in name else 0),
+                  len(axes)]
+        parts += [_ANY if axis == "_" else slots.setdefault(axis, len(slots)) for axis in axes]
+    parts[0] = len(slots)
+    return bytes(parts), tuple(slots)
+
+
+def _match_python(plan, *arrays):
+    """The sizes of `plan`'s dimensions (a tuple in the order :func:`plan` names them) when
+    `arrays` (one per entry of the plan's spec, in order) are already valid: each None where
+    optional, else an ndarray (not a subclass) of float32 or float64 -- the first one's dtype
+    for all, native byte order -- C-contiguous, writeable where marked, of the spec's rank,
+    every named dimension of one size (-1 for a dimension named only by arguments that are
+    None).  None otherwise, so that the call takes the general validation and its errors.
+
+    :data:`match` is the compiled twin of this function (``ext/_argcheck.pyx``: the same
+    answers, in about a tenth of the time), or this function when that is not built."""
+    nslots, n = plan[0], plan[1]
+    if n != len(arrays):
+        raise ValueError(f"the plan takes {n} arrays, got {len(arrays)}")
+    sizes = [-1] * nslots
+    dtype = None
+    pos = 2
+    for a in arrays:
+        flags, ndim = plan[pos], plan[pos + 1]
+        pos += 2
+        if a is None:
+            if not flags & _OPTIONAL:
+                return None
+            pos += ndim
+            continue
+        if type(a) is not np.ndarray:
+            return None
+        if dtype is None:
+            dtype = a.dtype
+            if dtype not in FLOATS:
+                return None
+        elif a.dtype != dtype:
+            return None
+        shape = a.shape
+        if (not a.flags.c_contiguous or len(shape) != ndim
+                or (flags & _WRITEABLE and not a.flags.writeable)):
+            return None
+        for k, size in zip(plan[pos:pos + ndim], shape):
+            if k == _ANY:
+                continue
+            if sizes[k] < 0:
+                sizes[k] = size
+            elif sizes[k] != size:
+                return None
+        pos += ndim
+    return tuple(sizes)
+
+
+try:
+    from ._ext._argcheck import match
+except ImportError:                 # not built
+    match = _match_python
 
 
 def _is_float_array(value):

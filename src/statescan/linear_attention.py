@@ -13,7 +13,6 @@ from ._reference import linear_attention as _ref
 from .autodiff import cotangent, defvjp
 
 _FAMILY = "linear_attention"
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 # ---- the shared recurrence (also SSD's) ------------------------------------------------------
@@ -224,11 +223,12 @@ def linear_attention(q, k, v, *, decay=None, chunk=None, state=None, lengths=Non
     T=2048, dk=dv=32, a decay): the forward 1.0x (o plus one ``chunk x chunk`` block per
     thread); vjp with its pullback 5.1x (the inputs are kept, gradients of their size).
     """
-    fast = _decode(q, k, v, decay, state, lengths, reverse, reset, out_state)
-    if fast is None and lengths is None and reset is None and reverse is False:
-        fast = _fast_call(q, k, v, decay, state, chunk, out_state)
-    if fast is not None:
-        return fast
+    if lengths is None and reset is None and reverse is False:
+        fast = (_decode(q, k, v, decay, state, out_state)
+                if state is not None and type(q) is np.ndarray and q.shape[2:3] == (1,)
+                else _fast_call(q, k, v, decay, state, chunk, out_state))
+        if fast is not None:
+            return fast
     q, k, v, lam, g, S0, chunk, lengths, reset, perm = _prepare(q, k, v, decay, state, chunk,
                                                                 lengths, reverse, reset)
     out_state = out_state_array(out_state, S0.shape, S0.dtype)
@@ -236,66 +236,65 @@ def linear_attention(q, k, v, *, decay=None, chunk=None, state=None, lengths=Non
     return permute(o, perm, 2), store_state(S, out_state)
 
 
-def _decode(q, k, v, decay, state, lengths, reverse, reset, out_state):
-    """The T = 1 step with a state on already-valid contiguous arrays (None otherwise)."""
-    if (state is None or lengths is not None or reset is not None or reverse is not False
-            or type(q) is not np.ndarray or q.ndim != 4 or q.shape[2] != 1):
+_PLAN = _validate.plan({"q": "B NH T dk", "k": "B NH T dk", "v": "B NH T dv", "decay?": "NH",
+                        "state?": "B NH dk dv", "out_state?!": "B NH dk dv"})[0]
+
+
+def _sizes(q, k, v, decay, state, out_state):
+    """(B, NH, T, dk, dv) when the arguments are already valid -- C-contiguous ndarrays of one
+    float dtype with matching nonzero sizes (see :func:`_validate.match`), decays in (0, 1],
+    out_state writeable -- else None: the general path then validates and explains."""
+    sizes = _validate.match(_PLAN, q, k, v, decay, state, out_state)
+    if sizes is None:
         return None
-    dtype = q.dtype
-    B, NH, _, dk = q.shape
-    if (dtype not in _FLOATS
-            or not _validate.contiguous_arrays((q, k, v, decay, state, out_state), dtype)
-            or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]):
+    B, NH, T, dk, dv = sizes
+    if B * NH * T * dk * dv == 0 or (decay is not None and not _decays(decay)):
         return None
-    dv = v.shape[3]
-    if (state.shape != (B, NH, dk, dv) or (decay is not None and decay.shape != (NH,))
-            or (out_state is not None and out_state.shape != state.shape)
-            or B * NH * dk * dv == 0):
+    return sizes
+
+
+def _decays(decay):
+    """True when every decay lies in (0, 1] (NaN does not)."""
+    return all(0 < d <= 1 for d in decay.tolist())
+
+
+def _decode(q, k, v, decay, state, out_state):
+    """The T = 1 step with a state on already-valid arrays (see :func:`_sizes`; the caller
+    has checked that lengths, reset and reverse are not given); None otherwise."""
+    sizes = _sizes(q, k, v, decay, state, out_state)
+    if sizes is None or sizes[2] != 1:
         return None
-    if decay is not None and not np.all((decay > 0) & (decay <= 1)):
-        return None
+    B, NH, _, _, dv = sizes
     o, S = _dispatch.run(_FAMILY, "linear_step", q, k, v, decay, state,
-                         out=lambda: (np.empty((B, NH, 1, dv), dtype),
+                         out=lambda: (np.empty((B, NH, 1, dv), q.dtype),
                                       np.empty_like(state) if out_state is None else out_state),
                          work=2 * state.size)
     return o, store_state(S, out_state)        # the reference returns a new state
 
 
 def _fast_call(q, k, v, decay, state, chunk, out_state):
-    """A call whose arrays are already valid -- C-contiguous ndarrays of one float dtype with
-    matching shapes, no size 0, decays in (0, 1], compiled backend; the caller has checked
-    that lengths, reset and reverse are not given -- checked in about a microsecond and run
-    with the arguments the general path would pass: (o, final state).  None for any other
-    call, which then gets the full validation and its error messages."""
-    if type(q) is not np.ndarray or k is None or v is None:
-        return None
-    dtype = q.dtype
-    if (dtype not in _FLOATS
-            or not _validate.contiguous_arrays((q, k, v, decay, state, out_state), dtype)):
-        return None
-    shape = q.shape
-    if len(shape) != 4 or k.shape != shape or len(v.shape) != 4 or v.shape[:3] != shape[:3]:
-        return None
-    B, NH, T, dk = shape
-    dv = v.shape[3]
-    state_shape = (B, NH, dk, dv)
-    if (B * NH * T * dk * dv == 0 or (decay is not None and decay.shape != (NH,))
-            or (state is not None and state.shape != state_shape)
-            or (out_state is not None and (out_state.shape != state_shape
-                                           or not out_state.flags.writeable))):
-        return None
-    if decay is not None and not np.all((decay > 0) & (decay <= 1)):
+    """A call whose arrays are already valid (see :func:`_sizes`) on the compiled backend;
+    the caller has checked that lengths, reset and reverse are not given.  Runs with the
+    arguments the general path would pass: (o, final state).  None for any other call, which
+    then gets the full validation and its error messages."""
+    sizes = _sizes(q, k, v, decay, state, out_state)
+    if sizes is None:
         return None
     kernel = _dispatch.compiled(_FAMILY, "linear_forward")
     if kernel is None:
         return None
-    if chunk is None:                     # as _prepare
-        chunk = _tuning.chunk("linear_attention", dk, dv, dtype)
-    chunk = check_chunk(chunk, T)
-    g = None if decay is None else np.broadcast_to(np.log(decay)[None, :, None], (B, NH, T))
-    o, S = np.empty((B, NH, T, dv), dtype), np.empty(state_shape, dtype)
-    kernel(q, k, v, g, np.zeros(state_shape, dtype) if state is None else state, chunk, 1,
-           None, None, o, S, _dispatch.threads_for(recurrence_work(B, NH, T, dk, dv, chunk)))
+    B, NH, T, dk, dv = sizes
+    dtype = q.dtype
+    # as _prepare (T >= 1 here; the tuned or automatic chunk is already a positive int)
+    chunk = (min(_tuning.chunk("linear_attention", dk, dv, dtype), T, MAX_CHUNK)
+             if chunk is None else check_chunk(chunk, T))
+    g = None
+    if decay is not None:     # _prepare's broadcast log-decays, made 2 us faster: a view
+        g = np.ndarray((B, NH, T), dtype, np.log(decay), 0, (0, dtype.itemsize, 0))
+    o, S = np.empty((B, NH, T, dv), dtype), np.empty((B, NH, dk, dv), dtype)
+    S0 = _dispatch.zeros_input((B, NH, dk, dv), dtype) if state is None else state
+    kernel(q, k, v, g, S0, chunk, 1, None, None, o, S,
+           _dispatch.threads_for(recurrence_work(B, NH, T, dk, dv, chunk)))
     return o, store_state(S, out_state)
 
 

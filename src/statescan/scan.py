@@ -119,7 +119,36 @@ def linear_scan(a, b, state=None, *, lengths=None, reverse=False, reset=None, **
     Memory, measured as the peak RSS increase in units of the output h (float64, B=16,
     T=2048, D=128): the forward 1.0x (h only); vjp with its pullback 3.0x (h, da, db).
     """
+    if not deprecated and lengths is None and reset is None and reverse is False:
+        h = _linear_fast_call(a, b, state)
+        if h is not None:
+            return h
     return _linear_forward(_prepare_linear(a, b, state, lengths, reverse, reset, deprecated))
+
+
+_LINEAR_PLAN = _validate.plan({"b": "B T D", "a": "B T D", "state?": "B D"})[0]
+
+
+def _linear_fast_call(a, b, state):
+    """A call whose arrays are already valid -- C-contiguous ndarrays of one float dtype with
+    matching nonzero sizes, `a` not broadcast (see :func:`_validate.match`), compiled backend;
+    the caller has checked that lengths, reset, reverse and h0 are not given -- run with the
+    arguments the general path would pass: h.  None for any other call, which then gets the
+    full validation and its error messages."""
+    sizes = _validate.match(_LINEAR_PLAN, b, a, state)
+    if sizes is None:
+        return None
+    B, T, D = sizes
+    if B * T * D == 0:
+        return None
+    kernel = _dispatch.compiled("scan", "linear_scan")
+    if kernel is None:
+        return None
+    dtype = b.dtype
+    h = np.empty((B, T, D), dtype)
+    kernel(a, b, _dispatch.zeros_input((B, D), dtype) if state is None else state, None, None,
+           False, 1, h, _dispatch.threads_for(B * T * D))
+    return h
 
 
 def _linear_backward(c, h, dh):
@@ -207,9 +236,6 @@ def _selective_forward(call, save=False):
                          empty=call.empty, work=4 * call.x.size * call.A.shape[1])
 
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-
-
 def _step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state):
     """One decoding step on validated arrays: (y, new state), the new state written into
     out_state when it is given."""
@@ -224,41 +250,37 @@ def _step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state):
     return y, new
 
 
+_FAST_PLAN = _validate.plan({"x": "B T Dm", "dt": "B T Dm", "A": "Dm N", "B": "B T N",
+                             "C": "B T N", "D?": "Dm", "z?": "B T Dm", "dt_bias?": "Dm",
+                             "state?": "B Dm N", "out_state?!": "B Dm N"})[0]
+
+
 def _fast_call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state):
     """A call whose arrays are already valid -- C-contiguous ndarrays of one float dtype with
-    matching shapes, no size 0, compiled backend; the caller has checked that lengths, reset
-    and reverse are not given -- checked in about a microsecond and run: (y, final state).
-    None for any other call, which then gets the full validation and its error messages.
+    matching nonzero sizes, D and dt_bias not broadcast, out_state writeable (see
+    :func:`_validate.match`), compiled backend; the caller has checked that lengths, reset
+    and reverse are not given -- checked in a fraction of a microsecond and run: (y, final
+    state).  None for any other call, which then gets the full validation and its error
+    messages.
 
     T = 1 runs the one-step kernel (from a zero state when none is given: the same bits as
     the sequence kernel), longer calls the sequence kernel, both with the arguments the
     general path would pass."""
-    if (type(x) is not np.ndarray or type(dt_softplus) is not bool or dt is None or A is None
-            or B is None or C is None):
+    if type(dt_softplus) is not bool:
         return None
-    dtype = x.dtype
-    if dtype not in _FLOATS or not _validate.contiguous_arrays(
-            (x, dt, A, B, C, state, D, z, dt_bias, out_state), dtype):
+    sizes = _validate.match(_FAST_PLAN, x, dt, A, B, C, D, z, dt_bias, state, out_state)
+    if sizes is None:
         return None
-    shape = x.shape
-    if len(shape) != 3 or len(A.shape) != 2 or shape[2] != A.shape[0]:
-        return None
-    Bt, T, Dm = shape
-    N = A.shape[1]
-    state_shape = (Bt, Dm, N)
-    if (Bt == 0 or T == 0 or Dm == 0 or N == 0 or dt.shape != shape or B.shape != (Bt, T, N)
-            or C.shape != B.shape or (z is not None and z.shape != shape)
-            or (D is not None and D.shape != (Dm,))
-            or (dt_bias is not None and dt_bias.shape != (Dm,))
-            or (state is not None and state.shape != state_shape)
-            or (out_state is not None and (out_state.shape != state_shape
-                                           or not out_state.flags.writeable))):
+    Bt, T, Dm, N = sizes
+    if Bt * T * Dm * N == 0:
         return None
     kernel = _dispatch.compiled("scan", "selective_step" if T == 1 else "selective_scan")
     if kernel is None:
         return None
-    y = np.empty_like(x)
-    state0 = np.zeros(state_shape, dtype) if state is None else state
+    dtype = x.dtype
+    state_shape = (Bt, Dm, N)
+    y = np.empty((Bt, T, Dm), dtype)
+    state0 = _dispatch.zeros_input(state_shape, dtype) if state is None else state
     threads = _dispatch.threads_for(4 * Bt * T * Dm * N)
     if T == 1:               # the step kernel may write the state in place
         final = np.empty(state_shape, dtype) if out_state is None else out_state

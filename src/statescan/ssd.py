@@ -8,7 +8,7 @@ from ._reference.ssd import softplus
 from .autodiff import cotangent, defvjp
 from .linear_attention import (MAX_CHUNK, check_chunk, out_state_array, permute,
                                recurrence_backward, recurrence_work, steps, store_state,
-                               zero_padding, _FLOATS)
+                               zero_padding)
 
 
 
@@ -18,35 +18,57 @@ def default_chunk(N, P):
     return _tuning.automatic_chunk("ssd", N, P)
 
 
+def _plans():
+    """{(grouped B and C, D per channel): the fast check's plan} (see _validate.plan)."""
+    plans = {}
+    for grouped in (False, True):
+        for per_channel in (False, True):
+            bc = "B T G N" if grouped else "B T N"
+            plans[grouped, per_channel] = _validate.plan(
+                {"x": "B T NH P", "dt": "B T NH", "A": "NH", "B": bc, "C": bc,
+                 "D?": "NH P" if per_channel else "NH", "z?": "B T NH P", "dt_bias?": "NH",
+                 "state?": "B NH P N", "out_state?!": "B NH P N"})[0]
+    return plans
+
+
+_PLANS = _plans()
+
+
+def _sizes(x, dt, A, B, C, D, z, dt_bias, state, out_state):
+    """(Bt, T, NH, P, N, G) -- G None for B, C [Bt, T, N] -- when the arrays are already
+    valid: C-contiguous ndarrays of one float dtype with matching nonzero sizes, A, dt_bias
+    and D not broadcast, G dividing NH, out_state writeable (see :func:`_validate.match`).
+    None for anything else, which then gets the full validation and its error messages."""
+    if type(B) is not np.ndarray:
+        return None
+    grouped = B.ndim == 4
+    sizes = _validate.match(_PLANS[grouped, type(D) is np.ndarray and D.ndim == 2],
+                            x, dt, A, B, C, D, z, dt_bias, state, out_state)
+    if sizes is None:
+        return None
+    if grouped:
+        Bt, T, NH, P, G, N = sizes
+        if G == 0 or NH % G:
+            return None
+    else:
+        (Bt, T, NH, P, N), G = sizes, None
+    if Bt * T * NH * P * N == 0:
+        return None
+    return Bt, T, NH, P, N, G
+
+
 def _valid_arrays(x, dt, A, B, C, D, z, dt_bias, state):
     """What ``_validate.arrays`` returns -- ({name: array}, {dim: size}, dtype) -- for arrays
-    that are already valid: C-contiguous ndarrays of one float dtype with matching nonzero
-    sizes, A, dt_bias and D not broadcast (small calls).  None for anything else, which then
-    gets the full validation and its error messages."""
-    if (type(x) is not np.ndarray or len(x.shape) != 4 or type(B) is not np.ndarray
-            or len(B.shape) not in (3, 4)):
+    that are already valid (see :func:`_sizes`); None for anything else."""
+    sizes = _sizes(x, dt, A, B, C, D, z, dt_bias, state, None)
+    if sizes is None:
         return None
-    dtype = x.dtype
-    if (dtype not in _FLOATS
-            or not _validate.contiguous_arrays((x, dt, A, B, C, D, z, dt_bias, state), dtype)):
-        return None
-    Bt, T, NH, P = x.shape
-    N = B.shape[-1]
-    G = B.shape[2] if len(B.shape) == 4 else None
-    if (Bt * T * NH * P * N == 0 or dt is None or A is None or C is None
-            or dt.shape != (Bt, T, NH) or A.shape != (NH,) or C.shape != B.shape
-            or B.shape != ((Bt, T, N) if G is None else (Bt, T, G, N))
-            or (G is not None and (G == 0 or NH % G))
-            or (D is not None and D.shape != (NH,) and D.shape != (NH, P))
-            or (z is not None and z.shape != x.shape)
-            or (dt_bias is not None and dt_bias.shape != (NH,))
-            or (state is not None and state.shape != (Bt, NH, P, N))):
-        return None
+    Bt, T, NH, P, N, G = sizes
     dims = {"B": Bt, "T": T, "NH": NH, "P": P, "N": N}
     if G is not None:
         dims["G"] = G
     return ({"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias,
-             "state": state}, dims, dtype)
+             "state": state}, dims, x.dtype)
 
 
 def _delta(dt, dt_bias, softplus_):
@@ -65,28 +87,23 @@ def _output(y, z):
 
 
 def _fast_call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state, out_state):
-    """A prefill whose arrays are already valid (see :func:`_valid_arrays`), with a valid
-    out_state and the compiled backend; the caller has checked that lengths, reset and reverse
-    are not given.  Runs what :class:`_Call` would, without its set-up for the backward:
-    (y, final state).  None for any other call."""
-    valid = _valid_arrays(x, dt, A, B, C, D, z, dt_bias, state)
-    if valid is None or type(dt_softplus) is not bool:
-        return None
-    dims, dtype = valid[1], valid[2]
-    Bt, T, NH, P, N = dims["B"], dims["T"], dims["NH"], dims["P"], dims["N"]
-    shape = (Bt, NH, P, N)
-    if out_state is not None and (type(out_state) is not np.ndarray
-                                  or out_state.dtype != dtype or out_state.shape != shape
-                                  or not out_state.flags.c_contiguous
-                                  or not out_state.flags.writeable):
+    """A prefill whose arrays are already valid (see :func:`_sizes`) on the compiled backend;
+    the caller has checked that lengths, reset and reverse are not given and that
+    dt_softplus is a bool.  Runs what :class:`_Call` would, without its set-up for the
+    backward: (y, final state).  None for any other call."""
+    sizes = _sizes(x, dt, A, B, C, D, z, dt_bias, state, out_state)
+    if sizes is None:
         return None
     kernel = _dispatch.compiled("ssd", "ssd_forward")
     if kernel is None:
         return None
+    Bt, T, NH, P, N, _ = sizes
+    dtype = x.dtype
     # as _Call (T >= 1 here; the tuned or automatic chunk is already a positive int)
     chunk = (min(_tuning.chunk("ssd", N, P, dtype), T, MAX_CHUNK) if chunk is None
              else check_chunk(chunk, T))
-    y, h = np.empty_like(x), np.empty(shape, dtype) if out_state is None else out_state
+    y = np.empty((Bt, T, NH, P), dtype)
+    h = np.empty((Bt, NH, P, N), dtype) if out_state is None else out_state
     kernel(x, dt, dt_bias, dt_softplus, A, B, C, D, state, chunk, None, None, y, h,
            _dispatch.threads_for(recurrence_work(Bt, NH, T, N, P, chunk)))
     return (y if z is None else _output(y, z)[0]), h
@@ -269,12 +286,13 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, chun
     scores per row and group, a few ``chunk``-row blocks per thread); vjp with its pullback
     9.2x (delta x and per-head gradients of B and C, [B, NH, T, N] each).
     """
-    fast = _decode(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths, reverse, reset,
-                   out_state)
-    if fast is None and lengths is None and reset is None and reverse is False:
-        fast = _fast_call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state, out_state)
-    if fast is not None:
-        return fast
+    if lengths is None and reset is None and reverse is False and type(dt_softplus) is bool:
+        fast = (_decode(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state)
+                if state is not None and type(x) is np.ndarray and x.shape[1:2] == (1,)
+                else _fast_call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state,
+                                out_state))
+        if fast is not None:
+            return fast
     call = _Call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state, lengths, reverse,
                  reset)
     out_state = out_state_array(out_state, call.x.shape[:1] + call.x.shape[2:]
@@ -283,29 +301,12 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, chun
     return permute(y, call.perm, 1), store_state(h, out_state)
 
 
-def _decode(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, lengths, reverse, reset,
-            out_state):
-    """The T = 1 step with a state on already-valid contiguous arrays (None otherwise: the
-    general path then validates and explains)."""
-    if (state is None or lengths is not None or reset is not None or reverse is not False
-            or type(x) is not np.ndarray or x.ndim != 4 or x.shape[1] != 1
-            or type(dt_softplus) is not bool):
-        return None
-    dtype = x.dtype
-    if dtype not in _FLOATS or not _validate.contiguous_arrays(
-            (x, dt, A, B, C, D, z, dt_bias, state, out_state), dtype) or B.ndim not in (3, 4):
-        return None
-    Bt, _, NH, P = x.shape
-    N = B.shape[-1]
-    if (dt.shape != (Bt, 1, NH) or A.shape != (NH,) or C.shape != B.shape
-            or B.shape[:2] != (Bt, 1) or state.shape != (Bt, NH, P, N)
-            or (B.ndim == 4 and (B.shape[2] == 0 or NH % B.shape[2])) or B.ndim not in (3, 4)
-            or (D is not None and D.shape != (NH,) and D.shape != (NH, P))
-            or (z is not None and z.shape != x.shape)
-            or (dt_bias is not None and dt_bias.shape != (NH,))
-            or (out_state is not None and (out_state.shape != state.shape
-                                           or not out_state.flags.writeable))
-            or state.size == 0):
+def _decode(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state):
+    """The T = 1 step with a state on already-valid arrays (see :func:`_sizes`); the caller
+    has checked that lengths, reset and reverse are not given and that dt_softplus is a bool.
+    None otherwise: the general path then validates and explains."""
+    sizes = _sizes(x, dt, A, B, C, D, z, dt_bias, state, out_state)
+    if sizes is None or sizes[1] != 1:
         return None
     y, S = _dispatch.run("ssd", "ssd_step", x, dt, A, B, C, D, z, dt_bias, dt_softplus, state,
                          out=lambda: (np.empty_like(x), np.empty_like(state)
