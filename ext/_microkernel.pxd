@@ -171,46 +171,52 @@ cdef extern from *:
     #define SS_SHUF __builtin_shufflevector
     #define SS_DEFINE_PACK_T(T, SFX)                                                          \
     typedef T ss_t8##SFX __attribute__((vector_size(8 * sizeof(T)), aligned(sizeof(T))));      \
+    SS_INLINE void ss_pack_t8_##SFX(const T* m, Py_ssize_t sn, Py_ssize_t n0, Py_ssize_t k0, \
+                                    T* panel) {                                              \
+        const T* s = m + n0 * sn + k0;                                                      \
+        ss_t8##SFX r0 = *(const ss_t8##SFX*)(s), r1 = *(const ss_t8##SFX*)(s + sn),         \
+            r2 = *(const ss_t8##SFX*)(s + 2 * sn), r3 = *(const ss_t8##SFX*)(s + 3 * sn),   \
+            r4 = *(const ss_t8##SFX*)(s + 4 * sn), r5 = *(const ss_t8##SFX*)(s + 5 * sn),   \
+            r6 = *(const ss_t8##SFX*)(s + 6 * sn), r7 = *(const ss_t8##SFX*)(s + 7 * sn);   \
+        ss_t8##SFX t0 = SS_SHUF(r0, r1, 0, 8, 1, 9, 4, 12, 5, 13);                          \
+        ss_t8##SFX t1 = SS_SHUF(r0, r1, 2, 10, 3, 11, 6, 14, 7, 15);                        \
+        ss_t8##SFX t2 = SS_SHUF(r2, r3, 0, 8, 1, 9, 4, 12, 5, 13);                          \
+        ss_t8##SFX t3 = SS_SHUF(r2, r3, 2, 10, 3, 11, 6, 14, 7, 15);                        \
+        ss_t8##SFX t4 = SS_SHUF(r4, r5, 0, 8, 1, 9, 4, 12, 5, 13);                          \
+        ss_t8##SFX t5 = SS_SHUF(r4, r5, 2, 10, 3, 11, 6, 14, 7, 15);                        \
+        ss_t8##SFX t6 = SS_SHUF(r6, r7, 0, 8, 1, 9, 4, 12, 5, 13);                          \
+        ss_t8##SFX t7 = SS_SHUF(r6, r7, 2, 10, 3, 11, 6, 14, 7, 15);                        \
+        ss_t8##SFX u0 = SS_SHUF(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);                          \
+        ss_t8##SFX u1 = SS_SHUF(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);                        \
+        ss_t8##SFX u2 = SS_SHUF(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);                          \
+        ss_t8##SFX u3 = SS_SHUF(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);                        \
+        ss_t8##SFX u4 = SS_SHUF(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13);                          \
+        ss_t8##SFX u5 = SS_SHUF(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);                        \
+        ss_t8##SFX u6 = SS_SHUF(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13);                          \
+        ss_t8##SFX u7 = SS_SHUF(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);                        \
+        T* d = panel + k0 * SS_NT + n0;                                                     \
+        *(ss_t8##SFX*)(d) = SS_SHUF(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11);                      \
+        *(ss_t8##SFX*)(d + SS_NT) = SS_SHUF(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11);              \
+        *(ss_t8##SFX*)(d + 2 * SS_NT) = SS_SHUF(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11);          \
+        *(ss_t8##SFX*)(d + 3 * SS_NT) = SS_SHUF(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11);          \
+        *(ss_t8##SFX*)(d + 4 * SS_NT) = SS_SHUF(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15);        \
+        *(ss_t8##SFX*)(d + 5 * SS_NT) = SS_SHUF(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15);        \
+        *(ss_t8##SFX*)(d + 6 * SS_NT) = SS_SHUF(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15);        \
+        *(ss_t8##SFX*)(d + 7 * SS_NT) = SS_SHUF(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15);        \
+    }                                                                                        \
     static void ss_pack_t_##SFX(const T* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,    \
                                 T* panel) {                                                  \
-        Py_ssize_t n0 = 0, k0, k, n;                                                         \
-        for (; n0 + 8 <= width; n0 += 8) {                                                   \
-            for (k0 = 0; k0 + 8 <= K; k0 += 8) {                                             \
-                const T* s = m + n0 * sn + k0;                                               \
-                ss_t8##SFX r0 = *(const ss_t8##SFX*)(s), r1 = *(const ss_t8##SFX*)(s + sn),  \
-                    r2 = *(const ss_t8##SFX*)(s + 2 * sn), r3 = *(const ss_t8##SFX*)(s + 3 * sn), \
-                    r4 = *(const ss_t8##SFX*)(s + 4 * sn), r5 = *(const ss_t8##SFX*)(s + 5 * sn), \
-                    r6 = *(const ss_t8##SFX*)(s + 6 * sn), r7 = *(const ss_t8##SFX*)(s + 7 * sn); \
-                ss_t8##SFX t0 = SS_SHUF(r0, r1, 0, 8, 1, 9, 4, 12, 5, 13);                     \
-                ss_t8##SFX t1 = SS_SHUF(r0, r1, 2, 10, 3, 11, 6, 14, 7, 15);                   \
-                ss_t8##SFX t2 = SS_SHUF(r2, r3, 0, 8, 1, 9, 4, 12, 5, 13);                     \
-                ss_t8##SFX t3 = SS_SHUF(r2, r3, 2, 10, 3, 11, 6, 14, 7, 15);                   \
-                ss_t8##SFX t4 = SS_SHUF(r4, r5, 0, 8, 1, 9, 4, 12, 5, 13);                     \
-                ss_t8##SFX t5 = SS_SHUF(r4, r5, 2, 10, 3, 11, 6, 14, 7, 15);                   \
-                ss_t8##SFX t6 = SS_SHUF(r6, r7, 0, 8, 1, 9, 4, 12, 5, 13);                     \
-                ss_t8##SFX t7 = SS_SHUF(r6, r7, 2, 10, 3, 11, 6, 14, 7, 15);                   \
-                ss_t8##SFX u0 = SS_SHUF(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);                     \
-                ss_t8##SFX u1 = SS_SHUF(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);                   \
-                ss_t8##SFX u2 = SS_SHUF(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);                     \
-                ss_t8##SFX u3 = SS_SHUF(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);                   \
-                ss_t8##SFX u4 = SS_SHUF(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13);                     \
-                ss_t8##SFX u5 = SS_SHUF(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);                   \
-                ss_t8##SFX u6 = SS_SHUF(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13);                     \
-                ss_t8##SFX u7 = SS_SHUF(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);                   \
-                T* d = panel + k0 * SS_NT + n0;                                              \
-                *(ss_t8##SFX*)(d) = SS_SHUF(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11);                 \
-                *(ss_t8##SFX*)(d + SS_NT) = SS_SHUF(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11);         \
-                *(ss_t8##SFX*)(d + 2 * SS_NT) = SS_SHUF(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11);     \
-                *(ss_t8##SFX*)(d + 3 * SS_NT) = SS_SHUF(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11);     \
-                *(ss_t8##SFX*)(d + 4 * SS_NT) = SS_SHUF(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15);   \
-                *(ss_t8##SFX*)(d + 5 * SS_NT) = SS_SHUF(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15);   \
-                *(ss_t8##SFX*)(d + 6 * SS_NT) = SS_SHUF(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15);   \
-                *(ss_t8##SFX*)(d + 7 * SS_NT) = SS_SHUF(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15);   \
-            }                                                                                \
-            for (k = k0; k < K; k++)                                                         \
-                for (n = n0; n < n0 + 8; n++) panel[k * SS_NT + n] = m[n * sn + k];          \
-        }                                                                                    \
-        for (n = n0; n < width; n++)                                                         \
+        Py_ssize_t w8 = width / 8 * 8, K8 = K / 8 * 8, n0, k0, k, n;                         \
+        if (sizeof(T) == 4)      /* a run of whole panel rows at a time (float32: 1.2-1.5x   \
+                                    faster than a column of blocks at a time for 1-16 MB) */ \
+            for (k0 = 0; k0 < K8; k0 += 8)                                                   \
+                for (n0 = 0; n0 < w8; n0 += 8) ss_pack_t8_##SFX(m, sn, n0, k0, panel);       \
+        else                     /* (float64: 0.7x) */                                       \
+            for (n0 = 0; n0 < w8; n0 += 8)                                                   \
+                for (k0 = 0; k0 < K8; k0 += 8) ss_pack_t8_##SFX(m, sn, n0, k0, panel);       \
+        for (k = K8; k < K; k++)                                                             \
+            for (n = 0; n < w8; n++) panel[k * SS_NT + n] = m[n * sn + k];                   \
+        for (n = w8; n < width; n++)                                                         \
             for (k = 0; k < K; k++) panel[k * SS_NT + n] = m[n * sn + k];                    \
     }
     #else
