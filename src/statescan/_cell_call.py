@@ -88,15 +88,15 @@ def _prepare_valid(cell, x, W, R, b, b_r, heads, state):
     sizes = _valid_sizes(cell, x, W, R, b, b_r, heads, state)
     if sizes is None:
         return None
-    B, H, D, parts = sizes
-    shape = (cell.states, B, H)
+    B, _, H, D, S, parts = sizes
+    shape = (S, B, H)
     state0 = np.zeros(shape, x.dtype) if state is None else _stacked(parts, shape, x.dtype)
     return CellCall(cell, x, W, R.reshape(heads, cell.gates * D, D), b, b_r, state0, R.ndim,
                     state is not None)
 
 
 def _valid_sizes(cell, x, W, R, b, b_r, heads, state):
-    """(B, H, D, state parts) when the arguments are already valid -- C-contiguous ndarrays
+    """(B, T, H, D, S, state parts) when the arguments are already valid -- C-contiguous ndarrays
     of one float dtype with matching nonzero sizes (see :func:`_validate.match`), an int
     `heads`, the state None or the cell's structure (a tuple when it has several parts);
     else None."""
@@ -122,7 +122,7 @@ def _valid_sizes(cell, x, W, R, b, b_r, heads, state):
     if (NH != heads or GD != G * D or B * T * D * I == 0 or GH not in (-1, G * H)
             or (W is None and I != G * H) or (parts and sizes[-1] != H)):
         return None
-    return B, H, D, parts
+    return B, T, H, D, S, parts
 
 
 def _plan(R_ndim, nparts):
@@ -162,9 +162,7 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
     sizes = _valid_sizes(cell, x, W, R, b, b_r, heads, state)
     if sizes is None:
         return None
-    B, H, D, parts = sizes
-    S, GH = cell.states, cell.gates * H
-    T = x.shape[1]
+    B, T, H, D, S, parts = sizes
     dtype = x.dtype
     state0 = _zeros((S, B, H), dtype) if state is None else _stacked(parts, (S, B, H), dtype)
     ext = _dispatch.ext_module("rnn")
@@ -172,7 +170,7 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
     seq = _memory.empty((1, B, T, H), dtype, "y [1, B, T, H]")      # as forward(save=False)
     final = np.empty((S, B, H), dtype)
     R = R if R.ndim == 3 else R[None]             # [1, G*H, H]: one head
-    b_r = _zeros((GH,), dtype) if b_r is None else b_r
+    b_r = _zeros((cell.gates * H,), dtype) if b_r is None else b_r
     block = _tuning.rnn_block(cell.name, B, H, heads, dtype)
     if W is None and b is None:                       # as input_preactivation
         ext.forward(cell.name, x, R, b_r, state0, False, None, False, None, block, seq, None,

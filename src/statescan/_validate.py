@@ -62,20 +62,19 @@ def _match_python(plan, *arrays):
 
     :data:`match` is the compiled twin of this function (``ext/_argcheck.pyx``: the same
     answers, in about a tenth of the time), or this function when that is not built."""
-    nslots, n = plan[0], plan[1]
-    if n != len(arrays):
-        raise ValueError(f"the plan takes {n} arrays, got {len(arrays)}")
+    decoded = _DECODED.get(plan)
+    if decoded is None:
+        decoded = _DECODED[plan] = _decoded(plan)
+    nslots, entries = decoded
+    if len(entries) != len(arrays):
+        raise ValueError(f"the plan takes {len(entries)} arrays, got {len(arrays)}")
     sizes = [-1] * nslots
     dtype = None
-    pos = 2
-    for a in arrays:
-        flags, ndim = plan[pos], plan[pos + 1]
-        pos += 2
+    for (optional, writeable, ndim, slots), a in zip(entries, arrays):
         if a is None:
-            if not flags & _OPTIONAL:
-                return None
-            pos += ndim
-            continue
+            if optional:
+                continue
+            return None
         if type(a) is not np.ndarray:
             return None
         if dtype is None:
@@ -85,18 +84,31 @@ def _match_python(plan, *arrays):
         elif a.dtype != dtype:
             return None
         shape = a.shape
-        if (not a.flags.c_contiguous or len(shape) != ndim
-                or (flags & _WRITEABLE and not a.flags.writeable)):
+        if (len(shape) != ndim or not a.flags.c_contiguous
+                or (writeable and not a.flags.writeable)):
             return None
-        for k, size in zip(plan[pos:pos + ndim], shape):
+        for k, size in zip(slots, shape):
             if k == _ANY:
                 continue
             if sizes[k] < 0:
                 sizes[k] = size
             elif sizes[k] != size:
                 return None
-        pos += ndim
     return tuple(sizes)
+
+
+_DECODED = {}       # plan -> (dimension count, per argument (optional, writeable, rank, slots))
+
+
+def _decoded(plan):
+    """`plan`'s bytes as Python values, for :func:`_match_python`."""
+    entries, pos = [], 2
+    for _ in range(plan[1]):
+        flags, ndim = plan[pos], plan[pos + 1]
+        entries.append((bool(flags & _OPTIONAL), bool(flags & _WRITEABLE), ndim,
+                        tuple(plan[pos + 2:pos + 2 + ndim])))
+        pos += 2 + ndim
+    return plan[0], tuple(entries)
 
 
 try:
