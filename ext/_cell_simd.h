@@ -44,6 +44,8 @@
 #include <immintrin.h>
 #define SS_CV_X86 1
 #if SS_CV_BYTES == 64
+#define SS_CV_SCALEF_f _mm512_scalef_ps
+#define SS_CV_SCALEF_d _mm512_scalef_pd
 #define SS_CV_MAX_f _mm512_max_ps
 #define SS_CV_MIN_f _mm512_min_ps
 #define SS_CV_MAX_d _mm512_max_pd
@@ -74,23 +76,31 @@
 #define SS_CV_SFX f
 #define SS_CV_MAX SS_CV_MAX_f
 #define SS_CV_MIN SS_CV_MIN_f
+#if defined(SS_CV_SCALEF_f)
+#define SS_CV_SCALEF SS_CV_SCALEF_f
+#endif
 #include "_cell_simd_impl.h"
 #undef SS_CV_T
 #undef SS_CV_I
 #undef SS_CV_SFX
 #undef SS_CV_MAX
 #undef SS_CV_MIN
+#undef SS_CV_SCALEF
 
 #define SS_CV_T double
 #define SS_CV_I int64_t
 #define SS_CV_SFX d
 #define SS_CV_MAX SS_CV_MAX_d
 #define SS_CV_MIN SS_CV_MIN_d
+#if defined(SS_CV_SCALEF_d)
+#define SS_CV_SCALEF SS_CV_SCALEF_d
+#endif
 #include "_cell_simd_impl.h"
 #undef SS_CV_T
 #undef SS_CV_I
 #undef SS_CV_SFX
 #undef SS_CV_MAX
 #undef SS_CV_MIN
+#undef SS_CV_SCALEF
 
 #endif

@@ -36,14 +36,15 @@ SS_CV_INLINE V F(sel)(VI m, V a, V b) {
     return (V)(((VI)a & m) | ((VI)b & ~m));
 }
 
-/* x limited to [lo, hi], NaN kept (x86's max/min return their second operand when either is
-   NaN: one instruction each, where a compare and a select take three) */
-SS_CV_INLINE V F(clamp)(V x, T lo, T hi) {
+/* x limited to [-c, c], NaN kept: x86's max and min (they return their second operand when
+   either is NaN: AVX-512's range instruction would turn NaN into +-c), or a compare and a
+   select per side */
+SS_CV_INLINE V F(clamp)(V x, T c) {
 #if SS_CV_X86
-    return SS_CV_MIN(K(hi), SS_CV_MAX(K(lo), x));
+    return SS_CV_MIN(K(c), SS_CV_MAX(K(-c), x));
 #else
-    x = F(sel)(x < K(lo), K(lo), x);
-    return F(sel)(x > K(hi), K(hi), x);
+    x = F(sel)(x < K(-c), K(-c), x);
+    return F(sel)(x > K(c), K(c), x);
 #endif
 }
 
@@ -58,16 +59,20 @@ SS_CV_INLINE V F(expm1_poly)(V r) {
            + r * ((T)(1 / 720.) + r * (T)(1 / 5040.)))))));
 }
 
-/* r with x = n ln2 + r, |r| <= ln2/2 (Cody-Waite); *n = n.  Adding 1.5 * 2^mantissa-bits
-   rounds x / ln2 to an integer and leaves n in the low bits of the sum. */
-SS_CV_INLINE V F(reduce)(V x, VI* n) {
+/* Cody-Waite reduction of sign * x (sign = 1 or -1, a literal: the negation folds into the
+   multiply-adds, with the bits of reducing -x): returns r with sign * x = n ln2 + r,
+   |r| <= ln2/2, and n as T (*nf) and as an integer (*n).  Adding 1.5 * 2^mantissa-bits rounds
+   to an integer and leaves n in the low bits of the sum. */
+SS_CV_INLINE V F(reduce)(V x, int sign, V* nf, VI* n) {
     const T magic = DOUBLE ? (T)6755399441055744.0 : (T)12582912.0;
-    V t = x * (T)1.4426950408889634 + magic;
-    V nf = t - magic;
+    const T c1 = DOUBLE ? (T)6.93147180369123816490e-01 : (T)0.693359375;
+    const T c2 = DOUBLE ? (T)1.90821492927058770002e-10 : (T)(-2.12194440e-4);
+    V t = x * (T)(sign * 1.4426950408889634) + magic;
+    *nf = t - magic;
     *n = (VI)t - (VI)K(magic);
-    if (DOUBLE)
-        return (x - nf * (T)6.93147180369123816490e-01) - nf * (T)1.90821492927058770002e-10;
-    return (x - nf * (T)0.693359375) - nf * (T)(-2.12194440e-4);
+    if (sign > 0)
+        return (x - *nf * c1) - *nf * c2;
+    return (-x - *nf * c1) - *nf * c2;
 }
 
 /* 2^n for n inside the normal exponent range */
@@ -75,42 +80,55 @@ SS_CV_INLINE V F(pow2)(VI n) {
     return (V)((n + (DOUBLE ? 1023 : 127)) << (DOUBLE ? 52 : 23));
 }
 
-/* exp(x): 0 below the denormals, inf above the largest finite result, NaN for NaN (which the
-   clamp keeps and the polynomial passes on) */
-SS_CV_INLINE V F(exp)(V x) {
-    VI n, n1;
-    x = F(clamp)(x, DOUBLE ? -746 : -104, DOUBLE ? 710 : 89);
-    V q = F(expm1_poly)(F(reduce)(x, &n));
-    n1 = n >> 1;                        /* 2^n = 2^n1 2^(n - n1), both normal */
+/* 2^n (1 + q), q = expm1(r) rounded, rounded once: AVX-512's scalef of 1 + q, or 2^n as the
+   product of two powers of two (both normal) -- the same bits, right down to the denormals and
+   up to overflow, and for normal results those of _math.pxd's 2^n + 2^n q.  The empty asm
+   keeps q rounded: GCC would otherwise fuse 1 + r * p(r) into one multiply-add. */
+SS_CV_INLINE V F(exp_reduced)(V r, V nf, VI n) {
+    V q = F(expm1_poly)(r);
+#if defined(SS_CV_SCALEF)
+    (void)n;
+    __asm__("" : "+v"(q));
+    return SS_CV_SCALEF(1 + q, nf);
+#else
+    (void)nf;
+    VI n1 = n >> 1;
     V s1 = F(pow2)(n1);
     return (s1 + s1 * q) * F(pow2)(n - n1);
+#endif
 }
 
-/* exp(x) where only results that change 1 + exp(x) matter (the sigmoids): exact as F(exp) for
-   normal results, inf above the largest finite one, 0 below about 2^-126 (float) / 2^-1022
-   (double) instead of the denormals.  2 (1 + expm1(r)) 2^(n-1) reaches the overflow
-   threshold without a second scale factor; for normal results it has the bits of 2^n (1 +
-   expm1(r)), both being that product rounded once. */
-SS_CV_INLINE V F(exp_normal)(V x) {
+/* exp(sign * x): 0 below the denormals, inf above the largest finite result, NaN for NaN
+   (which the clamp keeps and the polynomial passes on).  |x| <= 104 (double 746) keeps 2^n
+   within reach of the two factors and already gives 0 or inf. */
+SS_CV_INLINE V F(exp_signed)(V x, int sign) {
+    V nf;
     VI n;
-    x = F(clamp)(x, DOUBLE ? -708.6 : -87.5, DOUBLE ? 710 : 88.8);
-    V q = F(expm1_poly)(F(reduce)(x, &n));
-    return (2 + 2 * q) * F(pow2)(n - 1);
+    V r = F(reduce)(F(clamp)(x, DOUBLE ? 746 : 104), sign, &nf, &n);
+    return F(exp_reduced)(r, nf, n);
+}
+
+SS_CV_INLINE V F(exp)(V x) {
+    return F(exp_signed)(x, 1);
 }
 
 /* tanh(x) = e / (e + 2) with e = expm1(2x): no cancellation near 0; |2x| <= 40 is enough
    (tanh(20) rounds to 1 in double) */
 SS_CV_INLINE V F(tanh)(V x) {
+    V nf;
     VI n;
-    V y = F(clamp)(x + x, -40, 40);
-    V q = F(expm1_poly)(F(reduce)(y, &n));
+    V q = F(expm1_poly)(F(reduce)(F(clamp)(x + x, 40), 1, &nf, &n));
+#if defined(SS_CV_SCALEF)
+    V s = SS_CV_SCALEF(K(1), nf);
+#else
     V s = F(pow2)(n);
+#endif
     V e = s * q + (s - 1);
     return e / (e + 2);
 }
 
 SS_CV_INLINE V F(sigmoid)(V x) {
-    return 1 / (1 + F(exp_normal)(-x));
+    return 1 / (1 + F(exp_signed)(x, -1));
 }
 
 /* log(1 + u) for u in [0, 1]: 2 atanh(s), s = u / (2 + u) <= 1/3, odd series */
@@ -129,8 +147,13 @@ SS_CV_INLINE V F(log1p_unit)(V u) {
 
 /* log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)): never overflows */
 SS_CV_INLINE V F(log_sigmoid)(V x) {
-    VI neg = x < K(0);
-    return F(sel)(neg, x, K(0)) - F(log1p_unit)(F(exp)(F(sel)(neg, x, -x)));
+    V ax = (V)((VI)x & ~(VI)(-K(0)));        /* |x|: x without the sign bit of -0 */
+#if SS_CV_X86
+    V mn = SS_CV_MIN(x, K(0));              /* x < 0 ? x : 0 */
+#else
+    V mn = F(sel)(x < K(0), x, K(0));
+#endif
+    return mn - F(log1p_unit)(F(exp_signed)(ax, -1));
 }
 
 /* ---- forward: units d .. d+n-1 (n <= VL) ---------------------------------------------- */
@@ -181,7 +204,7 @@ SS_CV_INLINE void F(slstm_fwd)(const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t
     F(st)(st + ss, c, n);
     F(st)(st + 2 * ss, nn, n);
     F(st)(st + 3 * ss, F(sel)(m_is_i, it, l), n);
-    F(st)(st, c / (nn * (1 + F(exp_normal)(-ot))), n);   /* sigmoid(o~) c / n with one division */
+    F(st)(st, c / (nn * (1 + F(exp_signed)(ot, -1))), n);   /* sigmoid(o~) c / n with one division */
 }
 
 /* ---- backward: gates recomputed from (ax, ar, prev) ------------------------------------ */
