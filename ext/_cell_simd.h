@@ -46,6 +46,13 @@
 #if SS_CV_BYTES == 64
 #define SS_CV_SCALEF_f _mm512_scalef_ps
 #define SS_CV_SCALEF_d _mm512_scalef_pd
+#define SS_CV_MASKED 1
+#define SS_CV_MASK_f __mmask16
+#define SS_CV_MASK_d __mmask8
+#define SS_CV_MASK_LOAD_f _mm512_maskz_loadu_ps
+#define SS_CV_MASK_LOAD_d _mm512_maskz_loadu_pd
+#define SS_CV_MASK_STORE_f _mm512_mask_storeu_ps
+#define SS_CV_MASK_STORE_d _mm512_mask_storeu_pd
 #define SS_CV_MAX_f _mm512_max_ps
 #define SS_CV_MIN_f _mm512_min_ps
 #define SS_CV_MAX_d _mm512_max_pd
@@ -78,6 +85,9 @@
 #define SS_CV_MIN SS_CV_MIN_f
 #if defined(SS_CV_SCALEF_f)
 #define SS_CV_SCALEF SS_CV_SCALEF_f
+#define SS_CV_MASK SS_CV_MASK_f
+#define SS_CV_MASK_LOAD SS_CV_MASK_LOAD_f
+#define SS_CV_MASK_STORE SS_CV_MASK_STORE_f
 #endif
 #include "_cell_simd_impl.h"
 #undef SS_CV_T
@@ -86,6 +96,9 @@
 #undef SS_CV_MAX
 #undef SS_CV_MIN
 #undef SS_CV_SCALEF
+#undef SS_CV_MASK
+#undef SS_CV_MASK_LOAD
+#undef SS_CV_MASK_STORE
 
 #define SS_CV_T double
 #define SS_CV_I int64_t
@@ -94,6 +107,9 @@
 #define SS_CV_MIN SS_CV_MIN_d
 #if defined(SS_CV_SCALEF_d)
 #define SS_CV_SCALEF SS_CV_SCALEF_d
+#define SS_CV_MASK SS_CV_MASK_d
+#define SS_CV_MASK_LOAD SS_CV_MASK_LOAD_d
+#define SS_CV_MASK_STORE SS_CV_MASK_STORE_d
 #endif
 #include "_cell_simd_impl.h"
 #undef SS_CV_T
@@ -102,5 +118,8 @@
 #undef SS_CV_MAX
 #undef SS_CV_MIN
 #undef SS_CV_SCALEF
+#undef SS_CV_MASK
+#undef SS_CV_MASK_LOAD
+#undef SS_CV_MASK_STORE
 
 #endif

@@ -14,13 +14,18 @@
 typedef T V __attribute__((vector_size(SS_CV_BYTES)));
 typedef SS_CV_I VI __attribute__((vector_size(SS_CV_BYTES)));
 
-/* n units from p (n <= VL; the other lanes 0) and back: whole vectors by one unaligned move */
+/* n units from p (n <= VL; the other lanes 0) and back: whole vectors by one unaligned move,
+   a part by AVX-512's masked moves (which touch only the lanes of the mask) or lane by lane */
 SS_CV_INLINE V F(ld)(const T* p, ptrdiff_t n) {
     V v = {0};
     if (n == VL)
         memcpy(&v, p, sizeof v);
     else
+#if defined(SS_CV_MASKED)
+        v = SS_CV_MASK_LOAD((SS_CV_MASK)((1u << n) - 1), p);
+#else
         for (ptrdiff_t i = 0; i < n; i++) v[i] = p[i];
+#endif
     return v;
 }
 
@@ -28,7 +33,11 @@ SS_CV_INLINE void F(st)(T* p, V v, ptrdiff_t n) {
     if (n == VL)
         memcpy(p, &v, sizeof v);
     else
+#if defined(SS_CV_MASKED)
+        SS_CV_MASK_STORE(p, (SS_CV_MASK)((1u << n) - 1), v);
+#else
         for (ptrdiff_t i = 0; i < n; i++) p[i] = v[i];
+#endif
 }
 
 /* m ? a : b lane by lane (m: all ones or zero, as a vector comparison gives) */
