@@ -18,18 +18,30 @@
  * recurrent-side pre-activations; prev [s*sp + d] is the state before the step.
  *
  * The math (ss_cv_exp_*, tanh, sigmoid, log_sigmoid) is _math.pxd's, lane by lane: the same
- * Cody-Waite reduction, Taylor polynomials and one division per sigmoid / tanh.  exp builds
- * 2^n as the product of two powers of two, so it is right down to the denormals (where
+ * Cody-Waite reduction, Taylor polynomials and one division per sigmoid / tanh, with the same
+ * bits wherever _math.pxd's result is a normal number.  exp scales by 2^n with AVX-512's
+ * scalef or as the product of two powers of two, so it is right down to the denormals (where
  * _math.pxd's exp_ returns 0 below -87) and up to the overflow threshold (where exp_ returns
  * inf above 88); NaN in -> NaN out through the arithmetic, without selects.
  *
- * One source for float and double: _cell_simd_impl.h included once per type. */
+ * One source for float and double: _cell_simd_impl.h included once per type.  Compilers
+ * without vector extensions get the same code on one-lane "vectors" (plain scalars). */
 #ifndef STATESCAN_CELL_SIMD_H
 #define STATESCAN_CELL_SIMD_H
 
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+/* SS_CV_VECTOR: GCC / Clang vector extensions; otherwise (or with STATESCAN_NO_VECTOR_EXT, as
+   _scan_simd.h) one-lane "vectors": plain scalars, the same code and math */
+#if defined(__GNUC__) && !defined(STATESCAN_NO_VECTOR_EXT)
+#define SS_CV_VECTOR 1
+#define SS_CV_INLINE static inline __attribute__((always_inline))
+#else
+#define SS_CV_VECTOR 0
+#define SS_CV_INLINE static inline
+#endif
 
 #if defined(__AVX512F__)
 #define SS_CV_BYTES 64
@@ -40,7 +52,7 @@
 #endif
 
 /* x86 max / min of a whole vector (F(clamp)): SSE2 is the x86-64 baseline */
-#if defined(__x86_64__) || defined(__i386__)
+#if SS_CV_VECTOR && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
 #define SS_CV_X86 1
 #if SS_CV_BYTES == 64
@@ -70,12 +82,6 @@
 #endif
 #else
 #define SS_CV_X86 0
-#endif
-
-#if defined(__GNUC__)
-#define SS_CV_INLINE static inline __attribute__((always_inline))
-#else
-#error "ext/_cell_simd.h needs GCC or Clang vector extensions"
 #endif
 
 #define SS_CV_T float

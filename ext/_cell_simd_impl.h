@@ -7,15 +7,37 @@
 #define T SS_CV_T
 #define V F(vec)
 #define VI F(ivec)
-#define VL ((ptrdiff_t)(SS_CV_BYTES / sizeof(T)))
-#define K(c) ((V){0} + (T)(c))          /* a constant in every lane */
 #define DOUBLE (sizeof(T) == 8)
 
+#if SS_CV_VECTOR
 typedef T V __attribute__((vector_size(SS_CV_BYTES)));
-typedef SS_CV_I VI __attribute__((vector_size(SS_CV_BYTES)));
+typedef __typeof__((V){0} < (V){0}) VI;     /* what a comparison gives: all ones or zero */
+#define VL ((ptrdiff_t)(SS_CV_BYTES / sizeof(T)))
+#define K(c) ((V){0} + (T)(c))              /* a constant in every lane */
+#define MASK(cond) (cond)
+#else
+typedef T V;
+typedef SS_CV_I VI;
+#define VL ((ptrdiff_t)1)
+#define K(c) ((T)(c))
+#define MASK(cond) (-(VI)(cond))            /* all ones or zero, as a vector comparison */
+#endif
+
+/* the bits of v as integers, and back (no conversion of values) */
+SS_CV_INLINE VI F(bits)(V v) {
+    VI i;
+    memcpy(&i, &v, sizeof i);
+    return i;
+}
+
+SS_CV_INLINE V F(from_bits)(VI i) {
+    V v;
+    memcpy(&v, &i, sizeof v);
+    return v;
+}
 
 /* n units from p (n <= VL; the other lanes 0) and back: whole vectors by one unaligned move,
-   a part by AVX-512's masked moves (which touch only the lanes of the mask) or lane by lane */
+   a part by AVX-512's masked moves (which touch only the lanes of the mask) or by memcpy */
 SS_CV_INLINE V F(ld)(const T* p, ptrdiff_t n) {
     V v = {0};
     if (n == VL)
@@ -24,7 +46,7 @@ SS_CV_INLINE V F(ld)(const T* p, ptrdiff_t n) {
 #if defined(SS_CV_MASKED)
         v = SS_CV_MASK_LOAD((SS_CV_MASK)((1u << n) - 1), p);
 #else
-        for (ptrdiff_t i = 0; i < n; i++) v[i] = p[i];
+        memcpy(&v, p, n * sizeof(T));
 #endif
     return v;
 }
@@ -36,13 +58,13 @@ SS_CV_INLINE void F(st)(T* p, V v, ptrdiff_t n) {
 #if defined(SS_CV_MASKED)
         SS_CV_MASK_STORE(p, (SS_CV_MASK)((1u << n) - 1), v);
 #else
-        for (ptrdiff_t i = 0; i < n; i++) p[i] = v[i];
+        memcpy(p, &v, n * sizeof(T));
 #endif
 }
 
 /* m ? a : b lane by lane (m: all ones or zero, as a vector comparison gives) */
 SS_CV_INLINE V F(sel)(VI m, V a, V b) {
-    return (V)(((VI)a & m) | ((VI)b & ~m));
+    return F(from_bits)((F(bits)(a) & m) | (F(bits)(b) & ~m));
 }
 
 /* x limited to [-c, c], NaN kept: x86's max and min (they return their second operand when
@@ -52,8 +74,8 @@ SS_CV_INLINE V F(clamp)(V x, T c) {
 #if SS_CV_X86
     return SS_CV_MIN(K(c), SS_CV_MAX(K(-c), x));
 #else
-    x = F(sel)(x < K(-c), K(-c), x);
-    return F(sel)(x > K(c), K(c), x);
+    x = F(sel)(MASK(x < K(-c)), K(-c), x);
+    return F(sel)(MASK(x > K(c)), K(c), x);
 #endif
 }
 
@@ -78,7 +100,7 @@ SS_CV_INLINE V F(reduce)(V x, int sign, V* nf, VI* n) {
     const T c2 = DOUBLE ? (T)1.90821492927058770002e-10 : (T)(-2.12194440e-4);
     V t = x * (T)(sign * 1.4426950408889634) + magic;
     *nf = t - magic;
-    *n = (VI)t - (VI)K(magic);
+    *n = F(bits)(t) - F(bits)(K(magic));
     if (sign > 0)
         return (x - *nf * c1) - *nf * c2;
     return (-x - *nf * c1) - *nf * c2;
@@ -86,7 +108,7 @@ SS_CV_INLINE V F(reduce)(V x, int sign, V* nf, VI* n) {
 
 /* 2^n for n inside the normal exponent range */
 SS_CV_INLINE V F(pow2)(VI n) {
-    return (V)((n + (DOUBLE ? 1023 : 127)) << (DOUBLE ? 52 : 23));
+    return F(from_bits)((n + (DOUBLE ? 1023 : 127)) << (DOUBLE ? 52 : 23));
 }
 
 /* 2^n (1 + q), q = expm1(r) rounded, rounded once: AVX-512's scalef of 1 + q, or 2^n as the
@@ -156,11 +178,11 @@ SS_CV_INLINE V F(log1p_unit)(V u) {
 
 /* log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)): never overflows */
 SS_CV_INLINE V F(log_sigmoid)(V x) {
-    V ax = (V)((VI)x & ~(VI)(-K(0)));        /* |x|: x without the sign bit of -0 */
+    V ax = F(from_bits)(F(bits)(x) & ~F(bits)(-K(0)));   /* |x|: x without the sign bit of -0 */
 #if SS_CV_X86
     V mn = SS_CV_MIN(x, K(0));              /* x < 0 ? x : 0 */
 #else
-    V mn = F(sel)(x < K(0), x, K(0));
+    V mn = F(sel)(MASK(x < K(0)), x, K(0));
 #endif
     return mn - F(log1p_unit)(F(exp_signed)(ax, -1));
 }
@@ -203,13 +225,13 @@ SS_CV_INLINE void F(slstm_fwd)(const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t
     V ot = F(ld)(ax + 3 * sx, n) + F(ld)(ar + 3 * sr, n);
     V n_prev = F(ld)(st + 2 * ss, n);
     V l = F(log_sigmoid)(ft) + F(ld)(st + 3 * ss, n);
-    VI m_is_i = ~((n_prev != K(0)) & (l > it));
+    VI m_is_i = ~(MASK(n_prev != K(0)) & MASK(l > it));
     V e = F(exp)(F(sel)(m_is_i, l - it, it - l));
     V i = F(sel)(m_is_i, K(1), e);
     V f = F(sel)(m_is_i, e, K(1));
     V c = f * F(ld)(st + ss, n) + i * F(tanh)(zt);
     V nn = f * n_prev + i;
-    nn = F(sel)(nn < K(1), K(1), nn);        /* NaN passes */
+    nn = F(sel)(MASK(nn < K(1)), K(1), nn);        /* NaN passes */
     F(st)(st + ss, c, n);
     F(st)(st + 2 * ss, nn, n);
     F(st)(st + 3 * ss, F(sel)(m_is_i, it, l), n);
@@ -284,7 +306,7 @@ SS_CV_INLINE void F(slstm_bwd)(SS_CV_BWD_ARGS) {
     V c_prev = F(ld)(prev + sp, n);
     V n_prev = F(ld)(prev + 2 * sp, n);
     V l = F(log_sigmoid)(ft) + F(ld)(prev + 3 * sp, n);
-    VI m_is_i = ~((n_prev != K(0)) & (l > it));
+    VI m_is_i = ~(MASK(n_prev != K(0)) & MASK(l > it));
     V e = F(exp)(F(sel)(m_is_i, l - it, it - l));
     V i = F(sel)(m_is_i, K(1), e);
     V f = F(sel)(m_is_i, e, K(1));
@@ -292,7 +314,7 @@ SS_CV_INLINE void F(slstm_bwd)(SS_CV_BWD_ARGS) {
     V o = F(sigmoid)(ot);
     V c = f * c_prev + i * tz;
     V nn = f * n_prev + i;
-    VI clipped = nn < K(1);
+    VI clipped = MASK(nn < K(1));
     V nv = F(sel)(clipped, K(1), nn);
     V dh = F(ld)(dst, n);
     V dc = F(ld)(dst + sds, n) + dh * o / nv;
@@ -363,6 +385,7 @@ SS_CV_BACKWARD(slstm)
 #undef DOUBLE
 #undef K
 #undef VL
+#undef MASK
 #undef VI
 #undef V
 #undef T
