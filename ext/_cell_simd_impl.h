@@ -1,0 +1,394 @@
+/* Body of ext/_cell_simd.h for one element type: included with SS_CV_T (float or double),
+ * SS_CV_I (the integer of its size) and SS_CV_SFX (f or d) defined.  No include guard. */
+
+#define SS_CV_CAT2(a, b) a##_##b
+#define SS_CV_CAT(a, b) SS_CV_CAT2(a, b)
+#define F(name) SS_CV_CAT(ss_cv_##name, SS_CV_SFX)
+#define T SS_CV_T
+#define V F(vec)
+#define VI F(ivec)
+#define DOUBLE (sizeof(T) == 8)
+
+#if SS_CV_VECTOR
+typedef T V __attribute__((vector_size(SS_CV_BYTES)));
+typedef __typeof__((V){0} < (V){0}) VI;     /* what a comparison gives: all ones or zero */
+#define VL ((ptrdiff_t)(SS_CV_BYTES / sizeof(T)))
+#define K(c) ((V){0} + (T)(c))              /* a constant in every lane */
+#define MASK(cond) (cond)
+#else
+typedef T V;
+typedef SS_CV_I VI;
+#define VL ((ptrdiff_t)1)
+#define K(c) ((T)(c))
+#define MASK(cond) (-(VI)(cond))            /* all ones or zero, as a vector comparison */
+#endif
+
+/* the bits of v as integers, and back (no conversion of values) */
+SS_CV_INLINE VI F(bits)(V v) {
+    VI i;
+    memcpy(&i, &v, sizeof i);
+    return i;
+}
+
+SS_CV_INLINE V F(from_bits)(VI i) {
+    V v;
+    memcpy(&v, &i, sizeof v);
+    return v;
+}
+
+/* n units from p (n <= VL; the other lanes 0) and back: whole vectors by one unaligned move,
+   a part by AVX-512's masked moves (which touch only the lanes of the mask) or by memcpy */
+SS_CV_INLINE V F(ld)(const T* p, ptrdiff_t n) {
+    V v = {0};
+    if (n == VL)
+        memcpy(&v, p, sizeof v);
+    else
+#if defined(SS_CV_MASKED)
+        v = SS_CV_MASK_LOAD((SS_CV_MASK)((1u << n) - 1), p);
+#else
+        memcpy(&v, p, n * sizeof(T));
+#endif
+    return v;
+}
+
+SS_CV_INLINE void F(st)(T* p, V v, ptrdiff_t n) {
+    if (n == VL)
+        memcpy(p, &v, sizeof v);
+    else
+#if defined(SS_CV_MASKED)
+        SS_CV_MASK_STORE(p, (SS_CV_MASK)((1u << n) - 1), v);
+#else
+        memcpy(p, &v, n * sizeof(T));
+#endif
+}
+
+/* m ? a : b lane by lane (m: all ones or zero, as a vector comparison gives) */
+SS_CV_INLINE V F(sel)(VI m, V a, V b) {
+    return F(from_bits)((F(bits)(a) & m) | (F(bits)(b) & ~m));
+}
+
+/* x limited to [-c, c], NaN kept: x86's max and min (they return their second operand when
+   either is NaN: AVX-512's range instruction would turn NaN into +-c), or a compare and a
+   select per side */
+SS_CV_INLINE V F(clamp)(V x, T c) {
+#if SS_CV_X86
+    return SS_CV_MIN(K(c), SS_CV_MAX(K(-c), x));
+#else
+    x = F(sel)(MASK(x < K(-c)), K(-c), x);
+    return F(sel)(MASK(x > K(c)), K(c), x);
+#endif
+}
+
+/* expm1(r) for |r| <= ln2/2: Taylor polynomial truncated below half an ulp */
+SS_CV_INLINE V F(expm1_poly)(V r) {
+    if (DOUBLE)
+        return r * (1 + r * ((T)(1 / 2.) + r * ((T)(1 / 6.) + r * ((T)(1 / 24.) + r * ((T)(1 / 120.)
+               + r * ((T)(1 / 720.) + r * ((T)(1 / 5040.) + r * ((T)(1 / 40320.)
+               + r * ((T)(1 / 362880.) + r * ((T)(1 / 3628800.) + r * ((T)(1 / 39916800.)
+               + r * ((T)(1 / 479001600.) + r * (T)(1 / 6227020800.)))))))))))));
+    return r * (1 + r * ((T)(1 / 2.) + r * ((T)(1 / 6.) + r * ((T)(1 / 24.) + r * ((T)(1 / 120.)
+           + r * ((T)(1 / 720.) + r * (T)(1 / 5040.)))))));
+}
+
+/* Cody-Waite reduction of sign * x (sign = 1 or -1, a literal: the negation folds into the
+   multiply-adds, with the bits of reducing -x): returns r with sign * x = n ln2 + r,
+   |r| <= ln2/2, and n as T (*nf) and as an integer (*n).  Adding 1.5 * 2^mantissa-bits rounds
+   to an integer and leaves n in the low bits of the sum. */
+SS_CV_INLINE V F(reduce)(V x, int sign, V* nf, VI* n) {
+    const T magic = DOUBLE ? (T)6755399441055744.0 : (T)12582912.0;
+    const T c1 = DOUBLE ? (T)6.93147180369123816490e-01 : (T)0.693359375;
+    const T c2 = DOUBLE ? (T)1.90821492927058770002e-10 : (T)(-2.12194440e-4);
+    V t = x * (T)(sign * 1.4426950408889634) + magic;
+    *nf = t - magic;
+    *n = F(bits)(t) - F(bits)(K(magic));
+    if (sign > 0)
+        return (x - *nf * c1) - *nf * c2;
+    return (-x - *nf * c1) - *nf * c2;
+}
+
+/* 2^n for n inside the normal exponent range */
+SS_CV_INLINE V F(pow2)(VI n) {
+    return F(from_bits)((n + (DOUBLE ? 1023 : 127)) << (DOUBLE ? 52 : 23));
+}
+
+/* 2^n (1 + q), q = expm1(r) rounded, rounded once: AVX-512's scalef of 1 + q, or 2^n as the
+   product of two powers of two (both normal) -- the same bits, right down to the denormals and
+   up to overflow, and for normal results those of _math.pxd's 2^n + 2^n q.  The empty asm
+   keeps q rounded: GCC would otherwise fuse 1 + r * p(r) into one multiply-add. */
+SS_CV_INLINE V F(exp_reduced)(V r, V nf, VI n) {
+    V q = F(expm1_poly)(r);
+#if defined(SS_CV_SCALEF)
+    (void)n;
+    __asm__("" : "+v"(q));
+    return SS_CV_SCALEF(1 + q, nf);
+#else
+    (void)nf;
+    VI n1 = n >> 1;
+    V s1 = F(pow2)(n1);
+    return (s1 + s1 * q) * F(pow2)(n - n1);
+#endif
+}
+
+/* exp(sign * x): 0 below the denormals, inf above the largest finite result, NaN for NaN
+   (which the clamp keeps and the polynomial passes on).  |x| <= 104 (double 746) keeps 2^n
+   within reach of the two factors and already gives 0 or inf. */
+SS_CV_INLINE V F(exp_signed)(V x, int sign) {
+    V nf;
+    VI n;
+    V r = F(reduce)(F(clamp)(x, DOUBLE ? 746 : 104), sign, &nf, &n);
+    return F(exp_reduced)(r, nf, n);
+}
+
+SS_CV_INLINE V F(exp)(V x) {
+    return F(exp_signed)(x, 1);
+}
+
+/* tanh(x) = e / (e + 2) with e = expm1(2x): no cancellation near 0; |2x| <= 40 is enough
+   (tanh(20) rounds to 1 in double) */
+SS_CV_INLINE V F(tanh)(V x) {
+    V nf;
+    VI n;
+    V q = F(expm1_poly)(F(reduce)(F(clamp)(x + x, 40), 1, &nf, &n));
+#if defined(SS_CV_SCALEF)
+    V s = SS_CV_SCALEF(K(1), nf);
+#else
+    V s = F(pow2)(n);
+#endif
+    V e = s * q + (s - 1);
+    return e / (e + 2);
+}
+
+SS_CV_INLINE V F(sigmoid)(V x) {
+    return 1 / (1 + F(exp_signed)(x, -1));
+}
+
+/* log(1 + u) for u in [0, 1]: 2 atanh(s), s = u / (2 + u) <= 1/3, odd series */
+SS_CV_INLINE V F(log1p_unit)(V u) {
+    V s = u / (2 + u);
+    V s2 = s * s;
+    if (DOUBLE)
+        return 2 * s * (1 + s2 * ((T)(1 / 3.) + s2 * ((T)(1 / 5.) + s2 * ((T)(1 / 7.) + s2 * ((T)(1 / 9.)
+               + s2 * ((T)(1 / 11.) + s2 * ((T)(1 / 13.) + s2 * ((T)(1 / 15.) + s2 * ((T)(1 / 17.)
+               + s2 * ((T)(1 / 19.) + s2 * ((T)(1 / 21.) + s2 * ((T)(1 / 23.) + s2 * ((T)(1 / 25.)
+               + s2 * ((T)(1 / 27.) + s2 * ((T)(1 / 29.) + s2 * ((T)(1 / 31.) + s2 * ((T)(1 / 33.)
+               + s2 * (T)(1 / 35.))))))))))))))))));
+    return 2 * s * (1 + s2 * ((T)(1 / 3.) + s2 * ((T)(1 / 5.) + s2 * ((T)(1 / 7.) + s2 * ((T)(1 / 9.)
+           + s2 * ((T)(1 / 11.) + s2 * ((T)(1 / 13.) + s2 * (T)(1 / 15.))))))));
+}
+
+/* log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)): never overflows */
+SS_CV_INLINE V F(log_sigmoid)(V x) {
+    V ax = F(from_bits)(F(bits)(x) & ~F(bits)(-K(0)));   /* |x|: x without the sign bit of -0 */
+#if SS_CV_X86
+    V mn = SS_CV_MIN(x, K(0));              /* x < 0 ? x : 0 */
+#else
+    V mn = F(sel)(MASK(x < K(0)), x, K(0));
+#endif
+    return mn - F(log1p_unit)(F(exp_signed)(ax, -1));
+}
+
+/* ---- forward: units d .. d+n-1 (n <= VL) ---------------------------------------------- */
+
+SS_CV_INLINE void F(elman_fwd)(const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t sr,
+                               T* st, ptrdiff_t ss, ptrdiff_t n) {
+    (void)sx; (void)sr; (void)ss;
+    F(st)(st, F(tanh)(F(ld)(ax, n) + F(ld)(ar, n)), n);
+}
+
+SS_CV_INLINE void F(lstm_fwd)(const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t sr,
+                              T* st, ptrdiff_t ss, ptrdiff_t n) {
+    V i = F(sigmoid)(F(ld)(ax, n) + F(ld)(ar, n));
+    V f = F(sigmoid)(F(ld)(ax + sx, n) + F(ld)(ar + sr, n));
+    V g = F(tanh)(F(ld)(ax + 2 * sx, n) + F(ld)(ar + 2 * sr, n));
+    V o = F(sigmoid)(F(ld)(ax + 3 * sx, n) + F(ld)(ar + 3 * sr, n));
+    V c = f * F(ld)(st + ss, n) + i * g;
+    F(st)(st + ss, c, n);
+    F(st)(st, o * F(tanh)(c), n);
+}
+
+SS_CV_INLINE void F(gru_fwd)(const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t sr,
+                             T* st, ptrdiff_t ss, ptrdiff_t n) {
+    (void)ss;
+    V r = F(sigmoid)(F(ld)(ax, n) + F(ld)(ar, n));
+    V z = F(sigmoid)(F(ld)(ax + sx, n) + F(ld)(ar + sr, n));
+    V nn = F(tanh)(F(ld)(ax + 2 * sx, n) + r * F(ld)(ar + 2 * sr, n));
+    F(st)(st, (1 - z) * nn + z * F(ld)(st, n), n);
+}
+
+/* m_is_i: the stabiliser m is i~ (first step, n = 0) or max(i~, l); one of exp(i~ - m),
+   exp(l - m) is then exp(0) = 1 */
+SS_CV_INLINE void F(slstm_fwd)(const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t sr,
+                               T* st, ptrdiff_t ss, ptrdiff_t n) {
+    V it = F(ld)(ax, n) + F(ld)(ar, n);
+    V ft = F(ld)(ax + sx, n) + F(ld)(ar + sr, n);
+    V zt = F(ld)(ax + 2 * sx, n) + F(ld)(ar + 2 * sr, n);
+    V ot = F(ld)(ax + 3 * sx, n) + F(ld)(ar + 3 * sr, n);
+    V n_prev = F(ld)(st + 2 * ss, n);
+    V l = F(log_sigmoid)(ft) + F(ld)(st + 3 * ss, n);
+    VI m_is_i = ~(MASK(n_prev != K(0)) & MASK(l > it));
+    V e = F(exp)(F(sel)(m_is_i, l - it, it - l));
+    V i = F(sel)(m_is_i, K(1), e);
+    V f = F(sel)(m_is_i, e, K(1));
+    V c = f * F(ld)(st + ss, n) + i * F(tanh)(zt);
+    V nn = f * n_prev + i;
+    nn = F(sel)(MASK(nn < K(1)), K(1), nn);        /* NaN passes */
+    F(st)(st + ss, c, n);
+    F(st)(st + 2 * ss, nn, n);
+    F(st)(st + 3 * ss, F(sel)(m_is_i, it, l), n);
+    F(st)(st, c / (nn * (1 + F(exp_signed)(ot, -1))), n);   /* sigmoid(o~) c / n with one division */
+}
+
+/* ---- backward: gates recomputed from (ax, ar, prev) ------------------------------------ */
+
+#define SS_CV_BWD_ARGS const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t sr, const T* prev,   \
+                       ptrdiff_t sp, T* dst, ptrdiff_t sds, T* dgx, ptrdiff_t sgx, T* dgr,    \
+                       ptrdiff_t sgr, ptrdiff_t n
+
+SS_CV_INLINE void F(elman_bwd)(SS_CV_BWD_ARGS) {
+    (void)sx; (void)sr; (void)prev; (void)sp; (void)sds; (void)sgx; (void)sgr;
+    V h = F(tanh)(F(ld)(ax, n) + F(ld)(ar, n));
+    V ga = F(ld)(dst, n) * (1 - h * h);
+    F(st)(dgx, ga, n);
+    F(st)(dgr, ga, n);
+    F(st)(dst, K(0), n);
+}
+
+SS_CV_INLINE void F(lstm_bwd)(SS_CV_BWD_ARGS) {
+    V i = F(sigmoid)(F(ld)(ax, n) + F(ld)(ar, n));
+    V f = F(sigmoid)(F(ld)(ax + sx, n) + F(ld)(ar + sr, n));
+    V g = F(tanh)(F(ld)(ax + 2 * sx, n) + F(ld)(ar + 2 * sr, n));
+    V o = F(sigmoid)(F(ld)(ax + 3 * sx, n) + F(ld)(ar + 3 * sr, n));
+    V c_prev = F(ld)(prev + sp, n);
+    V tc = F(tanh)(f * c_prev + i * g);
+    V dh = F(ld)(dst, n);
+    V dc = F(ld)(dst + sds, n) + dh * o * (1 - tc * tc);
+    V gi = dc * g * i * (1 - i);
+    V gf = dc * c_prev * f * (1 - f);
+    V gg = dc * i * (1 - g * g);
+    V go = dh * tc * o * (1 - o);
+    F(st)(dgx, gi, n);
+    F(st)(dgx + sgx, gf, n);
+    F(st)(dgx + 2 * sgx, gg, n);
+    F(st)(dgx + 3 * sgx, go, n);
+    F(st)(dgr, gi, n);
+    F(st)(dgr + sgr, gf, n);
+    F(st)(dgr + 2 * sgr, gg, n);
+    F(st)(dgr + 3 * sgr, go, n);
+    F(st)(dst + sds, dc * f, n);
+    F(st)(dst, K(0), n);
+}
+
+SS_CV_INLINE void F(gru_bwd)(SS_CV_BWD_ARGS) {
+    (void)sds;
+    V r = F(sigmoid)(F(ld)(ax, n) + F(ld)(ar, n));
+    V z = F(sigmoid)(F(ld)(ax + sx, n) + F(ld)(ar + sr, n));
+    V arn = F(ld)(ar + 2 * sr, n);
+    V nn = F(tanh)(F(ld)(ax + 2 * sx, n) + r * arn);
+    V h_prev = F(ld)(prev, n);
+    V dh = F(ld)(dst, n);
+    V gn = dh * (1 - z) * (1 - nn * nn);
+    V gr = gn * arn * r * (1 - r);
+    V gz = dh * (h_prev - nn) * z * (1 - z);
+    F(st)(dgx, gr, n);
+    F(st)(dgx + sgx, gz, n);
+    F(st)(dgx + 2 * sgx, gn, n);
+    F(st)(dgr, gr, n);
+    F(st)(dgr + sgr, gz, n);
+    F(st)(dgr + 2 * sgr, gn * r, n);
+    F(st)(dst, dh * z, n);
+}
+
+SS_CV_INLINE void F(slstm_bwd)(SS_CV_BWD_ARGS) {
+    V it = F(ld)(ax, n) + F(ld)(ar, n);
+    V ft = F(ld)(ax + sx, n) + F(ld)(ar + sr, n);
+    V zt = F(ld)(ax + 2 * sx, n) + F(ld)(ar + 2 * sr, n);
+    V ot = F(ld)(ax + 3 * sx, n) + F(ld)(ar + 3 * sr, n);
+    V c_prev = F(ld)(prev + sp, n);
+    V n_prev = F(ld)(prev + 2 * sp, n);
+    V l = F(log_sigmoid)(ft) + F(ld)(prev + 3 * sp, n);
+    VI m_is_i = ~(MASK(n_prev != K(0)) & MASK(l > it));
+    V e = F(exp)(F(sel)(m_is_i, l - it, it - l));
+    V i = F(sel)(m_is_i, K(1), e);
+    V f = F(sel)(m_is_i, e, K(1));
+    V tz = F(tanh)(zt);
+    V o = F(sigmoid)(ot);
+    V c = f * c_prev + i * tz;
+    V nn = f * n_prev + i;
+    VI clipped = MASK(nn < K(1));
+    V nv = F(sel)(clipped, K(1), nn);
+    V dh = F(ld)(dst, n);
+    V dc = F(ld)(dst + sds, n) + dh * o / nv;
+    V dn = F(ld)(dst + 2 * sds, n) - dh * o * c / (nv * nv);
+    V dm = F(ld)(dst + 3 * sds, n);
+    dn = F(sel)(clipped, K(0), dn);
+    V go = dh * c / nv * o * (1 - o);
+    V di = dc * tz + dn;
+    V df = dc * c_prev + dn * n_prev;
+    V gz = dc * i * (1 - tz * tz);
+    V dit = di * i;
+    V dl = df * f;
+    dm = dm - dit - dl;                     /* i and f both divide by exp(m) */
+    dit = F(sel)(m_is_i, dit + dm, dit);
+    dl = F(sel)(m_is_i, dl, dl + dm);
+    V gf = dl * (1 - F(sigmoid)(ft));       /* d log_sigmoid(x)/dx = 1 - sigmoid(x) */
+    F(st)(dgx, dit, n);
+    F(st)(dgx + sgx, gf, n);
+    F(st)(dgx + 2 * sgx, gz, n);
+    F(st)(dgx + 3 * sgx, go, n);
+    F(st)(dgr, dit, n);
+    F(st)(dgr + sgr, gf, n);
+    F(st)(dgr + 2 * sgr, gz, n);
+    F(st)(dgr + 3 * sgr, go, n);
+    F(st)(dst + sds, dc * f, n);
+    F(st)(dst + 2 * sds, dn * f, n);
+    F(st)(dst + 3 * sds, dl, n);
+    F(st)(dst, K(0), n);
+}
+
+/* ---- entry points: every unit of a call through the vector code ------------------------- */
+
+#define SS_CV_FORWARD(cell)                                                                    \
+static void F(cell##_forward)(ptrdiff_t D, const T* ax, ptrdiff_t sx, const T* ar,             \
+                              ptrdiff_t sr, T* st, ptrdiff_t ss) {                             \
+    ptrdiff_t d = 0;                                                                           \
+    for (; d + VL <= D; d += VL)                                                               \
+        F(cell##_fwd)(ax + d, sx, ar + d, sr, st + d, ss, VL);                                 \
+    if (d < D)                                                                                 \
+        F(cell##_fwd)(ax + d, sx, ar + d, sr, st + d, ss, D - d);                              \
+}
+
+#define SS_CV_BACKWARD(cell)                                                                   \
+static void F(cell##_backward)(ptrdiff_t D, const T* ax, ptrdiff_t sx, const T* ar,            \
+                               ptrdiff_t sr, const T* prev, ptrdiff_t sp, T* dst,              \
+                               ptrdiff_t sds, T* dgx, ptrdiff_t sgx, T* dgr, ptrdiff_t sgr) {  \
+    ptrdiff_t d = 0;                                                                           \
+    for (; d + VL <= D; d += VL)                                                               \
+        F(cell##_bwd)(ax + d, sx, ar + d, sr, prev + d, sp, dst + d, sds, dgx + d, sgx,        \
+                      dgr + d, sgr, VL);                                                       \
+    if (d < D)                                                                                 \
+        F(cell##_bwd)(ax + d, sx, ar + d, sr, prev + d, sp, dst + d, sds, dgx + d, sgx,        \
+                      dgr + d, sgr, D - d);                                                    \
+}
+
+SS_CV_FORWARD(elman)
+SS_CV_FORWARD(lstm)
+SS_CV_FORWARD(gru)
+SS_CV_FORWARD(slstm)
+SS_CV_BACKWARD(elman)
+SS_CV_BACKWARD(lstm)
+SS_CV_BACKWARD(gru)
+SS_CV_BACKWARD(slstm)
+
+#undef SS_CV_FORWARD
+#undef SS_CV_BACKWARD
+#undef SS_CV_BWD_ARGS
+#undef DOUBLE
+#undef K
+#undef VL
+#undef MASK
+#undef VI
+#undef V
+#undef T
+#undef F
+#undef SS_CV_CAT
+#undef SS_CV_CAT2
