@@ -156,6 +156,9 @@ def _extensions(package, subdir):
             [str(pyx.relative_to(HERE))],
             include_dirs=[numpy.get_include(), "ext"],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            # the C headers the kernels include: an edited header rebuilds them (cythonize
+            # follows .pxd files, setuptools only these)
+            depends=[str(h.relative_to(HERE)) for h in sorted((HERE / "ext").glob("*.h"))],
         )
         for pyx in _SOURCES
     ]
