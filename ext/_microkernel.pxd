@@ -282,6 +282,8 @@ cdef extern from *:
         SS_MID
         SS_LAST
     int SS_NT
+    int SS_MR_f     # rows of the micro-kernel's register block (float, double)
+    int SS_MR_d
     void ss_prefetch(const void* p) nogil
     void* panel_alloc "ss_panel_alloc"(size_t nbytes) nogil
     void ss_pack_t_f(const float* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,

@@ -9,8 +9,8 @@ import numpy as np
 
 cnp.import_array()
 
-from _microkernel cimport (NT, matmul_acc, matmul_store, matmul_store_kblocked, pack_panels,
-                          panel_alloc, prefetch)
+from _microkernel cimport (NT, SS_MR_d, SS_MR_f, matmul_acc, matmul_store,
+                          matmul_store_kblocked, pack_panels, panel_alloc, prefetch)
 from _cells cimport cell_forward, cell_backward, cell_ids
 from _scratch cimport scratch_alloc, scratch_free
 from libc.string cimport memset
@@ -1007,7 +1007,8 @@ cdef enum:
     # rows of x a fused job projects per block at least (rows x steps), so each panel of W
     # read into cache serves as many rows as one job of `project` (PROJECT_ROWS)
     FUSED_ROWS = 64
-    # bytes of a fused job's projection buffer above which blocks shrink towards 8 steps
+    # bytes of a fused job's projection buffer above which blocks shrink towards one
+    # micro-kernel row block of steps
     FUSED_BYTES = 1 << 20
     # bytes of packed W above which the jobs do not project their own blocks: W must stay in
     # a core's cache between blocks (H = I = 1024: a 16 MB W re-read every few steps next to
@@ -1017,10 +1018,13 @@ cdef enum:
 
 cdef Py_ssize_t fused_steps(Py_ssize_t RB, Py_ssize_t ldo, Py_ssize_t T,
                             Py_ssize_t itemsize) noexcept nogil:
-    """Time steps per projected block of a fused job of RB rows (buffer [RB, steps, ldo])."""
-    cdef Py_ssize_t steps = max(8, round_up((FUSED_ROWS + RB - 1) // RB, 8))
-    while steps > 8 and RB * steps * ldo * itemsize > FUSED_BYTES:
-        steps //= 2
+    """Time steps per projected block of a fused job of RB rows (buffer [RB, steps, ldo]): a
+    multiple of the micro-kernel's row block, which each row's block of steps fills (8 steps
+    took its slower remainder path on 12-row blocks: AVX-512, float32)."""
+    cdef Py_ssize_t mr = SS_MR_f if itemsize == 4 else SS_MR_d
+    cdef Py_ssize_t steps = round_up(max(8, (FUSED_ROWS + RB - 1) // RB), mr)
+    while steps > mr and RB * steps * ldo * itemsize > FUSED_BYTES:
+        steps = round_up(steps // 2, mr)
     return min(T, steps)
 
 
