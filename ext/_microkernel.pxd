@@ -231,23 +231,23 @@ cdef extern from *:
     SS_DEFINE_PACK_T(float, f)
     SS_DEFINE_PACK_T(double, d)
 
-    /* a block for packed weights (or another large buffer the kernels stream through): from
-       256 KiB up, whole 2 MiB pages, 2 MiB aligned and advised to use transparent huge pages
-       (Linux).  A 16 MB panel copy then takes 8 page faults instead of 4096 on every call and
-       the per-step stream through it misses the TLB far less; and a block is physically
-       contiguous, so it fills the cache sets evenly: in 4 KiB pages of random colours a 1 MB
-       R beside a 1 MB W (H = 256) overfilled some sets of a 2 MiB L2 in some processes and
-       not in others (B = 1 lstm, 1 thread: 10.5 or 14.5 us/step, by process).  The advice is
-       only a hint (failure ignored); the block is freed with free() like any malloc block */
+    /* Blocks in transparent huge pages (Linux; the advice is only a hint, failure ignored),
+       2 MiB aligned, freed with free() like any malloc block.
+       ss_buffer_alloc: a large buffer streamed through once (a call's projected W x): from
+       2 MiB up, so a 16 MB block takes 8 page faults instead of 4096.
+       ss_panel_alloc: packed weights, read again every step: from 256 KiB up, in whole huge
+       pages.  A block is then physically contiguous and fills the cache sets evenly: in
+       4 KiB pages of random colours a 1 MB R beside a 1 MB W (H = 256) overfilled some sets
+       of a 2 MiB L2 in some processes and not in others (B = 1 lstm, 1 thread: 10.5 or
+       14.5 us/step, by process).  The price: the kernel zeroes its fresh pages per call. */
     #include <stdlib.h>
     #if defined(__linux__)
     #include <sys/mman.h>
     #endif
     #define SS_HUGE_BYTES ((size_t)2 << 20)
-    #define SS_HUGE_MIN ((size_t)256 << 10)
-    static void* ss_panel_alloc(size_t nbytes) {
+    static void* ss_huge_alloc(size_t nbytes, size_t from) {
     #if defined(__linux__) && defined(MADV_HUGEPAGE)
-        if (nbytes >= SS_HUGE_MIN) {
+        if (nbytes >= from) {
             void* p = NULL;
             size_t whole = (nbytes + SS_HUGE_BYTES - 1) & ~(SS_HUGE_BYTES - 1);
             if (posix_memalign(&p, SS_HUGE_BYTES, whole) != 0)
@@ -258,6 +258,8 @@ cdef extern from *:
     #endif
         return malloc(nbytes > 0 ? nbytes : 1);
     }
+    static void* ss_panel_alloc(size_t nbytes) { return ss_huge_alloc(nbytes, (size_t)256 << 10); }
+    static void* ss_buffer_alloc(size_t nbytes) { return ss_huge_alloc(nbytes, SS_HUGE_BYTES); }
 
     #if defined(__GNUC__)
     #define ss_prefetch(p) __builtin_prefetch(p)
@@ -291,6 +293,7 @@ cdef extern from *:
     int SS_MR_d
     void ss_prefetch(const void* p) nogil
     void* panel_alloc "ss_panel_alloc"(size_t nbytes) nogil
+    void* buffer_alloc "ss_buffer_alloc"(size_t nbytes) nogil
     void ss_pack_t_f(const float* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,
                      float* panel) nogil
     void ss_pack_t_d(const double* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,

@@ -10,7 +10,8 @@ import numpy as np
 cnp.import_array()
 
 from _microkernel cimport (NT, SS_MR_d, SS_MR_f, matmul_acc, matmul_store,
-                          matmul_store_kblocked, pack_panels, panel_alloc, prefetch)
+                          matmul_store_kblocked, pack_panels, panel_alloc, buffer_alloc,
+                          prefetch)
 from _cells cimport cell_forward, cell_backward, cell_ids
 from _scratch cimport scratch_alloc, scratch_free
 from libc.string cimport memset
@@ -1074,7 +1075,7 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     grouped = not columns and use_groups(RB, hpj, D, G, sizeof(floating))
     if fz != NULL and (columns or groups > 1 or not fuses_w(fz, sizeof(floating))):
         # jobs do not own whole rows, or W would not stay in cache: project first
-        own_ax = <floating*> panel_alloc(B * T * G * heads * D * sizeof(floating))
+        own_ax = <floating*> buffer_alloc(B * T * G * heads * D * sizeof(floating))
         status = -1 if own_ax == NULL else project_all(fz, B, T, G * heads * D, vl, own_ax,
                                                        num_threads)
         if status == 0:
@@ -1198,7 +1199,7 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
         # and free W's pack before R's is made, as `project` then `forward` do (the two packs
         # at once cost another 16 MB of fresh pages per call at H = 1024: 1.15x slower)
         vl = varlen(lengths, reverse, reset, B, T)
-        ax = <floating*> panel_alloc(B * T * M * sizeof(floating))
+        ax = <floating*> buffer_alloc(B * T * M * sizeof(floating))
         if ax == NULL:
             status = -1
         else:
