@@ -63,8 +63,13 @@
 #define SS_BARRIER_SPINS 2000
 /* a wait this long (ns) means a member is not running, not just slower: a scheduler's time
  * slice is milliseconds, a step's imbalance or an interrupt some microseconds; also the
- * slack of ss_team_loses */
+ * slack of ss_team_loses.  Long steps (a large model: 300-800 us at H = 1024) raise it to
+ * twice the member's mean step, or an ordinary imbalance looked like a lost core. */
 #define SS_SLOW_NS 200000LL
+/* the same before the first step, where a partner may be waking up: an OpenMP thread that
+ * slept since the last parallel region took over 200 us to start in this VM now and then
+ * (2-3 hand-overs in 20 calls of 40 steps at H = 1024 on an idle machine) */
+#define SS_FIRST_SLOW_NS 2000000LL
 /* how long (ns) the automatic rule keeps a sequence on one thread after a hand-over: doubled
  * after each call that needed one again, halved after each call that did not (one lucky call
  * on a busy machine does not restart the stalls; a quiet machine is back in a few calls) */
@@ -118,6 +123,7 @@ static inline void ss_barrier_wait(ss_barrier* b, long team) {
 typedef struct {
     long long last;     /* when the member left its last wait */
     long long worked, waited;
+    long long waits;    /* waits done (0: the next one precedes the first step) */
 } ss_member_clock;
 
 /* spins between two readings of the clock (a reading costs some tens of ns, a pause ~10);
@@ -130,9 +136,13 @@ typedef struct {
  * (waking a thread) -- or when one wait alone is a scheduler's time slice. */
 static inline int ss_team_loses(const ss_member_clock* c, long long now, long long since,
                                 double alone) {
-    long long wait = now - since;
-    return wait > SS_SLOW_NS
-        || (double)(c->waited + wait) > (alone - 1.0) * (double)c->worked + (double)SS_SLOW_NS;
+    long long wait = now - since, slow = SS_FIRST_SLOW_NS;
+    if (c->waits > 0) {
+        slow = 2 * c->worked / c->waits;        /* twice the mean step so far */
+        slow = slow > SS_SLOW_NS ? slow : SS_SLOW_NS;
+    }
+    return wait > slow
+        || (double)(c->waited + wait) > (alone - 1.0) * (double)c->worked + (double)slow;
 }
 
 /* A step's wait for member `member` of `team`: as ss_barrier_wait, and a member that loses
@@ -174,8 +184,10 @@ static inline long ss_team_wait(ss_barrier* b, long team, long member, long ask,
         }
     }
     now = ss_now_ns();
-    c->waited += now - since;
+    if (c->waits > 0)           /* a partner waking up is not time the team loses */
+        c->waited += now - since;
     c->last = now;
+    c->waits++;
     return SS_LOAD(&b->solo) - 1;
 }
 

@@ -309,6 +309,7 @@ cdef extern from "_barrier.h" nogil:
         long long last
         long long worked
         long long waited
+        long long waits
     void ss_barrier_wait(ss_barrier* b, long team)
     long ss_team_wait(ss_barrier* b, long team, long member, long ask, ss_member_clock* c,
                       double alone)
@@ -521,7 +522,7 @@ cdef long forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ss
     cdef ss_member_clock clock
     cdef double alone = <double> D / (parts[member].d1 - parts[member].d0)
     clock.last = ss_now_ns()
-    clock.worked = clock.waited = 0
+    clock.worked = clock.waited = clock.waits = 0
     column_setup(parts + member, rows, nr, k, B, T, H, D, G, S, mp_k, state0, hbuf, vl)
     owner = ss_team_wait(bar, team, member, forced_request(-1, member, team, bar), &clock, alone)
     if owner >= 0 and owner != member:
