@@ -95,16 +95,7 @@
 #define SS_CV_MASK_LOAD SS_CV_MASK_LOAD_f
 #define SS_CV_MASK_STORE SS_CV_MASK_STORE_f
 #endif
-#include "_cell_simd_impl.h"
-#undef SS_CV_T
-#undef SS_CV_I
-#undef SS_CV_SFX
-#undef SS_CV_MAX
-#undef SS_CV_MIN
-#undef SS_CV_SCALEF
-#undef SS_CV_MASK
-#undef SS_CV_MASK_LOAD
-#undef SS_CV_MASK_STORE
+#include "_cell_simd_impl.h"     /* which #undefs its parameters */
 
 #define SS_CV_T double
 #define SS_CV_I int64_t
@@ -117,15 +108,6 @@
 #define SS_CV_MASK_LOAD SS_CV_MASK_LOAD_d
 #define SS_CV_MASK_STORE SS_CV_MASK_STORE_d
 #endif
-#include "_cell_simd_impl.h"
-#undef SS_CV_T
-#undef SS_CV_I
-#undef SS_CV_SFX
-#undef SS_CV_MAX
-#undef SS_CV_MIN
-#undef SS_CV_SCALEF
-#undef SS_CV_MASK
-#undef SS_CV_MASK_LOAD
-#undef SS_CV_MASK_STORE
+#include "_cell_simd_impl.h"     /* which #undefs its parameters */
 
 #endif

@@ -62,6 +62,20 @@ SS_CV_INLINE void F(st)(T* p, V v, ptrdiff_t n) {
 #endif
 }
 
+/* four gate gradients of a cell whose gates take W x and R h alike (lstm, slstm): the same
+   values to the input side dgx and the recurrent side dgr, gate g at g * sgx / g * sgr */
+SS_CV_INLINE void F(st_gates4)(T* dgx, ptrdiff_t sgx, T* dgr, ptrdiff_t sgr, V g0, V g1, V g2,
+                               V g3, ptrdiff_t n) {
+    F(st)(dgx, g0, n);
+    F(st)(dgx + sgx, g1, n);
+    F(st)(dgx + 2 * sgx, g2, n);
+    F(st)(dgx + 3 * sgx, g3, n);
+    F(st)(dgr, g0, n);
+    F(st)(dgr + sgr, g1, n);
+    F(st)(dgr + 2 * sgr, g2, n);
+    F(st)(dgr + 3 * sgr, g3, n);
+}
+
 /* m ? a : b lane by lane (m: all ones or zero, as a vector comparison gives) */
 SS_CV_INLINE V F(sel)(VI m, V a, V b) {
     return F(from_bits)((F(bits)(a) & m) | (F(bits)(b) & ~m));
@@ -266,14 +280,7 @@ SS_CV_INLINE void F(lstm_bwd)(SS_CV_BWD_ARGS) {
     V gf = dc * c_prev * f * (1 - f);
     V gg = dc * i * (1 - g * g);
     V go = dh * tc * o * (1 - o);
-    F(st)(dgx, gi, n);
-    F(st)(dgx + sgx, gf, n);
-    F(st)(dgx + 2 * sgx, gg, n);
-    F(st)(dgx + 3 * sgx, go, n);
-    F(st)(dgr, gi, n);
-    F(st)(dgr + sgr, gf, n);
-    F(st)(dgr + 2 * sgr, gg, n);
-    F(st)(dgr + 3 * sgr, go, n);
+    F(st_gates4)(dgx, sgx, dgr, sgr, gi, gf, gg, go, n);
     F(st)(dst + sds, dc * f, n);
     F(st)(dst, K(0), n);
 }
@@ -331,14 +338,7 @@ SS_CV_INLINE void F(slstm_bwd)(SS_CV_BWD_ARGS) {
     dit = F(sel)(m_is_i, dit + dm, dit);
     dl = F(sel)(m_is_i, dl, dl + dm);
     V gf = dl * (1 - F(sigmoid)(ft));       /* d log_sigmoid(x)/dx = 1 - sigmoid(x) */
-    F(st)(dgx, dit, n);
-    F(st)(dgx + sgx, gf, n);
-    F(st)(dgx + 2 * sgx, gz, n);
-    F(st)(dgx + 3 * sgx, go, n);
-    F(st)(dgr, dit, n);
-    F(st)(dgr + sgr, gf, n);
-    F(st)(dgr + 2 * sgr, gz, n);
-    F(st)(dgr + 3 * sgr, go, n);
+    F(st_gates4)(dgx, sgx, dgr, sgr, dit, gf, gz, go, n);
     F(st)(dst + sds, dc * f, n);
     F(st)(dst + 2 * sds, dn * f, n);
     F(st)(dst + 3 * sds, dl, n);
@@ -392,3 +392,13 @@ SS_CV_BACKWARD(slstm)
 #undef F
 #undef SS_CV_CAT
 #undef SS_CV_CAT2
+/* this file's parameters, set by _cell_simd.h before each inclusion */
+#undef SS_CV_T
+#undef SS_CV_I
+#undef SS_CV_SFX
+#undef SS_CV_MAX
+#undef SS_CV_MIN
+#undef SS_CV_SCALEF
+#undef SS_CV_MASK
+#undef SS_CV_MASK_LOAD
+#undef SS_CV_MASK_STORE
