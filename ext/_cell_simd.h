@@ -33,6 +33,9 @@
 #include <stdint.h>
 #include <string.h>
 
+/* the cells' kernel ids (ext/_cells.pxd names them for rnn.pyx) */
+enum { SS_CELL_ELMAN = 0, SS_CELL_LSTM = 1, SS_CELL_GRU = 2, SS_CELL_SLSTM = 3 };
+
 /* SS_CV_VECTOR: GCC / Clang vector extensions; otherwise (or with STATESCAN_NO_VECTOR_EXT, as
    _scan_simd.h) one-lane "vectors": plain scalars, the same code and math */
 #if defined(__GNUC__) && !defined(STATESCAN_NO_VECTOR_EXT)

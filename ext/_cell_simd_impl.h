@@ -379,6 +379,31 @@ SS_CV_BACKWARD(lstm)
 SS_CV_BACKWARD(gru)
 SS_CV_BACKWARD(slstm)
 
+/* by kernel id (SS_CELL_*): the entry points ext/_cells.pxd calls */
+static void F(forward)(int cell, ptrdiff_t D, const T* ax, ptrdiff_t sx, const T* ar,
+                       ptrdiff_t sr, T* st, ptrdiff_t ss) {
+    switch (cell) {
+    case SS_CELL_ELMAN: F(elman_forward)(D, ax, sx, ar, sr, st, ss); break;
+    case SS_CELL_LSTM: F(lstm_forward)(D, ax, sx, ar, sr, st, ss); break;
+    case SS_CELL_GRU: F(gru_forward)(D, ax, sx, ar, sr, st, ss); break;
+    default: F(slstm_forward)(D, ax, sx, ar, sr, st, ss);
+    }
+}
+
+static void F(backward)(int cell, ptrdiff_t D, const T* ax, ptrdiff_t sx, const T* ar,
+                        ptrdiff_t sr, const T* prev, ptrdiff_t sp, T* dst, ptrdiff_t sds,
+                        T* dgx, ptrdiff_t sgx, T* dgr, ptrdiff_t sgr) {
+    switch (cell) {
+    case SS_CELL_ELMAN:
+        F(elman_backward)(D, ax, sx, ar, sr, prev, sp, dst, sds, dgx, sgx, dgr, sgr); break;
+    case SS_CELL_LSTM:
+        F(lstm_backward)(D, ax, sx, ar, sr, prev, sp, dst, sds, dgx, sgx, dgr, sgr); break;
+    case SS_CELL_GRU:
+        F(gru_backward)(D, ax, sx, ar, sr, prev, sp, dst, sds, dgx, sgx, dgr, sgr); break;
+    default: F(slstm_backward)(D, ax, sx, ar, sr, prev, sp, dst, sds, dgx, sgx, dgr, sgr);
+    }
+}
+
 #undef SS_CV_FORWARD
 #undef SS_CV_BACKWARD
 #undef SS_CV_BWD_ARGS

@@ -5,11 +5,24 @@
 # The backward recomputes the gates from (ax, ar, previous state) instead of storing them.
 from cython cimport floating
 
-cdef enum:
-    ELMAN = 0
-    LSTM = 1
-    GRU = 2
-    SLSTM = 3
+cdef extern from "_cell_simd.h" nogil:
+    enum:
+        ELMAN "SS_CELL_ELMAN"
+        LSTM "SS_CELL_LSTM"
+        GRU "SS_CELL_GRU"
+        SLSTM "SS_CELL_SLSTM"
+    void ss_cv_forward_f(int cell, Py_ssize_t D, const float* ax, Py_ssize_t sx,
+                         const float* ar, Py_ssize_t sr, float* st, Py_ssize_t ss)
+    void ss_cv_forward_d(int cell, Py_ssize_t D, const double* ax, Py_ssize_t sx,
+                         const double* ar, Py_ssize_t sr, double* st, Py_ssize_t ss)
+    void ss_cv_backward_f(int cell, Py_ssize_t D, const float* ax, Py_ssize_t sx,
+                          const float* ar, Py_ssize_t sr, const float* prev, Py_ssize_t sp,
+                          float* dst, Py_ssize_t sds, float* dgx, Py_ssize_t sgx, float* dgr,
+                          Py_ssize_t sgr)
+    void ss_cv_backward_d(int cell, Py_ssize_t D, const double* ax, Py_ssize_t sx,
+                          const double* ar, Py_ssize_t sr, const double* prev, Py_ssize_t sp,
+                          double* dst, Py_ssize_t sds, double* dgx, Py_ssize_t sgx, double* dgr,
+                          Py_ssize_t sgr)
 
 
 cdef inline dict cell_ids():
@@ -17,70 +30,13 @@ cdef inline dict cell_ids():
     return {"elman": ELMAN, "lstm": LSTM, "gru": GRU, "slstm": SLSTM}
 
 
-cdef extern from "_cell_simd.h" nogil:
-    void ss_cv_elman_forward_f(Py_ssize_t D, const float* ax, Py_ssize_t sx, const float* ar,
-        Py_ssize_t sr, float* st, Py_ssize_t ss)
-    void ss_cv_lstm_forward_f(Py_ssize_t D, const float* ax, Py_ssize_t sx, const float* ar,
-        Py_ssize_t sr, float* st, Py_ssize_t ss)
-    void ss_cv_gru_forward_f(Py_ssize_t D, const float* ax, Py_ssize_t sx, const float* ar,
-        Py_ssize_t sr, float* st, Py_ssize_t ss)
-    void ss_cv_slstm_forward_f(Py_ssize_t D, const float* ax, Py_ssize_t sx, const float* ar,
-        Py_ssize_t sr, float* st, Py_ssize_t ss)
-    void ss_cv_elman_backward_f(Py_ssize_t D, const float* ax, Py_ssize_t sx, const float* ar,
-        Py_ssize_t sr, const float* prev, Py_ssize_t sp, float* dst, Py_ssize_t sds, float* dgx,
-        Py_ssize_t sgx, float* dgr, Py_ssize_t sgr)
-    void ss_cv_lstm_backward_f(Py_ssize_t D, const float* ax, Py_ssize_t sx, const float* ar,
-        Py_ssize_t sr, const float* prev, Py_ssize_t sp, float* dst, Py_ssize_t sds, float* dgx,
-        Py_ssize_t sgx, float* dgr, Py_ssize_t sgr)
-    void ss_cv_gru_backward_f(Py_ssize_t D, const float* ax, Py_ssize_t sx, const float* ar,
-        Py_ssize_t sr, const float* prev, Py_ssize_t sp, float* dst, Py_ssize_t sds, float* dgx,
-        Py_ssize_t sgx, float* dgr, Py_ssize_t sgr)
-    void ss_cv_slstm_backward_f(Py_ssize_t D, const float* ax, Py_ssize_t sx, const float* ar,
-        Py_ssize_t sr, const float* prev, Py_ssize_t sp, float* dst, Py_ssize_t sds, float* dgx,
-        Py_ssize_t sgx, float* dgr, Py_ssize_t sgr)
-    void ss_cv_elman_forward_d(Py_ssize_t D, const double* ax, Py_ssize_t sx, const double* ar,
-        Py_ssize_t sr, double* st, Py_ssize_t ss)
-    void ss_cv_lstm_forward_d(Py_ssize_t D, const double* ax, Py_ssize_t sx, const double* ar,
-        Py_ssize_t sr, double* st, Py_ssize_t ss)
-    void ss_cv_gru_forward_d(Py_ssize_t D, const double* ax, Py_ssize_t sx, const double* ar,
-        Py_ssize_t sr, double* st, Py_ssize_t ss)
-    void ss_cv_slstm_forward_d(Py_ssize_t D, const double* ax, Py_ssize_t sx, const double* ar,
-        Py_ssize_t sr, double* st, Py_ssize_t ss)
-    void ss_cv_elman_backward_d(Py_ssize_t D, const double* ax, Py_ssize_t sx, const double* ar,
-        Py_ssize_t sr, const double* prev, Py_ssize_t sp, double* dst, Py_ssize_t sds, double* dgx,
-        Py_ssize_t sgx, double* dgr, Py_ssize_t sgr)
-    void ss_cv_lstm_backward_d(Py_ssize_t D, const double* ax, Py_ssize_t sx, const double* ar,
-        Py_ssize_t sr, const double* prev, Py_ssize_t sp, double* dst, Py_ssize_t sds, double* dgx,
-        Py_ssize_t sgx, double* dgr, Py_ssize_t sgr)
-    void ss_cv_gru_backward_d(Py_ssize_t D, const double* ax, Py_ssize_t sx, const double* ar,
-        Py_ssize_t sr, const double* prev, Py_ssize_t sp, double* dst, Py_ssize_t sds, double* dgx,
-        Py_ssize_t sgx, double* dgr, Py_ssize_t sgr)
-    void ss_cv_slstm_backward_d(Py_ssize_t D, const double* ax, Py_ssize_t sx, const double* ar,
-        Py_ssize_t sr, const double* prev, Py_ssize_t sp, double* dst, Py_ssize_t sds, double* dgx,
-        Py_ssize_t sgx, double* dgr, Py_ssize_t sgr)
-
-
 cdef inline void cell_forward(int cell, Py_ssize_t D, const floating* ax, Py_ssize_t sx,
                               const floating* ar, Py_ssize_t sr,
                               floating* st, Py_ssize_t ss) noexcept nogil:
     if floating is float:
-        if cell == LSTM:
-            ss_cv_lstm_forward_f(D, ax, sx, ar, sr, st, ss)
-        elif cell == GRU:
-            ss_cv_gru_forward_f(D, ax, sx, ar, sr, st, ss)
-        elif cell == ELMAN:
-            ss_cv_elman_forward_f(D, ax, sx, ar, sr, st, ss)
-        else:
-            ss_cv_slstm_forward_f(D, ax, sx, ar, sr, st, ss)
+        ss_cv_forward_f(cell, D, ax, sx, ar, sr, st, ss)
     else:
-        if cell == LSTM:
-            ss_cv_lstm_forward_d(D, ax, sx, ar, sr, st, ss)
-        elif cell == GRU:
-            ss_cv_gru_forward_d(D, ax, sx, ar, sr, st, ss)
-        elif cell == ELMAN:
-            ss_cv_elman_forward_d(D, ax, sx, ar, sr, st, ss)
-        else:
-            ss_cv_slstm_forward_d(D, ax, sx, ar, sr, st, ss)
+        ss_cv_forward_d(cell, D, ax, sx, ar, sr, st, ss)
 
 
 # Backward: `dst` holds the gradient w.r.t. the state after the step (dh includes dy) and is
@@ -95,20 +51,6 @@ cdef inline void cell_backward(int cell, Py_ssize_t D, const floating* ax, Py_ss
                                floating* dgx, Py_ssize_t sgx,
                                floating* dgr, Py_ssize_t sgr) noexcept nogil:
     if floating is float:
-        if cell == LSTM:
-            ss_cv_lstm_backward_f(D, ax, sx, ar, sr, prev, sp, dst, sds, dgx, sgx, dgr, sgr)
-        elif cell == GRU:
-            ss_cv_gru_backward_f(D, ax, sx, ar, sr, prev, sp, dst, sds, dgx, sgx, dgr, sgr)
-        elif cell == ELMAN:
-            ss_cv_elman_backward_f(D, ax, sx, ar, sr, prev, sp, dst, sds, dgx, sgx, dgr, sgr)
-        else:
-            ss_cv_slstm_backward_f(D, ax, sx, ar, sr, prev, sp, dst, sds, dgx, sgx, dgr, sgr)
+        ss_cv_backward_f(cell, D, ax, sx, ar, sr, prev, sp, dst, sds, dgx, sgx, dgr, sgr)
     else:
-        if cell == LSTM:
-            ss_cv_lstm_backward_d(D, ax, sx, ar, sr, prev, sp, dst, sds, dgx, sgx, dgr, sgr)
-        elif cell == GRU:
-            ss_cv_gru_backward_d(D, ax, sx, ar, sr, prev, sp, dst, sds, dgx, sgx, dgr, sgr)
-        elif cell == ELMAN:
-            ss_cv_elman_backward_d(D, ax, sx, ar, sr, prev, sp, dst, sds, dgx, sgx, dgr, sgr)
-        else:
-            ss_cv_slstm_backward_d(D, ax, sx, ar, sr, prev, sp, dst, sds, dgx, sgx, dgr, sgr)
+        ss_cv_backward_d(cell, D, ax, sx, ar, sr, prev, sp, dst, sds, dgx, sgx, dgr, sgr)

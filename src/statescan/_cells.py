@@ -4,11 +4,11 @@ the tests need to know about a cell, in one place.
 Adding a cell touches exactly these files:
 
 1. ``src/statescan/_cells.py``: its :class:`Cell` entry in :data:`CELLS`;
-2. ``ext/_cells.pxd``: its id in the ``cdef enum`` and in ``cell_ids()`` (the name -> id map
-   that ``ext/rnn.pyx`` exports as ``CELL_IDS``: the kernels take the cell's name, so no id
-   is written anywhere else) and its cases in ``cell_forward`` / ``cell_backward``; its
-   pointwise forward and backward in ``ext/_cell_simd_impl.h`` (C on vectors of units,
-   included once per dtype by ``ext/_cell_simd.h``);
+2. ``ext/_cell_simd.h``: its id (``SS_CELL_*``), named in ``ext/_cells.pxd``'s enum and
+   ``cell_ids()`` (the name -> id map that ``ext/rnn.pyx`` exports as ``CELL_IDS``: the
+   kernels take the cell's name, so no id is written anywhere else); its pointwise forward
+   and backward and their cases in ``forward`` / ``backward`` in ``ext/_cell_simd_impl.h``
+   (C on vectors of units, included once per dtype by ``ext/_cell_simd.h``);
 3. ``src/statescan/_reference/rnn.py``: ``<name>_step`` and ``<name>_step_backward``, the
    numpy definition the kernels are tested against.
 
