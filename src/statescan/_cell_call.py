@@ -147,9 +147,6 @@ def _stacked(parts, shape, dtype):
     return state0
 
 
-_zeros = _dispatch.zeros_input
-
-
 def plain_forward(cell, x, W, R, b, b_r, heads, state):
     """The public (y, state) of a plain sequential call -- compiled backend, arguments
     already valid (see :func:`_valid_sizes`), no lengths, reverse or reset -- running
@@ -164,13 +161,14 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
         return None
     B, T, H, D, S, parts = sizes
     dtype = x.dtype
-    state0 = _zeros((S, B, H), dtype) if state is None else _stacked(parts, (S, B, H), dtype)
+    state0 = (_dispatch.zeros_input((S, B, H), dtype) if state is None
+              else _stacked(parts, (S, B, H), dtype))
     ext = _dispatch.ext_module("rnn")
     threads = _dispatch.get_num_threads()
     seq = _memory.empty((1, B, T, H), dtype, "y [1, B, T, H]")      # as forward(save=False)
     final = np.empty((S, B, H), dtype)
     R = R if R.ndim == 3 else R[None]             # [1, G*H, H]: one head
-    b_r = _zeros((cell.gates * H,), dtype) if b_r is None else b_r
+    b_r = _dispatch.zeros_input((cell.gates * H,), dtype) if b_r is None else b_r
     block = _tuning.rnn_block(cell.name, B, H, heads, dtype)
     if W is None and b is None:                       # as input_preactivation
         ext.forward(cell.name, x, R, b_r, state0, False, None, False, None, block, seq, None,
@@ -265,7 +263,8 @@ def projected_forward(call):
     final = np.empty_like(call.state0)
     _dispatch.ext_module("rnn").forward_projected(
         call.cell.name, call.x, call.W, call.b, call.R,
-        _zeros((call.R.shape[0] * call.R.shape[1],), dtype) if call.b_r is None else call.b_r,
+        (_dispatch.zeros_input((call.R.shape[0] * call.R.shape[1],), dtype) if call.b_r is None
+         else call.b_r),
         call.state0, call.lengths, call.reverse, call.reset,
         _tuning.rnn_block(call.cell.name, B, H, call.R.shape[0], dtype), seq, final,
         _dispatch.get_num_threads())
