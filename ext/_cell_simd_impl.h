@@ -229,8 +229,19 @@ SS_CV_INLINE void F(gru_fwd)(const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t s
     F(st)(st, (1 - z) * nn + z * F(ld)(st, n), n);
 }
 
-/* m_is_i: the stabiliser m is i~ (first step, n = 0) or max(i~, l); one of exp(i~ - m),
-   exp(l - m) is then exp(0) = 1 */
+/* The stabilised input and forget gates of sLSTM, for the forward and the backward's
+   recomputation alike: l = log_sigmoid(f~) + m_prev, and the stabiliser m is i~ (first step,
+   n_prev = 0) or max(i~, l), so one of i = exp(i~ - m), f = exp(l - m) is exp(0) = 1.
+   Returns m_is_i (m = i~ in those lanes); i, f and l through the pointers. */
+SS_CV_INLINE VI F(slstm_gates)(V it, V ft, V n_prev, V m_prev, V* i, V* f, V* l) {
+    *l = F(log_sigmoid)(ft) + m_prev;
+    VI m_is_i = ~(MASK(n_prev != K(0)) & MASK(*l > it));
+    V e = F(exp)(F(sel)(m_is_i, *l - it, it - *l));
+    *i = F(sel)(m_is_i, K(1), e);
+    *f = F(sel)(m_is_i, e, K(1));
+    return m_is_i;
+}
+
 SS_CV_INLINE void F(slstm_fwd)(const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t sr,
                                T* st, ptrdiff_t ss, ptrdiff_t n) {
     V it = F(ld)(ax, n) + F(ld)(ar, n);
@@ -238,11 +249,8 @@ SS_CV_INLINE void F(slstm_fwd)(const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t
     V zt = F(ld)(ax + 2 * sx, n) + F(ld)(ar + 2 * sr, n);
     V ot = F(ld)(ax + 3 * sx, n) + F(ld)(ar + 3 * sr, n);
     V n_prev = F(ld)(st + 2 * ss, n);
-    V l = F(log_sigmoid)(ft) + F(ld)(st + 3 * ss, n);
-    VI m_is_i = ~(MASK(n_prev != K(0)) & MASK(l > it));
-    V e = F(exp)(F(sel)(m_is_i, l - it, it - l));
-    V i = F(sel)(m_is_i, K(1), e);
-    V f = F(sel)(m_is_i, e, K(1));
+    V i, f, l;
+    VI m_is_i = F(slstm_gates)(it, ft, n_prev, F(ld)(st + 3 * ss, n), &i, &f, &l);
     V c = f * F(ld)(st + ss, n) + i * F(tanh)(zt);
     V nn = f * n_prev + i;
     nn = F(sel)(MASK(nn < K(1)), K(1), nn);        /* NaN passes */
@@ -312,11 +320,8 @@ SS_CV_INLINE void F(slstm_bwd)(SS_CV_BWD_ARGS) {
     V ot = F(ld)(ax + 3 * sx, n) + F(ld)(ar + 3 * sr, n);
     V c_prev = F(ld)(prev + sp, n);
     V n_prev = F(ld)(prev + 2 * sp, n);
-    V l = F(log_sigmoid)(ft) + F(ld)(prev + 3 * sp, n);
-    VI m_is_i = ~(MASK(n_prev != K(0)) & MASK(l > it));
-    V e = F(exp)(F(sel)(m_is_i, l - it, it - l));
-    V i = F(sel)(m_is_i, K(1), e);
-    V f = F(sel)(m_is_i, e, K(1));
+    V i, f, l;
+    VI m_is_i = F(slstm_gates)(it, ft, n_prev, F(ld)(prev + 3 * sp, n), &i, &f, &l);
     V tz = F(tanh)(zt);
     V o = F(sigmoid)(ot);
     V c = f * c_prev + i * tz;
