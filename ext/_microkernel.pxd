@@ -345,6 +345,18 @@ cdef inline void matmul_store_kblocked(const floating* a, Py_ssize_t lda, const 
         k0 += n
 
 
+cdef inline void matmul_raw(const floating* a, Py_ssize_t lda, const floating* panel,
+                            Py_ssize_t K, floating* out, Py_ssize_t ldo, Py_ssize_t nrows,
+                            bint first) noexcept nogil:
+    """out[:nrows, :NT] = a[:nrows, :K] @ panel (first) or += it, as the accumulators of one
+    sum over k continued (not first): unrounded and without the bias, which matmul_store adds
+    in bias + acc (the caller adds its bias as acc + bias, or 0 + acc: the same bits)."""
+    if floating is float:
+        ss_matmul_part_f(a, lda, panel, K, NULL, out, ldo, nrows, SS_FIRST if first else SS_MID)
+    else:
+        ss_matmul_part_d(a, lda, panel, K, NULL, out, ldo, nrows, SS_FIRST if first else SS_MID)
+
+
 cdef inline void prefetch(const floating* p, Py_ssize_t n) noexcept nogil:
     """Hint the cache to fetch p[0:n] (64-byte lines): rows read on the next time step."""
     cdef Py_ssize_t i = 0

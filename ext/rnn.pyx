@@ -9,7 +9,7 @@ import numpy as np
 
 cnp.import_array()
 
-from _microkernel cimport (NT, SS_MR_d, SS_MR_f, matmul_acc, matmul_store,
+from _microkernel cimport (NT, SS_MR_d, SS_MR_f, matmul_acc, matmul_raw, matmul_store,
                           matmul_store_kblocked, pack_panels, panel_alloc, buffer_alloc,
                           prefetch)
 from _cells cimport cell_forward, cell_backward, cell_ids
@@ -1178,6 +1178,7 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
     cdef Py_ssize_t wsize = 0 if W is None else round_up(M, NT) * max(I, 1)
     cdef floating* wp
     cdef floating* ax = NULL
+    cdef const floating* bp
     cdef Fused fz
     cdef Varlen vl
     cdef int status = 0
@@ -1186,6 +1187,25 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
     if B == 0 or T == 0 or R.shape[2] == 0:
         if T == 0:
             state_out[...] = state0
+        return
+    if (wsize > 0 and lengths is None
+            and I * round_up(M, NT) * <Py_ssize_t> sizeof(floating) > FUSED_W_BYTES
+            and projects_transposed(B * T, I, M, sizeof(floating))):
+        # no job would project its own blocks, and W is better read where it is than packed
+        bp = NULL if b is None else &b[0]
+        ax = <floating*> buffer_alloc(B * T * M * sizeof(floating))
+        if ax == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                status = project_transposed(&x[0, 0, 0], B * T, I, &W[0, 0], M, bp, ax,
+                                            num_threads)
+            if status:
+                raise MemoryError()
+            run_call(cell, ax, R, b_r, state0, B, T, lengths, reverse, reset, block, seq, NULL,
+                     state_out, num_threads, NULL)
+        finally:
+            scratch_free(ax)
         return
     wp = <floating*> panel_alloc((wsize + round_up(M, NT)) * sizeof(floating))   # + bias
     if wp == NULL:
@@ -1471,6 +1491,77 @@ cdef void project_job(const floating* x, Py_ssize_t nr, Py_ssize_t I, const floa
             out[r * M + full * NT + m] = buf[r * NT + m]
 
 
+# ---- projection with x packed instead of W --------------------------------------------------
+# A call that projects its whole sequence first (W too big to stay in cache) packed all of W
+# (16 MB at H = I = 1024: as long as a few time steps, plus the fresh pages it fills) to use
+# it for B*T rows only.  When there are fewer rows than W has, the same micro-kernel runs with
+# the roles swapped: W's rows are the broadcast operand, read where they are, and the rows of
+# x are packed into panels instead.  An element out[n, m] is still fma(x[n,k], W[m,k], acc) in
+# the order of k, from 0, then b[m] + acc: the bits of project_job (fma's two factors commute).
+cdef enum:
+    TRANSPOSED_ROWS = 48        # rows of W per job (a multiple of both micro-kernel row blocks)
+    TRANSPOSED_CHUNK_BYTES = 1 << 20    # packed x per chunk: stays in L2 while W streams past
+    TRANSPOSED_W_BYTES = 1 << 20        # W from this size up is worth not packing
+
+
+cdef inline bint projects_transposed(Py_ssize_t N, Py_ssize_t I, Py_ssize_t M,
+                                     size_t itemsize) noexcept nogil:
+    """Whether to project N rows with x packed (project_transposed) rather than W: W is big
+    (TRANSPOSED_W_BYTES) and has more rows than x."""
+    return I > 0 and N <= M and M * I * <Py_ssize_t> itemsize >= TRANSPOSED_W_BYTES
+
+
+cdef void transposed_job(const floating* W, Py_ssize_t I, Py_ssize_t m0, Py_ssize_t m1,
+                         Py_ssize_t M, const floating* xp, Py_ssize_t n0, Py_ssize_t nc,
+                         const floating* b, floating* out) noexcept nogil:
+    """out[n0 + n, m] = x[n0 + n] @ W[m] + b[m] for n < nc, m0 <= m < m1 (at most
+    TRANSPOSED_ROWS), the nc rows of x packed at xp as panels of NT rows."""
+    cdef floating acc[TRANSPOSED_ROWS * NT]
+    cdef Py_ssize_t kc = PROJECT_SLICE_BYTES // (NT * sizeof(floating))
+    cdef Py_ssize_t p, i, n, width, k0
+    for p in range((nc + NT - 1) // NT):
+        k0 = 0
+        while k0 < I:   # in slices of the panel that stay in L1 while every row block uses them
+            matmul_raw(W + m0 * I + k0, I, xp + (p * I + k0) * NT, min(kc, I - k0), acc, NT,
+                       m1 - m0, k0 == 0)
+            k0 += kc
+        width = min(<Py_ssize_t> NT, nc - p * NT)
+        for n in range(width):
+            for i in range(m1 - m0):
+                out[(n0 + p * NT + n) * M + m0 + i] = (
+                    (b[m0 + i] if b != NULL else 0) + acc[i * NT + n])
+
+
+cdef int project_transposed(const floating* x, Py_ssize_t N, Py_ssize_t I, const floating* W,
+                            Py_ssize_t M, const floating* b, floating* out,
+                            int num_threads) noexcept nogil:
+    """out[N, M] = x[N, I] @ W[M, I]^T (+ b), W as stored; the bits of run_project on W
+    packed.  x in chunks whose panels stay in L2, each chunk's jobs the rows of W in groups of
+    TRANSPOSED_ROWS (split across threads).  -1 on allocation failure."""
+    cdef Py_ssize_t chunk = max(<Py_ssize_t> 1, TRANSPOSED_CHUNK_BYTES // (I * NT * <Py_ssize_t> sizeof(floating))) * NT
+    cdef Py_ssize_t njobs = (M + TRANSPOSED_ROWS - 1) // TRANSPOSED_ROWS
+    cdef Py_ssize_t n0, nc, job
+    cdef floating* xp = <floating*> panel_alloc(min(chunk, (N + NT - 1) // NT * NT) * I
+                                                * sizeof(floating))
+    if xp == NULL:
+        return -1
+    n0 = 0
+    while n0 < N:
+        nc = min(chunk, N - n0)
+        pack_panels(x + n0 * I, 1, I, I, nc, xp)
+        if num_threads == 1 or njobs == 1 or N * I * M < PROJECT_SPLIT_MIN:
+            for job in range(njobs):
+                transposed_job(W, I, job * TRANSPOSED_ROWS, min(M, (job + 1) * TRANSPOSED_ROWS),
+                               M, xp, n0, nc, b, out)
+        else:
+            for job in prange(njobs, num_threads=num_threads, schedule="dynamic"):
+                transposed_job(W, I, job * TRANSPOSED_ROWS, min(M, (job + 1) * TRANSPOSED_ROWS),
+                               M, xp, n0, nc, b, out)
+        n0 += chunk
+    scratch_free(xp)
+    return 0
+
+
 def project(const floating[:, :, ::1] x, const floating[:, ::1] W, const floating[::1] b,
             floating[:, :, ::1] out, int num_threads):
     """out = x @ W.T (+ b) over all N = B*T rows: x [B, T, I], W [M, I], b [M] or None,
@@ -1487,6 +1578,13 @@ def project(const floating[:, :, ::1] x, const floating[:, ::1] W, const floatin
         return
     if b is not None:
         bp = &b[0]
+    if projects_transposed(N, I, M, sizeof(floating)):
+        with nogil:
+            status = project_transposed(&x[0, 0, 0], N, I, &W[0, 0], M, bp, &out[0, 0, 0],
+                                        num_threads)
+        if status:
+            raise MemoryError()
+        return
     wp = <floating*> panel_alloc(((M + NT - 1) // NT) * I * NT * sizeof(floating))
     if wp == NULL:
         raise MemoryError()

@@ -1,6 +1,6 @@
 """The compiled input projection `project` (out = x @ W.T + b over every row): whole 32-column
 panels are stored straight into out (never read) and a partial last panel goes through a
-buffer.  A row's bits do not depend on how many rows are projected at once or on the thread
+buffer; or, for a big W and fewer rows, x is packed and W read where it is.  A row's bits do not depend on how many rows are projected at once or on the thread
 count (chunked calls equal one call), the values equal the numpy reference to rounding, and a
 NaN stays in its row.  The kernel is called directly: small shapes reach every path."""
 import numpy as np
@@ -18,9 +18,14 @@ DTYPES = (np.float32, np.float64)
 # one job of 64 rows with a partial last job; I = 300: a long I runs in slices of the panel
 # (a job of more than 8 rows) or in one piece (fewer rows, or a chunk of one row); the last two:
 # fewer row jobs than threads and enough work that each job's panels are split across threads
-# (in slices, and in one piece), with a partial last panel
+# (in slices, and in one piece), with a partial last panel.  From 1 MB of W up, with no more
+# rows than W has, x is packed instead of W (project_transposed): the last two shapes take
+# that path (in chunks of x that the chunk tests split differently, fewer W rows than a job
+# at the end) and, for (1, 300, 2048, 256), W packed for the whole call and x packed for its
+# chunks and single rows -- the same bits
 SHAPES = [(1, 1, 5, 31), (1, 3, 8, 32), (2, 5, 7, 33), (3, 50, 16, 135), (1, 130, 3, 256),
-          (2, 40, 300, 70), (1, 40, 300, 1100), (1, 5, 256, 1001)]
+          (2, 40, 300, 70), (1, 40, 300, 1100), (1, 5, 256, 1001), (2, 70, 1100, 500),
+          (1, 300, 2048, 256)]
 
 
 def _problem(B, T, I, M, dtype, seed=0):
