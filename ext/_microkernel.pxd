@@ -52,6 +52,37 @@ cdef extern from *:
     #define ss_prefetch(p) ((void)(p))
     #endif
 
+    /* ss_rest's body: rows < MR rows with a literal row count per case (the block unrolls
+       over rows); hints PF, PFL as in ss_block (a literal NULL: no test in the loop over k) */
+    #define SS_REST_CASES(SFX, PF, PFL)                                                      \\
+        switch (rows < SS_MR_##SFX ? rows : 0) {                                             \\
+        case 11: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 11 ? 11 : 1, 1, mode, \\
+                          bias, PF, PFL); break;                                             \\
+        case 10: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 10 ? 10 : 1, 1, mode, \\
+                          bias, PF, PFL); break;                                             \\
+        case 9: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 9 ? 9 : 1, 1, mode,    \\
+                          bias, PF, PFL); break;                                             \\
+        case 8: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 8 ? 8 : 1, 1, mode,    \\
+                          bias, PF, PFL); break;                                             \\
+        case 7: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 7 ? 7 : 1, 1, mode,    \\
+                          bias, PF, PFL); break;                                             \\
+        case 6: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 6 ? 6 : 1, 1, mode,    \\
+                          bias, PF, PFL); break;                                             \\
+        case 5: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 5 ? 5 : 1, 1, mode,    \\
+                          bias, PF, PFL); break;                                             \\
+        case 4: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 4 ? 4 : 1, 1, mode,    \\
+                          bias, PF, PFL); break;                                             \\
+        case 3: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 3 ? 3 : 1, 1, mode,    \\
+                          bias, PF, PFL); break;                                             \\
+        case 2: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 2 ? 2 : 1, 1, mode,    \\
+                          bias, PF, PFL); break;                                             \\
+        case 1: ss_block_##SFX(a, lda, mp, K, out, ldo, 1, 1, mode, bias, PF, PFL); break;   \\
+        default:                                                                             \\
+            for (Py_ssize_t r = 0; r < rows; r++)                                            \\
+                ss_block_##SFX(a + r * lda, lda, mp, K, out + r * ldo, ldo, 1, 1, mode, bias,\\
+                               NULL, 0);                                                     \\
+        }
+
     /* rows x (ntl panels): acc[rows][ntl * NV] registers; rows and ntl are literals at each call */
     #define SS_DEFINE_MATMUL(T, SFX)                                                        \\
     SS_DEFINE_VEC(T, SFX)                                                                    \\
@@ -102,44 +133,19 @@ cdef extern from *:
                         *o = a_;                                                             \\
                 }                                                                            \\
     }                                                                                        \\
-    /* rows < MR rows with a literal row count per case (the block unrolls over rows) */  \\
     static void ss_rest_##SFX(const T* a, Py_ssize_t lda, const T* mp, Py_ssize_t K,         \\
                               T* out, Py_ssize_t ldo, Py_ssize_t rows, const int mode,       \\
                               const T* bias, const char* pf, Py_ssize_t pfl) {               \\
-        switch (rows < SS_MR_##SFX ? rows : 0) {                                             \\
-        case 11: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 11 ? 11 : 1, 1, mode,   \\
-                                bias, pf, pfl); break;                                                \\
-        case 10: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 10 ? 10 : 1, 1, mode,   \\
-                                bias, pf, pfl); break;                                                \\
-        case 9: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 9 ? 9 : 1, 1, mode,   \\
-                                bias, pf, pfl); break;                                                \\
-        case 8: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 8 ? 8 : 1, 1, mode,   \\
-                                bias, pf, pfl); break;                                                \\
-        case 7: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 7 ? 7 : 1, 1, mode,    \\
-                               bias, pf, pfl); break;                                                 \\
-        case 6: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 6 ? 6 : 1, 1, mode,    \\
-                               bias, pf, pfl); break;                                                 \\
-        case 5: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 5 ? 5 : 1, 1, mode,    \\
-                               bias, pf, pfl); break;                                                 \\
-        case 4: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 4 ? 4 : 1, 1, mode,    \\
-                               bias, pf, pfl); break;                                                 \\
-        case 3: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 3 ? 3 : 1, 1, mode,    \\
-                               bias, pf, pfl); break;                                                 \\
-        case 2: ss_block_##SFX(a, lda, mp, K, out, ldo, SS_MR_##SFX > 2 ? 2 : 1, 1, mode,    \\
-                               bias, pf, pfl); break;                                                 \\
-        case 1: ss_block_##SFX(a, lda, mp, K, out, ldo, 1, 1, mode, bias, pf, pfl); break;   \\
-        default:                                                                             \\
-            for (Py_ssize_t r = 0; r < rows; r++)                                            \\
-                ss_block_##SFX(a + r * lda, lda, mp, K, out + r * ldo, ldo, 1, 1, mode, bias,   \\
-                               NULL, 0);                                                     \\
-        }                                                                                    \\
+        if (pf)                                                                              \\
+            SS_REST_CASES(SFX, pf, pfl)                                                      \\
+        else                                                                                 \\
+            SS_REST_CASES(SFX, NULL, 0)                                                      \\
     }                                                                                        \\
     /* mode SS_ADD: out += a @ M; SS_STORE: out = bias + a @ M (bias NULL: 0 + a @ M).       \\
-       pf_next: while a panel's 2-4 row blocks run, prefetch the next panel, each block a    \\
-       share in proportion to its rows: for an M read from memory (bigger than L2) the first \\
-       block would otherwise wait on the memory and the others leave it idle (float32, K =   \\
-       512-1536, 16-48 rows: 1.05-1.2x; with more blocks the memory is a smaller part and    \\
-       the hints cost up to 5%).  Hints only: the same bits. */                              \\
+       pf_next: while a panel's row blocks run, prefetch the next panel, each block a share  \\
+       in proportion to its rows: for an M read from memory (bigger than L2) the first block \\
+       would otherwise wait on the memory and the others leave it idle.  Hints only: the     \\
+       same bits. */                                                                         \\
     SS_INLINE void ss_matmul_##SFX(const T* a, Py_ssize_t lda, const T* mp, Py_ssize_t K,    \\
                                    Py_ssize_t ntiles, T* out, Py_ssize_t ldo,                \\
                                    Py_ssize_t nrows, const int mode, const T* bias,          \\
@@ -157,14 +163,17 @@ cdef extern from *:
         for (; tile < ntiles; tile++) {                                                      \\
             const T* panel = mp + tile * K * SS_NT;                                          \\
             const T* tbias = bias ? bias + tile * SS_NT : NULL;                              \\
-            const char* next = pf_next && nrows > SS_MR_##SFX && nrows <= 4 * SS_MR_##SFX     \\
-                               && tile + 1 < ntiles                                          \\
+            const char* next = pf_next && tile + 1 < ntiles                                  \\
                                ? (const char*)(panel + K * SS_NT) : NULL;                    \\
             for (r = 0; r + SS_MR_##SFX <= nrows; r += SS_MR_##SFX)                           \\
-                ss_block_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, ldo, \\
-                               SS_MR_##SFX, 1, mode, tbias,                                  \\
-                               next ? next + lines * r / nrows * 64 : NULL,                  \\
-                               lines * (r + SS_MR_##SFX) / nrows - lines * r / nrows);        \\
+                if (next)  /* two copies: without hints, no test in the loop over k */       \\
+                    ss_block_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, \\
+                                   ldo, SS_MR_##SFX, 1, mode, tbias,                         \\
+                                   next + lines * r / nrows * 64,                            \\
+                                   lines * (r + SS_MR_##SFX) / nrows - lines * r / nrows);    \\
+                else                                                                         \\
+                    ss_block_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, \\
+                                   ldo, SS_MR_##SFX, 1, mode, tbias, NULL, 0);               \\
             /* the rest (fewer than MR rows, e.g. rows still running in a variable-length   \\
                batch) in one block: a single-row block would re-read the panel per row */    \\
             ss_rest_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, ldo,     \\
@@ -175,8 +184,15 @@ cdef extern from *:
     static void ss_matmul_acc_##SFX(const T* a, Py_ssize_t lda, const T* mp, Py_ssize_t K,   \\
                                     Py_ssize_t ntiles, T* out, Py_ssize_t ldo,               \\
                                     Py_ssize_t nrows) {                                      \\
-        ss_matmul_##SFX(a, lda, mp, K, ntiles, out, ldo, nrows, SS_ADD, NULL,                \\
-                        ntiles * K * SS_NT * (Py_ssize_t)sizeof(T) > SS_PREFETCH_BYTES);     \\
+        /* hints for two row blocks (float32, K = 512-1024, 16 rows: 1.13-1.15x; 24 rows     \\
+           1.01-1.04x; 48 rows 0.95-0.97x, as the memory is a smaller part); two copies, the  \\
+           hints a literal 1 or 0: with the hints' code beside the loops that do not use     \\
+           them, those ran 5-10% slower (64 rows and more) */                               \\
+        if (nrows > SS_MR_##SFX && nrows <= 2 * SS_MR_##SFX                                  \\
+                && ntiles * K * SS_NT * (Py_ssize_t)sizeof(T) > SS_PREFETCH_BYTES)           \\
+            ss_matmul_##SFX(a, lda, mp, K, ntiles, out, ldo, nrows, SS_ADD, NULL, 1);        \\
+        else                                                                                 \\
+            ss_matmul_##SFX(a, lda, mp, K, ntiles, out, ldo, nrows, SS_ADD, NULL, 0);        \\
     }                                                                                        \\
     static void ss_matmul_store_##SFX(const T* a, Py_ssize_t lda, const T* mp, Py_ssize_t K, \\
                                       Py_ssize_t ntiles, const T* bias, T* out,              \\
