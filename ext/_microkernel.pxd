@@ -277,33 +277,13 @@ cdef extern from *:
     SS_DEFINE_PACK_T(float, f)
     SS_DEFINE_PACK_T(double, d)
 
-    /* Blocks in transparent huge pages (Linux; the advice is only a hint, failure ignored),
-       2 MiB aligned, freed with free() like any malloc block.
-       ss_buffer_alloc: a large buffer streamed through once (a call's projected W x): from
-       2 MiB up, so a 16 MB block takes 8 page faults instead of 4096.
-       ss_panel_alloc: packed weights, read again every step: from 256 KiB up, in whole huge
-       pages.  A block is then physically contiguous and fills the cache sets evenly: in
-       4 KiB pages of random colours a 1 MB R beside a 1 MB W (H = 256) overfilled some sets
-       of a 2 MiB L2 in some processes and not in others (B = 1 lstm, 1 thread: 10.5 or
-       14.5 us/step, by process).  The price: the kernel zeroes its fresh pages per call. */
-    #include <stdlib.h>
-    #if defined(__linux__)
-    #include <sys/mman.h>
-    #endif
-    #define SS_HUGE_BYTES ((size_t)2 << 20)
-    static void* ss_huge_alloc(size_t nbytes, size_t from) {
-    #if defined(__linux__) && defined(MADV_HUGEPAGE)
-        if (nbytes >= from) {
-            void* p = NULL;
-            size_t whole = (nbytes + SS_HUGE_BYTES - 1) & ~(SS_HUGE_BYTES - 1);
-            if (posix_memalign(&p, SS_HUGE_BYTES, whole) != 0)
-                return NULL;
-            madvise(p, whole, MADV_HUGEPAGE);
-            return p;
-        }
-    #endif
-        return malloc(nbytes > 0 ? nbytes : 1);
-    }
+    /* Blocks for packed weights and large buffers (_page_pool.h: huge pages, kept for the
+       next call), freed with ss_huge_free.
+       ss_buffer_alloc: a large buffer streamed through once (a call's projected W x): huge
+       pages from 2 MiB, so a 16 MB block takes 8 page faults instead of 4096.
+       ss_panel_alloc: packed weights, read again every step: huge pages from 256 KiB (a block
+       is then physically contiguous and fills the cache sets evenly). */
+    #include "_page_pool.h"
     static void* ss_panel_alloc(size_t nbytes) { return ss_huge_alloc(nbytes, (size_t)256 << 10); }
     static void* ss_buffer_alloc(size_t nbytes) { return ss_huge_alloc(nbytes, SS_HUGE_BYTES); }
 
@@ -335,6 +315,10 @@ cdef extern from *:
     void ss_prefetch(const void* p) nogil
     void* panel_alloc "ss_panel_alloc"(size_t nbytes) nogil
     void* buffer_alloc "ss_buffer_alloc"(size_t nbytes) nogil
+    # frees a block of panel_alloc or buffer_alloc (every such block, never free())
+    void huge_free "ss_huge_free"(void* p) nogil
+    void pool_state "ss_pool_state"(long long* idle, long long* idle_bytes, long long* used,
+                                    long long* bound) nogil
     void ss_pack_t_f(const float* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,
                      float* panel) nogil
     void ss_pack_t_d(const double* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,

@@ -11,7 +11,7 @@ cnp.import_array()
 
 from _microkernel cimport (NT, SS_MR_d, SS_MR_f, matmul_acc, matmul_raw, matmul_store,
                           matmul_store_kblocked, pack_panels, panel_alloc, buffer_alloc,
-                          prefetch)
+                          huge_free, pool_state, prefetch)
 from _cells cimport cell_forward, cell_backward, cell_ids
 from _scratch cimport scratch_alloc, scratch_free
 from libc.string cimport memset
@@ -1083,7 +1083,7 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
             status = run_forward(cell, B, T, heads, D, G, S, S_save, own_ax, mp, b_r, state0,
                                  seq, ar_seq, state_out, rows, start, nblocks, RB, vl, block,
                                  num_threads, NULL)
-        scratch_free(own_ax)
+        huge_free(own_ax)
         return status
     if columns:
         return run_columns(cell, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0, seq, ar_seq,
@@ -1152,9 +1152,18 @@ cdef run_call(int cell, const floating* ax, const floating[:, :, ::1] R,
                              mp, &b_r[0], &state0[0, 0, 0], &seq[0, 0, 0, 0], ar_ptr,
                              &state_out[0, 0, 0], rows, start, nblocks, RB, vl, block,
                              num_threads, fz)
-    scratch_free(mp)
+    huge_free(mp)
     if status:
         raise MemoryError()
+
+
+def _pool_state():
+    """Test hook: (idle blocks, their bytes, blocks in use, the bound on idle bytes) of the pool
+    that keeps the packed weights' and large buffers' huge pages for the next call
+    (_page_pool.h; all 0 where there is no pool)."""
+    cdef long long idle, idle_bytes, used, bound
+    pool_state(&idle, &idle_bytes, &used, &bound)
+    return idle, idle_bytes, used, bound
 
 
 def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating[:, ::1] W,
@@ -1226,7 +1235,7 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
         else:
             with nogil:
                 status = project_all(&fz, B, T, M, vl, ax, num_threads)
-        scratch_free(wp)
+        huge_free(wp)
         wp = NULL
     try:
         if status:
@@ -1238,8 +1247,8 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
             run_call(cell, &x[0, 0, 0], R, b_r, state0, B, T, lengths, reverse, reset, block,
                      seq, NULL, state_out, num_threads, &fz)
     finally:
-        scratch_free(wp)
-        scratch_free(ax)
+        huge_free(wp)
+        huge_free(ax)
 
 
 cdef void backward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
@@ -1392,7 +1401,7 @@ def backward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, :
                                  gbuf + jr.RB * GD, vl)
             scratch_free(dst)
             scratch_free(gbuf)
-    scratch_free(mb)
+    huge_free(mb)
     if failed:
         raise MemoryError()
 
@@ -1594,7 +1603,7 @@ def project(const floating[:, :, ::1] x, const floating[:, ::1] W, const floatin
         pack_forward(&W[0, 0], 1, M, I, wp, num_threads)
         status = run_project(&x[0, 0, 0], N, I, wp, M, bp, &out[0, 0, 0], NULL, 0,
                              num_threads)
-    scratch_free(wp)
+    huge_free(wp)
     if status:
         raise MemoryError()
 
@@ -1633,7 +1642,7 @@ def project_valid(const floating[:, :, ::1] x, const floating[:, ::1] W,
         for b_ in range(B):            # padded steps: 0, as in the reference
             for t in range(lengths[b_], T):
                 memset(&out[b_, t, 0], 0, M * sizeof(floating))
-    scratch_free(wp)
+    huge_free(wp)
     if status:
         raise MemoryError()
 
@@ -1700,8 +1709,8 @@ cdef class CellStream:
         self.rp = self.wp = NULL
 
     def __dealloc__(self):
-        scratch_free(self.rp)
-        scratch_free(self.wp)
+        huge_free(self.rp)
+        huge_free(self.wp)
 
     def __init__(self, str cell_name, int S, W, R, b, b_r):
         self.args = (cell_name, S, W, R, b, b_r)
