@@ -1214,7 +1214,7 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
             run_call(cell, ax, R, b_r, state0, B, T, lengths, reverse, reset, block, seq, NULL,
                      state_out, num_threads, NULL)
         finally:
-            scratch_free(ax)
+            huge_free(ax)
         return
     wp = <floating*> panel_alloc((wsize + round_up(M, NT)) * sizeof(floating))   # + bias
     if wp == NULL:
@@ -1569,7 +1569,7 @@ cdef int project_transposed(const floating* x, Py_ssize_t N, Py_ssize_t I, const
                 transposed_job(W, I, job * TRANSPOSED_ROWS, min(M, (job + 1) * TRANSPOSED_ROWS),
                                M, xp, n0, nc, b, out)
         n0 += chunk
-    scratch_free(xp)
+    huge_free(xp)
     return 0
 
 
