@@ -1223,8 +1223,10 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
 
 
 cdef enum:
-    # backward_job prefetches the next step's rows while their runs (one gate of a row's
-    # heads, nk*D entries) are shorter: H=64 B=16/32 ran 1.1-1.25x slower without the hints
+    # backward_job prefetches a row's next step while its runs (one gate of the row's heads,
+    # nk*D entries) are shorter: the hardware prefetcher follows longer runs, and hints then
+    # only cost (1 thread, ext.backward alone: lstm H=256 B=16/64 1.12-1.14x faster without,
+    # 1.02-1.03x with them between cells); H=64 B=16/32 ran 1.1-1.25x slower without
     PREFETCH_RUN_BYTES = 1024
 
 
@@ -1259,30 +1261,27 @@ cdef void backward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize
     for j in range(row_length(vl.lens, rows[0], T) - 1, -1, -1):
         while nact < nr and row_length(vl.lens, rows[nact], T) > j:
             nact += 1
-        # rows are far apart: fetch what step j - 1 reads and writes, unless each row's run
-        # of a gate is long enough for the hardware prefetcher to follow (then the hints
-        # only cost: H=256, B=16/64, 1 thread, ext.backward 1.09-1.13x faster without)
-        for r in range(nact if short_runs else 0):
-            if j > 0:
-                b = rows[r]
-                length = row_length(vl.lens, b, T)
-                t = time_index(j - 1, length, vl.reverse)
-                for g in range(G):
-                    row = (b * T + t) * GH + g * H + k0 * D
-                    prefetch(ax + row, nk * D)
-                    prefetch(ar_seq + row, nk * D)
-                    prefetch(dgx + row, nk * D)
-                prefetch(dy + (b * T + t) * H + k0 * D, nk * D)
-                if j > 1:
-                    for s in range(S):
-                        prefetch(seq + ((s * B + b) * T + time_index(j - 2, length, vl.reverse))
-                                 * H + k0 * D, nk * D)
         for kk in range(nk):
             k = k0 + kk
             dsk = dst + kk * S * sds
             for r in range(nact):
                 b = rows[r]
                 length = row_length(vl.lens, b, T)
+                if short_runs and kk == 0 and j > 0:
+                    # rows are far apart: fetch what the row reads and writes at step j - 1
+                    # (all nk heads), between cells -- all rows' hints at once at the start of
+                    # a step stalled on full fill buffers (B=64 H=64: 1.22x slower)
+                    t = time_index(j - 1, length, vl.reverse)
+                    for g in range(G):
+                        row = (b * T + t) * GH + g * H + k0 * D
+                        prefetch(ax + row, nk * D)
+                        prefetch(ar_seq + row, nk * D)
+                        prefetch(dgx + row, nk * D)
+                    prefetch(dy + (b * T + t) * H + k0 * D, nk * D)
+                    if j > 1:
+                        t = time_index(j - 2, length, vl.reverse)
+                        for s in range(S):
+                            prefetch(seq + ((s * B + b) * T + t) * H + k0 * D, nk * D)
                 t = time_index(j, length, vl.reverse)
                 row = (b * T + t) * GH + k * D
                 for d in range(D):
