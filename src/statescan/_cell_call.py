@@ -295,26 +295,6 @@ def cotangent(call, value):
     return dy, (dstate[None] if len(names) == 1 else np.stack(dstate))
 
 
-# Gate columns (G*H) up to which dx = dgx W runs on statescan's projection kernel instead of
-# BLAS: on these tall products with a short inner dimension it was 1.1-1.8x faster (1 thread,
-# float32 H = 32..128, float64 H = 64..128); at G*H = 1024 level (float32) or slower (float64).
-_SMALL_GATES = 512
-
-
-def _input_grad(dgx, W):
-    """dx = dgx W [B, T, I] from dgx [B, T, G*H] and W [G*H, I]: statescan's projection kernel
-    (dgx (W^T)^T, the same bits for any thread count) for a few gate columns, else BLAS."""
-    B, T, GH = dgx.shape
-    I = W.shape[1]
-    if GH <= _SMALL_GATES and _dispatch.use_compiled() and dgx.flags.c_contiguous:
-        Wt = np.ascontiguousarray(W.T)
-        return _dispatch.run("rnn", "project", dgx, Wt, None,
-                             out=lambda: _memory.empty((B, T, I), dgx.dtype), work=dgx.size * I)
-    dx = _memory.empty((B, T, I), dgx.dtype)
-    np.matmul(dgx.reshape(B * T, GH), W, out=dx.reshape(B * T, I))
-    return dx
-
-
 def parameter_grads(call, y, dgx, dgr, dstate0):
     """Gradients of the positional arguments (and of state=) from the pre-activation gradients
     dgx, dgr [B,T,G*H] and dstate0 [S,B,H]; y [B,T,H] is the forward output."""
@@ -327,7 +307,8 @@ def parameter_grads(call, y, dgx, dgr, dstate0):
     if W is None:
         dx, dW = dgx, None
     else:
-        dx = _input_grad(dgx, W)
+        dx = _memory.empty(call.x.shape, gx.dtype)
+        np.matmul(gx, W, out=dx.reshape(N, W.shape[1]))
         dW = gx.T @ call.x.reshape(N, call.x.shape[2])
     if call.varlen:
         h_prev = previous_hidden(y, call.state0, call.lengths, call.reverse, call.reset)
