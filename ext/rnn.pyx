@@ -246,10 +246,6 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
                     for s in range(S):
                         for d in range(D):
                             st[(kk * S + s) * ss + r * D + d] = 0
-            if fz == NULL and j + 1 < length:   # rows of different batch entries are far apart: prefetch
-                for g in range(G):
-                    prefetch(ax + (b * T + time_index(j + 1, length, vl.reverse)) * GH
-                             + g * H + k0 * D, nk * D)
         for kk in range(nk):
             k = k0 + kk
             stk = st + kk * S * ss
@@ -260,7 +256,14 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
             matmul_acc(stk, D, mp + k * ntiles * D * NT, D, ntiles, gates, GDp, nact)
             for r in range(nact):
                 b = rows[r]
-                t = time_index(j, row_length(vl.lens, b, T), vl.reverse)
+                length = row_length(vl.lens, b, T)
+                if fz == NULL and kk == 0 and j + 1 < length:
+                    # rows of different batch entries are far apart: fetch the row's ax for
+                    # step j + 1, between cells (all rows' at once stalled on the fill buffers)
+                    for g in range(G):
+                        prefetch(ax + (b * T + time_index(j + 1, length, vl.reverse)) * GH
+                                 + g * H + k0 * D, nk * D)
+                t = time_index(j, length, vl.reverse)
                 if fz == NULL:
                     axp = ax + (b * T + t) * GH + k * D
                 else:
