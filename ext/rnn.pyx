@@ -1250,6 +1250,7 @@ cdef void backward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize
     cdef Py_ssize_t j, r, b, s, g, d, t, row, length, k, kk
     cdef Py_ssize_t nact = 0
     cdef bint short_runs = nk * D * sizeof(floating) < PREFETCH_RUN_BYTES
+    cdef bint in_place = <const floating*> dgx == ax      # dgx written over ax
     cdef const floating* prev
     cdef Py_ssize_t sp
     cdef floating* dsk
@@ -1279,7 +1280,8 @@ cdef void backward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize
                         row = (b * T + t) * GH + g * H + k0 * D
                         prefetch(ax + row, nk * D)
                         prefetch(ar_seq + row, nk * D)
-                        prefetch(dgx + row, nk * D)
+                        if not in_place:
+                            prefetch(dgx + row, nk * D)
                     prefetch(dy + (b * T + t) * H + k0 * D, nk * D)
                     if j > 1:
                         t = time_index(j - 2, length, vl.reverse)
@@ -1336,7 +1338,8 @@ def backward(str cell_name, const floating[:, :, ::1] ax, const floating[:, :, :
     dy [B,T,H]; dstate [S,B,H] is the cotangent of the final state.  Outputs: dgx, dgr
     [B,T,G*H] gradients of the input-side and recurrent-side pre-activations, 0 at padded
     steps (dgr may be the same array as dgx for cells where they are equal: every cell but
-    the GRU), dstate0 [S,B,H].  B, T or H = 0 return at once.
+    the GRU), dstate0 [S,B,H].  dgx may also be ax itself: a step's cell reads its entries of
+    ax before it writes the same entries of dgx.  B, T or H = 0 return at once.
     """
     cdef int cell = CELL_IDS[cell_name]
     cdef Py_ssize_t B = ax.shape[0], T = ax.shape[1]
