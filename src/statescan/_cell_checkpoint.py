@@ -81,8 +81,9 @@ def vjp(call):
             sub = _block(call, t0, t1, state0)
             ax = _cell_call.input_preactivation(sub)
             seq, ar_seq, _ = _cell_call.forward(sub, ax, save=True)
-            dgx, dgr, dstate = _cell_call.backward(sub, ax, ar_seq, seq,
-                                                   np.ascontiguousarray(dy[:, t0:t1]), dstate)
+            dgx, dgr, dstate = _cell_call.backward(
+                sub, ax, ar_seq, seq, np.ascontiguousarray(dy[:, t0:t1]), dstate,
+                consume=_cell_call.owns_preactivation(sub))     # ax: computed for this block
             del ax, ar_seq                 # the largest block buffers, not needed any more
             grads = _cell_call.parameter_grads(sub, seq[0], dgx, dgr, dstate)
             del seq, dgx, dgr

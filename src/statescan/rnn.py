@@ -65,14 +65,8 @@ def _cell_vjp(cell, x, W, R, b=None, b_r=None, *, heads=1, state=None, solver="s
     if solver != "sequential":
         return solve_cell_vjp(call, ax, solver, **solver_options)
     seq, ar_seq, final = _cell_call.forward(call, ax, save=True)
-    y = seq[0]
-
-    def pullback(cotangent):
-        dy, dstate = _cell_call.cotangent(call, cotangent)
-        dgx, dgr, dstate0 = _cell_call.backward(call, ax, ar_seq, seq, dy, dstate)
-        return _cell_call.parameter_grads(call, y, dgx, dgr, dstate0)
-
-    return _cell_call.outputs(cell, y, final), pullback
+    return (_cell_call.outputs(cell, seq[0], final),
+            _cell_call.pullback(call, ax, ar_seq, seq))
 
 
 _DOC_COMMON = """
