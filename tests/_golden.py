@@ -1,9 +1,14 @@
 """Fixed inputs for every public function, and the outputs they gave when recorded.
 
-`python tests/_golden.py` records ``tests/data/golden.npz`` (both backends, float32 and
-float64); ``test_golden.py`` checks that every output is still bit-identical.  Record anew
-only when a change of results is intended, and say so in the commit.
+`python tests/_golden.py` records this machine's file in ``tests/data/golden/`` (both backends,
+float32 and float64); ``test_golden.py`` checks that every output is still bit-identical to the
+recording of a machine like this one (the same ISA features of the build and numpy version:
+other features fuse other operations, and numpy's BLAS other sums).  Record a machine's file
+once, from a commit whose results are the reference; record anew only when a change of results
+is intended, and say so in the commit.
 """
+import glob
+import hashlib
 import os
 import sys
 
@@ -11,7 +16,7 @@ import numpy as np
 
 import statescan as ss
 
-PATH = os.path.join(os.path.dirname(__file__), "data", "golden.npz")
+FOLDER = os.path.join(os.path.dirname(__file__), "data", "golden")
 
 
 def _leaves(value):
@@ -115,6 +120,24 @@ def compute():
     return results
 
 
+def recordings():
+    """{machine: path} of the recorded files."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(FOLDER, "*.npz"))):
+        with np.load(path) as f:
+            out[str(f["__machine__"])] = path
+    return out
+
+
+def path_for(key):
+    """The file a recording for machine `key` is written to (a readable prefix + a hash)."""
+    prefix = "avx512" if "avx512f" in key else "avx2" if "avx2" in key else "base"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    return os.path.join(FOLDER, f"{prefix}-numpy-{np.__version__}-{digest}.npz")
+
+
 if __name__ == "__main__":
-    np.savez_compressed(PATH, __machine__=np.array(machine()), **compute())
-    print(f"recorded {len(np.load(PATH).files)} arrays in {PATH}", file=sys.stderr)
+    key = machine()
+    path = recordings().get(key, path_for(key))
+    np.savez_compressed(path, __machine__=np.array(key), **compute())
+    print(f"recorded {len(np.load(path).files)} arrays in {path}", file=sys.stderr)
