@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _dispatch, _memory, _tuning, _validate
+from . import _blas, _dispatch, _memory, _tuning, _validate
 from ._cells import Cell
 from ._reference.rnn import previous_hidden
 from .autodiff import cotangent as _cotangent
@@ -327,6 +327,7 @@ def cotangent(call, value):
 def parameter_grads(call, y, dgx, dgr, dstate0):
     """Gradients of the positional arguments (and of state=) from the pre-activation gradients
     dgx, dgr [B,T,G*H] and dstate0 [S,B,H]; y [B,T,H] is the forward output."""
+    _blas.prepare()
     W, b, b_r = call.W, call.b, call.b_r
     B, T, H = call.shape
     heads_, GD, D = call.R.shape
