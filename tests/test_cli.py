@@ -47,7 +47,7 @@ def test_bench_table_and_json(tmp_path, capsys):
 
 def _cases(doc):
     """The cases of this machine's section of a baseline document."""
-    return doc["machines"][statescan._bench.machine.describe()["cpu"]]["cases"]
+    return doc["machines"][guard.machine_key(statescan._bench.machine.describe())]["cases"]
 
 
 def test_check_against_fresh_and_doctored_baseline(tmp_path, capsys):
@@ -75,7 +75,7 @@ def test_check_against_fresh_and_doctored_baseline(tmp_path, capsys):
 
 def test_update_only_raises_this_machines_ratios(tmp_path, capsys):
     case = f"rnn/{GUARD_CASE} float32"
-    cpu = statescan._bench.machine.describe()["cpu"]
+    cpu = guard.machine_key(statescan._bench.machine.describe())
     other = {"cases": {case: {"vs_numpy_ref": 1e-9, "peak_fraction": 1e-9}}}
     base = tmp_path / "baseline.json"
     base.write_text(json.dumps({"schema": guard.SCHEMA, "machines": {
@@ -95,7 +95,7 @@ def test_update_only_raises_this_machines_ratios(tmp_path, capsys):
 
 def test_check_uses_this_machines_section(tmp_path, capsys):
     case = f"rnn/{GUARD_CASE} float32"
-    cpu = statescan._bench.machine.describe()["cpu"]
+    cpu = guard.machine_key(statescan._bench.machine.describe())
     impossible = {"cases": {case: {"vs_numpy_ref": 1e9, "peak_fraction": 1e9}}}
     easy = {"cases": {case: {"vs_numpy_ref": 1e-9, "peak_fraction": 1e-9}}}
     base = tmp_path / "baseline.json"
@@ -323,3 +323,12 @@ def test_split_family_compares_the_threads_with_one_thread():
         result = core.run_case(cases[0], budget=0.0)
     assert set(result.runs) == {"statescan", "statescan-1t"}
     assert result.runs["statescan-1t"].ok is True       # the outputs agree across threads
+
+
+def test_one_cpu_name_of_two_generations_keeps_two_sections():
+    # "AMD EPYC" names a Zen 1 with AVX2 and a Zen 4 with AVX-512: their ratios differ
+    zen1 = {"cpu": "AMD EPYC", "cpu_flags": ["avx2", "fma"]}
+    zen4 = {"cpu": "AMD EPYC", "cpu_flags": ["avx2", "fma", "avx512f", "avx512_bf16"]}
+    doc = {"schema": guard.SCHEMA, "machines": {guard.machine_key(zen4): {"cases": {}}}}
+    assert guard.section(doc, guard.machine_key(zen1))[0] != guard.machine_key(zen1)
+    assert guard.section(doc, guard.machine_key(zen4))[0] == guard.machine_key(zen4)

@@ -97,7 +97,7 @@ def _bench(args):
         except (OSError, ValueError) as exc:
             return _fail(f"cannot read the baseline: {exc}")
     if args.check:
-        cpu = machine.describe()["cpu"]
+        cpu = guard.machine_key(machine.describe())
         recorded_on, baseline = guard.section(doc, cpu)
         if baseline is None:
             return _fail(f"{baseline_path} holds no machine's ratios")
@@ -162,8 +162,8 @@ def _bench(args):
     if args.update_baseline:
         doc = guard.updated(doc, results, peaks, meta, args.tolerance)
         report.write_json(doc, baseline_path)
-        cases = doc["machines"][meta["machine"]["cpu"]]["cases"]
-        print(f"baseline of {meta['machine']['cpu']} with {len(cases)} case(s) written to "
+        cases = doc["machines"][guard.machine_key(meta["machine"])]["cases"]
+        print(f"baseline of {guard.machine_key(meta['machine'])} with {len(cases)} case(s) written to "
               f"{baseline_path}")
         return 0
     _write_outputs(args, results, peaks, meta, report)

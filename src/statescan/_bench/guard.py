@@ -7,8 +7,10 @@ and stays there when measured again (the CLI re-measures failing cases: on a bus
 single measurements swing by 30%).
 
 They do move between CPUs, though (another ISA, cache sizes, BLAS), so a baseline file holds
-one section per machine (keyed by the CPU's name): a check compares with this machine's
-section when there is one, and an update only raises this machine's ratios.
+one section per machine, keyed by the CPU's name and SIMD features (:func:`machine_key`: one
+model name covers CPUs of several generations -- "AMD EPYC" is a Zen 1 with AVX2 or a Zen 4 with
+AVX-512, whose ratios differ by a third): a check compares with this machine's section when
+there is one, and an update only raises this machine's ratios.
 """
 import json
 import time
@@ -29,12 +31,18 @@ def metrics(result, peaks):
             "peak_fraction": gf / peak_gflops if gf is not None and peak_gflops else None}
 
 
+def machine_key(machine):
+    """A baseline section's key for `machine` (``machine.describe()``): the CPU's name and
+    its SIMD features, e.g. ``"AMD EPYC [avx2 fma]"``."""
+    return f"{machine['cpu']} [{' '.join(machine['cpu_flags'])}]"
+
+
 def updated(doc, results, peaks, meta, tolerance):
     """`doc` (a baseline document, or None for a new one) with this machine's section raised
     to the ratios of `results`: per case and metric the better of the old and the new value,
     so a baseline only moves up; other machines' sections are kept as they are."""
     doc = doc or {"schema": SCHEMA, "machines": {}}
-    cpu = meta["machine"]["cpu"]
+    cpu = machine_key(meta["machine"])
     old = doc["machines"].get(cpu, {}).get("cases", {})
     cases = dict(old)
     for r in results:
@@ -60,9 +68,9 @@ def load(path):
 
 
 def section(doc, cpu):
-    """(machine name, section) of baseline `doc` to check a run on CPU `cpu` against: its
-    own section, else the first one (whose ratios may differ from this machine's), or
-    (None, None) when the document has no section."""
+    """(machine key, section) of baseline `doc` to check a run on machine `cpu` (its
+    :func:`machine_key`) against: its own section, else the first one (whose ratios may differ
+    from this machine's), or (None, None) when the document has no section."""
     if cpu in doc["machines"]:
         return cpu, doc["machines"][cpu]
     return next(iter(doc["machines"].items()), (None, None))
