@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 
+from . import _blas
 from ._threads import get_num_threads, set_num_threads   # noqa: F401 - kernels call them here
 
 _state = {"backend": None, "ext_error": None, "build": None}
@@ -277,6 +278,7 @@ def run(family, name, *args, out=None, empty=False, work=None):
     if empty or _state["backend"] != "compiled":
         return getattr(importlib.import_module(f"statescan._reference.{family}"), name)(*args)
     kernel = getattr(ext_module(family), name)
+    _blas.prepare()
     outputs = out() if out is not None else ()
     if type(outputs) is tuple:
         kernel(*args, *outputs, threads_for(work))

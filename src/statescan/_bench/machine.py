@@ -1,15 +1,11 @@
 """The machine a benchmark runs on: its name, thread control, and its measured GEMM peak."""
-import ctypes
 import os
 import platform
 import time
 
 import numpy as np
 
-_BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                 "openblas_set_num_threads64_", "openblas_set_num_threads",
-                 "MKL_Set_Num_Threads", "bli_thread_set_num_threads")
-
+from .. import _blas
 
 def describe():
     """CPU model, core counts and software versions, for the report."""
@@ -64,29 +60,7 @@ def _simd_flags():
 def set_blas_threads(n):
     """Limit the BLAS numpy uses to `n` threads (the input projections and the sgemm peak run
     through it).  Returns False when no known BLAS library was found in the process."""
-    done = False
-    for path in _loaded_libraries():
-        if not any(k in os.path.basename(path).lower() for k in ("blas", "mkl", "blis")):
-            continue
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for symbol in _BLAS_SETTERS:
-            setter = getattr(lib, symbol, None)
-            if setter is not None:
-                setter(ctypes.c_int(n))
-                done = True
-                break
-    return done
-
-
-def _loaded_libraries():
-    try:
-        with open("/proc/self/maps") as f:
-            return sorted({line.split()[-1] for line in f if ".so" in line})
-    except OSError:
-        return []
+    return _blas.set_threads(n)
 
 
 def gemm_peak(dtype="float32", n=512, seconds=0.6):
