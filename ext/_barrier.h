@@ -9,14 +9,24 @@
  * team: a zeroed ss_barrier is ready.  `failed` lets one member tell the others (after the
  * next wait) that it could not get its scratch memory, so no one waits for it forever.
  *
- * Hand-over (ss_team_wait): a member whose partner is not running (another process took its
- * core) would wait for it every step -- a time slice of the scheduler, milliseconds, for a
- * step of microseconds.  A member that loses time in the team (it waited SS_SLOW_NS at once,
- * or longer in all than it would take to do its partners' work: ss_team_loses) asks for a
- * hand-over; the last member to arrive -- running, unlike a waiter, which may have lost its
- * core -- takes the job and tells everyone before it releases the generation, so all
- * members see the same decision after the same step.  The owner then does every member's
- * work (the same arithmetic, so the same bits) and the others leave.  A call that
+ * Step flags (ss_team_step): the column split's per-step meeting is point to point instead.
+ * Each member publishes the number of its arrivals (a release store to its own cache line:
+ * "my part of h for this step is written") and waits until every partner's count reaches its
+ * own (acquire loads).  No shared counter is updated by every member each step, and a member
+ * reads a partner's line once it changed instead of a generation the last arrival writes after
+ * the count.  With h double-buffered this is also enough for the buffer a member writes next:
+ * a partner whose count reached this arrival has finished the step that read that buffer.
+ *
+ * Hand-over: a member whose partner is not running (another process took its core) would wait
+ * for it every step -- a time slice of the scheduler, milliseconds, for a step of
+ * microseconds.  A member that loses time in the team (it waited SS_SLOW_NS at once, or longer
+ * in all than it would take to do its partners' work: ss_team_loses) asks for a hand-over; a
+ * member arriving at this or the next step -- running, unlike a waiter, which may have lost
+ * its core -- takes the job: it records itself and the arrival in the barrier before it
+ * publishes its count, so every member reads the same decision after waiting for the same
+ * arrival (the grants of one arrival all precede every count of it; a later arrival's grant is
+ * made only by members that decided to go on, i.e. saw none).  The owner then does every
+ * member's work (the same arithmetic, so the same bits) and the others leave.  A call that
  * needed a hand-over makes the automatic rule run the next calls on one thread for a while
  * (ss_split_paused / ss_split_outcome): the first stall of a call is not avoidable. */
 #ifndef STATESCAN_BARRIER_H
@@ -81,10 +91,17 @@ typedef struct {
     volatile long generation;
     volatile long failed;
     volatile long request;     /* 0: none; -1: a member loses time; m + 1: a test asks for m */
-    volatile long solo;        /* member + 1 running the job alone from this generation on */
+    volatile long solo;        /* member + 1 running the job alone from arrival solo_at on */
+    volatile long solo_at;
     volatile long slow;        /* 1: a member lost time in the team (the machine is busy) */
-    char pad[64 - 6 * sizeof(long)];   /* one cache line per barrier: teams do not share one */
+    char pad[64 - 7 * sizeof(long)];   /* one cache line per barrier: teams do not share one */
 } ss_barrier;
+
+/* a member's arrivals at ss_team_step, alone on its cache line: its partners spin on it */
+typedef struct {
+    volatile long arrived;
+    char pad[64 - sizeof(long)];
+} ss_step_flag;
 
 static inline long long ss_now_ns(void) {
 #if defined(_WIN32)
@@ -119,16 +136,21 @@ static inline void ss_barrier_wait(ss_barrier* b, long team) {
     }
 }
 
-/* A member's clock for the hand-over rule: time (ns) spent working and waiting so far */
+/* A member's clock for the hand-over rule: time (ns) spent working and waiting so far.  The
+ * clock is read only in waits that last (a reading costs ~80 ns in a VM, a balanced step's wait
+ * less): a short wait counts as work, which only makes the rule a little slower to ask. */
 typedef struct {
-    long long last;     /* when the member left its last wait */
+    long long last;     /* the clock's last reading, all time before it is counted */
     long long worked, waited;
     long long waits;    /* waits done (0: the next one precedes the first step) */
 } ss_member_clock;
 
-/* spins between two readings of the clock (a reading costs some tens of ns, a pause ~10);
- * once yielding, every time (a yield may give the core away for a time slice) */
+/* spins between two readings of the clock (a pause is some to ~50 ns); once yielding, every
+ * time (a yield may give the core away for a time slice) */
 #define SS_CLOCK_SPINS 64
+/* spins before a wait first reads the clock: a wait shorter than this (about 0.2-5 us) does
+ * not pay for two readings */
+#define SS_CLOCK_FIRST 256
 
 /* 1: this member had better run the job alone.  Alone it would do the whole step, about
  * `alone` times its own part (D / its units), so it loses time in the team when its waiting
@@ -145,36 +167,37 @@ static inline int ss_team_loses(const ss_member_clock* c, long long now, long lo
         || (double)(c->waited + wait) > (alone - 1.0) * (double)c->worked + (double)slow;
 }
 
-/* A step's wait for member `member` of `team`: as ss_barrier_wait, and a member that loses
- * time in the team (ss_team_loses) asks for a hand-over: the last member to arrive at this or
- * the next step's barrier takes the job.  `ask` (a test's forced hand-over): 0, or a request
- * made on arrival: -1 as under load, m + 1 for member m to take the job.  Returns the member
- * that runs the job alone from now on, or -1 (the team goes on). */
-static inline long ss_team_wait(ss_barrier* b, long team, long member, long ask,
-                                ss_member_clock* c, double alone) {
-    long gen, spins = 0, req;
-    long long now, since;
+/* Arrival number `arrival` (1, 2, ...) of member `member` of `team`, whose counts are
+ * flags[0 .. team): publish it, wait for every partner's, and ask for a hand-over when this
+ * member loses time in the team (ss_team_loses).  `ask` (a test's forced hand-over): 0, or a
+ * request made on arrival: -1 as under load, m + 1 for member m to take the job.  Returns the
+ * member that runs the job alone from now on, or -1 (the team goes on). */
+static inline long ss_team_step(ss_barrier* b, ss_step_flag* flags, long team, long member,
+                                long arrival, long ask, ss_member_clock* c, double alone) {
+    long p, spins = 0, req, at;
+    long long now, since = 0;
     int asked = 0;
     if (team <= 1)
         return -1;
     if (ask)
         SS_STORE(&b->request, ask);
-    since = ss_now_ns();
-    c->worked += since - c->last;
-    gen = SS_LOAD(&b->generation);
-    if (SS_FETCH_ADD(&b->count, 1) == team - 1) {
-        req = SS_LOAD(&b->request);         /* the job goes to this member, which is running, */
-        if (req)                            /* not to the waiter that asked: it may not be */
-            SS_STORE(&b->solo, req > 0 ? req : member + 1);   /* released by the store below */
-        SS_STORE(&b->count, 0);
-        SS_STORE(&b->generation, gen + 1);
-    } else {
-        while (SS_LOAD(&b->generation) == gen) {
+    req = SS_LOAD(&b->request);
+    if (req) {                  /* the job goes to this member, which is running, not to the */
+        SS_STORE(&b->solo, req > 0 ? req : member + 1);   /* waiter that asked: it may not be */
+        SS_STORE(&b->solo_at, arrival);
+    }
+    SS_STORE(&flags[member].arrived, arrival);
+    for (p = 0; p < team; p++) {
+        while (SS_LOAD(&flags[p].arrived) < arrival) {
             spins++;
-            if (!asked && (spins > SS_BARRIER_SPINS || spins % SS_CLOCK_SPINS == 0)
-                    && ss_team_loses(c, ss_now_ns(), since, alone)) {
+            if (spins == SS_CLOCK_FIRST) {
+                since = ss_now_ns();
+                c->worked += since - c->last;
+            } else if (spins > SS_CLOCK_FIRST && !asked
+                       && (spins > SS_BARRIER_SPINS || spins % SS_CLOCK_SPINS == 0)
+                       && ss_team_loses(c, ss_now_ns(), since, alone)) {
                 SS_STORE(&b->slow, 1);
-                SS_STORE(&b->request, -1L);      /* granted at this or the next step */
+                SS_STORE(&b->request, -1L);      /* granted at this or the next arrival */
                 asked = 1;
             }
             if (spins < SS_BARRIER_SPINS)
@@ -183,12 +206,15 @@ static inline long ss_team_wait(ss_barrier* b, long team, long member, long ask,
                 ss_yield();
         }
     }
-    now = ss_now_ns();
-    if (c->waits > 0)           /* a partner waking up is not time the team loses */
-        c->waited += now - since;
-    c->last = now;
+    if (spins >= SS_CLOCK_FIRST) {
+        now = ss_now_ns();
+        if (c->waits > 0)       /* a partner waking up is not time the team loses */
+            c->waited += now - since;
+        c->last = now;
+    }
     c->waits++;
-    return SS_LOAD(&b->solo) - 1;
+    at = SS_LOAD(&b->solo_at);  /* solo is read only for a grant made at this arrival */
+    return at > 0 && at <= arrival ? SS_LOAD(&b->solo) - 1 : -1;
 }
 
 /* The automatic rule's memory of hand-overs, shared by every call of the process (a race

@@ -295,27 +295,30 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
 # multiple of the panel width NT.  Each step it computes its gate columns with the same
 # micro-kernel (every output column is still summed over the same k in the same order, and a
 # column's arithmetic does not depend on its panel neighbours), runs the cell on its units and
-# writes its part of h into the team's double-buffered h (read buffer j % 2, write the other);
-# one barrier per step.  The results are therefore those of forward_job, bit for bit (the cell's
-# vector loop also splits each member's units at the same multiples of the vector width as one
-# thread's: tests/test_rnn_columns.py checks the bits across thread counts and splits).
-# A member whose partner is not running (a busy machine) asks, at a step's barrier, to take the
-# job over (_barrier.h, ss_team_wait): it then runs every member's part in turn -- the same
-# arithmetic on the same buffers, so the same bits -- and the automatic rule keeps the next
-# calls on one thread for a while (column_team).
+# writes its part of h into the team's double-buffered h (read buffer j % 2, write the other),
+# then publishes its step and waits for its partners' (_barrier.h, ss_team_step).  The results
+# are therefore those of forward_job, bit for bit (the cell's vector loop also splits each
+# member's units at the same multiples of the vector width as one thread's:
+# tests/test_rnn_columns.py checks the bits across thread counts and splits).
+# A member whose partner is not running (a busy machine) asks, at a step's wait, to take the
+# job over (ss_team_step): it then runs every member's part in turn -- the same arithmetic on
+# the same buffers, so the same bits -- and the automatic rule keeps the next calls on one
+# thread for a while (column_team).
 
 cdef extern from "_barrier.h" nogil:
     ctypedef struct ss_barrier:
         long solo
         long slow
+    ctypedef struct ss_step_flag:
+        pass
     ctypedef struct ss_member_clock:
         long long last
         long long worked
         long long waited
         long long waits
     void ss_barrier_wait(ss_barrier* b, long team)
-    long ss_team_wait(ss_barrier* b, long team, long member, long ask, ss_member_clock* c,
-                      double alone)
+    long ss_team_step(ss_barrier* b, ss_step_flag* flags, long team, long member, long arrival,
+                      long ask, ss_member_clock* c, double alone)
     long long ss_now_ns()
     void ss_barrier_fail(ss_barrier* b)
     int ss_barrier_failed(ss_barrier* b)
@@ -362,7 +365,7 @@ def _force_handover(Py_ssize_t step=-2, long member=0, bint busy=False):
 
 cdef inline long forced_request(Py_ssize_t j, long member, long team,
                                 ss_barrier* bar) noexcept nogil:
-    """ss_team_wait's `ask` for member `member` at the barrier after step j (the test hook)."""
+    """ss_team_step's `ask` for member `member` at the barrier after step j (the test hook)."""
     if handover_step != j or (handover_member >= 0 and member != handover_member % team):
         return 0
     if handover_busy:
@@ -510,12 +513,12 @@ cdef long forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ss
                           const floating* ax, const floating* mp, const floating* b_r,
                           const floating* state0, floating* seq, floating* ar_seq,
                           floating* state_out, floating* hbuf, ss_barrier* bar,
-                          ColumnPart* parts, long member, long team,
+                          ss_step_flag* flags, ColumnPart* parts, long member, long team,
                           Varlen vl) noexcept nogil:
     """forward_job's work on head k as member `member` of a team of `team` threads sharing
-    hbuf [2, nr, D] (h read from buffer j % 2, written to the other), `bar` and the team's
-    parts (this member's: parts[member]).  Returns -1, or the member that took the job over
-    at a step's barrier: it ran every part's remaining steps (this one's too)."""
+    hbuf [2, nr, D] (h read from buffer j % 2, written to the other), `bar`, the step flags
+    and the team's parts (this member's: parts[member]).  Returns -1, or the member that took
+    the job over at a step's wait: it ran every part's remaining steps (this one's too)."""
     cdef Py_ssize_t j, nact = nr, ntiles = (G * D + NT - 1) // NT
     cdef Py_ssize_t steps = row_length(vl.lens, rows[0], T)
     cdef const floating* mp_k = mp + k * ntiles * D * NT
@@ -527,7 +530,8 @@ cdef long forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ss
     clock.last = ss_now_ns()
     clock.worked = clock.waited = clock.waits = 0
     column_setup(parts + member, rows, nr, k, B, T, H, D, G, S, mp_k, state0, hbuf, vl)
-    owner = ss_team_wait(bar, team, member, forced_request(-1, member, team, bar), &clock, alone)
+    owner = ss_team_step(bar, flags, team, member, 1, forced_request(-1, member, team, bar),
+                         &clock, alone)
     if owner >= 0 and owner != member:
         return owner
     for j in range(steps):
@@ -545,7 +549,8 @@ cdef long forward_columns(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ss
             continue
         column_step(cell, parts + member, rows, nr, nact, j, k, B, T, H, D, G, S, S_save, ax,
                     mp_k, b_r, seq, ar_seq, hr, hw, vl)
-        owner = ss_team_wait(bar, team, member, forced_request(j, member, team, bar), &clock, alone)
+        owner = ss_team_step(bar, flags, team, member, j + 2, forced_request(j, member, team, bar),
+                             &clock, alone)
         if owner >= 0 and owner != member:
             return owner
     for m in range(team):
@@ -567,8 +572,8 @@ cdef int column_member(int cell, Py_ssize_t job, long member, long team, Py_ssiz
                        const floating* b_r, const floating* state0, floating* seq,
                        floating* ar_seq, floating* state_out, const Py_ssize_t* rows,
                        const Py_ssize_t* start, Py_ssize_t hstride, floating* hbufs,
-                       ss_barrier* bars, ColumnPart* parts, long pstride,
-                       Varlen vl) noexcept nogil:
+                       ss_barrier* bars, ss_step_flag* flags, ColumnPart* parts,
+                       long pstride, Varlen vl) noexcept nogil:
     """One member's part of job `job` (row block job // heads, head job % heads): its units
     are panels [member * P / team, (member + 1) * P / team) of the head's P unit panels.
     -1 when any member of the team lacked scratch memory (all of them return it).  A part's
@@ -597,7 +602,8 @@ cdef int column_member(int cell, Py_ssize_t job, long member, long team, Py_ssiz
         return -1
     owner = forward_columns(cell, rows + start[blk], nr, job % heads, B, T, heads * D, D, G,
                             S, S_save, ax, mp, b_r, state0, seq, ar_seq, state_out,
-                            hbufs + job * hstride, bar, team_parts, member, team, vl)
+                            hbufs + job * hstride, bar, flags + job * pstride, team_parts,
+                            member, team, vl)
     if owner < 0:
         free_part(part)
     elif owner == member:
@@ -612,8 +618,8 @@ cdef void column_thread(int cell, Py_ssize_t njobs, int team, Py_ssize_t B, Py_s
                         const floating* b_r, const floating* state0, floating* seq,
                         floating* ar_seq, floating* state_out, const Py_ssize_t* rows,
                         const Py_ssize_t* start, Py_ssize_t hstride, floating* hbufs,
-                        ss_barrier* bars, ColumnPart* parts, Varlen vl,
-                        int* status) noexcept nogil:
+                        ss_barrier* bars, ss_step_flag* flags, ColumnPart* parts,
+                        Varlen vl, int* status) noexcept nogil:
     """The work of the calling thread of run_columns' parallel region (status[thread] = -1
     on failure).  Teams are formed from the threads OpenMP actually gave: job j gets threads
     ceil(j nt / njobs) ... (at most `team` of them); with fewer threads than jobs each thread
@@ -628,13 +634,14 @@ cdef void column_thread(int cell, Py_ssize_t njobs, int team, Py_ssize_t B, Py_s
         if tid - first < size:
             status[tid] = column_member(cell, job, tid - first, size, B, T, heads, D, G, S,
                                         S_save, ax, mp, b_r, state0, seq, ar_seq, state_out,
-                                        rows, start, hstride, hbufs, bars, parts, team, vl)
+                                        rows, start, hstride, hbufs, bars, flags, parts,
+                                        team, vl)
         return
     job = tid
     while job < njobs:
         if column_member(cell, job, 0, 1, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0,
-                         seq, ar_seq, state_out, rows, start, hstride, hbufs, bars, parts,
-                         team, vl):
+                         seq, ar_seq, state_out, rows, start, hstride, hbufs, bars, flags,
+                         parts, team, vl):
             status[tid] = -1
         job += nt
 
@@ -647,14 +654,16 @@ cdef int run_columns(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
                      Py_ssize_t RB, Varlen vl, int team, int num_threads) noexcept nogil:
     """run_forward's jobs on teams of up to `team` threads each (the column split)."""
     cdef Py_ssize_t njobs = nblocks * heads, job
-    # each job's barrier and h buffers start on their own 64-byte lines: two teams' barriers
-    # share no line, nor (when D is a multiple of 16) do the members' slices of h
+    # each job's barrier, each member's step flag and each job's h buffers start on their own
+    # 64-byte lines: two teams' barriers or two members' flags share no line, nor (when D is a
+    # multiple of 16) do the members' slices of h
     cdef Py_ssize_t hstride = round_up(2 * RB * D, 16)
     cdef char* shared = <char*> scratch_alloc(
-        64 + njobs * (sizeof(ss_barrier) + hstride * sizeof(floating)
-                      + team * sizeof(ColumnPart)))
+        64 + njobs * (sizeof(ss_barrier) + team * sizeof(ss_step_flag)
+                      + hstride * sizeof(floating) + team * sizeof(ColumnPart)))
     cdef ss_barrier* bars = <ss_barrier*> ((<size_t> shared + 63) & ~(<size_t> 63))
-    cdef floating* hbufs = <floating*> (bars + njobs)
+    cdef ss_step_flag* flags = <ss_step_flag*> (bars + njobs)
+    cdef floating* hbufs = <floating*> (flags + njobs * team)
     cdef ColumnPart* parts = <ColumnPart*> (hbufs + njobs * hstride)
     cdef int nreq = <int> min(njobs * team, <Py_ssize_t> num_threads)
     cdef int* status = <int*> scratch_alloc(nreq * sizeof(int))
@@ -663,12 +672,12 @@ cdef int run_columns(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     if shared == NULL or status == NULL:
         failed = 1
     else:
-        memset(bars, 0, njobs * sizeof(ss_barrier))
+        memset(bars, 0, njobs * (sizeof(ss_barrier) + team * sizeof(ss_step_flag)))
         memset(status, 0, nreq * sizeof(int))
         with parallel(num_threads=nreq):
             column_thread(cell, njobs, team, B, T, heads, D, G, S, S_save, ax, mp, b_r, state0,
-                          seq, ar_seq, state_out, rows, start, hstride, hbufs, bars, parts,
-                          vl, status)
+                          seq, ar_seq, state_out, rows, start, hstride, hbufs, bars, flags,
+                          parts, vl, status)
         for i in range(nreq):
             if status[i]:
                 failed = 1
