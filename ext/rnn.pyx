@@ -721,10 +721,10 @@ cdef void pack_forward(const floating* R, Py_ssize_t heads, Py_ssize_t GD, Py_ss
 
 # ---- grouped small heads: a job's heads in one layout (issue 12, many small heads) ------------
 # When D is a multiple of the vector width, a job's nk heads share one layout: a row's gates are
-# [g][nk*D] and its state components [s][row][nk*D], so a row's step is one gate initialisation,
-# the block-diagonal micro-kernel of _block_diag.h (each vector of output columns belongs to
-# one head, whose part of h it is multiplied by; no zero columns) and one cell call on nk*D
-# units instead of nk calls on D.  Every unit's arithmetic is forward_job's on its head alone,
+# [g][nk*D] and its state components [s][row][nk*D], so a row's step is the block-diagonal
+# micro-kernel of _block_diag.h (each vector of output columns belongs to one head, whose part
+# of h it is multiplied by; no zero columns; it stores b_r + R h into the gates) and one cell
+# call on nk*D units instead of nk calls on D.  Every unit's arithmetic is forward_job's on its head alone,
 # bit for bit (tests/test_rnn_groups.py compares with one-head calls).
 
 cdef extern from "_block_diag.h" nogil:
@@ -732,10 +732,12 @@ cdef extern from "_block_diag.h" nogil:
     int SS_BD_VL_d
     void ss_bd_matmul_f(const float* h, Py_ssize_t ldh, const float* mp, Py_ssize_t D,
                         Py_ssize_t GD, Py_ssize_t ntiles, Py_ssize_t nt, Py_ssize_t nk,
-                        float* out, Py_ssize_t ldo, Py_ssize_t nrows)
+                        const float* bias, Py_ssize_t ldb, float* out, Py_ssize_t ldo,
+                        Py_ssize_t nrows)
     void ss_bd_matmul_d(const double* h, Py_ssize_t ldh, const double* mp, Py_ssize_t D,
                         Py_ssize_t GD, Py_ssize_t ntiles, Py_ssize_t nt, Py_ssize_t nk,
-                        double* out, Py_ssize_t ldo, Py_ssize_t nrows)
+                        const double* bias, Py_ssize_t ldb, double* out, Py_ssize_t ldo,
+                        Py_ssize_t nrows)
     void ss_bd_prefetch_w(const void* p)
 
 cdef enum:
@@ -766,15 +768,15 @@ cdef inline void prefetch_w(floating* p, Py_ssize_t n) noexcept nogil:
 
 
 cdef inline void block_diag(const floating* h, Py_ssize_t ldh, const floating* mp, Py_ssize_t D,
-                            Py_ssize_t GD, Py_ssize_t nk, floating* out, Py_ssize_t ldo,
-                            Py_ssize_t nrows) noexcept nogil:
-    """out[r][g*nk*D + kk*D + d] += h[r, kk*D:(kk+1)*D] @ R_kk^T[:, g*D + d]: nk heads whose
-    panels (pack_recurrent) start at mp."""
+                            Py_ssize_t GD, Py_ssize_t nk, const floating* bias, Py_ssize_t ldb,
+                            floating* out, Py_ssize_t ldo, Py_ssize_t nrows) noexcept nogil:
+    """out[r][g*nk*D + kk*D + d] = bias[g*ldb + kk*D + d] + h[r, kk*D:(kk+1)*D] @
+    R_kk^T[:, g*D + d]: nk heads whose panels (pack_recurrent) start at mp."""
     cdef Py_ssize_t ntiles = (GD + NT - 1) // NT
     if floating is float:
-        ss_bd_matmul_f(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, nrows)
+        ss_bd_matmul_f(h, ldh, mp, D, GD, ntiles, NT, nk, bias, ldb, out, ldo, nrows)
     else:
-        ss_bd_matmul_d(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, nrows)
+        ss_bd_matmul_d(h, ldh, mp, D, GD, ntiles, NT, nk, bias, ldb, out, ldo, nrows)
 
 
 cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
@@ -814,10 +816,7 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
                     for s in range(S):
                         for u in range(W):
                             st[s * ss + (r0 + r) * W + u] = 0
-                for g in range(G):
-                    for u in range(W):
-                        gates[r * GW + g * W + u] = b_r[g * H + off + u]
-            block_diag(st + r0 * W, W, mpk, D, G * D, nk, gates, GW, nrg)
+            block_diag(st + r0 * W, W, mpk, D, G * D, nk, b_r + off, H, gates, GW, nrg)
             for r in range(nrg):
                 b = rows[r0 + r]
                 length = row_length(vl.lens, b, T)
