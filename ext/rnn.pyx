@@ -730,10 +730,10 @@ cdef void pack_forward(const floating* R, Py_ssize_t heads, Py_ssize_t GD, Py_ss
 
 # ---- grouped small heads: a job's heads in one layout (issue 12, many small heads) ------------
 # When D is a multiple of the vector width, a job's nk heads share one layout: a row's gates are
-# [g][nk*D] and its state components [s][row][nk*D], so a row's step is one gate initialisation,
-# the block-diagonal micro-kernel of _block_diag.h (each vector of output columns belongs to
-# one head, whose part of h it is multiplied by; no zero columns) and one cell call on nk*D
-# units instead of nk calls on D.  Every unit's arithmetic is forward_job's on its head alone,
+# [g][nk*D] and its state components [s][row][nk*D], so a row's step is the block-diagonal
+# micro-kernel of _block_diag.h (each vector of output columns belongs to one head, whose part
+# of h it is multiplied by; no zero columns; it stores b_r + R h into the gates) and one cell
+# call on nk*D units instead of nk calls on D.  Every unit's arithmetic is forward_job's on its head alone,
 # bit for bit (tests/test_rnn_groups.py compares with one-head calls).
 
 cdef extern from "_block_diag.h" nogil:
@@ -741,15 +741,18 @@ cdef extern from "_block_diag.h" nogil:
     int SS_BD_VL_d
     void ss_bd_matmul_f(const float* h, Py_ssize_t ldh, const float* mp, Py_ssize_t D,
                         Py_ssize_t GD, Py_ssize_t ntiles, Py_ssize_t nt, Py_ssize_t nk,
-                        float* out, Py_ssize_t ldo, Py_ssize_t nrows)
+                        const float* bias, Py_ssize_t ldb, float* out, Py_ssize_t ldo,
+                        Py_ssize_t nrows)
     void ss_bd_matmul_d(const double* h, Py_ssize_t ldh, const double* mp, Py_ssize_t D,
                         Py_ssize_t GD, Py_ssize_t ntiles, Py_ssize_t nt, Py_ssize_t nk,
-                        double* out, Py_ssize_t ldo, Py_ssize_t nrows)
+                        const double* bias, Py_ssize_t ldb, double* out, Py_ssize_t ldo,
+                        Py_ssize_t nrows)
     void ss_bd_prefetch_w(const void* p)
 
 cdef enum:
-    # rows whose gates are computed and then used by their cells together: a row block's gates
-    # (16 x G*nk*D) stay in L1 between the micro-kernel and the cells
+    # rows the grouped path steps through the whole sequence together: their gates
+    # (16 x G*nk*D) stay in L1 between the micro-kernel and the cells, their state and
+    # projected block of x for all of their steps
     GROUP_ROWS = 16
     # Jobs of fewer rows than this whose heads' panels exceed GROUP_L1_BYTES keep the per-head
     # path: their steps wait on L2 for the panels, and the per-head path overlaps that with the
@@ -775,15 +778,15 @@ cdef inline void prefetch_w(floating* p, Py_ssize_t n) noexcept nogil:
 
 
 cdef inline void block_diag(const floating* h, Py_ssize_t ldh, const floating* mp, Py_ssize_t D,
-                            Py_ssize_t GD, Py_ssize_t nk, floating* out, Py_ssize_t ldo,
-                            Py_ssize_t nrows) noexcept nogil:
-    """out[r][g*nk*D + kk*D + d] += h[r, kk*D:(kk+1)*D] @ R_kk^T[:, g*D + d]: nk heads whose
-    panels (pack_recurrent) start at mp."""
+                            Py_ssize_t GD, Py_ssize_t nk, const floating* bias, Py_ssize_t ldb,
+                            floating* out, Py_ssize_t ldo, Py_ssize_t nrows) noexcept nogil:
+    """out[r][g*nk*D + kk*D + d] = bias[g*ldb + kk*D + d] + h[r, kk*D:(kk+1)*D] @
+    R_kk^T[:, g*D + d]: nk heads whose panels (pack_recurrent) start at mp."""
     cdef Py_ssize_t ntiles = (GD + NT - 1) // NT
     if floating is float:
-        ss_bd_matmul_f(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, nrows)
+        ss_bd_matmul_f(h, ldh, mp, D, GD, ntiles, NT, nk, bias, ldb, out, ldo, nrows)
     else:
-        ss_bd_matmul_d(h, ldh, mp, D, GD, ntiles, NT, nk, out, ldo, nrows)
+        ss_bd_matmul_d(h, ldh, mp, D, GD, ntiles, NT, nk, bias, ldb, out, ldo, nrows)
 
 
 cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_t k0,
@@ -793,45 +796,48 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
                         const floating* state0, floating* seq, floating* ar_seq,
                         floating* state_out, floating* st, floating* gates,
                         Varlen vl, const Fused* fz) noexcept nogil:
-    """forward_job's work (heads k0 .. k0+nk-1 of rows `rows`) in the grouped layout: st [S, ss]
-    with row r's units at r*W (W = nk*D), gates [GROUP_ROWS, G, W].  `fz` as in forward_job."""
+    """forward_job's work (heads k0 .. k0+nk-1 of rows `rows`) in the grouped layout, GROUP_ROWS
+    rows at a time: st [S, ss] with row r's units at r*W (W = nk*D), gates [GROUP_ROWS, G, W].
+    `fz` as in forward_job, its buffer used by one group at a time."""
     cdef Py_ssize_t GH = G * H, W = nk * D, GW = G * W, off = k0 * D
-    cdef Py_ssize_t ss = state_stride(nr, W)
-    cdef Py_ssize_t i, j, r, r0, nrg, b, s, g, u, t, length
+    cdef Py_ssize_t ss = state_stride(min(nr, <Py_ssize_t> GROUP_ROWS), W)
+    cdef Py_ssize_t i, j, r, r0, nrg, nact, steps, b, s, g, u, t, length
     cdef Py_ssize_t ntiles = (G * D + NT - 1) // NT
-    cdef Py_ssize_t nact = nr
-    cdef Py_ssize_t steps = row_length(vl.lens, rows[0], T)   # rows[0] is the longest
+    cdef const Py_ssize_t* grows
     cdef const floating* mpk = mp + k0 * ntiles * D * NT
     cdef const floating* axr
     cdef floating* str_
-    for s in range(S):
-        for r in range(nr):
-            for u in range(W):
-                st[s * ss + r * W + u] = state0[(s * B + rows[r]) * H + off + u]
-    for j in range(steps):
-        while row_length(vl.lens, rows[nact - 1], T) <= j:    # rows that ended drop out
-            nact -= 1
-        if fz != NULL and j % fz.steps == 0:
-            project_block(fz, <floating*> fz.ax, rows, nact, T, j, vl)
-        for i in range((nact + GROUP_ROWS - 1) // GROUP_ROWS):
-            r0 = i * GROUP_ROWS
-            nrg = min(<Py_ssize_t> GROUP_ROWS, nact - r0)
+    # Rows are independent: a group of rows runs the whole sequence before the next one starts,
+    # so its state, gates and projected block stay in L1 / L2 for all of its steps (walking
+    # every group at every step evicted them; B = 64: 4 groups)
+    for i in range((nr + GROUP_ROWS - 1) // GROUP_ROWS):
+        r0 = i * GROUP_ROWS
+        grows = rows + r0
+        nrg = min(<Py_ssize_t> GROUP_ROWS, nr - r0)
+        for s in range(S):
             for r in range(nrg):
-                b = rows[r0 + r]
+                for u in range(W):
+                    st[s * ss + r * W + u] = state0[(s * B + grows[r]) * H + off + u]
+        nact = nrg
+        steps = row_length(vl.lens, grows[0], T)     # grows[0] is the group's longest
+        for j in range(steps):
+            while row_length(vl.lens, grows[nact - 1], T) <= j:    # rows that ended drop out
+                nact -= 1
+            if fz != NULL and j % fz.steps == 0:
+                project_block(fz, <floating*> fz.ax, grows, nact, T, j, vl)
+            for r in range(nact):
+                b = grows[r]
                 if vl.reset != NULL and vl.reset[b * T + time_index(j, row_length(vl.lens, b, T),
                                                                     vl.reverse)]:
                     for s in range(S):
                         for u in range(W):
-                            st[s * ss + (r0 + r) * W + u] = 0
-                for g in range(G):
-                    for u in range(W):
-                        gates[r * GW + g * W + u] = b_r[g * H + off + u]
-            block_diag(st + r0 * W, W, mpk, D, G * D, nk, gates, GW, nrg)
-            for r in range(nrg):
-                b = rows[r0 + r]
+                            st[s * ss + r * W + u] = 0
+            block_diag(st, W, mpk, D, G * D, nk, b_r + off, H, gates, GW, nact)
+            for r in range(nact):
+                b = grows[r]
                 length = row_length(vl.lens, b, T)
                 t = time_index(j, length, vl.reverse)
-                str_ = st + (r0 + r) * W
+                str_ = st + r * W
                 if ar_seq != NULL:
                     for g in range(G):
                         for u in range(W):
@@ -839,7 +845,7 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
                 if fz == NULL:
                     axr = ax + (b * T + t) * GH + off
                 else:
-                    axr = <floating*> fz.ax + block_row(fz, r0 + r, j, length, vl.reverse) + off
+                    axr = <floating*> fz.ax + block_row(fz, r, j, length, vl.reverse) + off
                 cell_forward(cell, W, axr, H, gates + r * GW, W, str_, ss)
                 for s in range(S_save):
                     for u in range(W):
@@ -853,15 +859,15 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
                         prefetch(ax + (b * T + t) * GH + g * H + off, W)
                     for s in range(S_save):
                         prefetch_w(seq + ((s * B + b) * T + t) * H + off, W)
-    for r in range(nr):
-        b = rows[r]
-        for s in range(S):
-            for u in range(W):
-                state_out[(s * B + b) * H + off + u] = st[s * ss + r * W + u]
-        length = row_length(vl.lens, b, T)         # padded steps: outputs are 0
-        zero_steps(seq, b * T * H + off, S_save, B * T * H, H, length, T, W)
-        if ar_seq != NULL:
-            zero_steps(ar_seq, b * T * GH + off, G, H, GH, length, T, W)
+        for r in range(nrg):
+            b = grows[r]
+            for s in range(S):
+                for u in range(W):
+                    state_out[(s * B + b) * H + off + u] = st[s * ss + r * W + u]
+            length = row_length(vl.lens, b, T)         # padded steps: outputs are 0
+            zero_steps(seq, b * T * H + off, S_save, B * T * H, H, length, T, W)
+            if ar_seq != NULL:
+                zero_steps(ar_seq, b * T * GH + off, G, H, GH, length, T, W)
 
 
 cdef void row_job(bint grouped, int cell, Py_ssize_t job, Py_ssize_t groups, Py_ssize_t hpj,
@@ -895,9 +901,11 @@ cdef int run_rows(bint grouped, int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t
     or head by head; -1 when scratch memory could not be allocated.  `fz` (with blocks of
     `fsteps` steps) as in run_forward, whose jobs then own whole rows."""
     cdef Py_ssize_t groups = (heads + hpj - 1) // hpj, njobs = nblocks * groups, job
-    cdef Py_ssize_t st_bytes = S * (state_stride(RB, hpj * D) if grouped
+    # the grouped path holds one group of rows at a time (state, gates, projected block)
+    cdef Py_ssize_t GR = min(RB, <Py_ssize_t> GROUP_ROWS) if grouped else RB
+    cdef Py_ssize_t st_bytes = S * (state_stride(GR, hpj * D) if grouped
                                     else hpj * state_stride(RB, D)) * sizeof(floating)
-    cdef Py_ssize_t gate_bytes = (min(RB, <Py_ssize_t> GROUP_ROWS) * G * hpj * D if grouped
+    cdef Py_ssize_t gate_bytes = (GR * G * hpj * D if grouped
                                   else RB * ((G * D + NT - 1) // NT) * NT) * sizeof(floating)
     cdef int failed = 0
     cdef floating* st
@@ -906,7 +914,7 @@ cdef int run_rows(bint grouped, int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t
     if num_threads == 1 or njobs == 1:     # no OpenMP region: matters for T=1 streaming calls
         st = <floating*> scratch_alloc(st_bytes)
         gates = <floating*> scratch_alloc(gate_bytes)
-        jfz = job_fused(fz, fsteps, RB, sizeof(floating))
+        jfz = job_fused(fz, fsteps, GR, sizeof(floating))
         if st != NULL and gates != NULL and (fz == NULL or jfz != NULL):
             for job in range(njobs):
                 row_job(grouped, cell, job, groups, hpj, B, T, heads, D, G, S, S_save, ax, mp,
@@ -920,7 +928,7 @@ cdef int run_rows(bint grouped, int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t
     with parallel(num_threads=num_threads):
         st = <floating*> scratch_alloc(st_bytes)
         gates = <floating*> scratch_alloc(gate_bytes)
-        jfz = job_fused(fz, fsteps, RB, sizeof(floating))    # each thread its own buffer
+        jfz = job_fused(fz, fsteps, GR, sizeof(floating))    # each thread its own buffer
         for job in prange(njobs, schedule="static"):
             if st == NULL or gates == NULL or (fz != NULL and jfz == NULL):
                 failed += 1

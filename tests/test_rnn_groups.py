@@ -2,7 +2,8 @@
 multiple of the vector width (D = 16 and 32 here, for every build), their gates and states
 share one layout and a block-diagonal micro-kernel.  Each head must still get, bit for bit,
 what a one-head call on its slices gives (which runs the per-head path), with lengths,
-reverse, resets and any thread count (2 threads split 3 or 4 heads into groups of 2 and 1).
+reverse, resets, several groups of rows (B = 40: 16 + 16 + 8, each its own whole sequence)
+and any thread count (2 threads split 3 or 4 heads into groups of 2 and 1).
 The gated cells' 3 heads of D = 32 at B < 4 take the per-head path (few rows on heads whose
 weights exceed L1): also checked.  Plain calls (only h saved per step) and vjp's forward (every
 state component and the recurrent pre-activations saved) must agree as well."""
@@ -33,7 +34,7 @@ def _state(cell, parts):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["plain", "lengths", "reverse", "reset"])
 @pytest.mark.parametrize("heads,D", [(4, 16), (3, 32)])
-@pytest.mark.parametrize("B", [1, 3, 16])
+@pytest.mark.parametrize("B", [1, 3, 16, 40])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cell", CELLS)
 def test_grouped_heads_equal_heads_run_alone(cell, dtype, B, heads, D, mode, threads):
