@@ -113,6 +113,7 @@ static void ss_bd_matmul_##SFX(const T* h, ptrdiff_t ldh, const T* mp, ptrdiff_t
     ptrdiff_t o[4], b[4];                                                                      \
     for (ptrdiff_t kk = 0; kk < nk; kk++) {                                                    \
         const T* mk = mp + kk * ntiles * D * nt;                                               \
+        const T* hk = h + kk * D;               /* head kk's part of each row of h */          \
         for (ptrdiff_t j = 0; j < nvec;) {                                                     \
             int nb = nvec - j < 4 ? (int)(nvec - j) : 4;                                       \
             for (int v = 0; v < nb; v++) {                                                     \
@@ -122,10 +123,10 @@ static void ss_bd_matmul_##SFX(const T* h, ptrdiff_t ldh, const T* mp, ptrdiff_t
                 b[v] = (c / D) * ldb + kk * D + c % D;                                         \
             }                                                                                  \
             switch (nb) {                                                                      \
-            case 4: ss_bd_rows_##SFX(h + kk * D, ldh, p, nt, D, out, ldo, o, bias, b, nrows, 4); break; \
-            case 3: ss_bd_rows_##SFX(h + kk * D, ldh, p, nt, D, out, ldo, o, bias, b, nrows, 3); break; \
-            case 2: ss_bd_rows_##SFX(h + kk * D, ldh, p, nt, D, out, ldo, o, bias, b, nrows, 2); break; \
-            default: ss_bd_rows_##SFX(h + kk * D, ldh, p, nt, D, out, ldo, o, bias, b, nrows, 1); \
+            case 4: ss_bd_rows_##SFX(hk, ldh, p, nt, D, out, ldo, o, bias, b, nrows, 4); break;\
+            case 3: ss_bd_rows_##SFX(hk, ldh, p, nt, D, out, ldo, o, bias, b, nrows, 3); break;\
+            case 2: ss_bd_rows_##SFX(hk, ldh, p, nt, D, out, ldo, o, bias, b, nrows, 2); break;\
+            default: ss_bd_rows_##SFX(hk, ldh, p, nt, D, out, ldo, o, bias, b, nrows, 1);      \
             }                                                                                  \
             j += nb;                                                                           \
         }                                                                                      \

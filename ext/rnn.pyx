@@ -733,8 +733,8 @@ cdef void pack_forward(const floating* R, Py_ssize_t heads, Py_ssize_t GD, Py_ss
 # [g][nk*D] and its state components [s][row][nk*D], so a row's step is the block-diagonal
 # micro-kernel of _block_diag.h (each vector of output columns belongs to one head, whose part
 # of h it is multiplied by; no zero columns; it stores b_r + R h into the gates) and one cell
-# call on nk*D units instead of nk calls on D.  Every unit's arithmetic is forward_job's on its head alone,
-# bit for bit (tests/test_rnn_groups.py compares with one-head calls).
+# call on nk*D units instead of nk calls on D.  Every unit's arithmetic is forward_job's on
+# its head alone, bit for bit (tests/test_rnn_groups.py compares with one-head calls).
 
 cdef extern from "_block_diag.h" nogil:
     int SS_BD_VL_f

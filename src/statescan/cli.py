@@ -162,9 +162,9 @@ def _bench(args):
     if args.update_baseline:
         doc = guard.updated(doc, results, peaks, meta, args.tolerance)
         report.write_json(doc, baseline_path)
-        cases = doc["machines"][guard.machine_key(meta["machine"])]["cases"]
-        print(f"baseline of {guard.machine_key(meta['machine'])} with {len(cases)} case(s) written to "
-              f"{baseline_path}")
+        key = guard.machine_key(meta["machine"])
+        cases = doc["machines"][key]["cases"]
+        print(f"baseline of {key} with {len(cases)} case(s) written to {baseline_path}")
         return 0
     _write_outputs(args, results, peaks, meta, report)
     return 0

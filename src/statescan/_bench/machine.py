@@ -7,6 +7,7 @@ import numpy as np
 
 from .. import _blas
 
+
 def describe():
     """CPU model, core counts and software versions, for the report."""
     return {
