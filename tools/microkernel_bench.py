@@ -2,6 +2,7 @@
 core's FMA peak, on the LSTM's shapes (issue 12's measurement).
 
     python tools/microkernel_bench.py [--ext DIR] [--portable] [--reps N] [SHAPE ...]
+    python tools/microkernel_bench.py --march skylake-avx512 --build-only   # compiles only
 
 SHAPE is proj:H:N[:KC] (x[N, H] @ W^T[H, 4H] in jobs of 64 rows, as `project` runs it; KC > 0:
 in slices of KC rows of each panel, matmul_store_kblocked) or rec:H:B (out[B, 4H] += h[B, H] @
@@ -10,11 +11,12 @@ R^T, one call of matmul_acc: a recurrent step).  The default: the projection at 
 
 The kernel's C (the verbatim block of the .pxd, from --ext: default this tree's ext/, or an
 old copy for an A/B) is compiled into a small C program with setup.py's optimisation flags
-(-march=native unless --portable) and run pinned to the calling thread's CPU.  Each shape's
-time is the best of --reps calls (wall clock: a call is short, so the best one ran without
-being preempted), and the peak is the best of an FMA loop on registers (12 independent
-chains of the kernel's vector type) measured between the calls: the ratio stays meaningful
-while the VM's clock drifts.  numpy's sgemm (one thread) on the same product for reference.
+(-march=native; --march ARCH, e.g. an AVX-512 target to check that its path compiles on a
+machine without it; --portable: the baseline ISA) and run on the calling thread's CPUs (pin
+it: taskset -c 1 python tools/...).  Each shape's time is the best of --reps calls (wall
+clock: a call is short, so the best one ran without being preempted), and the peak is the
+best of an FMA loop on registers (12 independent chains of the kernel's vector type)
+measured between the calls: the ratio stays meaningful while the VM's clock drifts.  numpy's sgemm (one thread) on the same product for reference.
 Packed matrices come from ss_panel_alloc as in the library (huge pages where available).
 """
 import argparse
@@ -139,14 +141,14 @@ def kernel_source(ext):
     return ast.literal_eval(text[start:end])
 
 
-def build(ext, portable, workdir):
+def build(ext, march, workdir):
     src = Path(workdir, "mk_bench.c")
     src.write_text("#include <stddef.h>\n#include <sys/types.h>\ntypedef ssize_t Py_ssize_t;\n"
                    + kernel_source(ext) + MAIN_C)
     exe = Path(workdir, "mk_bench")
     flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
-    if not portable:
-        flags.append("-march=native")
+    if march:
+        flags.append(f"-march={march}")
     subprocess.run([os.environ.get("CC", "gcc"), *flags, "-I", str(ext), str(src), "-o", str(exe)],
                    check=True)
     return exe
@@ -171,11 +173,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("shapes", nargs="*", default=DEFAULT_SHAPES)
     p.add_argument("--ext", default=str(HERE / "ext"), help="directory of _microkernel.pxd")
-    p.add_argument("--portable", action="store_true", help="without -march=native")
+    p.add_argument("--portable", action="store_true", help="without -march")
+    p.add_argument("--march", default="native", help="the compiler's -march (default native)")
+    p.add_argument("--build-only", action="store_true", help="compile, do not run")
     p.add_argument("--reps", type=int, default=100)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        exe = build(args.ext, args.portable, tmp)
+        exe = build(args.ext, None if args.portable else args.march, tmp)
+        if args.build_only:
+            return 0
         print(f"{'shape':<20} {'GFLOP/s':>8} {'FMA peak':>9} {'%peak':>6} {'numpy':>7}")
         for shape in args.shapes:
             line = subprocess.run([str(exe), str(args.reps), shape], check=True,
