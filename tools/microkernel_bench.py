@@ -16,8 +16,9 @@ machine without it; --portable: the baseline ISA) and run on the calling thread'
 it: taskset -c 1 python tools/...).  Each shape's time is the best of --reps calls (wall
 clock: a call is short, so the best one ran without being preempted), and the peak is the
 best of an FMA loop on registers (12 independent chains of the kernel's vector type)
-measured between the calls: the ratio stays meaningful while the VM's clock drifts.  numpy's sgemm (one thread) on the same product for reference.
-Packed matrices come from ss_panel_alloc as in the library (huge pages where available).
+measured between the calls: the ratio stays meaningful while the VM's clock drifts.  numpy's
+sgemm (one thread) on the same product for reference.  Packed matrices come from
+ss_panel_alloc as in the library (huge pages where available).
 """
 import argparse
 import ast
