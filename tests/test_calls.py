@@ -516,6 +516,36 @@ def test_match_accepts_only_valid_arrays(match):
         match(plan, x, A)
 
 
+@pytest.mark.parametrize("match", _MATCH, ids=lambda f: f.__name__)
+def test_match_makes_the_missing_arrays(match):
+    """Entries marked "+" ("+0") come after the sizes: the argument when given (checked like
+    any other), else a new empty (zero) C-contiguous array of the call's dtype and sizes."""
+    plan, _ = _validate.plan({"x": "B T D", "s?+0": "B D", "o?!+": "B D", "y+": "B T D"})
+    for dtype in (np.float32, np.float64):
+        x = np.ones((2, 3, 4), dtype)
+        B, T, D, s, o, y = match(plan, x, None, None, None)
+        assert (B, T, D) == (2, 3, 4)
+        for a, shape in ((s, (2, 4)), (o, (2, 4)), (y, (2, 3, 4))):
+            assert type(a) is np.ndarray and a.dtype == dtype and a.shape == shape
+            assert a.flags.c_contiguous and a.flags.writeable
+        assert not s.any()
+        s0, o0 = np.ones((2, 4), dtype), np.ones((2, 4), dtype)
+        made = match(plan, x, s0, o0, None)
+        assert made[3] is s0 and made[4] is o0 and made[5].shape == (2, 3, 4)
+        assert match(plan, x, s0, o0[:, :3].copy(), None) is None     # checked when given
+        readonly = o0.copy()
+        readonly.flags.writeable = False
+        assert match(plan, x, s0, readonly, None) is None
+    big = match(plan, np.ones((1, 2, 1000)), None, None, None)      # sizes past the small
+    junk = [list(range(300, 1300)) for _ in range(3)]                 # ints Python shares
+    assert big[:3] == (1, 2, 1000) and big[5].shape == (1, 2, 1000) and junk
+    unknown, _ = _validate.plan({"x?": "B", "y+": "C"})
+    assert match(unknown, np.ones(2), None) is None               # C named by no argument
+    assert match(unknown, None, None) is None                     # no dtype to make it in
+    with pytest.raises(ValueError, match="every size named"):
+        _validate.plan({"y+": "B _"})
+
+
 @pytest.mark.skipif(_validate.match is _validate._match_python,
                     reason="the compiled check is not built (the Python twin cannot overrun)")
 def test_compiled_match_refuses_malformed_plans():
