@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import statescan as ss
-from statescan import _cell_call, _dispatch, _validate
+from statescan import _cell_call, _dispatch, _tuning, _validate
 
 # the modules (the package's names linear_attention etc. are the functions)
 la_module = importlib.import_module("statescan.linear_attention")
@@ -405,6 +405,7 @@ def test_cell_plain_call_refuses_what_it_cannot_run(monkeypatch, cell):
         lambda: p.fn(x, W, R, b, b_r, state=(None,) * S if S > 1 else "h"),
         lambda: p.fn(x, W, R, b, b_r, state=parts + parts[:1]),
     ]
+    p.fn(x, W, R, b, b_r, **kw)       # its remembered decisions must not serve the calls below
     spy = Spy(monkeypatch, _cell_call, "plain_forward")
     outcomes = [_outcome(c) for c in calls]
     assert spy.served == 0
@@ -438,6 +439,38 @@ def test_cell_plain_call_returns_fresh_writeable_arrays(monkeypatch, cell):
     assert spy.served == 2
     for a, e in zip(flat_outputs(cell, again), expected):
         np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.skipif(ss.backend() != "compiled", reason="the plain fast call is compiled only")
+def test_cell_plain_call_remembers_per_thread_count_and_tuning(monkeypatch):
+    """The plain fast call's decisions, remembered per shape, follow the thread count and a
+    forced rnn block (the tuning's memo is cleared when the tuning changes)."""
+    p = make_problem("lstm", B=2, T=3, I=4, H=6)
+    seen = []
+    real = _dispatch.ext_module
+
+    class Recording:
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            def run(*args):
+                seen.append((args[-4], args[-1]))    # forward_projected: block, threads
+                return getattr(self.module, name)(*args)
+            return run
+
+    monkeypatch.setattr(_dispatch, "ext_module", lambda name: Recording(real(name)))
+    with ss.threads(1):
+        one = p.call()
+    with ss.threads(2):
+        two = p.call()
+        with _tuning.forcing("rnn", 8):
+            forced = p.call()
+        p.call()
+    assert [t for _, t in seen] == [1, 2, 2, 2]
+    assert seen[2][0] == 8 and seen[3][0] == seen[1][0] == _tuning.AUTOMATIC
+    for a, b in ((one, two), (one, forced)):
+        _equal(a, b)
 
 
 # ---- dispatch ------------------------------------------------------------------------------------

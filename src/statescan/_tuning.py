@@ -40,9 +40,10 @@ AUTOMATIC = 0                    # rnn block value: the kernel's own rule
 _FALLBACK_CACHES = {"l1d": 32 * 1024, "l2": 1024 * 1024}
 
 _state = {"facts": None, "table": None, "forced": {}}
-# (kernel, sizes..., dtype, threads) -> what chunk() / rnn_block() answered: a small call
-# asks once per call, and the lookup (table, forced values, thread count) costs about a
-# microsecond.  Cleared whenever the table or a forced value changes.
+# Decisions that follow from the tuning, per shape, dtype and thread count: what chunk() /
+# rnn_block() answered, and the callers' own (see remember).  A small call asks once per call,
+# and working them out again (table, forced values, thread count, sizes) costs microseconds.
+# Cleared whenever the table or a forced value changes.
 _ANSWERS = {}
 
 
@@ -300,7 +301,7 @@ def chunk(kernel, dk, dv, dtype):
     if value is None:
         if kernel in _state["forced"] or _table().get(kernel):
             value = lookup(kernel, (dk, dv, dtype.name, threads))
-        value = _remember(key, value or automatic_chunk(kernel, dk, dv))
+        value = remember(key, value or automatic_chunk(kernel, dk, dv))
     return value
 
 
@@ -313,11 +314,19 @@ def rnn_block(cell, B, H, heads, dtype):
     if value is None:
         if "rnn" in _state["forced"] or _table().get("rnn"):
             value = lookup("rnn", (cell, B, H, heads, dtype.name, threads))
-        value = _remember(key, value or AUTOMATIC)
+        value = remember(key, value or AUTOMATIC)
     return value
 
 
-def _remember(key, value):
+def remembered(key):
+    """What :func:`remember` stored at `key` since the tuning last changed, else None."""
+    return _ANSWERS.get(key)
+
+
+def remember(key, value):
+    """Store `value` (not None) at `key` -- a hashable tuple that starts with its user's name and
+    holds every input of the decision (sizes, dtype, thread count...) -- until the tuning table
+    or a forced value changes; returns `value`."""
     if len(_ANSWERS) >= 256:           # many shapes: keep the memo small
         _ANSWERS.clear()
     _ANSWERS[key] = value
