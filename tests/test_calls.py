@@ -473,6 +473,26 @@ def test_cell_plain_call_remembers_per_thread_count_and_tuning(monkeypatch):
         _equal(a, b)
 
 
+@pytest.mark.parametrize("kernel", ["ssd", "linear_attention"])
+def test_remembered_blocking_keeps_the_chunk_errors(kernel):
+    """A fast call remembers (chunk, threads) per sizes and chunk; a chunk equal to a
+    remembered one but not an int (1.0, True) still gets the general path's error."""
+    rng = np.random.default_rng(0)
+    if kernel == "ssd":
+        x, dt, A = rng.standard_normal((1, 4, 2, 3)), rng.uniform(0.1, 1, (1, 4, 2)), -np.ones(2)
+        Bm, C = rng.standard_normal((1, 4, 5)), rng.standard_normal((1, 4, 5))
+        run = lambda chunk: ss.ssd(x, dt, A, Bm, C, chunk=chunk)
+    else:
+        q, k, v = (rng.standard_normal((1, 2, 4, 3)) for _ in range(3))
+        run = lambda chunk: ss.linear_attention(q, k, v, chunk=chunk)
+    _equal(run(1), run(1))
+    for bad in (1.0, True):
+        with pytest.raises(TypeError, match="chunk must be an integer"):
+            run(bad)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        run(0)
+
+
 # ---- dispatch ------------------------------------------------------------------------------------
 
 def test_threads_for_keeps_small_work_on_the_calling_thread():

@@ -121,6 +121,24 @@ def check_chunk(chunk, T):
     return min(_validate.positive_int("chunk", chunk), max(T, 1), MAX_CHUNK)
 
 
+def fast_call_blocking(kernel, B, NH, T, dk, dv, dtype, chunk):
+    """(chunk, threads) of a fast call of `kernel` ("ssd": dk = N, dv = P, or
+    "linear_attention"; T >= 1): `chunk` as the general path settles it (None: the tuned or
+    automatic one) and the threads for the recurrence's work.  Remembered per sizes, dtype,
+    chunk and thread count (see _tuning.remember) when `chunk` is None or an int; any other
+    `chunk` gets check_chunk's error or answer each time."""
+    key = (kernel, B, NH, T, dk, dv, dtype, chunk, _dispatch.get_num_threads())
+    cacheable = chunk is None or type(chunk) is int
+    decided = _tuning.remembered(key) if cacheable else None
+    if decided is None:
+        chunk = (min(_tuning.chunk(kernel, dk, dv, dtype), T, MAX_CHUNK) if chunk is None
+                 else check_chunk(chunk, T))
+        decided = chunk, _dispatch.threads_for(recurrence_work(B, NH, T, dk, dv, chunk))
+        if cacheable:
+            _tuning.remember(key, decided)
+    return decided
+
+
 def out_state_array(out_state, shape, dtype):
     """`out_state=` checked: a writeable C-contiguous ndarray of the state's shape and dtype."""
     if out_state is None:
@@ -295,14 +313,11 @@ def _fast_call(q, k, v, decay, state, chunk, out_state):
         return None
     B, NH, T, dk, dv, S0, S, o = checked
     dtype = q.dtype
-    # as _prepare (T >= 1 here; the tuned or automatic chunk is already a positive int)
-    chunk = (min(_tuning.chunk("linear_attention", dk, dv, dtype), T, MAX_CHUNK)
-             if chunk is None else check_chunk(chunk, T))
+    chunk, threads = fast_call_blocking("linear_attention", B, NH, T, dk, dv, dtype, chunk)
     g = None
     if decay is not None:     # _prepare's broadcast log-decays, made 2 us faster: a view
         g = np.ndarray((B, NH, T), dtype, np.log(decay), 0, (0, dtype.itemsize, 0))
-    kernel(q, k, v, g, S0, chunk, 1, None, None, o, S,
-           _dispatch.threads_for(recurrence_work(B, NH, T, dk, dv, chunk)))
+    kernel(q, k, v, g, S0, chunk, 1, None, None, o, S, threads)
     return o, store_state(S, out_state)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 from . import _dispatch, _tuning, _validate
 from ._reference.ssd import softplus
 from .autodiff import cotangent, defvjp
-from .linear_attention import (MAX_CHUNK, check_chunk, out_state_array, permute,
+from .linear_attention import (check_chunk, fast_call_blocking, out_state_array, permute,
                                recurrence_backward, recurrence_work, steps, store_state,
                                zero_padding)
 
@@ -103,11 +103,8 @@ def _fast_call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state, out_sta
     if checked is None:
         return None
     Bt, T, NH, P, N, _, h, y = checked
-    # as _Call (T >= 1 here; the tuned or automatic chunk is already a positive int)
-    chunk = (min(_tuning.chunk("ssd", N, P, x.dtype), T, MAX_CHUNK) if chunk is None
-             else check_chunk(chunk, T))
-    kernel(x, dt, dt_bias, dt_softplus, A, B, C, D, state, chunk, None, None, y, h,
-           _dispatch.threads_for(recurrence_work(Bt, NH, T, N, P, chunk)))
+    chunk, threads = fast_call_blocking("ssd", Bt, NH, T, N, P, x.dtype, chunk)
+    kernel(x, dt, dt_bias, dt_softplus, A, B, C, D, state, chunk, None, None, y, h, threads)
     return (y if z is None else _output(y, z)[0]), h
 
 
