@@ -172,14 +172,18 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
                                                          key[-1]))
     if decided is False:
         return None
-    seq_shape, final_shape, zero_state, zero_b_r, block, threads = decided
+    seq_shape, final_shape, b_r_shape, zero_state, zero_b_r, block, threads = decided
     ext = _dispatch.ext_module("rnn")
     dtype = x.dtype
-    state0 = zero_state if state is None else _stacked(parts, final_shape, dtype)
+    if state is not None:
+        state0 = _stacked(parts, final_shape, dtype)
+    else:
+        state0 = _dispatch.zeros_input(final_shape, dtype) if zero_state is None else zero_state
+    if b_r is None:
+        b_r = _dispatch.zeros_input(b_r_shape, dtype) if zero_b_r is None else zero_b_r
     seq = _memory.empty(seq_shape, dtype, "y [1, B, T, H]")      # as forward(save=False)
     final = np.empty(final_shape, dtype)
     R = R if R.ndim == 3 else R[None]             # [1, G*H, H]: one head
-    b_r = zero_b_r if b_r is None else b_r
     if W is None and b is None:                       # as input_preactivation
         ext.forward(cell.name, x, R, b_r, state0, False, None, False, None, block, seq, None,
                     final, threads)
@@ -191,18 +195,26 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
 
 def _plain_decisions(cell, x, W, R, b, b_r, heads, state, threads):
     """What :func:`plain_forward` runs for arrays of these sizes, dtype and thread count: (y's
-    [1, B, T, H] and the state's [S, B, H] shapes, the zero state (when none is
-    given), the zero b_r (when None), block, threads); False when the arrays are not valid
-    (see :func:`_valid_sizes`)."""
+    [1, B, T, H], the state's [S, B, H] and b_r's [G*H] shapes, the zero state when none is
+    given and the zero b_r when None -- small ones only (shared, read-only), else None: a
+    large zero array is made per call rather than kept -- block, threads); False when the
+    arrays are not valid (see :func:`_valid_sizes`)."""
     sizes = _valid_sizes(cell, x, W, R, b, b_r, heads, state)
     if sizes is None:
         return False
     B, T, H, _, S, _ = sizes
     dtype = x.dtype
-    return ((1, B, T, H), (S, B, H),
-            _dispatch.zeros_input((S, B, H), dtype) if state is None else None,
-            _dispatch.zeros_input((cell.gates * H,), dtype) if b_r is None else None,
+    final_shape, b_r_shape = (S, B, H), (cell.gates * H,)
+    return ((1, B, T, H), final_shape, b_r_shape,
+            _shared_zeros(final_shape, dtype) if state is None else None,
+            _shared_zeros(b_r_shape, dtype) if b_r is None else None,
             _tuning.rnn_block(cell.name, B, H, heads, dtype), threads)
+
+
+def _shared_zeros(shape, dtype):
+    """The zero input _dispatch.zeros_input shares for `shape` (a read-only array), else None."""
+    zeros = _dispatch.zeros_input(shape, dtype)
+    return None if zeros.flags.writeable else zeros
 
 
 def state_array(cell, state, B, H, dtype):
