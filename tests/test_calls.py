@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import statescan as ss
-from statescan import _cell_call, _dispatch, _validate
+from statescan import _cell_call, _dispatch, _tuning, _validate
 
 # the modules (the package's names linear_attention etc. are the functions)
 la_module = importlib.import_module("statescan.linear_attention")
@@ -405,6 +405,7 @@ def test_cell_plain_call_refuses_what_it_cannot_run(monkeypatch, cell):
         lambda: p.fn(x, W, R, b, b_r, state=(None,) * S if S > 1 else "h"),
         lambda: p.fn(x, W, R, b, b_r, state=parts + parts[:1]),
     ]
+    p.fn(x, W, R, b, b_r, **kw)       # its remembered decisions must not serve the calls below
     spy = Spy(monkeypatch, _cell_call, "plain_forward")
     outcomes = [_outcome(c) for c in calls]
     assert spy.served == 0
@@ -438,6 +439,58 @@ def test_cell_plain_call_returns_fresh_writeable_arrays(monkeypatch, cell):
     assert spy.served == 2
     for a, e in zip(flat_outputs(cell, again), expected):
         np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.skipif(ss.backend() != "compiled", reason="the plain fast call is compiled only")
+def test_cell_plain_call_remembers_per_thread_count_and_tuning(monkeypatch):
+    """The plain fast call's decisions, remembered per shape, follow the thread count and a
+    forced rnn block (the tuning's memo is cleared when the tuning changes)."""
+    p = make_problem("lstm", B=2, T=3, I=4, H=6)
+    seen = []
+    real = _dispatch.ext_module
+
+    class Recording:
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            def run(*args):
+                seen.append((args[-4], args[-1]))    # forward_projected: block, threads
+                return getattr(self.module, name)(*args)
+            return run
+
+    monkeypatch.setattr(_dispatch, "ext_module", lambda name: Recording(real(name)))
+    with ss.threads(1):
+        one = p.call()
+    with ss.threads(2):
+        two = p.call()
+        with _tuning.forcing("rnn", 8):
+            forced = p.call()
+        p.call()
+    assert [t for _, t in seen] == [1, 2, 2, 2]
+    assert seen[2][0] == 8 and seen[3][0] == seen[1][0] == _tuning.AUTOMATIC
+    for a, b in ((one, two), (one, forced)):
+        _equal(a, b)
+
+
+@pytest.mark.parametrize("kernel", ["ssd", "linear_attention"])
+def test_remembered_blocking_keeps_the_chunk_errors(kernel):
+    """A fast call remembers (chunk, threads) per sizes and chunk; a chunk equal to a
+    remembered one but not an int (1.0, True) still gets the general path's error."""
+    rng = np.random.default_rng(0)
+    if kernel == "ssd":
+        x, dt, A = rng.standard_normal((1, 4, 2, 3)), rng.uniform(0.1, 1, (1, 4, 2)), -np.ones(2)
+        Bm, C = rng.standard_normal((1, 4, 5)), rng.standard_normal((1, 4, 5))
+        run = lambda chunk: ss.ssd(x, dt, A, Bm, C, chunk=chunk)
+    else:
+        q, k, v = (rng.standard_normal((1, 2, 4, 3)) for _ in range(3))
+        run = lambda chunk: ss.linear_attention(q, k, v, chunk=chunk)
+    _equal(run(1), run(1))
+    for bad in (1.0, True):
+        with pytest.raises(TypeError, match="chunk must be an integer"):
+            run(bad)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        run(0)
 
 
 # ---- dispatch ------------------------------------------------------------------------------------
@@ -514,6 +567,36 @@ def test_match_accepts_only_valid_arrays(match):
         assert match(plan, *arrays) is None
     with pytest.raises(ValueError, match="takes 5 arrays"):
         match(plan, x, A)
+
+
+@pytest.mark.parametrize("match", _MATCH, ids=lambda f: f.__name__)
+def test_match_makes_the_missing_arrays(match):
+    """Entries marked "+" ("+0") come after the sizes: the argument when given (checked like
+    any other), else a new empty (zero) C-contiguous array of the call's dtype and sizes."""
+    plan, _ = _validate.plan({"x": "B T D", "s?+0": "B D", "o?!+": "B D", "y+": "B T D"})
+    for dtype in (np.float32, np.float64):
+        x = np.ones((2, 3, 4), dtype)
+        B, T, D, s, o, y = match(plan, x, None, None, None)
+        assert (B, T, D) == (2, 3, 4)
+        for a, shape in ((s, (2, 4)), (o, (2, 4)), (y, (2, 3, 4))):
+            assert type(a) is np.ndarray and a.dtype == dtype and a.shape == shape
+            assert a.flags.c_contiguous and a.flags.writeable
+        assert not s.any()
+        s0, o0 = np.ones((2, 4), dtype), np.ones((2, 4), dtype)
+        made = match(plan, x, s0, o0, None)
+        assert made[3] is s0 and made[4] is o0 and made[5].shape == (2, 3, 4)
+        assert match(plan, x, s0, o0[:, :3].copy(), None) is None     # checked when given
+        readonly = o0.copy()
+        readonly.flags.writeable = False
+        assert match(plan, x, s0, readonly, None) is None
+    big = match(plan, np.ones((1, 2, 1000)), None, None, None)      # sizes past the small
+    junk = [list(range(300, 1300)) for _ in range(3)]                 # ints Python shares
+    assert big[:3] == (1, 2, 1000) and big[5].shape == (1, 2, 1000) and junk
+    unknown, _ = _validate.plan({"x?": "B", "y+": "C"})
+    assert match(unknown, np.ones(2), None) is None               # C named by no argument
+    assert match(unknown, None, None) is None                     # no dtype to make it in
+    with pytest.raises(ValueError, match="every size named"):
+        _validate.plan({"y+": "B _"})
 
 
 @pytest.mark.skipif(_validate.match is _validate._match_python,

@@ -178,6 +178,25 @@ def test_the_choice_is_per_thread_count(cache_dir):
         assert _tuning.chunk("linear_attention", 8, 4, np.dtype("float32")) == 64
 
 
+def test_remembered_answers_follow_stores_and_forced_values(cache_dir):
+    """chunk() / rnn_block() remember their answers per shape, dtype and thread count; a
+    store, a reload or a forced value is seen by the next call."""
+    f32 = np.dtype("float32")
+    with ss.threads(1):
+        assert _tuning.chunk("ssd", 8, 8, f32) == 64
+        assert _tuning.rnn_block("lstm", 1, 32, 1, f32) == _tuning.AUTOMATIC
+        _tuning.store([{"kernel": "ssd", "key": [8, 8, "float32", 1], "value": 16},
+                       {"kernel": "rnn", "key": ["lstm", 1, 32, 1, "float32", 1], "value": 8}])
+        assert _tuning.chunk("ssd", 8, 8, f32) == 16
+        assert _tuning.rnn_block("lstm", 1, 32, 1, f32) == 8
+        with _tuning.forcing("ssd", 32):
+            assert _tuning.chunk("ssd", 8, 8, f32) == 32
+        assert _tuning.chunk("ssd", 8, 8, f32) == 16
+        os.remove(_tuning.cache_path())
+        _tuning.reload()
+        assert _tuning.chunk("ssd", 8, 8, f32) == 64
+
+
 def test_chunk_candidates_are_feasible():
     facts = dict(_tuning.machine(), l2=256 * 1024)
     for kernel, dk, dv in (("ssd", 128, 64), ("ssd", 16, 16), ("linear_attention", 128, 128)):

@@ -154,22 +154,36 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
     as :func:`prepare`, :func:`input_preactivation`, :func:`forward` and :func:`outputs`, in
     a few microseconds less (small calls).  None for any other call, which then takes that
     general path (and its error messages)."""
-    if not _dispatch.use_compiled():
+    if not _dispatch.use_compiled() or type(heads) is not int or type(R) is not np.ndarray:
         return None
-    sizes = _valid_sizes(cell, x, W, R, b, b_r, heads, state)
+    parts = () if state is None else (state,) if len(cell.state_names) == 1 else state
+    plans = _PLANS.get(R.ndim)
+    if type(parts) is not tuple or plans is None or len(parts) >= len(plans):
+        return None
+    sizes = _validate.match(plans[len(parts)], R, W, b, b_r, x, *parts)
     if sizes is None:
         return None
-    B, T, H, D, S, parts = sizes
-    dtype = x.dtype
-    state0 = (_dispatch.zeros_input((S, B, H), dtype) if state is None
-              else _stacked(parts, (S, B, H), dtype))
+    # the sizes settle everything else: worked out once per shape (see _plain_decisions)
+    key = ("plain_forward", cell.name, heads, R.ndim, len(parts), sizes, x.dtype, W is None,
+           b is None, b_r is None, _dispatch.get_num_threads())
+    decided = _tuning.remembered(key)
+    if decided is None:
+        decided = _tuning.remember(key, _plain_decisions(cell, x, W, R, b, b_r, heads, state,
+                                                         key[-1]))
+    if decided is False:
+        return None
+    seq_shape, final_shape, b_r_shape, zero_state, zero_b_r, block, threads = decided
     ext = _dispatch.ext_module("rnn")
-    threads = _dispatch.get_num_threads()
-    seq = _memory.empty((1, B, T, H), dtype, "y [1, B, T, H]")      # as forward(save=False)
-    final = np.empty((S, B, H), dtype)
+    dtype = x.dtype
+    if state is not None:
+        state0 = _stacked(parts, final_shape, dtype)
+    else:
+        state0 = _dispatch.zeros_input(final_shape, dtype) if zero_state is None else zero_state
+    if b_r is None:
+        b_r = _dispatch.zeros_input(b_r_shape, dtype) if zero_b_r is None else zero_b_r
+    seq = _memory.empty(seq_shape, dtype, "y [1, B, T, H]")      # as forward(save=False)
+    final = np.empty(final_shape, dtype)
     R = R if R.ndim == 3 else R[None]             # [1, G*H, H]: one head
-    b_r = _dispatch.zeros_input((cell.gates * H,), dtype) if b_r is None else b_r
-    block = _tuning.rnn_block(cell.name, B, H, heads, dtype)
     if W is None and b is None:                       # as input_preactivation
         ext.forward(cell.name, x, R, b_r, state0, False, None, False, None, block, seq, None,
                     final, threads)
@@ -177,6 +191,30 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
         ext.forward_projected(cell.name, x, W, b, R, b_r, state0, None, False, None, block, seq,
                               final, threads)
     return outputs(cell, seq[0], final)
+
+
+def _plain_decisions(cell, x, W, R, b, b_r, heads, state, threads):
+    """What :func:`plain_forward` runs for arrays of these sizes, dtype and thread count: (y's
+    [1, B, T, H], the state's [S, B, H] and b_r's [G*H] shapes, the zero state when none is
+    given and the zero b_r when None -- small ones only (shared, read-only), else None: a
+    large zero array is made per call rather than kept -- block, threads); False when the
+    arrays are not valid (see :func:`_valid_sizes`)."""
+    sizes = _valid_sizes(cell, x, W, R, b, b_r, heads, state)
+    if sizes is None:
+        return False
+    B, T, H, _, S, _ = sizes
+    dtype = x.dtype
+    final_shape, b_r_shape = (S, B, H), (cell.gates * H,)
+    return ((1, B, T, H), final_shape, b_r_shape,
+            _shared_zeros(final_shape, dtype) if state is None else None,
+            _shared_zeros(b_r_shape, dtype) if b_r is None else None,
+            _tuning.rnn_block(cell.name, B, H, heads, dtype), threads)
+
+
+def _shared_zeros(shape, dtype):
+    """The zero input _dispatch.zeros_input shares for `shape` (a read-only array), else None."""
+    zeros = _dispatch.zeros_input(shape, dtype)
+    return None if zeros.flags.writeable else zeros
 
 
 def state_array(cell, state, B, H, dtype):

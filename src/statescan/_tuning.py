@@ -40,6 +40,11 @@ AUTOMATIC = 0                    # rnn block value: the kernel's own rule
 _FALLBACK_CACHES = {"l1d": 32 * 1024, "l2": 1024 * 1024}
 
 _state = {"facts": None, "table": None, "forced": {}}
+# Decisions that follow from the tuning, per shape, dtype and thread count: what chunk() /
+# rnn_block() answered, and the callers' own (see remember).  A small call asks once per call,
+# and working them out again (table, forced values, thread count, sizes) costs microseconds.
+# Cleared whenever the table or a forced value changes.
+_ANSWERS = {}
 
 
 # ---- machine facts ---------------------------------------------------------------------------
@@ -242,6 +247,7 @@ def _table():
 def reload():
     """Forget what was read; the next lookup reads the cache file again."""
     _state["table"] = None
+    _ANSWERS.clear()
 
 
 def store(records):
@@ -289,21 +295,42 @@ def lookup(kernel, key):
 def chunk(kernel, dk, dv, dtype):
     """`chunk=None` of ``ssd`` (dk = N, dv = P) or ``linear_attention``: the tuned chunk for
     these head sizes, dtype and thread count, else the automatic one."""
-    if kernel in _state["forced"] or _table().get(kernel):
-        value = lookup(kernel, (dk, dv, dtype.name, get_num_threads()))
-        if value:
-            return value
-    return automatic_chunk(kernel, dk, dv)
+    threads = get_num_threads()
+    key = (kernel, dk, dv, dtype, threads)
+    value = _ANSWERS.get(key)
+    if value is None:
+        if kernel in _state["forced"] or _table().get(kernel):
+            value = lookup(kernel, (dk, dv, dtype.name, threads))
+        value = remember(key, value or automatic_chunk(kernel, dk, dv))
+    return value
 
 
 def rnn_block(cell, B, H, heads, dtype):
     """The rnn forward's `block` argument: the tuned rows per job (> 0) or column split (-1)
     for this cell, shape, dtype and thread count, else 0 (the kernel's own rule)."""
-    if "rnn" in _state["forced"] or _table().get("rnn"):
-        value = lookup("rnn", (cell, B, H, heads, dtype.name, get_num_threads()))
-        if value:
-            return value
-    return AUTOMATIC
+    threads = get_num_threads()
+    key = (cell, B, H, heads, dtype, threads)
+    value = _ANSWERS.get(key)
+    if value is None:
+        if "rnn" in _state["forced"] or _table().get("rnn"):
+            value = lookup("rnn", (cell, B, H, heads, dtype.name, threads))
+        value = remember(key, value or AUTOMATIC)
+    return value
+
+
+def remembered(key):
+    """What :func:`remember` stored at `key` since the tuning last changed, else None."""
+    return _ANSWERS.get(key)
+
+
+def remember(key, value):
+    """Store `value` (not None) at `key` -- a hashable tuple that starts with its user's name and
+    holds every input of the decision (sizes, dtype, thread count...) -- until the tuning table
+    or a forced value changes; returns `value`."""
+    if len(_ANSWERS) >= 256:           # many shapes: keep the memo small
+        _ANSWERS.clear()
+    _ANSWERS[key] = value
+    return value
 
 
 @contextlib.contextmanager
@@ -311,6 +338,7 @@ def forcing(kernel, value):
     """Within the block every lookup for `kernel` returns `value` (tune's timing)."""
     previous = _state["forced"].get(kernel)
     _state["forced"][kernel] = value
+    _ANSWERS.clear()
     try:
         yield
     finally:
@@ -318,3 +346,4 @@ def forcing(kernel, value):
             del _state["forced"][kernel]
         else:
             _state["forced"][kernel] = previous
+        _ANSWERS.clear()

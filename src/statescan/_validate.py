@@ -24,7 +24,7 @@ FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 # ---- the small-call fast paths' check ---------------------------------------------------------
 
-_OPTIONAL, _WRITEABLE, _ANY = 1, 2, 255
+_OPTIONAL, _WRITEABLE, _EMPTY, _ZEROS, _ANY = 1, 2, 4, 8, 255
 
 
 def plan(spec):
@@ -35,7 +35,10 @@ def plan(spec):
     spec : dict name -> shape string
         In argument order; dimensions are names separated by spaces (``"B T NH P"``), or
         ``_`` for an axis of any size.  A name ending in ``?`` is optional (None matches);
-        one ending in ``!`` must be writeable (an output).
+        one ending in ``!`` must be writeable (an output).  A name ending in ``+`` (or
+        ``+0``) is made when None -- an empty (or zero) C-contiguous array of its sizes and
+        the call's dtype -- and returned after the sizes (a call's outputs and absent
+        states: made in C, without the Python calls of np.empty).
 
     Returns
     -------
@@ -45,8 +48,11 @@ def plan(spec):
     parts = [0, len(spec)]
     for name, shape in spec.items():
         axes = shape.split()
-        parts += [(_OPTIONAL if "?" in name else 0) | (_WRITEABLE if "!" in name else 0),
-                  len(axes)]
+        flags = ((_OPTIONAL if "?" in name else 0) | (_WRITEABLE if "!" in name else 0)
+                 | (_EMPTY if name.endswith("+") else 0) | (_ZEROS if name.endswith("+0") else 0))
+        if flags & (_EMPTY | _ZEROS) and "_" in axes:
+            raise ValueError(f"{name}: an array to make needs every size named")
+        parts += [flags, len(axes)]
         parts += [_ANY if axis == "_" else slots.setdefault(axis, len(slots)) for axis in axes]
     parts[0] = len(slots)
     return bytes(parts), tuple(slots)
@@ -58,7 +64,10 @@ def _match_python(plan, *arrays):
     optional, else an ndarray (not a subclass) of float32 or float64 -- the first one's dtype
     for all, native byte order -- C-contiguous, writeable where marked, of the spec's rank,
     every named dimension of one size (-1 for a dimension named only by arguments that are
-    None).  None otherwise, so that the call takes the general validation and its errors.
+    None).  The tuple goes on with the arrays of the entries to make when None (``+``,
+    ``+0``), in order: the argument, or the array made.  None otherwise (also when an array
+    to make has a size named only by absent arguments, or no argument is an array), so that
+    the call takes the general validation and its errors.
 
     :data:`match` is the compiled twin of this function (``ext/_argcheck.pyx``: the same
     answers, in about a tenth of the time), or this function when that is not built."""
@@ -70,7 +79,7 @@ def _match_python(plan, *arrays):
         raise ValueError(f"the plan takes {len(entries)} arrays, got {len(arrays)}")
     sizes = [-1] * nslots
     dtype = None
-    for (optional, writeable, ndim, slots), a in zip(entries, arrays):
+    for (optional, writeable, _, ndim, slots), a in zip(entries, arrays):
         if a is None:
             if optional:
                 continue
@@ -94,10 +103,19 @@ def _match_python(plan, *arrays):
                 sizes[k] = size
             elif sizes[k] != size:
                 return None
-    return tuple(sizes)
+    made = []
+    for (_, _, make, _, slots), a in zip(entries, arrays):
+        if make is None:
+            continue
+        if a is None:
+            if dtype is None or any(sizes[k] < 0 for k in slots):
+                return None
+            a = make(tuple(sizes[k] for k in slots), dtype)
+        made.append(a)
+    return tuple(sizes) + tuple(made)
 
 
-_DECODED = {}       # plan -> (dimension count, per argument (optional, writeable, rank, slots))
+_DECODED = {}   # plan -> (dimension count, per argument (optional, writeable, maker, rank, slots))
 
 
 def _decoded(plan):
@@ -105,8 +123,9 @@ def _decoded(plan):
     entries, pos = [], 2
     for _ in range(plan[1]):
         flags, ndim = plan[pos], plan[pos + 1]
-        entries.append((bool(flags & _OPTIONAL), bool(flags & _WRITEABLE), ndim,
-                        tuple(plan[pos + 2:pos + 2 + ndim])))
+        make = np.zeros if flags & _ZEROS else np.empty if flags & _EMPTY else None
+        entries.append((bool(flags & (_OPTIONAL | _EMPTY | _ZEROS)), bool(flags & _WRITEABLE),
+                        make, ndim, tuple(plan[pos + 2:pos + 2 + ndim])))
         pos += 2 + ndim
     return plan[0], tuple(entries)
 

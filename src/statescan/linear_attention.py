@@ -121,6 +121,24 @@ def check_chunk(chunk, T):
     return min(_validate.positive_int("chunk", chunk), max(T, 1), MAX_CHUNK)
 
 
+def fast_call_blocking(kernel, B, NH, T, dk, dv, dtype, chunk):
+    """(chunk, threads) of a fast call of `kernel` ("ssd": dk = N, dv = P, or
+    "linear_attention"; T >= 1): `chunk` as the general path settles it (None: the tuned or
+    automatic one) and the threads for the recurrence's work.  Remembered per sizes, dtype,
+    chunk and thread count (see _tuning.remember) when `chunk` is None or an int; any other
+    `chunk` gets check_chunk's error or answer each time."""
+    key = (kernel, B, NH, T, dk, dv, dtype, chunk, _dispatch.get_num_threads())
+    cacheable = chunk is None or type(chunk) is int
+    decided = _tuning.remembered(key) if cacheable else None
+    if decided is None:
+        chunk = (min(_tuning.chunk(kernel, dk, dv, dtype), T, MAX_CHUNK) if chunk is None
+                 else check_chunk(chunk, T))
+        decided = chunk, _dispatch.threads_for(recurrence_work(B, NH, T, dk, dv, chunk))
+        if cacheable:
+            _tuning.remember(key, decided)
+    return decided
+
+
 def out_state_array(out_state, shape, dtype):
     """`out_state=` checked: a writeable C-contiguous ndarray of the state's shape and dtype."""
     if out_state is None:
@@ -236,21 +254,31 @@ def linear_attention(q, k, v, *, decay=None, chunk=None, state=None, lengths=Non
     return permute(o, perm, 2), store_state(S, out_state)
 
 
-_PLAN = _validate.plan({"q": "B NH T dk", "k": "B NH T dk", "v": "B NH T dv", "decay?": "NH",
-                        "state?": "B NH dk dv", "out_state?!": "B NH dk dv"})[0]
+def _plan(made):
+    """The fast check's plan (see _validate.plan); with `made`, the initial state (zeros when
+    None), the final state and o (new arrays) follow the sizes."""
+    return _validate.plan({"q": "B NH T dk", "k": "B NH T dk", "v": "B NH T dv",
+                           "decay?": "NH", "state?" + "+0" * made: "B NH dk dv",
+                           "out_state?!": "B NH dk dv", "S+" if made else "S?": "B NH dk dv",
+                           "o+" if made else "o?": "B NH T dv"})[0]
 
 
-def _sizes(q, k, v, decay, state, out_state):
+_PLAN, _MADE_PLAN = _plan(False), _plan(True)
+
+
+def _sizes(q, k, v, decay, state, out_state, plan=_PLAN):
     """(B, NH, T, dk, dv) when the arguments are already valid -- C-contiguous ndarrays of one
     float dtype with matching nonzero sizes (see :func:`_validate.match`), decays in (0, 1],
-    out_state writeable -- else None: the general path then validates and explains."""
-    sizes = _validate.match(_PLAN, q, k, v, decay, state, out_state)
-    if sizes is None:
+    out_state writeable -- else None: the general path then validates and explains.  With
+    `plan` _MADE_PLAN followed by the initial state (zeros when None), and a new final state
+    and o."""
+    checked = _validate.match(plan, q, k, v, decay, state, out_state, None, None)
+    if checked is None:
         return None
-    B, NH, T, dk, dv = sizes
+    B, NH, T, dk, dv = checked[:5]
     if B * NH * T * dk * dv == 0 or (decay is not None and not _decays(decay)):
         return None
-    return sizes
+    return checked
 
 
 def _decays(decay):
@@ -277,24 +305,19 @@ def _fast_call(q, k, v, decay, state, chunk, out_state):
     the caller has checked that lengths, reset and reverse are not given.  Runs with the
     arguments the general path would pass: (o, final state).  None for any other call, which
     then gets the full validation and its error messages."""
-    sizes = _sizes(q, k, v, decay, state, out_state)
-    if sizes is None:
-        return None
     kernel = _dispatch.compiled(_FAMILY, "linear_forward")
     if kernel is None:
         return None
-    B, NH, T, dk, dv = sizes
+    checked = _sizes(q, k, v, decay, state, out_state, _MADE_PLAN)
+    if checked is None:
+        return None
+    B, NH, T, dk, dv, S0, S, o = checked
     dtype = q.dtype
-    # as _prepare (T >= 1 here; the tuned or automatic chunk is already a positive int)
-    chunk = (min(_tuning.chunk("linear_attention", dk, dv, dtype), T, MAX_CHUNK)
-             if chunk is None else check_chunk(chunk, T))
+    chunk, threads = fast_call_blocking("linear_attention", B, NH, T, dk, dv, dtype, chunk)
     g = None
     if decay is not None:     # _prepare's broadcast log-decays, made 2 us faster: a view
         g = np.ndarray((B, NH, T), dtype, np.log(decay), 0, (0, dtype.itemsize, 0))
-    o, S = np.empty((B, NH, T, dv), dtype), np.empty((B, NH, dk, dv), dtype)
-    S0 = _dispatch.zeros_input((B, NH, dk, dv), dtype) if state is None else state
-    kernel(q, k, v, g, S0, chunk, 1, None, None, o, S,
-           _dispatch.threads_for(recurrence_work(B, NH, T, dk, dv, chunk)))
+    kernel(q, k, v, g, S0, chunk, 1, None, None, o, S, threads)
     return o, store_state(S, out_state)
 
 

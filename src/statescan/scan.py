@@ -126,7 +126,8 @@ def linear_scan(a, b, state=None, *, lengths=None, reverse=False, reset=None, **
     return _linear_forward(_prepare_linear(a, b, state, lengths, reverse, reset, deprecated))
 
 
-_LINEAR_PLAN = _validate.plan({"b": "B T D", "a": "B T D", "state?": "B D"})[0]
+# the initial state (zeros when None) and h (made) come after the sizes
+_LINEAR_PLAN = _validate.plan({"b": "B T D", "a": "B T D", "state+0": "B D", "h+": "B T D"})[0]
 
 
 def _linear_fast_call(a, b, state):
@@ -135,19 +136,16 @@ def _linear_fast_call(a, b, state):
     the caller has checked that lengths, reset, reverse and h0 are not given -- run with the
     arguments the general path would pass: h.  None for any other call, which then gets the
     full validation and its error messages."""
-    sizes = _validate.match(_LINEAR_PLAN, b, a, state)
-    if sizes is None:
-        return None
-    B, T, D = sizes
-    if B * T * D == 0:
-        return None
     kernel = _dispatch.compiled("scan", "linear_scan")
     if kernel is None:
         return None
-    dtype = b.dtype
-    h = np.empty((B, T, D), dtype)
-    kernel(a, b, _dispatch.zeros_input((B, D), dtype) if state is None else state, None, None,
-           False, 1, h, _dispatch.threads_for(B * T * D))
+    checked = _validate.match(_LINEAR_PLAN, b, a, state, None)
+    if checked is None:
+        return None
+    B, T, D, state0, h = checked
+    if B * T * D == 0:
+        return None
+    kernel(a, b, state0, None, None, False, 1, h, _dispatch.threads_for(B * T * D))
     return h
 
 
@@ -250,9 +248,11 @@ def _step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state):
     return y, new
 
 
+# state0 (zeros when None), the final state (out_state, or made) and y come after the sizes
 _FAST_PLAN = _validate.plan({"x": "B T Dm", "dt": "B T Dm", "A": "Dm N", "B": "B T N",
                              "C": "B T N", "D?": "Dm", "z?": "B T Dm", "dt_bias?": "Dm",
-                             "state?": "B Dm N", "out_state?!": "B Dm N"})[0]
+                             "state+0": "B Dm N", "out_state!+": "B Dm N",
+                             "y+": "B T Dm"})[0]
 
 
 def _fast_call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state):
@@ -268,25 +268,22 @@ def _fast_call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state):
     general path would pass."""
     if type(dt_softplus) is not bool:
         return None
-    sizes = _validate.match(_FAST_PLAN, x, dt, A, B, C, D, z, dt_bias, state, out_state)
-    if sizes is None:
+    checked = _validate.match(_FAST_PLAN, x, dt, A, B, C, D, z, dt_bias, state, out_state,
+                              None)
+    if checked is None:
         return None
-    Bt, T, Dm, N = sizes
+    Bt, T, Dm, N, state0, final, y = checked
     if Bt * T * Dm * N == 0:
         return None
     kernel = _dispatch.compiled("scan", "selective_step" if T == 1 else "selective_scan")
     if kernel is None:
         return None
-    dtype = x.dtype
-    state_shape = (Bt, Dm, N)
-    y = np.empty((Bt, T, Dm), dtype)
-    state0 = _dispatch.zeros_input(state_shape, dtype) if state is None else state
     threads = _dispatch.threads_for(4 * Bt * T * Dm * N)
     if T == 1:               # the step kernel may write the state in place
-        final = np.empty(state_shape, dtype) if out_state is None else out_state
         kernel(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state0, y, final, threads)
         return y, final
-    final = np.empty(state_shape, dtype)
+    if out_state is not None:
+        final = np.empty(out_state.shape, out_state.dtype)
     kernel(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state0, None, None, False, False, y,
            final, None, threads)
     if out_state is not None:

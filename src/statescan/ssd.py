@@ -6,7 +6,7 @@ import numpy as np
 from . import _dispatch, _tuning, _validate
 from ._reference.ssd import softplus
 from .autodiff import cotangent, defvjp
-from .linear_attention import (MAX_CHUNK, check_chunk, out_state_array, permute,
+from .linear_attention import (check_chunk, fast_call_blocking, out_state_array, permute,
                                recurrence_backward, recurrence_work, steps, store_state,
                                zero_padding)
 
@@ -18,8 +18,9 @@ def default_chunk(N, P):
     return _tuning.automatic_chunk("ssd", N, P)
 
 
-def _plans():
-    """{(grouped B and C, D per channel): the fast check's plan} (see _validate.plan)."""
+def _plans(made):
+    """{(grouped B and C, D per channel): the fast check's plan} (see _validate.plan); with
+    `made`, the final state (out_state, or made) and y follow the sizes."""
     plans = {}
     for grouped in (False, True):
         for per_channel in (False, True):
@@ -27,34 +28,38 @@ def _plans():
             plans[grouped, per_channel] = _validate.plan(
                 {"x": "B T NH P", "dt": "B T NH", "A": "NH", "B": bc, "C": bc,
                  "D?": "NH P" if per_channel else "NH", "z?": "B T NH P", "dt_bias?": "NH",
-                 "state?": "B NH P N", "out_state?!": "B NH P N"})[0]
+                 "state?": "B NH P N", "out_state?!" + "+" * made: "B NH P N",
+                 "y+" if made else "y?": "B T NH P"})[0]
     return plans
 
 
-_PLANS = _plans()
+_PLANS, _MADE_PLANS = _plans(False), _plans(True)
 
 
-def _sizes(x, dt, A, B, C, D, z, dt_bias, state, out_state):
+def _sizes(x, dt, A, B, C, D, z, dt_bias, state, out_state, plans=_PLANS):
     """(Bt, T, NH, P, N, G) -- G None for B, C [Bt, T, N] -- when the arrays are already
     valid: C-contiguous ndarrays of one float dtype with matching nonzero sizes, A, dt_bias
-    and D not broadcast, G dividing NH, out_state writeable (see :func:`_validate.match`).
-    None for anything else, which then gets the full validation and its error messages."""
+    and D not broadcast, G dividing NH, out_state writeable (see :func:`_validate.match`);
+    with `plans` _MADE_PLANS followed by the final state (out_state, or a new array) and a
+    new y.  None for anything else, which then gets the full validation and its error
+    messages."""
     if type(B) is not np.ndarray:
         return None
     grouped = B.ndim == 4
-    sizes = _validate.match(_PLANS[grouped, type(D) is np.ndarray and D.ndim == 2],
-                            x, dt, A, B, C, D, z, dt_bias, state, out_state)
-    if sizes is None:
+    checked = _validate.match(plans[grouped, type(D) is np.ndarray and D.ndim == 2],
+                              x, dt, A, B, C, D, z, dt_bias, state, out_state, None)
+    if checked is None:
         return None
     if grouped:
-        Bt, T, NH, P, G, N = sizes
+        Bt, T, NH, P, G, N = checked[:6]
         if G == 0 or NH % G:
             return None
+        made = checked[6:]
     else:
-        (Bt, T, NH, P, N), G = sizes, None
+        (Bt, T, NH, P, N), G, made = checked[:5], None, checked[5:]
     if Bt * T * NH * P * N == 0:
         return None
-    return Bt, T, NH, P, N, G
+    return (Bt, T, NH, P, N, G) + made
 
 
 def _valid_arrays(x, dt, A, B, C, D, z, dt_bias, state):
@@ -91,21 +96,15 @@ def _fast_call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk, state, out_sta
     the caller has checked that lengths, reset and reverse are not given and that
     dt_softplus is a bool.  Runs what :class:`_Call` would, without its set-up for the
     backward: (y, final state).  None for any other call."""
-    sizes = _sizes(x, dt, A, B, C, D, z, dt_bias, state, out_state)
-    if sizes is None:
-        return None
     kernel = _dispatch.compiled("ssd", "ssd_forward")
     if kernel is None:
         return None
-    Bt, T, NH, P, N, _ = sizes
-    dtype = x.dtype
-    # as _Call (T >= 1 here; the tuned or automatic chunk is already a positive int)
-    chunk = (min(_tuning.chunk("ssd", N, P, dtype), T, MAX_CHUNK) if chunk is None
-             else check_chunk(chunk, T))
-    y = np.empty((Bt, T, NH, P), dtype)
-    h = np.empty((Bt, NH, P, N), dtype) if out_state is None else out_state
-    kernel(x, dt, dt_bias, dt_softplus, A, B, C, D, state, chunk, None, None, y, h,
-           _dispatch.threads_for(recurrence_work(Bt, NH, T, N, P, chunk)))
+    checked = _sizes(x, dt, A, B, C, D, z, dt_bias, state, out_state, _MADE_PLANS)
+    if checked is None:
+        return None
+    Bt, T, NH, P, N, _, h, y = checked
+    chunk, threads = fast_call_blocking("ssd", Bt, NH, T, N, P, x.dtype, chunk)
+    kernel(x, dt, dt_bias, dt_softplus, A, B, C, D, state, chunk, None, None, y, h, threads)
     return (y if z is None else _output(y, z)[0]), h
 
 
