@@ -209,15 +209,36 @@ SS_CV_INLINE void F(elman_fwd)(const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t
     F(st)(st, F(tanh)(F(ld)(ax, n) + F(ld)(ar, n)), n);
 }
 
-SS_CV_INLINE void F(lstm_fwd)(const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t sr,
-                              T* st, ptrdiff_t ss, ptrdiff_t n) {
-    V i = F(sigmoid)(F(ld)(ax, n) + F(ld)(ar, n));
-    V f = F(sigmoid)(F(ld)(ax + sx, n) + F(ld)(ar + sr, n));
-    V g = F(tanh)(F(ld)(ax + 2 * sx, n) + F(ld)(ar + 2 * sr, n));
-    V o = F(sigmoid)(F(ld)(ax + 3 * sx, n) + F(ld)(ar + 3 * sr, n));
-    V c = f * F(ld)(st + ss, n) + i * g;
-    F(st)(st + ss, c, n);
-    F(st)(st, o * F(tanh)(c), n);
+/* lstm and slstm (below) on nv vectors of units (nv = 1 or 2, a literal; n units in the
+   last), each stage for every vector before the next: see SS_CV_FORWARD_PAIRS */
+SS_CV_INLINE void F(lstm_fwdv)(const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t sr,
+                               T* st, ptrdiff_t ss, const int nv, ptrdiff_t n) {
+    V i[2], f[2], g[2], o[2], c[2];
+    for (int k = 0; k < nv; k++) {
+        ptrdiff_t q = k * VL, w = k == nv - 1 ? n : VL;
+        i[k] = F(sigmoid)(F(ld)(ax + q, w) + F(ld)(ar + q, w));
+    }
+    for (int k = 0; k < nv; k++) {
+        ptrdiff_t q = k * VL, w = k == nv - 1 ? n : VL;
+        f[k] = F(sigmoid)(F(ld)(ax + q + sx, w) + F(ld)(ar + q + sr, w));
+    }
+    for (int k = 0; k < nv; k++) {
+        ptrdiff_t q = k * VL, w = k == nv - 1 ? n : VL;
+        g[k] = F(tanh)(F(ld)(ax + q + 2 * sx, w) + F(ld)(ar + q + 2 * sr, w));
+    }
+    for (int k = 0; k < nv; k++) {
+        ptrdiff_t q = k * VL, w = k == nv - 1 ? n : VL;
+        o[k] = F(sigmoid)(F(ld)(ax + q + 3 * sx, w) + F(ld)(ar + q + 3 * sr, w));
+    }
+    for (int k = 0; k < nv; k++) {
+        ptrdiff_t q = k * VL, w = k == nv - 1 ? n : VL;
+        c[k] = f[k] * F(ld)(st + q + ss, w) + i[k] * g[k];
+        F(st)(st + q + ss, c[k], w);
+    }
+    for (int k = 0; k < nv; k++) {
+        ptrdiff_t q = k * VL, w = k == nv - 1 ? n : VL;
+        F(st)(st + q, o[k] * F(tanh)(c[k]), w);
+    }
 }
 
 SS_CV_INLINE void F(gru_fwd)(const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t sr,
@@ -242,13 +263,6 @@ SS_CV_INLINE VI F(slstm_gates)(V it, V ft, V n_prev, V m_prev, V* i, V* f, V* l)
     return m_is_i;
 }
 
-/* sLSTM on nv vectors of units (nv = 1 or 2, a literal; n units in the last), each stage for
-   every vector before the next.  One vector is a single dependent chain of ~200 cycles (four
-   exp / tanh evaluations, three divisions) whose instructions fill Zen 1's reorder window, so
-   the core mostly waited on latency; two vectors' stages side by side, interleaved by
-   SS_CV_SCHED's scheduling, overlap their chains (cell alone, 16 rows x 64 units in L1:
-   205 -> 127 cycles per vector; the pairs without the scheduling: 203).  Every unit still
-   takes the same operations, whichever nv its call has. */
 SS_CV_INLINE void F(slstm_fwdv)(const T* ax, ptrdiff_t sx, const T* ar, ptrdiff_t sr,
                                 T* st, ptrdiff_t ss, const int nv, ptrdiff_t n) {
     V it[2], ft[2], zt[2], ot[2], n_prev[2], m_prev[2], i[2], f[2], l[2], tz[2], eo[2];
@@ -396,20 +410,29 @@ static void F(cell##_backward)(ptrdiff_t D, const T* ax, ptrdiff_t sx, const T* 
 }
 
 SS_CV_FORWARD(elman)
-SS_CV_FORWARD(lstm)
 SS_CV_FORWARD(gru)
-/* sLSTM: pairs of vectors (F(slstm_fwdv)); the last 1 .. 2 VL - 1 units as a pair whose
-   second vector is partial, or as one (partial) vector */
-SS_CV_SCHED static void F(slstm_forward)(ptrdiff_t D, const T* ax, ptrdiff_t sx, const T* ar,
-                                         ptrdiff_t sr, T* st, ptrdiff_t ss) {
-    ptrdiff_t d = 0;
-    for (; d + 2 * VL <= D; d += 2 * VL)
-        F(slstm_fwdv)(ax + d, sx, ar + d, sr, st + d, ss, 2, VL);
-    if (D - d > VL)
-        F(slstm_fwdv)(ax + d, sx, ar + d, sr, st + d, ss, 2, D - d - VL);
-    else if (d < D)
-        F(slstm_fwdv)(ax + d, sx, ar + d, sr, st + d, ss, 1, D - d);
+/* Pairs of vectors (F(cell##_fwdv)); the last 1 .. 2 VL - 1 units as a pair whose second
+   vector is partial, or as one (partial) vector.  One vector of a cell is a dependent chain of
+   exp / tanh evaluations and divisions (sLSTM's ~200 cycles) whose instructions fill Zen 1's
+   reorder window, so the core mostly waited on latency; two vectors' stages side by side,
+   interleaved by SS_CV_SCHED's scheduling, overlap their chains.  Every unit still takes the
+   same operations, whichever nv its call has.  Cell alone, 16 rows x 64 units in L1, cycles
+   per vector: slstm 205 -> 127 (the pairs without the scheduling: 203), lstm 162 -> 119.
+   Left as they were: elman (one tanh, short enough for the window: 29 -> 30) and gru (92 ->
+   78, but GCC then contracted (1 - z) nn + z h into the other multiply-add: other bits). */
+#define SS_CV_FORWARD_PAIRS(cell)                                                              \
+SS_CV_SCHED static void F(cell##_forward)(ptrdiff_t D, const T* ax, ptrdiff_t sx, const T* ar, \
+                                         ptrdiff_t sr, T* st, ptrdiff_t ss) {                  \
+    ptrdiff_t d = 0;                                                                           \
+    for (; d + 2 * VL <= D; d += 2 * VL)                                                       \
+        F(cell##_fwdv)(ax + d, sx, ar + d, sr, st + d, ss, 2, VL);                             \
+    if (D - d > VL)                                                                            \
+        F(cell##_fwdv)(ax + d, sx, ar + d, sr, st + d, ss, 2, D - d - VL);                     \
+    else if (d < D)                                                                            \
+        F(cell##_fwdv)(ax + d, sx, ar + d, sr, st + d, ss, 1, D - d);                          \
 }
+SS_CV_FORWARD_PAIRS(lstm)
+SS_CV_FORWARD_PAIRS(slstm)
 
 SS_CV_BACKWARD(elman)
 SS_CV_BACKWARD(lstm)
@@ -442,6 +465,7 @@ static void F(backward)(int cell, ptrdiff_t D, const T* ax, ptrdiff_t sx, const 
 }
 
 #undef SS_CV_FORWARD
+#undef SS_CV_FORWARD_PAIRS
 #undef SS_CV_BACKWARD
 #undef SS_CV_BWD_ARGS
 #undef DOUBLE
