@@ -46,6 +46,17 @@ enum { SS_CELL_ELMAN = 0, SS_CELL_LSTM = 1, SS_CELL_GRU = 2, SS_CELL_SLSTM = 3 }
 #define SS_CV_INLINE static inline
 #endif
 
+/* SS_CV_SCHED: GCC's instruction scheduling before register allocation (off by default on
+   x86; register-pressure aware), for the cells whose vectors' stages are written side by
+   side (SS_CV_FORWARD_PAIRS): without it GCC emits one vector's dependent chain after the
+   other and the pairs gain nothing.  Scheduling moves instructions, never changes an
+   operation: the same bits. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define SS_CV_SCHED __attribute__((optimize("schedule-insns", "sched-pressure")))
+#else
+#define SS_CV_SCHED
+#endif
+
 #if defined(__AVX512F__)
 #define SS_CV_BYTES 64
 #elif defined(__AVX__)
