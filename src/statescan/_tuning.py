@@ -31,7 +31,7 @@ import warnings
 from ._dispatch import build_info, get_num_threads
 
 SCHEMA = "statescan-tuning/1"
-CHUNKS = (16, 32, 64, 128)       # chunk candidates of ssd / linear_attention
+CHUNKS = (16, 32, 48, 64, 128)   # chunk candidates of ssd / linear_attention
 ROW_BLOCK = 8                    # rows of one micro-kernel block (ext/_microkernel.pxd, MR)
 PANEL = 32                       # columns of one packed panel (ext/_microkernel.pxd, SS_NT)
 COLUMN_SPLIT = -1                # rnn block value: split each step's columns across threads
