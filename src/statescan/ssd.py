@@ -52,13 +52,11 @@ def _sizes(x, dt, A, B, C, D, z, dt_bias, state, out_state, plans=_PLANS):
         return None
     if grouped:
         Bt, T, NH, P, G, N = checked[:6]
-        if G == 0 or NH % G:
+        if NH % G:
             return None
         made = checked[6:]
     else:
         (Bt, T, NH, P, N), G, made = checked[:5], None, checked[5:]
-    if Bt * T * NH * P * N == 0:
-        return None
     return (Bt, T, NH, P, N, G) + made
 
 
