@@ -75,6 +75,8 @@ def match(bytes plan, *arrays):
             return None
         shape = cnp.PyArray_DIMS(arr)
         for d in range(ndim):
+            if shape[d] == 0:
+                return None         # size 0: nothing for a compiled loop (the general path)
             k = p[pos + d]
             if k == ANY:
                 continue

@@ -610,13 +610,15 @@ def test_compiled_match_refuses_malformed_plans():
             _validate.match(bad, np.ones((2, 3)))
 
 
-def test_match_zero_sizes_are_sizes():
-    """Size-0 axes match like any other (the fast paths refuse them themselves)."""
-    plan, _ = _validate.plan({"x": "B T", "y": "T"})
+def test_match_declines_zero_sizes():
+    """A size-0 axis, named or not, declines the call: the general path handles it (every
+    fast path left it there)."""
+    plan, _ = _validate.plan({"x": "B T", "y": "T", "z?": "_"})
     for match in _MATCH:
-        assert match(plan, np.ones((0, 3)), np.ones(3)) == (0, 3)
-        assert match(plan, np.ones((2, 0)), np.ones(0)) == (2, 0)
-        assert match(plan, np.ones((2, 0)), np.ones(1)) is None
+        assert match(plan, np.ones((0, 3)), np.ones(3), None) is None
+        assert match(plan, np.ones((2, 0)), np.ones(0), None) is None
+        assert match(plan, np.ones((2, 3)), np.ones(3), np.ones(0)) is None
+        assert match(plan, np.ones((2, 3)), np.ones(3), np.ones(1)) == (2, 3)
 
 
 @pytest.mark.skipif(not _dispatch.compiled_available(), reason="compiled kernels only")

@@ -119,7 +119,7 @@ def _valid_sizes(cell, x, W, R, b, b_r, heads, state):
         NH = 1
     H = heads * D
     G = cell.gates
-    if (NH != heads or GD != G * D or B * T * D * I == 0 or GH not in (-1, G * H)
+    if (NH != heads or GD != G * D or GH not in (-1, G * H)
             or (W is None and I != G * H) or (parts and sizes[-1] != H)):
         return None
     return B, T, H, D, S, parts

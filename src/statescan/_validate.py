@@ -63,7 +63,8 @@ def _match_python(plan, *arrays):
     `arrays` (one per entry of the plan's spec, in order) are already valid: each None where
     optional, else an ndarray (not a subclass) of float32 or float64 -- the first one's dtype
     for all, native byte order -- C-contiguous, writeable where marked, of the spec's rank,
-    every named dimension of one size (-1 for a dimension named only by arguments that are
+    no axis of size 0 (the fast paths' callers leave such calls to the general path), every
+    named dimension of one size (-1 for a dimension named only by arguments that are
     None).  The tuple goes on with the arrays of the entries to make when None (``+``,
     ``+0``), in order: the argument, or the array made.  None otherwise (also when an array
     to make has a size named only by absent arguments, or no argument is an array), so that
@@ -95,6 +96,8 @@ def _match_python(plan, *arrays):
         shape = a.shape
         if (len(shape) != ndim or not a.flags.c_contiguous
                 or (writeable and not a.flags.writeable)):
+            return None
+        if 0 in shape:
             return None
         for k, size in zip(slots, shape):
             if k == _ANY:

@@ -143,8 +143,6 @@ def _linear_fast_call(a, b, state):
     if checked is None:
         return None
     B, T, D, state0, h = checked
-    if B * T * D == 0:
-        return None
     kernel(a, b, state0, None, None, False, 1, h, _dispatch.threads_for(B * T * D))
     return h
 
@@ -273,8 +271,6 @@ def _fast_call(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, out_state):
     if checked is None:
         return None
     Bt, T, Dm, N, state0, final, y = checked
-    if Bt * T * Dm * N == 0:
-        return None
     kernel = _dispatch.compiled("scan", "selective_step" if T == 1 else "selective_scan")
     if kernel is None:
         return None
