@@ -309,22 +309,43 @@ SS_CV_INLINE void F(elman_bwd)(SS_CV_BWD_ARGS) {
     F(st)(dst, K(0), n);
 }
 
-SS_CV_INLINE void F(lstm_bwd)(SS_CV_BWD_ARGS) {
-    V i = F(sigmoid)(F(ld)(ax, n) + F(ld)(ar, n));
-    V f = F(sigmoid)(F(ld)(ax + sx, n) + F(ld)(ar + sr, n));
-    V g = F(tanh)(F(ld)(ax + 2 * sx, n) + F(ld)(ar + 2 * sr, n));
-    V o = F(sigmoid)(F(ld)(ax + 3 * sx, n) + F(ld)(ar + 3 * sr, n));
-    V c_prev = F(ld)(prev + sp, n);
-    V tc = F(tanh)(f * c_prev + i * g);
-    V dh = F(ld)(dst, n);
-    V dc = F(ld)(dst + sds, n) + dh * o * (1 - tc * tc);
-    V gi = dc * g * i * (1 - i);
-    V gf = dc * c_prev * f * (1 - f);
-    V gg = dc * i * (1 - g * g);
-    V go = dh * tc * o * (1 - o);
-    F(st_gates4)(dgx, sgx, dgr, sgr, gi, gf, gg, go, n);
-    F(st)(dst + sds, dc * f, n);
-    F(st)(dst, K(0), n);
+/* lstm and slstm (below) on two vectors of units (n in the first, n2 in the second: 0 .. VL),
+   each stage for both vectors before the next, as the forward's: see SS_CV_BACKWARD_PAIRS */
+SS_CV_INLINE void F(lstm_bwdv)(SS_CV_BWD_ARGS, ptrdiff_t n2) {
+    V i[2], f[2], g[2], o[2], tc[2];
+    for (int k = 0; k < 2; k++) {
+        ptrdiff_t q = k * VL, w = k == 0 ? n : n2;
+        i[k] = F(sigmoid)(F(ld)(ax + q, w) + F(ld)(ar + q, w));
+    }
+    for (int k = 0; k < 2; k++) {
+        ptrdiff_t q = k * VL, w = k == 0 ? n : n2;
+        f[k] = F(sigmoid)(F(ld)(ax + q + sx, w) + F(ld)(ar + q + sr, w));
+    }
+    for (int k = 0; k < 2; k++) {
+        ptrdiff_t q = k * VL, w = k == 0 ? n : n2;
+        g[k] = F(tanh)(F(ld)(ax + q + 2 * sx, w) + F(ld)(ar + q + 2 * sr, w));
+    }
+    for (int k = 0; k < 2; k++) {
+        ptrdiff_t q = k * VL, w = k == 0 ? n : n2;
+        o[k] = F(sigmoid)(F(ld)(ax + q + 3 * sx, w) + F(ld)(ar + q + 3 * sr, w));
+    }
+    for (int k = 0; k < 2; k++) {
+        ptrdiff_t q = k * VL, w = k == 0 ? n : n2;
+        tc[k] = F(tanh)(f[k] * F(ld)(prev + q + sp, w) + i[k] * g[k]);
+    }
+    for (int k = 0; k < 2; k++) {
+        ptrdiff_t q = k * VL, w = k == 0 ? n : n2;
+        V c_prev = F(ld)(prev + q + sp, w);
+        V dh = F(ld)(dst + q, w);
+        V dc = F(ld)(dst + q + sds, w) + dh * o[k] * (1 - tc[k] * tc[k]);
+        V gi = dc * g[k] * i[k] * (1 - i[k]);
+        V gf = dc * c_prev * f[k] * (1 - f[k]);
+        V gg = dc * i[k] * (1 - g[k] * g[k]);
+        V go = dh * tc[k] * o[k] * (1 - o[k]);
+        F(st_gates4)(dgx + q, sgx, dgr + q, sgr, gi, gf, gg, go, w);
+        F(st)(dst + q + sds, dc * f[k], w);
+        F(st)(dst + q, K(0), w);
+    }
 }
 
 SS_CV_INLINE void F(gru_bwd)(SS_CV_BWD_ARGS) {
@@ -347,41 +368,54 @@ SS_CV_INLINE void F(gru_bwd)(SS_CV_BWD_ARGS) {
     F(st)(dst, dh * z, n);
 }
 
-SS_CV_INLINE void F(slstm_bwd)(SS_CV_BWD_ARGS) {
-    V it = F(ld)(ax, n) + F(ld)(ar, n);
-    V ft = F(ld)(ax + sx, n) + F(ld)(ar + sr, n);
-    V zt = F(ld)(ax + 2 * sx, n) + F(ld)(ar + 2 * sr, n);
-    V ot = F(ld)(ax + 3 * sx, n) + F(ld)(ar + 3 * sr, n);
-    V c_prev = F(ld)(prev + sp, n);
-    V n_prev = F(ld)(prev + 2 * sp, n);
-    V i, f, l;
-    VI m_is_i = F(slstm_gates)(it, ft, n_prev, F(ld)(prev + 3 * sp, n), &i, &f, &l);
-    V tz = F(tanh)(zt);
-    V o = F(sigmoid)(ot);
-    V c = f * c_prev + i * tz;
-    V nn = f * n_prev + i;
-    VI clipped = MASK(nn < K(1));
-    V nv = F(sel)(clipped, K(1), nn);
-    V dh = F(ld)(dst, n);
-    V dc = F(ld)(dst + sds, n) + dh * o / nv;
-    V dn = F(ld)(dst + 2 * sds, n) - dh * o * c / (nv * nv);
-    V dm = F(ld)(dst + 3 * sds, n);
-    dn = F(sel)(clipped, K(0), dn);
-    V go = dh * c / nv * o * (1 - o);
-    V di = dc * tz + dn;
-    V df = dc * c_prev + dn * n_prev;
-    V gz = dc * i * (1 - tz * tz);
-    V dit = di * i;
-    V dl = df * f;
-    dm = dm - dit - dl;                     /* i and f both divide by exp(m) */
-    dit = F(sel)(m_is_i, dit + dm, dit);
-    dl = F(sel)(m_is_i, dl, dl + dm);
-    V gf = dl * (1 - F(sigmoid)(ft));       /* d log_sigmoid(x)/dx = 1 - sigmoid(x) */
-    F(st_gates4)(dgx, sgx, dgr, sgr, dit, gf, gz, go, n);
-    F(st)(dst + sds, dc * f, n);
-    F(st)(dst + 2 * sds, dn * f, n);
-    F(st)(dst + 3 * sds, dl, n);
-    F(st)(dst, K(0), n);
+SS_CV_INLINE void F(slstm_bwdv)(SS_CV_BWD_ARGS, ptrdiff_t n2) {
+    V it[2], ft[2], zt[2], ot[2], n_prev[2], i[2], f[2], l[2], tz[2], o[2];
+    VI m_is_i[2];
+    for (int k = 0; k < 2; k++) {
+        ptrdiff_t q = k * VL, w = k == 0 ? n : n2;
+        it[k] = F(ld)(ax + q, w) + F(ld)(ar + q, w);
+        ft[k] = F(ld)(ax + q + sx, w) + F(ld)(ar + q + sr, w);
+        zt[k] = F(ld)(ax + q + 2 * sx, w) + F(ld)(ar + q + 2 * sr, w);
+        ot[k] = F(ld)(ax + q + 3 * sx, w) + F(ld)(ar + q + 3 * sr, w);
+        n_prev[k] = F(ld)(prev + q + 2 * sp, w);
+    }
+    for (int k = 0; k < 2; k++) {
+        ptrdiff_t q = k * VL, w = k == 0 ? n : n2;
+        m_is_i[k] = F(slstm_gates)(it[k], ft[k], n_prev[k], F(ld)(prev + q + 3 * sp, w), &i[k],
+                                   &f[k], &l[k]);
+    }
+    for (int k = 0; k < 2; k++)
+        tz[k] = F(tanh)(zt[k]);
+    for (int k = 0; k < 2; k++)
+        o[k] = F(sigmoid)(ot[k]);
+    for (int k = 0; k < 2; k++) {
+        ptrdiff_t q = k * VL, w = k == 0 ? n : n2;
+        V c_prev = F(ld)(prev + q + sp, w);
+        V c = f[k] * c_prev + i[k] * tz[k];
+        V nn = f[k] * n_prev[k] + i[k];
+        VI clipped = MASK(nn < K(1));
+        V nc = F(sel)(clipped, K(1), nn);
+        V dh = F(ld)(dst + q, w);
+        V dc = F(ld)(dst + q + sds, w) + dh * o[k] / nc;
+        V dn = F(ld)(dst + q + 2 * sds, w) - dh * o[k] * c / (nc * nc);
+        V dm = F(ld)(dst + q + 3 * sds, w);
+        dn = F(sel)(clipped, K(0), dn);
+        V go = dh * c / nc * o[k] * (1 - o[k]);
+        V di = dc * tz[k] + dn;
+        V df = dc * c_prev + dn * n_prev[k];
+        V gz = dc * i[k] * (1 - tz[k] * tz[k]);
+        V dit = di * i[k];
+        V dl = df * f[k];
+        dm = dm - dit - dl;                 /* i and f both divide by exp(m) */
+        dit = F(sel)(m_is_i[k], dit + dm, dit);
+        dl = F(sel)(m_is_i[k], dl, dl + dm);
+        V gf = dl * (1 - F(sigmoid)(ft[k]));    /* d log_sigmoid(x)/dx = 1 - sigmoid(x) */
+        F(st_gates4)(dgx + q, sgx, dgr + q, sgr, dit, gf, gz, go, w);
+        F(st)(dst + q + sds, dc * f[k], w);
+        F(st)(dst + q + 2 * sds, dn * f[k], w);
+        F(st)(dst + q + 3 * sds, dl, w);
+        F(st)(dst + q, K(0), w);
+    }
 }
 
 /* ---- entry points: every unit of a call through the vector code ------------------------- */
@@ -433,11 +467,29 @@ SS_CV_SCHED static void F(cell##_forward)(ptrdiff_t D, const T* ax, ptrdiff_t sx
 }
 SS_CV_FORWARD_PAIRS(lstm)
 SS_CV_FORWARD_PAIRS(slstm)
+/* The backward's pairs, as the forward's (recomputing the gates is the same chains); the last
+   units as a pair whose second vector is partial or empty: LSTM's lone vector (nv = 1, as the
+   forward's) got other multiply-adds from GCC's contraction than the old single-vector cell,
+   other bits in the tail.  Cell alone, 16 rows x 64 units float32, ns per 8 units (harness,
+   noisy): lstm ~128 -> ~87, slstm ~167 -> ~122. */
+#define SS_CV_BACKWARD_PAIRS(cell)                                                             \
+SS_CV_SCHED static void F(cell##_backward)(ptrdiff_t D, const T* ax, ptrdiff_t sx,             \
+                                          const T* ar, ptrdiff_t sr, const T* prev,            \
+                                          ptrdiff_t sp, T* dst, ptrdiff_t sds, T* dgx,         \
+                                          ptrdiff_t sgx, T* dgr, ptrdiff_t sgr) {              \
+    ptrdiff_t d = 0;                                                                           \
+    for (; d + 2 * VL <= D; d += 2 * VL)                                                       \
+        F(cell##_bwdv)(ax + d, sx, ar + d, sr, prev + d, sp, dst + d, sds, dgx + d, sgx,       \
+                       dgr + d, sgr, VL, VL);                                                  \
+    if (d < D)                                                                                 \
+        F(cell##_bwdv)(ax + d, sx, ar + d, sr, prev + d, sp, dst + d, sds, dgx + d, sgx,       \
+                       dgr + d, sgr, D - d > VL ? VL : D - d, D - d > VL ? D - d - VL : 0);    \
+}
 
 SS_CV_BACKWARD(elman)
-SS_CV_BACKWARD(lstm)
+SS_CV_BACKWARD_PAIRS(lstm)
 SS_CV_BACKWARD(gru)
-SS_CV_BACKWARD(slstm)
+SS_CV_BACKWARD_PAIRS(slstm)
 
 /* by kernel id (SS_CELL_*): the entry points ext/_cells.pxd calls */
 static void F(forward)(int cell, ptrdiff_t D, const T* ax, ptrdiff_t sx, const T* ar,
@@ -467,6 +519,7 @@ static void F(backward)(int cell, ptrdiff_t D, const T* ax, ptrdiff_t sx, const 
 #undef SS_CV_FORWARD
 #undef SS_CV_FORWARD_PAIRS
 #undef SS_CV_BACKWARD
+#undef SS_CV_BACKWARD_PAIRS
 #undef SS_CV_BWD_ARGS
 #undef DOUBLE
 #undef K
