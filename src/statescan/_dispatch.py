@@ -259,9 +259,11 @@ def zeros_input(shape, dtype):
 def compiled(family, name):
     """The compiled kernel `name` of `family` when the compiled backend is active, else None:
     for the fast paths of small calls, which run it directly (and leave every other call,
-    the python backend's included, to :func:`run`)."""
+    the python backend's included, to :func:`run`).  Prepares the BLAS libraries as
+    :func:`run` does (the ssd, linear_attention and attention kernels call scipy's)."""
     if _state["backend"] != "compiled":
         return None
+    _blas.prepare()
     return getattr(ext_module(family), name)
 
 
