@@ -100,18 +100,10 @@ def _valid_sizes(cell, x, W, R, b, b_r, heads, state):
     of one float dtype with matching nonzero sizes (see :func:`_validate.match`), an int
     `heads`, the state None or the cell's structure (a tuple when it has several parts);
     else None."""
-    if type(heads) is not int or heads < 1 or type(R) is not np.ndarray:
+    matched = _matched(cell, x, W, R, b, b_r, heads, state)
+    if matched is None:
         return None
-    S = cell.states
-    parts = () if state is None else (state,) if S == 1 else state
-    if type(parts) is not tuple:
-        return None
-    plans = _PLANS.get(R.ndim)
-    if plans is None or len(parts) not in (0, S):
-        return None
-    sizes = _validate.match(plans[len(parts)], R, W, b, b_r, x, *parts)
-    if sizes is None:
-        return None
+    parts, sizes = matched
     if R.ndim == 3:
         NH, GD, D, GH, I, B, T = sizes[:7]
     else:
@@ -122,7 +114,21 @@ def _valid_sizes(cell, x, W, R, b, b_r, heads, state):
     if (NH != heads or GD != G * D or GH not in (-1, G * H)
             or (W is None and I != G * H) or (parts and sizes[-1] != H)):
         return None
-    return B, T, H, D, S, parts
+    return B, T, H, D, cell.states, parts
+
+
+def _matched(cell, x, W, R, b, b_r, heads, state):
+    """(state parts, :func:`_validate.match`'s sizes of the plan these arrays take) -- the
+    first half of :func:`_valid_sizes`, all that :func:`plain_forward` runs on every call --
+    else None."""
+    if type(heads) is not int or heads < 1 or type(R) is not np.ndarray:
+        return None
+    parts = () if state is None else (state,) if cell.states == 1 else state
+    plans = _PLANS.get(R.ndim)
+    if type(parts) is not tuple or plans is None or len(parts) not in (0, cell.states):
+        return None
+    sizes = _validate.match(plans[len(parts)], R, W, b, b_r, x, *parts)
+    return None if sizes is None else (parts, sizes)
 
 
 def _plan(R_ndim, nparts):
@@ -154,15 +160,12 @@ def plain_forward(cell, x, W, R, b, b_r, heads, state):
     as :func:`prepare`, :func:`input_preactivation`, :func:`forward` and :func:`outputs`, in
     a few microseconds less (small calls).  None for any other call, which then takes that
     general path (and its error messages)."""
-    if not _dispatch.use_compiled() or type(heads) is not int or type(R) is not np.ndarray:
+    if not _dispatch.use_compiled():
         return None
-    parts = () if state is None else (state,) if len(cell.state_names) == 1 else state
-    plans = _PLANS.get(R.ndim)
-    if type(parts) is not tuple or plans is None or len(parts) >= len(plans):
+    matched = _matched(cell, x, W, R, b, b_r, heads, state)
+    if matched is None:
         return None
-    sizes = _validate.match(plans[len(parts)], R, W, b, b_r, x, *parts)
-    if sizes is None:
-        return None
+    parts, sizes = matched
     # the sizes settle everything else: worked out once per shape (see _plain_decisions)
     key = ("plain_forward", cell.name, heads, R.ndim, len(parts), sizes, x.dtype, W is None,
            b is None, b_r is None, _dispatch.get_num_threads())
