@@ -296,7 +296,7 @@ def chunk(kernel, dk, dv, dtype):
     """`chunk=None` of ``ssd`` (dk = N, dv = P) or ``linear_attention``: the tuned chunk for
     these head sizes, dtype and thread count, else the automatic one."""
     threads = get_num_threads()
-    key = (kernel, dk, dv, dtype, threads)
+    key = ("chunk", kernel, dk, dv, dtype, threads)
     value = _ANSWERS.get(key)
     if value is None:
         if kernel in _state["forced"] or _table().get(kernel):
@@ -309,7 +309,7 @@ def rnn_block(cell, B, H, heads, dtype):
     """The rnn forward's `block` argument: the tuned rows per job (> 0) or column split (-1)
     for this cell, shape, dtype and thread count, else 0 (the kernel's own rule)."""
     threads = get_num_threads()
-    key = (cell, B, H, heads, dtype, threads)
+    key = ("rnn_block", cell, B, H, heads, dtype, threads)
     value = _ANSWERS.get(key)
     if value is None:
         if "rnn" in _state["forced"] or _table().get("rnn"):

@@ -127,7 +127,8 @@ def fast_call_blocking(kernel, B, NH, T, dk, dv, dtype, chunk):
     automatic one) and the threads for the recurrence's work.  Remembered per sizes, dtype,
     chunk and thread count (see _tuning.remember) when `chunk` is None or an int; any other
     `chunk` gets check_chunk's error or answer each time."""
-    key = (kernel, B, NH, T, dk, dv, dtype, chunk, _dispatch.get_num_threads())
+    key = ("fast_call_blocking", kernel, B, NH, T, dk, dv, dtype, chunk,
+           _dispatch.get_num_threads())
     cacheable = chunk is None or type(chunk) is int
     decided = _tuning.remembered(key) if cacheable else None
     if decided is None:
