@@ -3,7 +3,9 @@
 `python tests/_golden.py` records this machine's file in ``tests/data/golden/`` (both backends,
 float32 and float64); ``test_golden.py`` checks that every output is still bit-identical to the
 recording of a machine like this one (the same ISA features of the build and numpy version:
-other features fuse other operations, and numpy's BLAS other sums).  Record a machine's file
+other features fuse other operations, and numpy's BLAS other sums) and the same kernels of the
+BLAS libraries (OpenBLAS picks them by CPU model: an AVX-512 AMD EPYC runs its Haswell kernels,
+an AVX-512 Xeon others, which sum products in another order).  Record a machine's file
 once, from a commit whose results are the reference; record anew only when a change of results
 is intended, and say so in the commit.
 """
@@ -98,9 +100,29 @@ def _like(value, rng):
 
 
 def machine():
-    """What the recording depends on: the compiled kernels' ISA features and numpy's version."""
+    """What the recording depends on: the compiled kernels' ISA features, numpy's version and
+    the BLAS libraries' kernels (threadpoolctl's "architecture" of each OpenBLAS loaded)."""
     info = ss.build_info()
-    return f"{info['variant']} {','.join(info['features'] or ())} numpy {np.__version__}"
+    return (f"{info['variant']} {','.join(info['features'] or ())} numpy {np.__version__}"
+            f"{BLAS}{','.join(_blas_kernels())}")
+
+
+BLAS = " blas "
+
+
+def _blas_kernels():
+    from threadpoolctl import threadpool_info
+    return sorted({str(lib.get("architecture")) for lib in threadpool_info()
+                   if lib.get("user_api") == "blas"})
+
+
+def recording_for(key, known):
+    """The path of the recording for machine `key` among `known` ({machine: path}), or None.
+    Files recorded before the BLAS kernels were part of the key match any BLAS, but only when
+    no file names this machine's BLAS kernels."""
+    if key in known:
+        return known[key]
+    return known.get(key.split(BLAS)[0])
 
 
 def compute():
@@ -138,6 +160,7 @@ def path_for(key):
 
 if __name__ == "__main__":
     key = machine()
-    path = recordings().get(key, path_for(key))
+    known = recordings()
+    path = known[key] if key in known else path_for(key)
     np.savez_compressed(path, __machine__=np.array(key), **compute())
     print(f"recorded {len(np.load(path).files)} arrays in {path}", file=sys.stderr)
