@@ -35,11 +35,16 @@ def test_bench_table_and_json(tmp_path, capsys):
     assert doc["schema"] == "statescan-bench/1"
     assert doc["machine"]["cpu"] and doc["machine"]["logical_cpus"] >= 1
     assert doc["gemm_peaks_gflops"]["float32"] > 0
+    peak = doc["peaks_gflops"]["float32"]      # the faster of numpy's and statescan's GEMM
+    assert peak["numpy"] == doc["gemm_peaks_gflops"]["float32"]
+    assert peak["peak"] == max(peak["numpy"], peak["compiled"] or 0)
+    assert (peak["compiled"] is None) == (statescan.backend() == "python")
     assert doc["threads"] == 1 and doc["dtype"] == "float32" and doc["statistic"] == "median"
     (result,) = doc["results"]
     assert result["id"] == "rnn/lstm B=1 H=64 heads=1 float32"
     ours, ref = result["runners"]["statescan"], result["runners"]["numpy-ref"]
     assert ours["us_per_step"] > 0 and 0 < ours["peak_fraction"]
+    assert ours["peak_fraction"] == pytest.approx(ours["gflops"] / peak["peak"])
     assert ref["verified"] is True and ref["max_error"] < 1e-3
     assert ref["ratio"] == pytest.approx(ref["us_per_step"] / ours["us_per_step"])
     assert set(result["runners"]) == {"statescan", "numpy-ref"}
@@ -259,12 +264,13 @@ def test_a_runner_over_its_cpu_share_is_flagged_in_table_and_json():
         m.cpu_ratio = core.threads() * 1.5 + 0.5 if name == "jax" else 1.0
     meta = {"statescan": "0", "machine": {"cpu": "TestCPU", "logical_cpus": 2},
             "threads": core.threads(), "dtype": "float64", "statistic": "median"}
-    table = report.format_table([result], {"float64": 1.0}, meta)
+    peaks = {"float64": {"numpy": 1.0, "compiled": None, "peak": 1.0}}
+    table = report.format_table([result], peaks, meta)
     row = next(line for line in table.splitlines() if line.startswith("ones n=4"))
     jax_ratio = f"jax {core.threads() * 1.5 + 0.5:.2f}!"
     assert "statescan 1.00 torch 1.00 " + jax_ratio in row and row.endswith("OVER-SHARE jax")
     assert "jax used more CPU than" in table
-    doc = report.to_json([result], {"float64": 1.0}, meta)
+    doc = report.to_json([result], peaks, meta)
     runners = doc["results"][0]["runners"]
     assert runners["jax"]["over_share"] is True and runners["torch"]["over_share"] is False
     assert runners["torch"]["cpu_ratio"] == 1.0 and doc["results"][0]["over_share"] == ["jax"]

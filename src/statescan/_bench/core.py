@@ -23,7 +23,7 @@ A :class:`Case` is one grid point::
   microseconds per step = seconds per call / steps, so cases with different T compare.
   Pick T so one statescan call takes ~0.05-0.3 s (quick mode: ~0.01-0.05 s).
 * ``flops``: floating-point operations per call of the ``"statescan"`` runner (for GFLOP/s
-  and the fraction of the machine's measured sgemm peak); 0 when not meaningful.
+  and the fraction of the machine's measured GEMM peak); 0 when not meaningful.
 * ``make()``: builds the inputs (outside the timing) and returns ``{runner name: runner}``.
   A runner is a zero-argument callable returning the output to verify (an array, a tuple of
   arrays, or None to skip verification), or a :class:`Runner` when its sequence length

@@ -1,4 +1,4 @@
-"""The machine a benchmark runs on: its name, thread control, and its measured GEMM peak."""
+"""The machine a benchmark runs on: its name, thread control, and its measured GEMM peaks."""
 import os
 import platform
 import time
@@ -65,19 +65,42 @@ def set_blas_threads(n):
 
 
 def gemm_peak(dtype="float32", n=512, seconds=0.6):
-    """Measured GFLOP/s of a square GEMM through numpy (best of repeated calls): the practical
-    peak of this machine for the run's thread count.  n=512 already reaches OpenBLAS's peak,
-    and its few-millisecond calls fit between other processes' time slices on a busy machine
-    (larger ones measured 30% low there)."""
+    """Measured GFLOP/s of a square GEMM through numpy (best of repeated calls) for the run's
+    thread count: the yardstick of the regression guard's peak fractions.  n=512 already
+    reaches OpenBLAS's peak, and its few-millisecond calls fit between other processes' time
+    slices on a busy machine (larger ones measured 30% low there)."""
+    a, b, out = _square_operands(dtype, n)
+    return _best_gflops(lambda: np.matmul(a, b, out=out), 2.0 * n ** 3, seconds)
+
+
+def compiled_gemm_peak(dtype="float32", n=512, seconds=0.6, threads=1):
+    """Measured GFLOP/s of the same GEMM through statescan's compiled micro-kernel (the cells'
+    input projection, on `threads` threads), None without the compiled kernels.
+
+    Where numpy's BLAS does not use the machine's widest vectors (OpenBLAS runs its AVX2
+    kernels on an AVX-512 AMD EPYC: half the FMA throughput), this is the machine's peak, and
+    a percentage of numpy's would read above 100%."""
+    from .. import _dispatch
+    if not _dispatch.use_compiled():
+        return None
+    project = _dispatch.ext_module("rnn").project
+    a, b, out = _square_operands(dtype, n)
+    x, w, y = a[None], np.ascontiguousarray(b.T), out[None]      # y = x @ w.T = a @ b
+    return _best_gflops(lambda: project(x, w, None, y, threads), 2.0 * n ** 3, seconds)
+
+
+def _square_operands(dtype, n):
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n)).astype(dtype)
-    b = rng.standard_normal((n, n)).astype(dtype)
-    out = np.empty((n, n), dtype)
-    np.matmul(a, b, out=out)
+    return (rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype),
+            np.empty((n, n), dtype))
+
+
+def _best_gflops(call, flops, seconds):
+    call()
     best, spent = float("inf"), 0.0
     while spent < seconds or best == float("inf"):
         t0 = time.perf_counter()
-        np.matmul(a, b, out=out)
+        call()
         dt = time.perf_counter() - t0
         best, spent = min(best, dt), spent + dt
-    return 2.0 * n ** 3 / best / 1e9
+    return flops / best / 1e9
