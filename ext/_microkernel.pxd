@@ -27,6 +27,9 @@ cdef extern from *:
     /* a recurrent matrix from this size up is read from memory at every step (bigger than a
        core's L2 here): ss_matmul_acc prefetches its next panel */
     #define SS_PREFETCH_BYTES ((Py_ssize_t)2 << 20)
+    /* from this size up, for any number of row blocks: a matrix this big is partly read from
+       memory even where it would fit the L3 (a shared L3 keeps other data too) */
+    #define SS_PREFETCH_ALL_BYTES ((Py_ssize_t)8 << 20)
     /* what a block does with out: SS_ADD out += acc; SS_STORE out = bias + acc (0 + acc
        without a bias); over slices of k, the accumulators pass through out unrounded:
        SS_FIRST out = acc, SS_MID acc starts from out, out = acc, SS_LAST as SS_MID then
@@ -185,11 +188,15 @@ cdef extern from *:
                                     Py_ssize_t ntiles, T* out, Py_ssize_t ldo,               \\
                                     Py_ssize_t nrows) {                                      \\
         /* hints for two row blocks (float32, K = 512-1024, 16 rows: 1.13-1.15x; 24 rows     \\
-           1.01-1.04x; 48 rows 0.95-0.97x, as the memory is a smaller part); two copies, the  \\
-           hints a literal 1 or 0: with the hints' code beside the loops that do not use     \\
-           them, those ran 5-10% slower (64 rows and more) */                               \\
-        if (nrows > SS_MR_##SFX && nrows <= 2 * SS_MR_##SFX                                  \\
-                && ntiles * K * SS_NT * (Py_ssize_t)sizeof(T) > SS_PREFETCH_BYTES)           \\
+           1.01-1.04x; 48 rows 0.95-0.97x, as the memory is a smaller part), and for any     \\
+           number from SS_PREFETCH_ALL_BYTES (AMD EPYC Zen 5, 32 MiB L3, H = 1024, float32:  \\
+           48 rows 1.12-1.2x, 64 rows 1.15x, 256 rows 1.02x; at H = 512, 4 MB, 64 rows were  \\
+           1% slower with them); two copies, the hints a literal 1 or 0: with the hints'     \\
+           code beside the loops that do not use them, those ran 5-10% slower (64 rows and   \\
+           more) */                                                                          \\
+        const Py_ssize_t bytes = ntiles * K * SS_NT * (Py_ssize_t)sizeof(T);                 \\
+        if (nrows > SS_MR_##SFX && (bytes >= SS_PREFETCH_ALL_BYTES                           \\
+                || (nrows <= 2 * SS_MR_##SFX && bytes > SS_PREFETCH_BYTES)))                 \\
             ss_matmul_##SFX(a, lda, mp, K, ntiles, out, ldo, nrows, SS_ADD, NULL, 1);        \\
         else                                                                                 \\
             ss_matmul_##SFX(a, lda, mp, K, ntiles, out, ldo, nrows, SS_ADD, NULL, 0);        \\

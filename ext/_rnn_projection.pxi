@@ -1,7 +1,11 @@
 # Part of ext/rnn.pyx, which includes it: one extension module, compiled as one file.
 
 cdef enum:
-    PROJECT_ROWS = 64     # rows per job of `project`
+    # rows per job of `project`: every job streams all of packed W (16 MB at H = I = 1024,
+    # larger than the share of the L3 it keeps) past its rows; 256 rather than 64 rows read it
+    # a quarter as often (AMD EPYC Zen 5, float32, 4096 rows x 1024 -> 4096: 125-137 -> 180-188
+    # GFLOP/s; the same bits, an element's sum does not depend on its job)
+    PROJECT_ROWS = 256
     PROJECT_SLICE_BYTES = 16384     # a slice of a panel of W^T that stays in L1 (project_job)
     # multiply-adds of a projection below which it stays on the calling thread even when its
     # rows give fewer jobs than threads: ~10 us of work, where a parallel region costs a few

@@ -489,7 +489,7 @@ cdef Py_ssize_t forward_rows_per_job(Py_ssize_t B, Py_ssize_t heads, int num_thr
 
 cdef enum:
     # rows of x a fused job projects per block at least (rows x steps), so each panel of W
-    # read into cache serves as many rows as one job of `project` (PROJECT_ROWS)
+    # read into cache serves 64 rows or more (a fused W stays in cache: FUSED_W_BYTES)
     FUSED_ROWS = 64
     # bytes of a fused job's projection buffer above which blocks shrink towards one
     # micro-kernel row block of steps
