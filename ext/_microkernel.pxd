@@ -163,12 +163,19 @@ cdef extern from *:
                 ss_block_##SFX(a, lda, mp + tile * K * SS_NT, K, out + tile * SS_NT, ldo, 1, 2, \\
                                mode, bias ? bias + tile * SS_NT : NULL, NULL, 0);            \\
         }                                                                                    \\
+        /* full blocks end at `whole`; a short rest (under half a block) after a full block  \\
+           runs with it as two near-equal blocks: a block of a few rows re-reads the whole   \\
+           panel from L2 for them (64 rows, AVX-512: 5 x 12 + 4 -> 4 x 12 + 8 + 8) */        \\
+        const Py_ssize_t rest = nrows % SS_MR_##SFX;                                         \\
+        const Py_ssize_t whole = nrows - rest                                                \\
+            - (rest && 2 * rest < SS_MR_##SFX && nrows > SS_MR_##SFX ? SS_MR_##SFX : 0);     \\
+        const Py_ssize_t half = (nrows - whole) / 2;                                         \\
         for (; tile < ntiles; tile++) {                                                      \\
             const T* panel = mp + tile * K * SS_NT;                                          \\
             const T* tbias = bias ? bias + tile * SS_NT : NULL;                              \\
             const char* next = pf_next && tile + 1 < ntiles                                  \\
                                ? (const char*)(panel + K * SS_NT) : NULL;                    \\
-            for (r = 0; r + SS_MR_##SFX <= nrows; r += SS_MR_##SFX)                           \\
+            for (r = 0; r < whole; r += SS_MR_##SFX)                                         \\
                 if (next)  /* two copies: without hints, no test in the loop over k */       \\
                     ss_block_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, \\
                                    ldo, SS_MR_##SFX, 1, mode, tbias,                         \\
@@ -179,6 +186,12 @@ cdef extern from *:
                                    ldo, SS_MR_##SFX, 1, mode, tbias, NULL, 0);               \\
             /* the rest (fewer than MR rows, e.g. rows still running in a variable-length   \\
                batch) in one block: a single-row block would re-read the panel per row */    \\
+            if (nrows - whole >= SS_MR_##SFX) {                                              \\
+                ss_rest_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, ldo, \\
+                              half, mode, tbias, next ? next + lines * r / nrows * 64 : NULL, \\
+                              lines * (r + half) / nrows - lines * r / nrows);               \\
+                r += half;                                                                   \\
+            }                                                                                \\
             ss_rest_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, ldo,     \\
                           nrows - r, mode, tbias, next ? next + lines * r / nrows * 64 : NULL, \\
                           lines - lines * r / nrows);                                        \\
