@@ -512,6 +512,31 @@ def test_non_finite_input_gradients_match_reference(bad, chunk, causal):
                 assert np.isfinite(dk[0, 1, 6:]).all() and np.isfinite(dv[0, 1, 6:]).all()
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
+def test_single_non_finite_entry_anywhere_in_a_long_block(dtype, which):
+    """The compiled kernels' finiteness checks (vectorised reductions over whole blocks of V,
+    K, q or dO) see one inf or NaN wherever it stands -- a block's first, middle or last entry
+    (its vector tail): the NaN/inf pattern of every output and gradient is the reference's."""
+    rng = np.random.default_rng(3)
+    T, d, dv, chunk = 70, 33, 19, 32
+    base = [rand(rng, 1, 1, T, d, dtype=dtype, s=0.5), rand(rng, 1, 1, T, d, dtype=dtype, s=0.5),
+            rand(rng, 1, 1, T, dv, dtype=dtype), rand(rng, 1, 1, T, dv, dtype=dtype)]
+    width = base[which].shape[-1]
+    for t, c, bad in [(0, 0, np.inf), (40, 7, np.nan), (chunk - 1, width - 1, -np.inf),
+                      (2 * chunk - 1, width - 1, np.nan), (T - 1, width - 1, np.inf)]:
+        args = [a.copy() for a in base]
+        args[which][0, 0, t, c] = bad
+        results = []
+        for name in ("compiled", "python"):
+            with using_backend(name), np.errstate(all="ignore"):
+                out, pb = ss.vjp(ss.attention, *args[:3], causal=True, chunk=chunk)
+                results.append([out, *pb(args[3])])
+        for a, b in zip(_nan_inf_pattern(results[0]), _nan_inf_pattern(results[1])):
+            assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), (t, c)
+        assert not all(np.isfinite(r).all() for r in results[0]), (t, c)
+
+
 def test_query_seeing_only_minus_inf_scores_has_zero_gradients():
     """A query whose every visible score is -inf outputs 0 with lse = -inf; its probabilities
     in the backward are 0 (not exp(-inf + inf) = NaN), on both backends."""
