@@ -1,8 +1,10 @@
 # Memory-efficient softmax attention: walk the keys in chunks with a running max and
-# denominator (never a Tq x Tk matrix).  One job per (batch, head); the block matmuls go to
-# BLAS (single-threaded at these sizes), the softmax bookkeeping is vectorised loops.  A job's
-# arithmetic never depends on the number of jobs or threads, so results are bit-identical for
-# any thread count.
+# denominator (never a Tq x Tk matrix).  One job per (batch, head); the block matmuls run on
+# statescan's micro-kernel where it is compiled for AVX-512 (uk_forward_job / uk_backward_job,
+# see SS_ATTENTION_MICROKERNEL), elsewhere through BLAS (single-threaded tiles:
+# flash_forward_job / flash_backward_job); the softmax bookkeeping is vectorised loops.  A
+# job's arithmetic never depends on the number of jobs or threads, so results are
+# bit-identical for any thread count.
 from cython cimport floating
 from cython.parallel cimport prange, parallel
 from libc.math cimport log, logf, INFINITY
@@ -10,6 +12,7 @@ from libc.math cimport log, logf, INFINITY
 from _gemm cimport gemm
 from _math cimport exp_, row_max
 from _scratch cimport scratch_alloc, scratch_free
+from _microkernel cimport NT, matmul_acc, matmul_store, pack_panels
 
 import numpy as np
 
@@ -53,12 +56,35 @@ cdef inline floating row_sum(const floating* x, Py_ssize_t n) noexcept nogil:
     return acc
 
 
-cdef bint all_finite(const floating* x, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef floating acc = 0
-    for i in range(n):
-        acc = acc + x[i] * 0        # 0 for finite entries, NaN once one is inf or NaN
-    return acc == 0
+cdef extern from *:
+    """
+    #include <stddef.h>
+    /* 0 for finite entries, NaN once one is inf or NaN: the sum is 0 or NaN in any order, so
+       `omp simd` may split it into vector lanes (the serial sum's add latency cost as much as
+       a tenth of the forward, in every block that needs the check). */
+    static inline int statescan_all_finitef(const float* x, ptrdiff_t n) {
+        float acc = 0;
+        #pragma omp simd reduction(+:acc)
+        for (ptrdiff_t i = 0; i < n; i++) acc += x[i] * 0.0f;
+        return acc == 0;
+    }
+    static inline int statescan_all_finite(const double* x, ptrdiff_t n) {
+        double acc = 0;
+        #pragma omp simd reduction(+:acc)
+        for (ptrdiff_t i = 0; i < n; i++) acc += x[i] * 0.0;
+        return acc == 0;
+    }
+    """
+    bint statescan_all_finitef(const float* x, Py_ssize_t n) noexcept nogil
+    bint statescan_all_finite(const double* x, Py_ssize_t n) noexcept nogil
+
+
+cdef inline bint all_finite(const floating* x, Py_ssize_t n) noexcept nogil:
+    """No inf or NaN among x[0..n-1]."""
+    if floating is float:
+        return statescan_all_finitef(x, n)
+    else:
+        return statescan_all_finite(x, n)
 
 
 cdef void add_values(const floating* P, Py_ssize_t ldp, Py_ssize_t nq, Py_ssize_t bk,
@@ -100,6 +126,110 @@ cdef void add_keys(const floating* A, Py_ssize_t lda, Py_ssize_t nq, Py_ssize_t 
         if first < nq:
             gemm(True, False, 1, n, nq - first, 1, A + first * lda + t, lda, X + first * n, n,
                  1, Y + t * n, n)
+
+
+cdef extern from *:
+    """
+    /* The block products on statescan's micro-kernel (_microkernel.pxd) where it is compiled
+       for AVX-512: there it runs at about twice the speed of OpenBLAS's kernels on the
+       attention's blocks (AVX2 kernels on the AMD EPYC Zen 5 it was measured on, and small
+       tiles).  Elsewhere (the portable SSE2 build: 1.7x slower than BLAS) through BLAS. */
+    #if defined(__AVX512F__)
+    #define SS_ATTENTION_MICROKERNEL 1
+    #else
+    #define SS_ATTENTION_MICROKERNEL 0
+    #endif
+    """
+    bint SS_ATTENTION_MICROKERNEL
+
+
+cdef inline Py_ssize_t padded(Py_ssize_t n) noexcept nogil:
+    """n rounded up to whole panels of NT columns."""
+    return (n + NT - 1) // NT * NT
+
+
+cdef void uk_forward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize_t dv,
+                            Py_ssize_t BQ, Py_ssize_t BK, bint causal, floating sc,
+                            const floating* q, const floating* k, const floating* v,
+                            floating* o, floating* lse, floating* S, floating* m,
+                            floating* l, floating* Kp, floating* Vp,
+                            floating* O) noexcept nogil:
+    """One (batch, head).  The block products run on the micro-kernel of the cells' projections
+    (_microkernel.pxd, this machine's SIMD): a key chunk's K^T and V are packed into panels of NT
+    columns (S [BQ, padded(BK)], the running numerators O [BQ, padded(dv)], both scratch)."""
+    cdef Py_ssize_t off = Tk - Tq, i0, j0, nq, bk, i, t, c, nv, jend, iblk, jblk, tile, full
+    cdef Py_ssize_t ldS = padded(BK), ldO = padded(dv), vt = padded(dv) // NT
+    cdef floating* row
+    cdef floating mx, alpha, acc, base
+    cdef bint finite
+    for iblk in range((Tq + BQ - 1) // BQ):
+        i0 = iblk * BQ
+        nq = min(BQ, Tq - i0)
+        for i in range(nq):
+            m[i] = -INFINITY
+            l[i] = 0
+        for i in range(nq * ldO):
+            O[i] = 0
+        jend = Tk if not causal else max(0, min(Tk, i0 + nq - 1 + off + 1))
+        for jblk in range((jend + BK - 1) // BK):
+            j0 = jblk * BK
+            bk = min(BK, jend - j0)
+            # S = q_blk K_chunk^T (unscaled), then scale
+            if d > 0:
+                pack_panels(k + j0 * d, 1, d, d, bk, Kp)
+                matmul_store(q + i0 * d, d, Kp, d, padded(bk) // NT, NULL, S, ldS, nq)
+            else:
+                for i in range(nq * ldS):
+                    S[i] = 0
+            pack_panels(v + j0 * dv, dv, 1, bk, dv, Vp)
+            for i in range(nq):
+                row = S + i * ldS
+                nv = n_visible(i0 + i, j0, bk, off, causal)
+                for t in range(nv):
+                    row[t] = sc * row[t]
+                mx = row_max(row, nv, m[i])
+                # rows that have seen no key keep m = -inf: rescale nothing, add nothing
+                base = mx if mx > -INFINITY else 0
+                alpha = exp_(m[i] - base)
+                for t in range(nv):
+                    row[t] = exp_(row[t] - base)
+                acc = row_sum(row, nv)
+                for t in range(nv, bk):
+                    row[t] = 0
+                l[i] = alpha * l[i] + acc
+                m[i] = mx
+                if alpha != 1:
+                    scale(O + i * ldO, ldO, alpha)
+            # O += P V.  P is 0 where a query does not see a key, but 0 times a non-finite
+            # value is NaN: when V holds one, the rows that see only part of the chunk multiply
+            # only their visible keys (causality holds for any input)
+            full = 0
+            if causal:
+                full = max(0, min(nq, j0 + bk - 1 - off - i0))   # rows before `full` see < bk
+            finite = full == 0 or all_finite(v + j0 * dv, bk * dv)
+            if finite:
+                full = 0
+            for i in range(full):
+                nv = n_visible(i0 + i, j0, bk, off, causal)
+                for tile in range(vt):
+                    matmul_acc(S + i * ldS, ldS, Vp + tile * bk * NT, nv, 1,
+                               O + i * ldO + tile * NT, ldO, 1)
+            matmul_acc(S + full * ldS, ldS, Vp, bk, vt, O + full * ldO, ldO, nq - full)
+        for i in range(nq):
+            row = O + i * ldO
+            if l[i] > 0:
+                scale(row, dv, 1 / l[i])
+                if floating is float:
+                    lse[i0 + i] = m[i] + logf(l[i])
+                else:
+                    lse[i0 + i] = m[i] + log(l[i])
+            elif l[i] == 0:
+                lse[i0 + i] = -INFINITY
+            else:               # NaN
+                lse[i0 + i] = l[i]
+                scale(row, dv, l[i])
+            for c in range(dv):
+                o[(i0 + i) * dv + c] = row[c]
 
 
 cdef void flash_forward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize_t dv,
@@ -169,22 +299,196 @@ def flash_forward(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k
     cdef floating* S
     cdef floating* m
     cdef floating* l
+    cdef floating* Kp
+    cdef floating* Vp
+    cdef floating* O
     cdef Py_ssize_t failed = 0
+    # scratch: S [BQ, BK] and m, l [BQ]; the micro-kernel's S rows and O padded to whole
+    # panels, plus the chunk's packed K^T and V
+    cdef Py_ssize_t ldS = padded(BK) if SS_ATTENTION_MICROKERNEL else BK
+    cdef Py_ssize_t extra = (padded(BK) * d + padded(dv) * BK + BQ * padded(dv)
+                             if SS_ATTENTION_MICROKERNEL else 0)
     with nogil, parallel(num_threads=num_threads):
-        S = <floating*> scratch_alloc((BQ * BK + 2 * BQ) * sizeof(floating))
-        m = S + BQ * BK
+        S = <floating*> scratch_alloc((BQ * ldS + 2 * BQ + extra) * sizeof(floating))
+        m = S + BQ * ldS
         l = m + BQ
+        Kp = l + BQ
+        Vp = Kp + padded(BK) * d
+        O = Vp + padded(dv) * BK
         for job in prange(B * NH, schedule="static"):
             b = job // NH
             h = job % NH
             if S == NULL:
                 failed += 1
                 continue
-            flash_forward_job(Tq, Tk, d, dv, BQ, BK, causal, sc, &q[b, h, 0, 0], &k[b, h, 0, 0],
-                              &v[b, h, 0, 0], &o[b, h, 0, 0], &lse[b, h, 0], S, m, l)
+            if SS_ATTENTION_MICROKERNEL:
+                uk_forward_job(Tq, Tk, d, dv, BQ, BK, causal, sc, &q[b, h, 0, 0],
+                               &k[b, h, 0, 0], &v[b, h, 0, 0], &o[b, h, 0, 0], &lse[b, h, 0],
+                               S, m, l, Kp, Vp, O)
+            else:
+                flash_forward_job(Tq, Tk, d, dv, BQ, BK, causal, sc, &q[b, h, 0, 0],
+                                  &k[b, h, 0, 0], &v[b, h, 0, 0], &o[b, h, 0, 0], &lse[b, h, 0],
+                                  S, m, l)
         scratch_free(S)
     if failed:
         raise MemoryError(f"attention: no memory for a {BQ} x {BK} block (chunk)")
+
+
+cdef inline void transpose(const floating* A, Py_ssize_t lda, Py_ssize_t rows, Py_ssize_t cols,
+                           floating* B, Py_ssize_t ldb) noexcept nogil:
+    """B[c, r] = A[r, c] in 16 x 16 tiles."""
+    cdef Py_ssize_t r0, c0, r, c
+    for r0 in range(0, rows, 16):
+        for c0 in range(0, cols, 16):
+            for c in range(c0, min(cols, c0 + 16)):
+                for r in range(r0, min(rows, r0 + 16)):
+                    B[c * ldb + r] = A[r * lda + c]
+
+
+cdef inline void add_product(const floating* a, Py_ssize_t lda, Py_ssize_t K,
+                             const floating* Mp, Py_ssize_t mstride, Py_ssize_t n,
+                             floating* Y, Py_ssize_t ldy, Py_ssize_t rows,
+                             floating* tmp) noexcept nogil:
+    """Y[:rows, :n] += a[:rows, :K] @ M, M's panels NT wide at Mp + tile * mstride; a last
+    partial panel goes through tmp [rows, NT] (0 + acc, then added: the same bits as adding in
+    place)."""
+    cdef Py_ssize_t tile, i, c, w
+    for tile in range(n // NT):
+        matmul_acc(a, lda, Mp + tile * mstride, K, 1, Y + tile * NT, ldy, rows)
+    w = n % NT
+    if w:
+        tile = n // NT
+        matmul_store(a, lda, Mp + tile * mstride, K, 1, NULL, tmp, NT, rows)
+        for i in range(rows):
+            for c in range(w):
+                Y[i * ldy + tile * NT + c] = Y[i * ldy + tile * NT + c] + tmp[i * NT + c]
+
+
+cdef void uk_backward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize_t dv,
+                             Py_ssize_t BQ, Py_ssize_t BK, bint causal, floating sc,
+                             const floating* q, const floating* k, const floating* v,
+                             const floating* lse, const floating* D, const floating* do,
+                             floating* dq, floating* dk, floating* dv_,
+                             floating* buf) noexcept nogil:
+    """One (batch, head) on the micro-kernel: per key chunk K^T, V^T and K packed; per query
+    block its q and dO packed; dK, dV of the chunk accumulated in scratch.  P^T and dS^T are
+    transposed into scratch (the kernel reads its left operand by rows)."""
+    cdef Py_ssize_t off = Tk - Tq, i0, j0, nq, bk, i, t, c, nv, i_first, iblk, jblk, full
+    cdef Py_ssize_t part, first
+    cdef Py_ssize_t ldS = padded(BK), pd = padded(d), pdv = padded(dv)
+    cdef floating* S = buf
+    cdef floating* dP = S + BQ * ldS
+    cdef floating* PT = dP + BQ * ldS            # [BK, BQ]
+    cdef floating* Kt = PT + BK * BQ            # K chunk^T panels [padded(BK) / NT][d][NT]
+    cdef floating* Vt = Kt + ldS * d            # V chunk^T panels [padded(BK) / NT][dv][NT]
+    cdef floating* Kc = Vt + ldS * dv           # K chunk panels [pd / NT][BK][NT]
+    cdef floating* Qp = Kc + pd * BK            # q block panels [pd / NT][BQ][NT]
+    cdef floating* Dp = Qp + pd * BQ            # dO block panels [pdv / NT][BQ][NT]
+    cdef floating* dKc = Dp + pdv * BQ          # [BK, pd]
+    cdef floating* dVc = dKc + BK * pd          # [BK, pdv]
+    cdef floating* tmp = dVc + BK * pdv         # [max(BQ, BK), NT]
+    cdef floating* row
+    cdef floating* drow
+    cdef floating L, Di
+    cdef bint finite
+    for i in range(Tq * d):
+        dq[i] = 0
+    for jblk in range((Tk + BK - 1) // BK):
+        j0 = jblk * BK
+        bk = min(BK, Tk - j0)
+        for i in range(bk * pd):
+            dKc[i] = 0
+        for i in range(bk * pdv):
+            dVc[i] = 0
+        if d > 0:
+            pack_panels(k + j0 * d, 1, d, d, bk, Kt)
+            pack_panels(k + j0 * d, d, 1, bk, d, Kc)
+        if dv > 0:
+            pack_panels(v + j0 * dv, 1, dv, dv, bk, Vt)
+        # causal: the first query that sees key j0 is i = j0 - off
+        i_first = max(0, j0 - off) if causal else 0
+        for iblk in range(i_first // BQ, (Tq + BQ - 1) // BQ):
+            i0 = iblk * BQ
+            nq = min(BQ, Tq - i0)
+            if d > 0:
+                matmul_store(q + i0 * d, d, Kt, d, padded(bk) // NT, NULL, S, ldS, nq)
+                pack_panels(q + i0 * d, d, 1, nq, d, Qp)
+            else:
+                for i in range(nq * ldS):
+                    S[i] = 0
+            if dv > 0:
+                matmul_store(do + i0 * dv, dv, Vt, dv, padded(bk) // NT, NULL, dP, ldS, nq)
+                pack_panels(do + i0 * dv, dv, 1, nq, dv, Dp)
+            else:
+                for i in range(nq * ldS):
+                    dP[i] = 0
+            for i in range(nq):
+                row = S + i * ldS
+                drow = dP + i * ldS
+                nv = n_visible(i0 + i, j0, bk, off, causal)
+                L = lse[i0 + i]
+                if L == -INFINITY:      # every visible score is -inf: P = 0, not exp(-inf + inf)
+                    L = INFINITY
+                Di = D[i0 + i]
+                for t in range(nv):
+                    row[t] = exp_(sc * row[t] - L)
+                    drow[t] = row[t] * (drow[t] - Di) * sc
+                for t in range(nv, bk):
+                    row[t] = 0
+                    drow[t] = 0
+            # P^T dO -> dV, dS K -> dQ, dS^T Q -> dK, skipping masked pairs of non-finite
+            # rows: keys before `part` are seen by the whole block, rows before `full` see
+            # fewer than bk keys
+            part = bk
+            full = 0
+            if causal:
+                part = max(0, min(bk, i0 + off - j0 + 1))
+                full = max(0, min(nq, j0 + bk - 1 - off - i0))
+            transpose(S, ldS, nq, bk, PT, BQ)
+            finite = part == bk or all_finite(do + i0 * dv, nq * dv)
+            _add_keys(PT, BQ, nq, bk, Dp, dv, dVc, pdv, i0, j0, off, part, finite, tmp)
+            finite = full == 0 or all_finite(k + j0 * d, bk * d)
+            if finite:
+                add_product(dP, ldS, bk, Kc, bk * NT, d, dq + i0 * d, d, nq, tmp)
+            else:
+                for i in range(full):
+                    nv = n_visible(i0 + i, j0, bk, off, causal)
+                    add_product(dP + i * ldS, ldS, nv, Kc, bk * NT, d, dq + (i0 + i) * d, d,
+                                1, tmp)
+                add_product(dP + full * ldS, ldS, bk, Kc, bk * NT, d, dq + (i0 + full) * d, d,
+                            nq - full, tmp)
+            transpose(dP, ldS, nq, bk, PT, BQ)
+            finite = part == bk or all_finite(q + i0 * d, nq * d)
+            _add_keys(PT, BQ, nq, bk, Qp, d, dKc, pd, i0, j0, off, part, finite, tmp)
+        for t in range(bk):
+            for c in range(d):
+                dk[(j0 + t) * d + c] = dKc[t * pd + c]
+            for c in range(dv):
+                dv_[(j0 + t) * dv + c] = dVc[t * pdv + c]
+
+
+cdef inline void _add_keys(const floating* AT, Py_ssize_t ldat, Py_ssize_t nq, Py_ssize_t bk,
+                           const floating* Xp, Py_ssize_t n, floating* Y, Py_ssize_t ldy,
+                           Py_ssize_t i0, Py_ssize_t j0, Py_ssize_t off, Py_ssize_t part,
+                           bint finite, floating* tmp) noexcept nogil:
+    """Y[:bk, :n] += A^T X for a block of nq queries and bk keys, given AT = A^T [bk, nq] and
+    X [nq, n] packed in panels of NT (stride nq * NT).  A is 0 where a query does not see a
+    key, but 0 times a non-finite entry of X is NaN: when X holds one (not finite), the keys
+    seen by only part of the block (from `part` on) add only the queries that see them (a
+    key's gradient never depends on earlier queries)."""
+    cdef Py_ssize_t t, first
+    if n == 0:
+        return
+    if finite:
+        add_product(AT, ldat, nq, Xp, nq * NT, n, Y, ldy, bk, tmp)
+        return
+    if part > 0:
+        add_product(AT, ldat, nq, Xp, nq * NT, n, Y, ldy, part, tmp)
+    for t in range(part, bk):
+        first = j0 + t - off - i0                     # the block's first query seeing key t
+        if first < nq:
+            add_product(AT + t * ldat + first, ldat, nq - first, Xp + first * NT, nq * NT, n,
+                        Y + t * ldy, ldy, 1, tmp)
 
 
 cdef void flash_backward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize_t dv,
@@ -251,8 +555,15 @@ def flash_backward(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] 
     cdef floating* S
     cdef floating* dP
     cdef Py_ssize_t failed = 0
+    # scratch: S, dP [BQ, BK]; the micro-kernel's (see uk_backward_job) padded S, dP, P^T,
+    # the chunk's packed K^T, V^T, K, the block's packed q, dO, the chunk's dK, dV
+    cdef Py_ssize_t size = 2 * BQ * BK
+    if SS_ATTENTION_MICROKERNEL:
+        size = (2 * BQ * padded(BK) + BK * BQ + padded(BK) * (d + dv_)
+                + padded(d) * (BK + BQ) + padded(dv_) * BQ + BK * (padded(d) + padded(dv_))
+                + max(BQ, BK) * NT)
     with nogil, parallel(num_threads=num_threads):
-        S = <floating*> scratch_alloc(2 * BQ * BK * sizeof(floating))
+        S = <floating*> scratch_alloc(size * sizeof(floating))
         dP = S + BQ * BK
         for job in prange(B * NH, schedule="static"):
             b = job // NH
@@ -260,10 +571,16 @@ def flash_backward(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] 
             if S == NULL:
                 failed += 1
                 continue
-            flash_backward_job(Tq, Tk, d, dv_, BQ, BK, causal, sc, &q[b, h, 0, 0],
-                               &k[b, h, 0, 0], &v[b, h, 0, 0], &lse[b, h, 0], &D[b, h, 0],
-                               &do[b, h, 0, 0], &dq[b, h, 0, 0], &dk[b, h, 0, 0],
-                               &dv[b, h, 0, 0], S, dP)
+            if SS_ATTENTION_MICROKERNEL:
+                uk_backward_job(Tq, Tk, d, dv_, BQ, BK, causal, sc, &q[b, h, 0, 0],
+                                &k[b, h, 0, 0], &v[b, h, 0, 0], &lse[b, h, 0], &D[b, h, 0],
+                                &do[b, h, 0, 0], &dq[b, h, 0, 0], &dk[b, h, 0, 0],
+                                &dv[b, h, 0, 0], S)
+            else:
+                flash_backward_job(Tq, Tk, d, dv_, BQ, BK, causal, sc, &q[b, h, 0, 0],
+                                   &k[b, h, 0, 0], &v[b, h, 0, 0], &lse[b, h, 0], &D[b, h, 0],
+                                   &do[b, h, 0, 0], &dq[b, h, 0, 0], &dk[b, h, 0, 0],
+                                   &dv[b, h, 0, 0], S, dP)
         scratch_free(S)
     if failed:
         raise MemoryError(f"attention: no memory for two {BQ} x {BK} blocks (chunk)")

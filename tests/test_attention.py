@@ -146,6 +146,27 @@ def test_compiled_matches_reference(dtype):
             assert_close(a, b, dtype=dtype, tol=tol, what=fn.__name__)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("chunk", [None, 96, 33])
+def test_compiled_vjp_matches_reference_on_wide_heads(dtype, causal, chunk):
+    """Heads wider than the kernels' column panels with a partial last panel (d = 40,
+    dv = 72), several query blocks (Tq = 300) and key chunks, Tk > Tq: the compiled forward
+    and all three gradients agree with the float64 reference."""
+    q, k, v = att_problem(B=1, NH=2, Tq=300, Tk=331, d=40, dv=72, dtype=dtype, seed=5)
+    do = rand(np.random.default_rng(6), 1, 2, 300, 72, dtype=dtype)
+    out, pb = ss.vjp(ss.attention, q, k, v, causal=causal, chunk=chunk)
+    grads = pb(do)
+    with using_backend("python"):
+        out_ref, pb_ref = ss.vjp(ss.attention, *(a.astype(F64) for a in (q, k, v)),
+                                 causal=causal, chunk=chunk)
+        grads_ref = pb_ref(do.astype(F64))
+    tol = 1e-12 if dtype == F64 else 2e-5
+    for name, a, b in zip(("o", "dq", "dk", "dv"), (out, *grads), (out_ref, *grads_ref)):
+        assert a.dtype == dtype
+        assert_close(a, b, dtype=dtype, tol=tol, what=name)
+
+
 def test_thread_count_does_not_change_results():
     (q, k, v), kw = la_problem(B=3, NH=3, T=50, dtype=F32)
     ssd_args, ssd_kw = ssd_problem(Bt=3, T=50, dtype=F32)
@@ -510,6 +531,31 @@ def test_non_finite_input_gradients_match_reference(bad, chunk, causal):
             assert np.isfinite(dq[0, 1, :5]).all()
             if which == 0:
                 assert np.isfinite(dk[0, 1, 6:]).all() and np.isfinite(dv[0, 1, 6:]).all()
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
+def test_single_non_finite_entry_anywhere_in_a_long_block(dtype, which):
+    """The compiled kernels' finiteness checks (vectorised reductions over whole blocks of V,
+    K, q or dO) see one inf or NaN wherever it stands -- a block's first, middle or last entry
+    (its vector tail): the NaN/inf pattern of every output and gradient is the reference's."""
+    rng = np.random.default_rng(3)
+    T, d, dv, chunk = 70, 33, 19, 32
+    base = [rand(rng, 1, 1, T, d, dtype=dtype, s=0.5), rand(rng, 1, 1, T, d, dtype=dtype, s=0.5),
+            rand(rng, 1, 1, T, dv, dtype=dtype), rand(rng, 1, 1, T, dv, dtype=dtype)]
+    width = base[which].shape[-1]
+    for t, c, bad in [(0, 0, np.inf), (40, 7, np.nan), (chunk - 1, width - 1, -np.inf),
+                      (2 * chunk - 1, width - 1, np.nan), (T - 1, width - 1, np.inf)]:
+        args = [a.copy() for a in base]
+        args[which][0, 0, t, c] = bad
+        results = []
+        for name in ("compiled", "python"):
+            with using_backend(name), np.errstate(all="ignore"):
+                out, pb = ss.vjp(ss.attention, *args[:3], causal=True, chunk=chunk)
+                results.append([out, *pb(args[3])])
+        for a, b in zip(_nan_inf_pattern(results[0]), _nan_inf_pattern(results[1])):
+            assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), (t, c)
+        assert not all(np.isfinite(r).all() for r in results[0]), (t, c)
 
 
 def test_query_seeing_only_minus_inf_scores_has_zero_gradients():
