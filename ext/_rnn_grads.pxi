@@ -65,36 +65,80 @@ cdef void grads_pack(const floating* a, Py_ssize_t lda, Py_ssize_t kc, Py_ssize_
 
 
 cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* b, Py_ssize_t ldb,
-                   Py_ssize_t K, Py_ssize_t da, Py_ssize_t gstride, Py_ssize_t M,
+                   bint b_rows, Py_ssize_t K, Py_ssize_t da, Py_ssize_t gstride, Py_ssize_t M,
                    Py_ssize_t N, Py_ssize_t p0, Py_ssize_t p1, floating* outT,
                    Py_ssize_t ldt) noexcept nogil:
     """Columns [p0 * NT, p1 * NT) of outT[N, ldt] = B^T @ A for one head (a, b at its first
     columns; A's columns mapped as in grads_pack): every chunk of k, B's chunk transposed once
-    for all the job's panels.  -1 on allocation failure."""
+    for all the job's panels.  b_rows: b holds B^T as stored rows (row n at b + n * ldb,
+    k contiguous), read in place.  -1 on allocation failure."""
     cdef Py_ssize_t kc = grads_chunk(N, sizeof(floating))
-    cdef Py_ssize_t k0, n, tile
+    cdef Py_ssize_t k0, n, tile, ldbt
     cdef int mode
-    cdef floating* bt = <floating*> scratch_alloc((N * kc + kc * NT) * sizeof(floating))
+    cdef floating* bt = <floating*> scratch_alloc(((0 if b_rows else N * kc) + kc * NT)
+                                                  * sizeof(floating))
     cdef floating* panel
+    cdef const floating* rows
     if bt == NULL:
         return -1
-    panel = bt + N * kc
+    panel = bt + (0 if b_rows else N * kc)
     k0 = 0
     while k0 < K:
         n = min(kc, K - k0)
         mode = (SS_STORE if n == K else SS_FIRST) if k0 == 0 else (
             SS_LAST if k0 + n == K else SS_MID)
-        grads_transpose(b + k0 * ldb, ldb, n, N, bt)
+        if b_rows:
+            rows, ldbt = b + k0, ldb
+        else:
+            grads_transpose(b + k0 * ldb, ldb, n, N, bt)
+            rows, ldbt = bt, n
         for tile in range(p0, p1):
             grads_pack(a + k0 * lda, lda, n, tile * NT, min(<Py_ssize_t> NT, M - tile * NT),
                        da, gstride, panel)
             if floating is float:
-                ss_matmul_part_f(bt, n, panel, n, NULL, outT + tile * NT, ldt, N, mode)
+                ss_matmul_part_f(rows, ldbt, panel, n, NULL, outT + tile * NT, ldt, N, mode)
             else:
-                ss_matmul_part_d(bt, n, panel, n, NULL, outT + tile * NT, ldt, N, mode)
+                ss_matmul_part_d(rows, ldbt, panel, n, NULL, outT + tile * NT, ldt, N, mode)
         k0 += n
     scratch_free(bt)
     return 0
+
+
+cdef int grads_run(const floating* a, Py_ssize_t lda, const floating* b, Py_ssize_t ldb,
+                   bint b_rows, Py_ssize_t K, Py_ssize_t heads, Py_ssize_t da,
+                   Py_ssize_t groups, Py_ssize_t N, Py_ssize_t row_block, floating* outT,
+                   Py_ssize_t ldt, int num_threads) noexcept nogil:
+    """outT[h][n, m] = sum_k B_h[k, n] A_h[k, m] for every head (outT[h] at outT + h * N * ldt;
+    A_h, B_h as in weight_grads; b_rows: B^T's rows stored, as in grads_job) in jobs of a
+    head, `row_block` rows of outT and a range of panels -- panels split further while the
+    jobs are fewer than the threads.  -1 on allocation failure."""
+    cdef Py_ssize_t M = groups * da, ntiles = (groups * da + NT - 1) // NT
+    cdef Py_ssize_t nrb = (N + row_block - 1) // row_block
+    cdef Py_ssize_t parts = min(ntiles, max(<Py_ssize_t> 1,
+                                            (num_threads + heads * nrb - 1) // (heads * nrb)))
+    cdef Py_ssize_t njobs = heads * nrb * parts, job, h, rb, part, r0
+    cdef int failed = 0
+    if num_threads == 1 or njobs == 1:
+        for job in range(njobs):
+            h = job // (nrb * parts)
+            rb = job // parts % nrb
+            part = job % parts
+            r0 = rb * row_block
+            failed += -grads_job(a + h * da, lda, b + (r0 * ldb if b_rows else h * N), ldb,
+                                 b_rows, K, da, heads * da, M, min(row_block, N - r0),
+                                 part * ntiles // parts, (part + 1) * ntiles // parts,
+                                 outT + (h * N + r0) * ldt, ldt)
+    else:
+        for job in prange(njobs, num_threads=num_threads, schedule="dynamic"):
+            h = job // (nrb * parts)
+            rb = job // parts % nrb
+            part = job % parts
+            r0 = rb * row_block
+            failed += -grads_job(a + h * da, lda, b + (r0 * ldb if b_rows else h * N), ldb,
+                                 b_rows, K, da, heads * da, M, min(row_block, N - r0),
+                                 part * ntiles // parts, (part + 1) * ntiles // parts,
+                                 outT + (h * N + r0) * ldt, ldt)
+    return -1 if failed else 0
 
 
 def weight_grads(const floating[:, ::1] a, const floating[:, ::1] b, Py_ssize_t groups,
@@ -109,9 +153,9 @@ def weight_grads(const floating[:, ::1] a, const floating[:, ::1] b, Py_ssize_t 
     the same bits for any K-chunking, job split and thread count."""
     cdef Py_ssize_t heads = out.shape[0], M = out.shape[1], N = out.shape[2]
     cdef Py_ssize_t K = a.shape[0], lda = a.shape[1], ldb = b.shape[1]
-    cdef Py_ssize_t da, ntiles, ldt, parts, njobs, job, h, part, m, j
+    cdef Py_ssize_t ldt, h
     cdef floating* outT
-    cdef int failed = 0
+    cdef int status
     if groups < 1 or M % groups or b.shape[0] != K or lda != groups * heads * (M // groups) \
             or ldb != heads * N:
         raise ValueError("weight_grads: a [K, groups*heads*Da], b [K, heads*Nb], "
@@ -121,35 +165,21 @@ def weight_grads(const floating[:, ::1] a, const floating[:, ::1] b, Py_ssize_t 
     if K == 0:
         memset(&out[0, 0, 0], 0, heads * M * N * sizeof(floating))
         return
-    da = M // groups
-    ntiles = (M + NT - 1) // NT
-    ldt = ntiles * NT
-    # jobs: a head's panels in `parts` ranges, for a job per thread when heads are fewer
-    parts = min(ntiles, max(<Py_ssize_t> 1, (num_threads + heads - 1) // heads))
-    njobs = heads * parts
+    # outT's rows padded by a panel: a power-of-two stride (M = 4096) put the rows that
+    # grads_untranspose reads together in one set of the L1
+    ldt = round_up(M, NT) + NT
     outT = <floating*> buffer_alloc(heads * N * ldt * sizeof(floating))
     if outT == NULL:
         raise MemoryError()
     with nogil:
-        if num_threads == 1 or njobs == 1:
-            for job in range(njobs):
-                h = job // parts
-                part = job % parts
-                failed += -grads_job(&a[0, 0] + h * da, lda, &b[0, 0] + h * N, ldb, K, da,
-                                     heads * da, M, N, part * ntiles // parts,
-                                     (part + 1) * ntiles // parts, outT + h * N * ldt, ldt)
-        else:
-            for job in prange(njobs, num_threads=num_threads, schedule="dynamic"):
-                h = job // parts
-                part = job % parts
-                failed += -grads_job(&a[0, 0] + h * da, lda, &b[0, 0] + h * N, ldb, K, da,
-                                     heads * da, M, N, part * ntiles // parts,
-                                     (part + 1) * ntiles // parts, outT + h * N * ldt, ldt)
-        if not failed:
+        # one row block: B's chunk is transposed once per job, for all of its rows
+        status = grads_run(&a[0, 0], lda, &b[0, 0], ldb, False, K, heads, M // groups, groups,
+                           N, N, outT, ldt, num_threads)
+        if status == 0:
             for h in range(heads):      # out[h] = outT[h]^T, in blocks that stay in cache
                 grads_untranspose(outT + h * N * ldt, ldt, M, N, &out[h, 0, 0])
     huge_free(outT)
-    if failed:
+    if status:
         raise MemoryError()
 
 
@@ -162,3 +192,50 @@ cdef void grads_untranspose(const floating* t, Py_ssize_t ldt, Py_ssize_t M, Py_
             for m in range(m0, min(M, m0 + 16)):
                 for j in range(j0, min(N, j0 + 16)):
                     out[m * N + j] = t[j * ldt + m]
+
+
+cdef enum:
+    # rows of dx per job of input_grads: their chunk of gx ([rows, kc]: 256 KB in float32)
+    # stays in L2 while the chunk's panels of W pass; W's chunk is packed again per block
+    # (1/256 of the multiply-adds in copies)
+    GRADS_X_ROWS = 256
+
+
+def input_grads(const floating[:, ::1] g, const floating[:, ::1] W, floating[:, ::1] out,
+                int num_threads):
+    """out[N, I] = g[N, M] @ W[M, I]: the parameter gradients' dx = gx W, summed over the long
+    M = G*H.
+
+    The rows of g are the micro-kernel's broadcast rows as stored (k contiguous), W's chunks of
+    k packed into panels by row copies (a copy of W^T for `project` cost more than the product
+    at M = 4096, I = 1024: 29 ms; and project's row jobs each stream all of W, 16 MB, from
+    memory).  The same bits for any thread count (grads_job)."""
+    cdef Py_ssize_t N = g.shape[0], M = g.shape[1], I = W.shape[1]
+    cdef Py_ssize_t ldt = round_up(I, NT), r, i
+    cdef floating* outT
+    cdef int status
+    if W.shape[0] != M or out.shape[0] != N or out.shape[1] != I:
+        raise ValueError("input_grads: g [N, M], W [M, I], out [N, I]")
+    if N * I == 0:
+        return
+    if M == 0:
+        memset(&out[0, 0], 0, N * I * sizeof(floating))
+        return
+    # whole panels are written: straight into out when I is a multiple of NT
+    if ldt == I:
+        outT = &out[0, 0]
+    else:
+        outT = <floating*> buffer_alloc(N * ldt * sizeof(floating))
+        if outT == NULL:
+            raise MemoryError()
+    with nogil:
+        status = grads_run(&W[0, 0], I, &g[0, 0], M, True, M, 1, I, 1, N, GRADS_X_ROWS, outT,
+                           ldt, num_threads)
+        if status == 0 and ldt != I:
+            for r in range(N):
+                for i in range(I):
+                    out[r, i] = outT[r * ldt + i]
+    if ldt != I:
+        huge_free(outT)
+    if status:
+        raise MemoryError()

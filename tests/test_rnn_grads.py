@@ -1,4 +1,4 @@
-"""The compiled parameter gradients (dx through `project`, dW and dR through `weight_grads`,
+"""The compiled parameter gradients (dx through `input_grads`, dW and dR through `weight_grads`,
 taken from B*T = _cell_call.COMPILED_GRADS_MIN_ROWS rows on): they match the python backend's
 numpy products within float tolerance for every cell, heads, W None or given, both dtypes and
 odd sizes, and give the same bits for any thread count."""
@@ -105,3 +105,24 @@ def test_weight_grads_empty_k_and_bad_shapes():
         ext.weight_grads(np.zeros((4, 11)), np.zeros((4, 6)), 3, out, 1)
     with pytest.raises(ValueError):
         ext.weight_grads(np.zeros((4, 12)), np.zeros((5, 6)), 3, out, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("N,M,I", [(1, 1, 1), (7, 33, 7), (141, 520, 130), (600, 1000, 64),
+                                   (5000, 28, 33), (300, 4096, 96)])
+def test_input_grads_kernel(N, M, I, dtype):
+    """dx = g W against float64 numpy, rows in several blocks and I not a whole panel; the same
+    bits on 1, 2 and 3 threads."""
+    ext = _dispatch.ext_module("rnn")
+    rng = np.random.default_rng(N + M + I)
+    g = rng.standard_normal((N, M)).astype(dtype)
+    W = rng.standard_normal((M, I)).astype(dtype)
+    want = g.astype(np.float64) @ W.astype(np.float64)
+    outs = []
+    for threads in (1, 2, 3):
+        out = np.full((N, I), np.nan, dtype)
+        ext.input_grads(g, W, out, threads)
+        outs.append(out)
+    tol = (3e-6 if dtype == np.float32 else 1e-14) * np.sqrt(M)
+    np.testing.assert_allclose(outs[0], want, rtol=0, atol=tol * max(1.0, np.abs(want).max()))
+    assert_all_equal(outs[1:], outs[:1] * 2, "threads 2, 3 vs 1")

@@ -389,14 +389,14 @@ def parameter_grads(call, y, dgx, dgr, dstate0):
     compiled = _compiled_grads(N)
     if W is None:
         dx, dW = dgx, None
-    elif compiled:      # dx = gx W as project's x W'^T with W' = W^T [I, G*H]
+    elif compiled:
         I = W.shape[1]
         dx = _memory.empty(call.x.shape, gx.dtype)
         ext = _dispatch.ext_module("rnn")
-        ext.project(np.ascontiguousarray(dgx), np.ascontiguousarray(W.T), None, dx,
-                    _dispatch.threads_for(N * I * G * H))
+        gx = np.ascontiguousarray(gx)
+        ext.input_grads(gx, W, dx.reshape(N, I), _dispatch.threads_for(N * I * G * H))
         dW = np.empty((1, G * H, I), gx.dtype)
-        ext.weight_grads(np.ascontiguousarray(gx), call.x.reshape(N, I), 1, dW,
+        ext.weight_grads(gx, call.x.reshape(N, I), 1, dW,
                          _dispatch.threads_for(N * I * G * H))
         dW = dW[0]
     else:
