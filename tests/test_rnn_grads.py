@@ -42,7 +42,7 @@ SIZES = [(1, 1), (7, 1), (7, 7), (33, 1), (33, 3), (130, 1), (130, 2)]
 @pytest.mark.parametrize("H,heads", SIZES)
 @pytest.mark.parametrize("cell", CELLS)
 def test_compiled_gradients_match_python(cell, H, heads, W, dtype):
-    # B*T = 141 rows (past the threshold, a multiple of nothing the kernel blocks by)
+    # B*T = 141 rows (past the threshold, a multiple of nothing the kernels block by)
     p = make_problem(cell, B=3, T=47, I=13, H=H, heads=heads, W=W, dtype=dtype, state=True,
                      seed=H + heads)
     assert 3 * 47 >= _cell_call.COMPILED_GRADS_MIN_ROWS
