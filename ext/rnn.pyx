@@ -11,7 +11,8 @@ cnp.import_array()
 
 from _microkernel cimport (NT, SS_MR_d, SS_MR_f, matmul_acc, matmul_raw, matmul_store,
                           matmul_store_kblocked, pack_panels, panel_alloc, buffer_alloc,
-                          huge_free, pool_state, prefetch)
+                          huge_free, pool_state, prefetch, ss_matmul_part_f, ss_matmul_part_d,
+                          SS_STORE, SS_FIRST, SS_MID, SS_LAST)
 from _cells cimport cell_forward, cell_backward, cell_ids
 from _scratch cimport scratch_alloc, scratch_free
 from libc.string cimport memset
@@ -737,6 +738,9 @@ include "_rnn_backward.pxi"
 
 
 include "_rnn_projection.pxi"
+
+
+include "_rnn_grads.pxi"
 
 
 cdef int stream_step(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssize_t heads,

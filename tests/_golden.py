@@ -50,6 +50,21 @@ def cases(dtype):
         out[f"{cell}_vjp"] = lambda fn=fn, a=(x, W, R, b, b_r): _vjp(fn, a, {})
         out[f"{cell}_newton"] = lambda fn=fn, a=(x, W, R, b, b_r): fn(*a, solver="newton")[:2]
         out[f"{cell}_stream"] = lambda fn=fn, a=(x, W, R, b, b_r): ss.stream(fn, *a[1:])(a[0][:, :2])
+    # B*T = 160 rows: the compiled backend's own parameter-gradient kernels (from
+    # _cell_call.COMPILED_GRADS_MIN_ROWS on; the 21 rows above stay with numpy).  Their own
+    # generator: the draws above (and the recorded values of every key before) stay as they were.
+    lrng = np.random.default_rng(4321)
+
+    def lr(*shape, scale=1.0):
+        return (scale * lrng.standard_normal(shape)).astype(dtype)
+
+    for cell, G in (("elman", 1), ("lstm", 4), ("gru", 3), ("slstm", 4)):
+        fn = getattr(ss, cell)
+        x, W, b, b_r = lr(4, 40, I), lr(G * H, I, scale=0.4), lr(G * H), lr(G * H)
+        R, R4 = lr(G * H, H, scale=0.4), lr(2, G * H // 2, H // 2, scale=0.4)
+        out[f"{cell}_vjp_long"] = lambda fn=fn, a=(x, W, R, b, b_r): _vjp(fn, a, {})
+        out[f"{cell}_vjp_long_heads"] = lambda fn=fn, a=(x, W, R4, b, b_r): _vjp(
+            fn, a, {"heads": 2})
     a, bb = rng.uniform(0.5, 1.0, (B, T, H)).astype(dtype), r(B, T, H)
     h0 = r(B, H)
     out["linear_scan"] = lambda: ss.linear_scan(a, bb, h0)
@@ -123,6 +138,16 @@ def recording_for(key, known):
     if key in known:
         return known[key]
     return known.get(key.split(BLAS)[0])
+
+
+def keys_agree(recorded_machine, machine_key, recorded_keys, keys):
+    """Whether a recording's keys fit today's `keys`: this machine's exact recording holds
+    all of them; an older file (recorded before the BLAS kernels were part of the machine,
+    on a machine we may not have) may hold a subset: cases added since, or outputs whose
+    bits a kernel change altered by design, removed from it then."""
+    if recorded_machine == machine_key or BLAS in recorded_machine:
+        return set(recorded_keys) == set(keys)
+    return set(recorded_keys) <= set(keys)
 
 
 def compute():

@@ -365,6 +365,20 @@ def cotangent(call, value):
     return dy, (dstate[None] if len(names) == 1 else np.stack(dstate))
 
 
+# Rows (B*T) from which the compiled backend computes dx, dW and dR with its own kernels
+# (input_grads, weight_grads) rather than numpy's BLAS: below, the fixed costs of packing and
+# transposing outweigh the micro-kernel's faster multiply-adds.  Measured (1 core, float32,
+# lstm shapes G*H x H): at 16 rows and H = 1024 numpy took 0.75x the time of dW and dx; at
+# 32 rows even for dW (dx 0.6-1.0x of numpy's time); from 64 rows the kernels won at
+# H = 64, 256, 1024 (dW 0.8-0.9x, dx 0.6-0.85x).
+COMPILED_GRADS_MIN_ROWS = 32
+
+
+def _compiled_grads(N):
+    """Whether the parameter gradients of N = B*T rows run in the compiled kernels."""
+    return N >= COMPILED_GRADS_MIN_ROWS and _dispatch.use_compiled()
+
+
 def parameter_grads(call, y, dgx, dgr, dstate0):
     """Gradients of the positional arguments (and of state=) from the pre-activation gradients
     dgx, dgr [B,T,G*H] and dstate0 [S,B,H]; y [B,T,H] is the forward output."""
@@ -375,8 +389,19 @@ def parameter_grads(call, y, dgx, dgr, dstate0):
     G = call.cell.gates
     N = B * T
     gx = dgx.reshape(N, G * H)
+    compiled = _compiled_grads(N)
     if W is None:
         dx, dW = dgx, None
+    elif compiled:
+        I = W.shape[1]
+        dx = _memory.empty(call.x.shape, gx.dtype)
+        ext = _dispatch.ext_module("rnn")
+        gx = np.ascontiguousarray(gx)
+        ext.input_grads(gx, W, dx.reshape(N, I), _dispatch.threads_for(N * I * G * H))
+        dW = np.empty((1, G * H, I), gx.dtype)
+        ext.weight_grads(gx, call.x.reshape(N, I), 1, dW,
+                         _dispatch.threads_for(N * I * G * H))
+        dW = dW[0]
     else:
         dx = _memory.empty(call.x.shape, gx.dtype)
         np.matmul(gx, W, out=dx.reshape(N, W.shape[1]))
@@ -388,8 +413,15 @@ def parameter_grads(call, y, dgx, dgr, dstate0):
         if T:
             h_prev[:, 0] = call.state0[0]
             h_prev[:, 1:] = y[:, :-1]
-    gr = dgr.reshape(N, G, heads_, D).transpose(2, 0, 1, 3).reshape(heads_, N, GD)
-    dR = gr.transpose(0, 2, 1) @ h_prev.reshape(N, heads_, D).transpose(1, 0, 2)
+    if compiled:        # every head's gr^T h_prev read in place (groups: G gate blocks)
+        dR = np.empty((heads_, GD, D), dgr.dtype)
+        _dispatch.ext_module("rnn").weight_grads(
+            np.ascontiguousarray(dgr.reshape(N, G * H)),
+            np.ascontiguousarray(h_prev.reshape(N, H)), G if heads_ > 1 else 1, dR,
+            _dispatch.threads_for(N * GD * D * heads_))
+    else:
+        gr = dgr.reshape(N, G, heads_, D).transpose(2, 0, 1, 3).reshape(heads_, N, GD)
+        dR = gr.transpose(0, 2, 1) @ h_prev.reshape(N, heads_, D).transpose(1, 0, 2)
     if call.R_ndim == 2:
         dR = dR[0]
     db = None if b is None else gx.sum(axis=0)

@@ -1,0 +1,241 @@
+# Part of ext/rnn.pyx, which includes it: one extension module, compiled as one file.
+
+# ---- parameter gradients: long-K products A^T B ---------------------------------------------
+# The backward's weight gradients dW = gx^T x and dR = gr^T h_prev (per head) sum over all
+# N = B*T rows: a long inner dimension K with short outputs, which `project` (built for short K)
+# runs at a third of the micro-kernel's speed, and numpy's OpenBLAS here with its AVX2 kernels.
+# Classic K-blocking with the micro-kernel, roles chosen so only the narrow operand is
+# transposed: the result is computed transposed, outT[n, m] = sum_k B[k, n] A[k, m], with the
+# rows of B^T as the micro-kernel's broadcast rows (B's chunk transposed into contiguous rows,
+# kc * N copies) and A's chunk packed into column panels (plain row copies, kc * M); then
+# out[m, n] = outT[n, m] once at the end (M * N, against the K * M * N multiply-adds).
+# Over the chunks of k the accumulators pass through outT unrounded (SS_FIRST / SS_MID /
+# SS_LAST: the bits of one pass over all of k), and an element's sum runs over k in order
+# whatever job computes it: the bits do not depend on the thread count.
+cdef enum:
+    GRAD_PANEL_BYTES = 32768    # a panel's chunk [kc, NT]: stays in L1 while every row block
+                                # of B^T uses it (48 KB L1 here)
+    GRAD_BT_BYTES = 1 << 19     # B's chunk transposed [N, kc]: stays in L2 (1 MB a core)
+    GRAD_KC_MIN = 64            # shortest chunk: below, the accumulators' trips through outT
+                                # and the call overheads per chunk count
+
+
+cdef inline Py_ssize_t grads_chunk(Py_ssize_t N, size_t itemsize) noexcept nogil:
+    """Rows of k per chunk for N columns of B: the panel's chunk fits GRAD_PANEL_BYTES and
+    B's transposed chunk GRAD_BT_BYTES (not below GRAD_KC_MIN), a multiple of 8."""
+    cdef Py_ssize_t kc = GRAD_PANEL_BYTES // (NT * <Py_ssize_t> itemsize)
+    kc = min(kc, GRAD_BT_BYTES // max(<Py_ssize_t> 1, N * <Py_ssize_t> itemsize))
+    return max(<Py_ssize_t> GRAD_KC_MIN, kc // 8 * 8)
+
+
+cdef void grads_transpose(const floating* b, Py_ssize_t ldb, Py_ssize_t kc, Py_ssize_t n,
+                          floating* bt) noexcept nogil:
+    """bt[j * kc + k] = b[k * ldb + j] for k < kc, j < n: B's chunk as rows of k.  Columns in
+    groups of 16 (a 64-byte line of float32): each read line is used whole while the 16
+    written rows advance together."""
+    cdef Py_ssize_t j0, j1, j, k
+    for j0 in range(0, n, 16):
+        j1 = min(n, j0 + 16)
+        for k in range(kc):
+            for j in range(j0, j1):
+                bt[j * kc + k] = b[k * ldb + j]
+
+
+cdef void grads_pack(const floating* a, Py_ssize_t lda, Py_ssize_t kc, Py_ssize_t m0,
+                     Py_ssize_t width, Py_ssize_t da, Py_ssize_t gstride,
+                     floating* panel) noexcept nogil:
+    """panel[k * NT + n] = A[k, m0 + n] for k < kc, n < width (zeros up to NT), where column m
+    of A is a[k * lda + (m // da) * gstride + m % da]: the head's slice of each gate block
+    (da = M and one block for a plain matrix).  Runs of a block's contiguous columns."""
+    cdef Py_ssize_t k, n, m, run, i
+    cdef const floating* src
+    cdef floating* dst
+    if width < NT:
+        memset(panel, 0, kc * NT * sizeof(floating))
+    for k in range(kc):
+        n = 0
+        while n < width:
+            m = m0 + n
+            run = min(width - n, da - m % da)
+            src = a + k * lda + (m // da) * gstride + m % da
+            dst = panel + k * NT + n
+            for i in range(run):
+                dst[i] = src[i]
+            n += run
+
+
+cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* b, Py_ssize_t ldb,
+                   bint b_rows, Py_ssize_t K, Py_ssize_t da, Py_ssize_t gstride, Py_ssize_t M,
+                   Py_ssize_t N, Py_ssize_t p0, Py_ssize_t p1, floating* outT,
+                   Py_ssize_t ldt) noexcept nogil:
+    """Columns [p0 * NT, p1 * NT) of outT[N, ldt] = B^T @ A for one head (a, b at its first
+    columns; A's columns mapped as in grads_pack): every chunk of k, B's chunk transposed once
+    for all the job's panels.  b_rows: b holds B^T as stored rows (row n at b + n * ldb,
+    k contiguous), read in place.  -1 on allocation failure."""
+    cdef Py_ssize_t kc = grads_chunk(N, sizeof(floating))
+    cdef Py_ssize_t k0, n, tile, ldbt
+    cdef int mode
+    cdef floating* bt = <floating*> scratch_alloc(((0 if b_rows else N * kc) + kc * NT)
+                                                  * sizeof(floating))
+    cdef floating* panel
+    cdef const floating* rows
+    if bt == NULL:
+        return -1
+    panel = bt + (0 if b_rows else N * kc)
+    k0 = 0
+    while k0 < K:
+        n = min(kc, K - k0)
+        mode = (SS_STORE if n == K else SS_FIRST) if k0 == 0 else (
+            SS_LAST if k0 + n == K else SS_MID)
+        if b_rows:
+            rows, ldbt = b + k0, ldb
+        else:
+            grads_transpose(b + k0 * ldb, ldb, n, N, bt)
+            rows, ldbt = bt, n
+        for tile in range(p0, p1):
+            grads_pack(a + k0 * lda, lda, n, tile * NT, min(<Py_ssize_t> NT, M - tile * NT),
+                       da, gstride, panel)
+            if floating is float:
+                ss_matmul_part_f(rows, ldbt, panel, n, NULL, outT + tile * NT, ldt, N, mode)
+            else:
+                ss_matmul_part_d(rows, ldbt, panel, n, NULL, outT + tile * NT, ldt, N, mode)
+        k0 += n
+    scratch_free(bt)
+    return 0
+
+
+cdef int grads_run(const floating* a, Py_ssize_t lda, const floating* b, Py_ssize_t ldb,
+                   bint b_rows, Py_ssize_t K, Py_ssize_t heads, Py_ssize_t da,
+                   Py_ssize_t groups, Py_ssize_t N, Py_ssize_t row_block, floating* outT,
+                   Py_ssize_t ldt, int num_threads) noexcept nogil:
+    """outT[h][n, m] = sum_k B_h[k, n] A_h[k, m] for every head (outT[h] at outT + h * N * ldt;
+    A_h, B_h as in weight_grads; b_rows: B^T's rows stored, as in grads_job) in jobs of a
+    head, `row_block` rows of outT and a range of panels -- panels split further while the
+    jobs are fewer than the threads.  -1 on allocation failure."""
+    cdef Py_ssize_t M = groups * da, ntiles = (groups * da + NT - 1) // NT
+    cdef Py_ssize_t nrb = (N + row_block - 1) // row_block
+    cdef Py_ssize_t parts = min(ntiles, max(<Py_ssize_t> 1,
+                                            (num_threads + heads * nrb - 1) // (heads * nrb)))
+    cdef Py_ssize_t njobs = heads * nrb * parts, job, h, rb, part, r0
+    cdef int failed = 0
+    if num_threads == 1 or njobs == 1:
+        for job in range(njobs):
+            h = job // (nrb * parts)
+            rb = job // parts % nrb
+            part = job % parts
+            r0 = rb * row_block
+            failed += -grads_job(a + h * da, lda, b + (r0 * ldb if b_rows else h * N), ldb,
+                                 b_rows, K, da, heads * da, M, min(row_block, N - r0),
+                                 part * ntiles // parts, (part + 1) * ntiles // parts,
+                                 outT + (h * N + r0) * ldt, ldt)
+    else:
+        for job in prange(njobs, num_threads=num_threads, schedule="dynamic"):
+            h = job // (nrb * parts)
+            rb = job // parts % nrb
+            part = job % parts
+            r0 = rb * row_block
+            failed += -grads_job(a + h * da, lda, b + (r0 * ldb if b_rows else h * N), ldb,
+                                 b_rows, K, da, heads * da, M, min(row_block, N - r0),
+                                 part * ntiles // parts, (part + 1) * ntiles // parts,
+                                 outT + (h * N + r0) * ldt, ldt)
+    return -1 if failed else 0
+
+
+def weight_grads(const floating[:, ::1] a, const floating[:, ::1] b, Py_ssize_t groups,
+                 floating[:, :, ::1] out, int num_threads):
+    """out[h] = A_h^T @ B_h for every head h < heads = out.shape[0], summed over the K rows:
+    a [K, groups * heads * Da], A_h [K, groups * Da] its columns g * heads * Da + h * Da + d
+    (g < groups, d < Da: the head's slice of each gate block); b [K, heads * Nb], B_h its
+    columns h * Nb + j; out [heads, groups * Da, Nb].  dW = gx^T x is heads = groups = 1;
+    dR = gr^T h_prev per head is groups = G.
+
+    Each element is summed over k in order, from 0, in the micro-kernel's fused multiply-adds:
+    the same bits for any K-chunking, job split and thread count."""
+    cdef Py_ssize_t heads = out.shape[0], M = out.shape[1], N = out.shape[2]
+    cdef Py_ssize_t K = a.shape[0], lda = a.shape[1], ldb = b.shape[1]
+    cdef Py_ssize_t ldt, h
+    cdef floating* outT
+    cdef int status
+    if groups < 1 or M % groups or b.shape[0] != K or lda != groups * heads * (M // groups) \
+            or ldb != heads * N:
+        raise ValueError("weight_grads: a [K, groups*heads*Da], b [K, heads*Nb], "
+                         "out [heads, groups*Da, Nb]")
+    if heads * M * N == 0:
+        return
+    if K == 0:
+        memset(&out[0, 0, 0], 0, heads * M * N * sizeof(floating))
+        return
+    # outT's rows padded by a panel: a power-of-two stride (M = 4096) put the rows that
+    # grads_untranspose reads together in one set of the L1
+    ldt = round_up(M, NT) + NT
+    outT = <floating*> buffer_alloc(heads * N * ldt * sizeof(floating))
+    if outT == NULL:
+        raise MemoryError()
+    with nogil:
+        # one row block: B's chunk is transposed once per job, for all of its rows
+        status = grads_run(&a[0, 0], lda, &b[0, 0], ldb, False, K, heads, M // groups, groups,
+                           N, N, outT, ldt, num_threads)
+        if status == 0:
+            for h in range(heads):      # out[h] = outT[h]^T, in blocks that stay in cache
+                grads_untranspose(outT + h * N * ldt, ldt, M, N, &out[h, 0, 0])
+    huge_free(outT)
+    if status:
+        raise MemoryError()
+
+
+cdef void grads_untranspose(const floating* t, Py_ssize_t ldt, Py_ssize_t M, Py_ssize_t N,
+                            floating* out) noexcept nogil:
+    """out[m * N + j] = t[j * ldt + m] for m < M, j < N, in 16 x 16 blocks."""
+    cdef Py_ssize_t m0, j0, m, j
+    for m0 in range(0, M, 16):
+        for j0 in range(0, N, 16):
+            for m in range(m0, min(M, m0 + 16)):
+                for j in range(j0, min(N, j0 + 16)):
+                    out[m * N + j] = t[j * ldt + m]
+
+
+cdef enum:
+    # rows of dx per job of input_grads: their chunk of gx ([rows, kc]: 256 KB in float32)
+    # stays in L2 while the chunk's panels of W pass; W's chunk is packed again per block
+    # (1/256 of the multiply-adds in copies)
+    GRADS_X_ROWS = 256
+
+
+def input_grads(const floating[:, ::1] g, const floating[:, ::1] W, floating[:, ::1] out,
+                int num_threads):
+    """out[N, I] = g[N, M] @ W[M, I]: the parameter gradients' dx = gx W, summed over the long
+    M = G*H.
+
+    The rows of g are the micro-kernel's broadcast rows as stored (k contiguous), W's chunks of
+    k packed into panels by row copies (a copy of W^T for `project` cost more than the product
+    at M = 4096, I = 1024: 29 ms; and project's row jobs each stream all of W, 16 MB, from
+    memory).  The same bits for any thread count (grads_job)."""
+    cdef Py_ssize_t N = g.shape[0], M = g.shape[1], I = W.shape[1]
+    cdef Py_ssize_t ldt = round_up(I, NT), r, i
+    cdef floating* outT
+    cdef int status
+    if W.shape[0] != M or out.shape[0] != N or out.shape[1] != I:
+        raise ValueError("input_grads: g [N, M], W [M, I], out [N, I]")
+    if N * I == 0:
+        return
+    if M == 0:
+        memset(&out[0, 0], 0, N * I * sizeof(floating))
+        return
+    # whole panels are written: straight into out when I is a multiple of NT
+    if ldt == I:
+        outT = &out[0, 0]
+    else:
+        outT = <floating*> buffer_alloc(N * ldt * sizeof(floating))
+        if outT == NULL:
+            raise MemoryError()
+    with nogil:
+        status = grads_run(&W[0, 0], I, &g[0, 0], M, True, M, 1, I, 1, N, GRADS_X_ROWS, outT,
+                           ldt, num_threads)
+        if status == 0 and ldt != I:
+            for r in range(N):
+                for i in range(I):
+                    out[r, i] = outT[r * ldt + i]
+    if ldt != I:
+        huge_free(outT)
+    if status:
+        raise MemoryError()
