@@ -143,6 +143,41 @@ cdef extern from *:
     bint SS_ATTENTION_MICROKERNEL
 
 
+cdef inline void softmax_step(floating* row, Py_ssize_t nv, Py_ssize_t bk, floating* m,
+                              floating* l, floating* out, Py_ssize_t n) noexcept nogil:
+    """One query's online-softmax step over a key chunk: its scaled scores row[:nv] become
+    exp(score - new max) and row[nv:bk] 0; its running max *m and denominator *l are updated
+    and its running numerator out[:n] rescaled."""
+    cdef Py_ssize_t t
+    cdef floating mx = row_max(row, nv, m[0]), base, alpha, acc
+    # rows that have seen no key keep m = -inf: rescale nothing, add nothing
+    base = mx if mx > -INFINITY else 0
+    alpha = exp_(m[0] - base)
+    for t in range(nv):
+        row[t] = exp_(row[t] - base)
+    acc = row_sum(row, nv)
+    for t in range(nv, bk):
+        row[t] = 0
+    l[0] = alpha * l[0] + acc
+    m[0] = mx
+    if alpha != 1:
+        scale(out, n, alpha)
+
+
+cdef inline floating normalise(floating* out, Py_ssize_t n, floating m, floating l) noexcept nogil:
+    """A query's output out[:n] divided by its denominator l; returns its log-sum-exp."""
+    if l > 0:
+        scale(out, n, 1 / l)
+        if floating is float:
+            return m + logf(l)
+        else:
+            return m + log(l)
+    if l == 0:
+        return -INFINITY
+    scale(out, n, l)        # NaN
+    return l
+
+
 cdef inline Py_ssize_t padded(Py_ssize_t n) noexcept nogil:
     """n rounded up to whole panels of NT columns."""
     return (n + NT - 1) // NT * NT
@@ -160,7 +195,6 @@ cdef void uk_forward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize_t 
     cdef Py_ssize_t off = Tk - Tq, i0, j0, nq, bk, i, t, c, nv, jend, iblk, jblk, tile, full
     cdef Py_ssize_t ldS = padded(BK), ldO = padded(dv), vt = padded(dv) // NT
     cdef floating* row
-    cdef floating mx, alpha, acc, base
     cdef bint finite
     for iblk in range((Tq + BQ - 1) // BQ):
         i0 = iblk * BQ
@@ -187,19 +221,7 @@ cdef void uk_forward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize_t 
                 nv = n_visible(i0 + i, j0, bk, off, causal)
                 for t in range(nv):
                     row[t] = sc * row[t]
-                mx = row_max(row, nv, m[i])
-                # rows that have seen no key keep m = -inf: rescale nothing, add nothing
-                base = mx if mx > -INFINITY else 0
-                alpha = exp_(m[i] - base)
-                for t in range(nv):
-                    row[t] = exp_(row[t] - base)
-                acc = row_sum(row, nv)
-                for t in range(nv, bk):
-                    row[t] = 0
-                l[i] = alpha * l[i] + acc
-                m[i] = mx
-                if alpha != 1:
-                    scale(O + i * ldO, ldO, alpha)
+                softmax_step(row, nv, bk, &m[i], &l[i], O + i * ldO, ldO)
             # O += P V.  P is 0 where a query does not see a key, but 0 times a non-finite
             # value is NaN: when V holds one, the rows that see only part of the chunk multiply
             # only their visible keys (causality holds for any input)
@@ -217,17 +239,7 @@ cdef void uk_forward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize_t 
             matmul_acc(S + full * ldS, ldS, Vp, bk, vt, O + full * ldO, ldO, nq - full)
         for i in range(nq):
             row = O + i * ldO
-            if l[i] > 0:
-                scale(row, dv, 1 / l[i])
-                if floating is float:
-                    lse[i0 + i] = m[i] + logf(l[i])
-                else:
-                    lse[i0 + i] = m[i] + log(l[i])
-            elif l[i] == 0:
-                lse[i0 + i] = -INFINITY
-            else:               # NaN
-                lse[i0 + i] = l[i]
-                scale(row, dv, l[i])
+            lse[i0 + i] = normalise(row, dv, m[i], l[i])
             for c in range(dv):
                 o[(i0 + i) * dv + c] = row[c]
 
@@ -237,9 +249,8 @@ cdef void flash_forward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize
                             const floating* q, const floating* k, const floating* v,
                             floating* o, floating* lse, floating* S, floating* m,
                             floating* l) noexcept nogil:
-    cdef Py_ssize_t off = Tk - Tq, i0, j0, nq, bk, i, t, nv, jend, iblk, jblk
+    cdef Py_ssize_t off = Tk - Tq, i0, j0, nq, bk, i, nv, jend, iblk, jblk
     cdef floating* row
-    cdef floating mx, alpha, acc, base
     for iblk in range((Tq + BQ - 1) // BQ):
         i0 = iblk * BQ
         nq = min(BQ, Tq - i0)
@@ -257,32 +268,10 @@ cdef void flash_forward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize
             for i in range(nq):
                 row = S + i * BK
                 nv = n_visible(i0 + i, j0, bk, off, causal)
-                mx = row_max(row, nv, m[i])
-                # rows that have seen no key keep m = -inf: rescale nothing, add nothing
-                base = mx if mx > -INFINITY else 0
-                alpha = exp_(m[i] - base)
-                for t in range(nv):
-                    row[t] = exp_(row[t] - base)
-                acc = row_sum(row, nv)
-                for t in range(nv, bk):
-                    row[t] = 0
-                l[i] = alpha * l[i] + acc
-                m[i] = mx
-                if alpha != 1:
-                    scale(o + (i0 + i) * dv, dv, alpha)
+                softmax_step(row, nv, bk, &m[i], &l[i], o + (i0 + i) * dv, dv)
             add_values(S, BK, nq, bk, v + j0 * dv, dv, o + i0 * dv, i0, j0, off, causal)
         for i in range(nq):
-            if l[i] > 0:
-                scale(o + (i0 + i) * dv, dv, 1 / l[i])
-                if floating is float:
-                    lse[i0 + i] = m[i] + logf(l[i])
-                else:
-                    lse[i0 + i] = m[i] + log(l[i])
-            elif l[i] == 0:
-                lse[i0 + i] = -INFINITY
-            else:               # NaN
-                lse[i0 + i] = l[i]
-                scale(o + (i0 + i) * dv, dv, l[i])
+            lse[i0 + i] = normalise(o + (i0 + i) * dv, dv, m[i], l[i])
 
 
 def flash_forward(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
