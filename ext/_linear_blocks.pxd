@@ -5,7 +5,7 @@
 from cython cimport floating
 from libc.stdint cimport uint8_t
 
-from _gemm cimport gemm
+from _uk_gemm cimport gemm
 from _math cimport exp_
 
 

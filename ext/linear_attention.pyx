@@ -17,7 +17,7 @@ from cython cimport floating
 from cython.parallel cimport prange, parallel
 from libc.stdint cimport int64_t, uint8_t
 
-from _gemm cimport gemm
+from _uk_gemm cimport gemm
 from _linear_blocks cimport (Block, apply_mask, block_decay, block_end, block_start,
                             decayed, masked_scores, state_update)
 from _scratch cimport scratch_alloc, scratch_free

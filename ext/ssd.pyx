@@ -20,7 +20,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t, uint8_t
 
-from _gemm cimport gemm
+from _uk_gemm cimport gemm
 from _linear_blocks cimport Block, apply_mask, block_decay, block_end, decayed, state_update
 from _math cimport exp_, sigmoid, softplus
 from _scratch cimport scratch_alloc, scratch_free

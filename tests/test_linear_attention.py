@@ -224,3 +224,33 @@ def test_reference_chunked_equals_recurrence_with_resets():
     o_ref, s_ref = step_loop(q, k, v, **kw, lengths=[9, 7], reset=reset)
     assert_close(o, o_ref, tol=1e-12)
     assert_close(s, s_ref, tol=1e-12)
+
+
+# ---- heads wider than the micro-kernel's 32-column panels ----------------------------------------
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("chunk", [64, 33])
+def test_wide_heads_vs_float64(dtype, chunk):
+    """The compiled forward and vjp on heads wider than a 32-column panel of the micro-kernel
+    (AVX-512 builds; BLAS elsewhere) with partial last ones (dk=40, dv=72), blocks of many rows
+    and a partial last block (T=150), against the python backend in float64 (the other tests
+    use dk, dv <= 4 and T <= 10)."""
+    (q, k, v), kw = problem(B=2, NH=2, T=150, dk=40, dv=72, dtype=dtype)
+    rng = np.random.default_rng(3)
+    cot = (rng.standard_normal(v.shape).astype(dtype),
+           rng.standard_normal(kw["state"].shape).astype(dtype))
+    tol = 1e-11 if dtype == F64 else 2e-5
+
+    def run(a, kwa, c):
+        out, pb = ss.vjp(ss.linear_attention, *a, chunk=chunk, **kwa)
+        return out, pb(c)
+
+    out, grads = run((q, k, v), kw, cot)
+    with using_backend("python"):
+        out_ref, grads_ref = run([a.astype(F64) for a in (q, k, v)],
+                                 {n: a.astype(F64) for n, a in kw.items()},
+                                 tuple(c.astype(F64) for c in cot))
+    for name, a, e in zip(("o", "state"), out, out_ref):
+        assert_close(a, e, dtype=dtype, tol=tol, what=name)
+    for i, (g, e) in enumerate(zip(grads, grads_ref)):
+        assert_close(g, e, dtype=dtype, tol=tol, what=f"gradient {i}")

@@ -376,3 +376,34 @@ def test_thread_count_does_not_change_results_with_lengths_and_resets():
             results.append(list(out) + list(pb((np.ones_like(out[0]), None))))
     for a, b in zip(*results):
         assert np.array_equal(a, b)
+
+
+# ---- heads wider than the micro-kernel's 32-column panels ----------------------------------------
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("chunk", [64, 33])
+def test_wide_heads_vs_float64(dtype, chunk):
+    """The compiled forward and vjp on heads wider than a 32-column panel of the micro-kernel
+    (AVX-512 builds; BLAS elsewhere) with a partial last one (P=40, N=72), blocks of many rows
+    and a partial last block (T=150), against the python backend in float64 (the other tests
+    use P, N <= 24 and T <= 13)."""
+    args, kw = problem(Bt=2, T=150, NH=2, P=40, N=72, G=1, D=2, z=True, bias=True, sp=True,
+                       dtype=dtype)
+    rng = np.random.default_rng(3)
+    cot = (rng.standard_normal(args[0].shape).astype(dtype),
+           rng.standard_normal(kw["state"].shape).astype(dtype))
+    tol = 1e-11 if dtype == F64 else 2e-5
+
+    def run(a, k, c):
+        out, pb = ss.vjp(ss.ssd, *a, chunk=chunk, **k)
+        return out, pb(c)
+
+    out, grads = run(args, kw, cot)
+    wide = lambda a: a.astype(F64) if isinstance(a, np.ndarray) and a.dtype == dtype else a
+    with using_backend("python"):
+        out_ref, grads_ref = run([wide(a) for a in args], {n: wide(a) for n, a in kw.items()},
+                                 tuple(wide(c) for c in cot))
+    for name, a, e in zip(("y", "state"), out, out_ref):
+        assert_close(a, e, dtype=dtype, tol=tol, what=name)
+    for i, (g, e) in enumerate(zip(grads, grads_ref)):
+        assert_close(g, e, dtype=dtype, tol=tol, what=f"gradient {i}")

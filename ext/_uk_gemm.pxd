@@ -1,0 +1,178 @@
+# The row-major gemm contract of _gemm.pxd on statescan's micro-kernel (_microkernel.pxd)
+# where it is compiled for AVX-512: there the micro-kernel runs at about twice the speed of
+# scipy's OpenBLAS (its Haswell AVX2 kernels on the AMD EPYC Zen 5 this was measured on, in
+# the small single-thread tiles of _gemm.pxd).  Elsewhere, and for an alpha other than 1 or a
+# beta other than 0 or 1, it is _gemm.pxd's BLAS gemm, bits included.
+#
+# op(B) is packed into panels of NT columns (zero-padded), op(A) used in place (copied into
+# rows when transposed); full panels write C directly, the last partial one goes through a
+# small buffer.  Scratch is one grow-only block per thread (blocks up to SS_UK_GEMM_KEEP bytes
+# stay for the thread's next call, bigger ones are freed after it); a thread that finds no
+# memory falls back to BLAS.  Every element of C is summed over k in one order whatever the
+# thread, so results do not depend on the thread count.
+from cython cimport floating
+
+from _gemm cimport gemm as blas_tiled_gemm
+from _microkernel cimport NT, matmul_acc, matmul_raw, matmul_store, pack_panels
+
+
+cdef extern from *:
+    """
+    #include <stdlib.h>
+    #if defined(__AVX512F__)
+    #define SS_UK_GEMM 1
+    #else
+    #define SS_UK_GEMM 0
+    #endif
+    #define SS_UK_GEMM_KEEP ((size_t)4 << 20)
+    static __thread void* ss_uk_gemm_buf = NULL;
+    static __thread size_t ss_uk_gemm_cap = 0;
+    /* the calling thread's scratch block of at least nbytes (NULL: no memory) */
+    static void* ss_uk_gemm_scratch(size_t nbytes) {
+        if (nbytes > ss_uk_gemm_cap) {
+            free(ss_uk_gemm_buf);
+            ss_uk_gemm_buf = aligned_alloc(64, (nbytes + 63) / 64 * 64);
+            ss_uk_gemm_cap = ss_uk_gemm_buf ? nbytes : 0;
+        }
+        return ss_uk_gemm_buf;
+    }
+    /* at[i*K + k] = a[k*lda + i] (i < M, k < K): op(A) of a transposed A into rows, in 8 x 8
+       blocks through registers where the compiler has __builtin_shufflevector (a scalar copy,
+       strided writes, was a quarter of ssd's own loops next to the products) */
+    #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+    #define SS_UK_SHUF __builtin_shufflevector
+    #define SS_UK_DEFINE_T(T, SFX)                                                            \
+    typedef T ss_uk8##SFX __attribute__((vector_size(8 * sizeof(T)), aligned(sizeof(T))));   \
+    static void ss_uk_transpose_##SFX(const T* a, Py_ssize_t lda, Py_ssize_t K,              \
+                                      Py_ssize_t M, T* at) {                                 \
+        Py_ssize_t K8 = K / 8 * 8, M8 = M / 8 * 8, k0, i0, k, i;                             \
+        for (k0 = 0; k0 < K8; k0 += 8)                                                       \
+            for (i0 = 0; i0 < M8; i0 += 8) {                                                 \
+                const T* s = a + k0 * lda + i0;                                              \
+                ss_uk8##SFX r0 = *(const ss_uk8##SFX*)(s),                                   \
+                    r1 = *(const ss_uk8##SFX*)(s + lda),                                     \
+                    r2 = *(const ss_uk8##SFX*)(s + 2 * lda),                                 \
+                    r3 = *(const ss_uk8##SFX*)(s + 3 * lda),                                 \
+                    r4 = *(const ss_uk8##SFX*)(s + 4 * lda),                                 \
+                    r5 = *(const ss_uk8##SFX*)(s + 5 * lda),                                 \
+                    r6 = *(const ss_uk8##SFX*)(s + 6 * lda),                                 \
+                    r7 = *(const ss_uk8##SFX*)(s + 7 * lda);                                 \
+                ss_uk8##SFX t0 = SS_UK_SHUF(r0, r1, 0, 8, 1, 9, 4, 12, 5, 13);               \
+                ss_uk8##SFX t1 = SS_UK_SHUF(r0, r1, 2, 10, 3, 11, 6, 14, 7, 15);             \
+                ss_uk8##SFX t2 = SS_UK_SHUF(r2, r3, 0, 8, 1, 9, 4, 12, 5, 13);               \
+                ss_uk8##SFX t3 = SS_UK_SHUF(r2, r3, 2, 10, 3, 11, 6, 14, 7, 15);             \
+                ss_uk8##SFX t4 = SS_UK_SHUF(r4, r5, 0, 8, 1, 9, 4, 12, 5, 13);               \
+                ss_uk8##SFX t5 = SS_UK_SHUF(r4, r5, 2, 10, 3, 11, 6, 14, 7, 15);             \
+                ss_uk8##SFX t6 = SS_UK_SHUF(r6, r7, 0, 8, 1, 9, 4, 12, 5, 13);               \
+                ss_uk8##SFX t7 = SS_UK_SHUF(r6, r7, 2, 10, 3, 11, 6, 14, 7, 15);             \
+                ss_uk8##SFX u0 = SS_UK_SHUF(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);               \
+                ss_uk8##SFX u1 = SS_UK_SHUF(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);             \
+                ss_uk8##SFX u2 = SS_UK_SHUF(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);               \
+                ss_uk8##SFX u3 = SS_UK_SHUF(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);             \
+                ss_uk8##SFX u4 = SS_UK_SHUF(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13);               \
+                ss_uk8##SFX u5 = SS_UK_SHUF(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);             \
+                ss_uk8##SFX u6 = SS_UK_SHUF(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13);               \
+                ss_uk8##SFX u7 = SS_UK_SHUF(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);             \
+                T* d = at + i0 * K + k0;                                                     \
+                *(ss_uk8##SFX*)(d) = SS_UK_SHUF(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11);           \
+                *(ss_uk8##SFX*)(d + K) = SS_UK_SHUF(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11);       \
+                *(ss_uk8##SFX*)(d + 2 * K) = SS_UK_SHUF(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11);   \
+                *(ss_uk8##SFX*)(d + 3 * K) = SS_UK_SHUF(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11);   \
+                *(ss_uk8##SFX*)(d + 4 * K) = SS_UK_SHUF(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15); \
+                *(ss_uk8##SFX*)(d + 5 * K) = SS_UK_SHUF(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15); \
+                *(ss_uk8##SFX*)(d + 6 * K) = SS_UK_SHUF(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15); \
+                *(ss_uk8##SFX*)(d + 7 * K) = SS_UK_SHUF(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15); \
+            }                                                                                \
+        for (i = 0; i < M8; i++)                                                             \
+            for (k = K8; k < K; k++) at[i * K + k] = a[k * lda + i];                         \
+        for (i = M8; i < M; i++)                                                             \
+            for (k = 0; k < K; k++) at[i * K + k] = a[k * lda + i];                          \
+    }
+    #else
+    #define SS_UK_DEFINE_T(T, SFX)                                                            \
+    static void ss_uk_transpose_##SFX(const T* a, Py_ssize_t lda, Py_ssize_t K,              \
+                                      Py_ssize_t M, T* at) {                                 \
+        for (Py_ssize_t k = 0; k < K; k++)                                                   \
+            for (Py_ssize_t i = 0; i < M; i++) at[i * K + k] = a[k * lda + i];               \
+    }
+    #endif
+    SS_UK_DEFINE_T(float, f)
+    SS_UK_DEFINE_T(double, d)
+    /* after a call: a block above SS_UK_GEMM_KEEP is not kept */
+    static void ss_uk_gemm_trim(void) {
+        if (ss_uk_gemm_cap > SS_UK_GEMM_KEEP) {
+            free(ss_uk_gemm_buf);
+            ss_uk_gemm_buf = NULL;
+            ss_uk_gemm_cap = 0;
+        }
+    }
+    """
+    bint SS_UK_GEMM
+    void* uk_gemm_scratch "ss_uk_gemm_scratch"(size_t nbytes) nogil
+    void uk_gemm_trim "ss_uk_gemm_trim"() nogil
+    void uk_transpose_f "ss_uk_transpose_f"(const float* a, Py_ssize_t lda, Py_ssize_t K,
+                                            Py_ssize_t M, float* at) nogil
+    void uk_transpose_d "ss_uk_transpose_d"(const double* a, Py_ssize_t lda, Py_ssize_t K,
+                                            Py_ssize_t M, double* at) nogil
+
+
+cdef inline bint uk_gemm(bint ta, bint tb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                         const floating* A, Py_ssize_t lda, const floating* B, Py_ssize_t ldb,
+                         bint accumulate, floating* C, Py_ssize_t ldc) noexcept nogil:
+    """C[M,N] = op(A) op(B) (+ C when accumulate) on the micro-kernel, M, N, K > 0.
+    False when no scratch memory was found (C untouched)."""
+    cdef Py_ssize_t nfull = N // NT, rest = N - nfull * NT, ntiles = (N + NT - 1) // NT
+    cdef Py_ssize_t i, j, n0 = nfull * NT
+    cdef Py_ssize_t nb_p = K * ntiles * NT, nb_a = M * K if ta else 0
+    cdef Py_ssize_t nb_t = M * NT if rest else 0
+    cdef floating* Bp = <floating*> uk_gemm_scratch((nb_p + nb_a + nb_t) * sizeof(floating))
+    cdef floating* At
+    cdef floating* tmp
+    cdef const floating* a = A
+    cdef Py_ssize_t la = lda
+    if Bp == NULL:
+        return False
+    At = Bp + nb_p
+    tmp = At + nb_a
+    # op(B) (k, n) at B[k*ldb + n], or B[n*ldb + k] when transposed
+    if tb:
+        pack_panels(B, 1, ldb, K, N, Bp)
+    else:
+        pack_panels(B, ldb, 1, K, N, Bp)
+    if ta:      # op(A) (i, k) = A[k*lda + i] into rows At[i*K + k]
+        if floating is float:
+            uk_transpose_f(A, lda, K, M, At)
+        else:
+            uk_transpose_d(A, lda, K, M, At)
+        a = At
+        la = K
+    if nfull > 0:
+        if accumulate:
+            matmul_acc(a, la, Bp, K, nfull, C, ldc, M)
+        else:
+            matmul_store(a, la, Bp, K, nfull, NULL, C, ldc, M)
+    if rest:
+        # tmp = the sums unrounded by any add (SS_FIRST), then C = 0 + sum or C + sum: the
+        # operations matmul_store / matmul_acc apply to a full panel's elements
+        matmul_raw(a, la, Bp + nfull * K * NT, K, tmp, NT, M, True)
+        if accumulate:
+            for i in range(M):
+                for j in range(rest):
+                    C[i * ldc + n0 + j] = C[i * ldc + n0 + j] + tmp[i * NT + j]
+        else:
+            for i in range(M):
+                for j in range(rest):
+                    C[i * ldc + n0 + j] = 0 + tmp[i * NT + j]
+    uk_gemm_trim()
+    return True
+
+
+cdef inline void gemm(bint ta, bint tb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                      floating alpha, const floating* A, Py_ssize_t lda, const floating* B,
+                      Py_ssize_t ldb, floating beta, floating* C, Py_ssize_t ldc) noexcept nogil:
+    """_gemm.pxd's gemm (row-major C[M,N] = alpha op(A) op(B) + beta C): on the micro-kernel in
+    AVX-512 builds for alpha = 1 and beta = 0 (C not read) or 1, else through BLAS."""
+    if (SS_UK_GEMM and M > 0 and N > 0 and K > 0 and alpha == 1 and (beta == 0 or beta == 1)
+            and uk_gemm(ta, tb, M, N, K, A, lda, B, ldb, beta == 1, C, ldc)):
+        return
+    blas_tiled_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
