@@ -237,13 +237,13 @@ cdef extern from *:
     #define SS_SHUF __builtin_shufflevector
     #define SS_DEFINE_PACK_T(T, SFX)                                                          \
     typedef T ss_t8##SFX __attribute__((vector_size(8 * sizeof(T)), aligned(sizeof(T))));      \
-    SS_INLINE void ss_pack_t8_##SFX(const T* m, Py_ssize_t sn, Py_ssize_t n0, Py_ssize_t k0, \
-                                    T* panel) {                                              \
-        const T* s = m + n0 * sn + k0;                                                      \
-        ss_t8##SFX r0 = *(const ss_t8##SFX*)(s), r1 = *(const ss_t8##SFX*)(s + sn),         \
-            r2 = *(const ss_t8##SFX*)(s + 2 * sn), r3 = *(const ss_t8##SFX*)(s + 3 * sn),   \
-            r4 = *(const ss_t8##SFX*)(s + 4 * sn), r5 = *(const ss_t8##SFX*)(s + 5 * sn),   \
-            r6 = *(const ss_t8##SFX*)(s + 6 * sn), r7 = *(const ss_t8##SFX*)(s + 7 * sn);   \
+    /* d[i * ds + j] = s[j * ss + i] for i, j < 8: an 8 x 8 transpose through registers     \
+       (also _uk_gemm.pxd's transposed operands) */                                          \
+    SS_INLINE void ss_transpose8_##SFX(const T* s, Py_ssize_t ss, T* d, Py_ssize_t ds) {      \
+        ss_t8##SFX r0 = *(const ss_t8##SFX*)(s), r1 = *(const ss_t8##SFX*)(s + ss),         \
+            r2 = *(const ss_t8##SFX*)(s + 2 * ss), r3 = *(const ss_t8##SFX*)(s + 3 * ss),   \
+            r4 = *(const ss_t8##SFX*)(s + 4 * ss), r5 = *(const ss_t8##SFX*)(s + 5 * ss),   \
+            r6 = *(const ss_t8##SFX*)(s + 6 * ss), r7 = *(const ss_t8##SFX*)(s + 7 * ss);   \
         ss_t8##SFX t0 = SS_SHUF(r0, r1, 0, 8, 1, 9, 4, 12, 5, 13);                          \
         ss_t8##SFX t1 = SS_SHUF(r0, r1, 2, 10, 3, 11, 6, 14, 7, 15);                        \
         ss_t8##SFX t2 = SS_SHUF(r2, r3, 0, 8, 1, 9, 4, 12, 5, 13);                          \
@@ -260,15 +260,18 @@ cdef extern from *:
         ss_t8##SFX u5 = SS_SHUF(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);                        \
         ss_t8##SFX u6 = SS_SHUF(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13);                          \
         ss_t8##SFX u7 = SS_SHUF(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);                        \
-        T* d = panel + k0 * SS_NT + n0;                                                     \
         *(ss_t8##SFX*)(d) = SS_SHUF(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11);                      \
-        *(ss_t8##SFX*)(d + SS_NT) = SS_SHUF(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11);              \
-        *(ss_t8##SFX*)(d + 2 * SS_NT) = SS_SHUF(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11);          \
-        *(ss_t8##SFX*)(d + 3 * SS_NT) = SS_SHUF(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11);          \
-        *(ss_t8##SFX*)(d + 4 * SS_NT) = SS_SHUF(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15);        \
-        *(ss_t8##SFX*)(d + 5 * SS_NT) = SS_SHUF(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15);        \
-        *(ss_t8##SFX*)(d + 6 * SS_NT) = SS_SHUF(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15);        \
-        *(ss_t8##SFX*)(d + 7 * SS_NT) = SS_SHUF(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15);        \
+        *(ss_t8##SFX*)(d + ds) = SS_SHUF(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11);                  \
+        *(ss_t8##SFX*)(d + 2 * ds) = SS_SHUF(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11);              \
+        *(ss_t8##SFX*)(d + 3 * ds) = SS_SHUF(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11);              \
+        *(ss_t8##SFX*)(d + 4 * ds) = SS_SHUF(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15);            \
+        *(ss_t8##SFX*)(d + 5 * ds) = SS_SHUF(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15);            \
+        *(ss_t8##SFX*)(d + 6 * ds) = SS_SHUF(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15);            \
+        *(ss_t8##SFX*)(d + 7 * ds) = SS_SHUF(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15);            \
+    }                                                                                        \
+    SS_INLINE void ss_pack_t8_##SFX(const T* m, Py_ssize_t sn, Py_ssize_t n0, Py_ssize_t k0, \
+                                    T* panel) {                                              \
+        ss_transpose8_##SFX(m + n0 * sn + k0, sn, panel + k0 * SS_NT + n0, SS_NT);           \
     }                                                                                        \
     static void ss_pack_t_##SFX(const T* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,    \
                                 T* panel) {                                                  \

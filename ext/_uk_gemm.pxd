@@ -37,52 +37,16 @@ cdef extern from *:
         return ss_uk_gemm_buf;
     }
     /* at[i*K + k] = a[k*lda + i] (i < M, k < K): op(A) of a transposed A into rows, in 8 x 8
-       blocks through registers where the compiler has __builtin_shufflevector (a scalar copy,
-       strided writes, was a quarter of ssd's own loops next to the products) */
-    #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-    #define SS_UK_SHUF __builtin_shufflevector
+       blocks through registers where _microkernel.pxd has them (a scalar copy, strided
+       writes, was a quarter of ssd's own loops next to the products) */
+    #if defined(SS_SHUF)
     #define SS_UK_DEFINE_T(T, SFX)                                                            \
-    typedef T ss_uk8##SFX __attribute__((vector_size(8 * sizeof(T)), aligned(sizeof(T))));   \
     static void ss_uk_transpose_##SFX(const T* a, Py_ssize_t lda, Py_ssize_t K,              \
                                       Py_ssize_t M, T* at) {                                 \
         Py_ssize_t K8 = K / 8 * 8, M8 = M / 8 * 8, k0, i0, k, i;                             \
         for (k0 = 0; k0 < K8; k0 += 8)                                                       \
-            for (i0 = 0; i0 < M8; i0 += 8) {                                                 \
-                const T* s = a + k0 * lda + i0;                                              \
-                ss_uk8##SFX r0 = *(const ss_uk8##SFX*)(s),                                   \
-                    r1 = *(const ss_uk8##SFX*)(s + lda),                                     \
-                    r2 = *(const ss_uk8##SFX*)(s + 2 * lda),                                 \
-                    r3 = *(const ss_uk8##SFX*)(s + 3 * lda),                                 \
-                    r4 = *(const ss_uk8##SFX*)(s + 4 * lda),                                 \
-                    r5 = *(const ss_uk8##SFX*)(s + 5 * lda),                                 \
-                    r6 = *(const ss_uk8##SFX*)(s + 6 * lda),                                 \
-                    r7 = *(const ss_uk8##SFX*)(s + 7 * lda);                                 \
-                ss_uk8##SFX t0 = SS_UK_SHUF(r0, r1, 0, 8, 1, 9, 4, 12, 5, 13);               \
-                ss_uk8##SFX t1 = SS_UK_SHUF(r0, r1, 2, 10, 3, 11, 6, 14, 7, 15);             \
-                ss_uk8##SFX t2 = SS_UK_SHUF(r2, r3, 0, 8, 1, 9, 4, 12, 5, 13);               \
-                ss_uk8##SFX t3 = SS_UK_SHUF(r2, r3, 2, 10, 3, 11, 6, 14, 7, 15);             \
-                ss_uk8##SFX t4 = SS_UK_SHUF(r4, r5, 0, 8, 1, 9, 4, 12, 5, 13);               \
-                ss_uk8##SFX t5 = SS_UK_SHUF(r4, r5, 2, 10, 3, 11, 6, 14, 7, 15);             \
-                ss_uk8##SFX t6 = SS_UK_SHUF(r6, r7, 0, 8, 1, 9, 4, 12, 5, 13);               \
-                ss_uk8##SFX t7 = SS_UK_SHUF(r6, r7, 2, 10, 3, 11, 6, 14, 7, 15);             \
-                ss_uk8##SFX u0 = SS_UK_SHUF(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);               \
-                ss_uk8##SFX u1 = SS_UK_SHUF(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);             \
-                ss_uk8##SFX u2 = SS_UK_SHUF(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);               \
-                ss_uk8##SFX u3 = SS_UK_SHUF(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);             \
-                ss_uk8##SFX u4 = SS_UK_SHUF(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13);               \
-                ss_uk8##SFX u5 = SS_UK_SHUF(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);             \
-                ss_uk8##SFX u6 = SS_UK_SHUF(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13);               \
-                ss_uk8##SFX u7 = SS_UK_SHUF(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);             \
-                T* d = at + i0 * K + k0;                                                     \
-                *(ss_uk8##SFX*)(d) = SS_UK_SHUF(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11);           \
-                *(ss_uk8##SFX*)(d + K) = SS_UK_SHUF(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11);       \
-                *(ss_uk8##SFX*)(d + 2 * K) = SS_UK_SHUF(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11);   \
-                *(ss_uk8##SFX*)(d + 3 * K) = SS_UK_SHUF(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11);   \
-                *(ss_uk8##SFX*)(d + 4 * K) = SS_UK_SHUF(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15); \
-                *(ss_uk8##SFX*)(d + 5 * K) = SS_UK_SHUF(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15); \
-                *(ss_uk8##SFX*)(d + 6 * K) = SS_UK_SHUF(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15); \
-                *(ss_uk8##SFX*)(d + 7 * K) = SS_UK_SHUF(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15); \
-            }                                                                                \
+            for (i0 = 0; i0 < M8; i0 += 8)                                                   \
+                ss_transpose8_##SFX(a + k0 * lda + i0, lda, at + i0 * K + k0, K);            \
         for (i = 0; i < M8; i++)                                                             \
             for (k = K8; k < K; k++) at[i * K + k] = a[k * lda + i];                         \
         for (i = M8; i < M; i++)                                                             \

@@ -178,6 +178,23 @@ cdef inline floating normalise(floating* out, Py_ssize_t n, floating m, floating
     return l
 
 
+cdef inline void probability_grads(floating* row, floating* drow, Py_ssize_t nv,
+                                   Py_ssize_t bk, floating L, floating Di, floating s_scale,
+                                   floating sc) noexcept nogil:
+    """A query's probabilities and score gradients over a key chunk: from its scores row[:nv]
+    (times s_scale) and dP drow[:nv], row = P = exp(score - L) and drow = P (dP - Di) sc, both
+    0 from nv to bk.  L is the query's log-sum-exp, Di its sum of dO * O."""
+    cdef Py_ssize_t t
+    if L == -INFINITY:      # every visible score is -inf: P = 0, not exp(-inf + inf)
+        L = INFINITY
+    for t in range(nv):
+        row[t] = exp_(s_scale * row[t] - L)
+        drow[t] = row[t] * (drow[t] - Di) * sc
+    for t in range(nv, bk):
+        row[t] = 0
+        drow[t] = 0
+
+
 cdef inline Py_ssize_t padded(Py_ssize_t n) noexcept nogil:
     """n rounded up to whole panels of NT columns."""
     return (n + NT - 1) // NT * NT
@@ -378,7 +395,6 @@ cdef void uk_backward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize_t
     cdef floating* tmp = dVc + BK * pdv         # [max(BQ, BK), NT]
     cdef floating* row
     cdef floating* drow
-    cdef floating L, Di
     cdef bint finite
     for i in range(Tq * d):
         dq[i] = 0
@@ -414,17 +430,8 @@ cdef void uk_backward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssize_t
             for i in range(nq):
                 row = S + i * ldS
                 drow = dP + i * ldS
-                nv = n_visible(i0 + i, j0, bk, off, causal)
-                L = lse[i0 + i]
-                if L == -INFINITY:      # every visible score is -inf: P = 0, not exp(-inf + inf)
-                    L = INFINITY
-                Di = D[i0 + i]
-                for t in range(nv):
-                    row[t] = exp_(sc * row[t] - L)
-                    drow[t] = row[t] * (drow[t] - Di) * sc
-                for t in range(nv, bk):
-                    row[t] = 0
-                    drow[t] = 0
+                probability_grads(row, drow, n_visible(i0 + i, j0, bk, off, causal), bk,
+                                  lse[i0 + i], D[i0 + i], sc, sc)
             # P^T dO -> dV, dS K -> dQ, dS^T Q -> dK, skipping masked pairs of non-finite
             # rows: keys before `part` are seen by the whole block, rows before `full` see
             # fewer than bk keys
@@ -486,10 +493,9 @@ cdef void flash_backward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssiz
                              const floating* lse, const floating* D, const floating* do,
                              floating* dq, floating* dk, floating* dv_, floating* S,
                              floating* dP) noexcept nogil:
-    cdef Py_ssize_t off = Tk - Tq, i0, j0, nq, bk, i, t, nv, i_first, iblk, jblk
+    cdef Py_ssize_t off = Tk - Tq, i0, j0, nq, bk, i, i_first, iblk, jblk
     cdef floating* row
     cdef floating* drow
-    cdef floating L, Di
     for i in range(Tq * d):
         dq[i] = 0
     for jblk in range((Tk + BK - 1) // BK):
@@ -511,17 +517,8 @@ cdef void flash_backward_job(Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t d, Py_ssiz
             for i in range(nq):
                 row = S + i * BK
                 drow = dP + i * BK
-                nv = n_visible(i0 + i, j0, bk, off, causal)
-                L = lse[i0 + i]
-                if L == -INFINITY:      # every visible score is -inf: P = 0, not exp(-inf + inf)
-                    L = INFINITY
-                Di = D[i0 + i]
-                for t in range(nv):
-                    row[t] = exp_(row[t] - L)
-                    drow[t] = row[t] * (drow[t] - Di) * sc
-                for t in range(nv, bk):
-                    row[t] = 0
-                    drow[t] = 0
+                probability_grads(row, drow, n_visible(i0 + i, j0, bk, off, causal), bk,
+                                  lse[i0 + i], D[i0 + i], 1, sc)     # S holds sc * q k^T
             # P^T dO -> dV, dS K -> dQ, dS^T Q -> dK, skipping masked pairs of non-finite rows
             add_keys(S, BK, nq, bk, do + i0 * dv, dv, dv_ + j0 * dv, i0, j0, off, causal)
             add_values(dP, BK, nq, bk, k + j0 * d, d, dq + i0 * d, i0, j0, off, causal)
