@@ -287,6 +287,17 @@ cdef extern from *:
             for (n = 0; n < w8; n++) panel[k * SS_NT + n] = m[n * sn + k];                   \
         for (n = w8; n < width; n++)                                                         \
             for (k = 0; k < K; k++) panel[k * SS_NT + n] = m[n * sn + k];                    \
+    }                                                                                        \
+    static void ss_transpose_##SFX(const T* a, Py_ssize_t lda, Py_ssize_t rows,              \
+                                   Py_ssize_t cols, T* b, Py_ssize_t ldb) {                  \
+        Py_ssize_t r8 = rows / 8 * 8, c8 = cols / 8 * 8, r0, c0, r, c;                       \
+        for (r0 = 0; r0 < r8; r0 += 8)                                                       \
+            for (c0 = 0; c0 < c8; c0 += 8)                                                   \
+                ss_transpose8_##SFX(a + r0 * lda + c0, lda, b + c0 * ldb + r0, ldb);         \
+        for (r = 0; r < r8; r++)                                                             \
+            for (c = c8; c < cols; c++) b[c * ldb + r] = a[r * lda + c];                     \
+        for (r = r8; r < rows; r++)                                                          \
+            for (c = 0; c < cols; c++) b[c * ldb + r] = a[r * lda + c];                      \
     }
     #else
     #define SS_DEFINE_PACK_T(T, SFX)                                                          \
@@ -295,8 +306,17 @@ cdef extern from *:
         Py_ssize_t k, n;                                                                     \
         for (n = 0; n < width; n++)                                                          \
             for (k = 0; k < K; k++) panel[k * SS_NT + n] = m[n * sn + k];                    \
+    }                                                                                        \
+    static void ss_transpose_##SFX(const T* a, Py_ssize_t lda, Py_ssize_t rows,              \
+                                   Py_ssize_t cols, T* b, Py_ssize_t ldb) {                  \
+        Py_ssize_t r, c;                                                                     \
+        for (r = 0; r < rows; r++)                                                           \
+            for (c = 0; c < cols; c++) b[c * ldb + r] = a[r * lda + c];                      \
     }
     #endif
+    /* ss_transpose: b[c * ldb + r] = a[r * lda + c] for r < rows, c < cols (8 x 8 register
+       blocks where available): the transposed operands of _rnn_grads.pxi, _uk_gemm.pxd and
+       attention.pyx */
     SS_DEFINE_PACK_T(float, f)
     SS_DEFINE_PACK_T(double, d)
 
@@ -346,6 +366,10 @@ cdef extern from *:
                      float* panel) nogil
     void ss_pack_t_d(const double* m, Py_ssize_t sn, Py_ssize_t K, Py_ssize_t width,
                      double* panel) nogil
+    void ss_transpose_f(const float* a, Py_ssize_t lda, Py_ssize_t rows, Py_ssize_t cols,
+                        float* b, Py_ssize_t ldb) nogil
+    void ss_transpose_d(const double* a, Py_ssize_t lda, Py_ssize_t rows, Py_ssize_t cols,
+                        double* b, Py_ssize_t ldb) nogil
 
 cdef enum:
     NT = 32     # panel width (columns); must equal SS_NT above
@@ -403,6 +427,15 @@ cdef inline void matmul_raw(const floating* a, Py_ssize_t lda, const floating* p
         ss_matmul_part_f(a, lda, panel, K, NULL, out, ldo, nrows, SS_FIRST if first else SS_MID)
     else:
         ss_matmul_part_d(a, lda, panel, K, NULL, out, ldo, nrows, SS_FIRST if first else SS_MID)
+
+
+cdef inline void transpose(const floating* a, Py_ssize_t lda, Py_ssize_t rows, Py_ssize_t cols,
+                           floating* b, Py_ssize_t ldb) noexcept nogil:
+    """b[c * ldb + r] = a[r * lda + c] for r < rows, c < cols."""
+    if floating is float:
+        ss_transpose_f(a, lda, rows, cols, b, ldb)
+    else:
+        ss_transpose_d(a, lda, rows, cols, b, ldb)
 
 
 cdef inline void prefetch(const floating* p, Py_ssize_t n) noexcept nogil:

@@ -28,19 +28,6 @@ cdef inline Py_ssize_t grads_chunk(Py_ssize_t N, size_t itemsize) noexcept nogil
     return max(<Py_ssize_t> GRAD_KC_MIN, kc // 8 * 8)
 
 
-cdef void grads_transpose(const floating* b, Py_ssize_t ldb, Py_ssize_t kc, Py_ssize_t n,
-                          floating* bt) noexcept nogil:
-    """bt[j * kc + k] = b[k * ldb + j] for k < kc, j < n: B's chunk as rows of k.  Columns in
-    groups of 16 (a 64-byte line of float32): each read line is used whole while the 16
-    written rows advance together."""
-    cdef Py_ssize_t j0, j1, j, k
-    for j0 in range(0, n, 16):
-        j1 = min(n, j0 + 16)
-        for k in range(kc):
-            for j in range(j0, j1):
-                bt[j * kc + k] = b[k * ldb + j]
-
-
 cdef void grads_pack(const floating* a, Py_ssize_t lda, Py_ssize_t kc, Py_ssize_t m0,
                      Py_ssize_t width, Py_ssize_t da, Py_ssize_t gstride,
                      floating* panel) noexcept nogil:
@@ -90,7 +77,7 @@ cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* b, Py_ssiz
         if b_rows:
             rows, ldbt = b + k0, ldb
         else:
-            grads_transpose(b + k0 * ldb, ldb, n, N, bt)
+            transpose(b + k0 * ldb, ldb, n, N, bt, n)
             rows, ldbt = bt, n
         for tile in range(p0, p1):
             grads_pack(a + k0 * lda, lda, n, tile * NT, min(<Py_ssize_t> NT, M - tile * NT),
@@ -166,7 +153,7 @@ def weight_grads(const floating[:, ::1] a, const floating[:, ::1] b, Py_ssize_t 
         memset(&out[0, 0, 0], 0, heads * M * N * sizeof(floating))
         return
     # outT's rows padded by a panel: a power-of-two stride (M = 4096) put the rows that
-    # grads_untranspose reads together in one set of the L1
+    # the final transpose reads together in one set of the L1
     ldt = round_up(M, NT) + NT
     outT = <floating*> buffer_alloc(heads * N * ldt * sizeof(floating))
     if outT == NULL:
@@ -177,21 +164,10 @@ def weight_grads(const floating[:, ::1] a, const floating[:, ::1] b, Py_ssize_t 
                            N, N, outT, ldt, num_threads)
         if status == 0:
             for h in range(heads):      # out[h] = outT[h]^T, in blocks that stay in cache
-                grads_untranspose(outT + h * N * ldt, ldt, M, N, &out[h, 0, 0])
+                transpose(outT + h * N * ldt, ldt, N, M, &out[h, 0, 0], N)
     huge_free(outT)
     if status:
         raise MemoryError()
-
-
-cdef void grads_untranspose(const floating* t, Py_ssize_t ldt, Py_ssize_t M, Py_ssize_t N,
-                            floating* out) noexcept nogil:
-    """out[m * N + j] = t[j * ldt + m] for m < M, j < N, in 16 x 16 blocks."""
-    cdef Py_ssize_t m0, j0, m, j
-    for m0 in range(0, M, 16):
-        for j0 in range(0, N, 16):
-            for m in range(m0, min(M, m0 + 16)):
-                for j in range(j0, min(N, j0 + 16)):
-                    out[m * N + j] = t[j * ldt + m]
 
 
 cdef enum:

@@ -13,7 +13,8 @@
 from cython cimport floating
 
 from _gemm cimport gemm as blas_tiled_gemm
-from _microkernel cimport NT, matmul_acc, matmul_raw, matmul_store, pack_panels
+from _microkernel cimport (NT, matmul_acc, matmul_raw, matmul_store, pack_panels,
+                          transpose)
 
 
 cdef extern from *:
@@ -36,32 +37,6 @@ cdef extern from *:
         }
         return ss_uk_gemm_buf;
     }
-    /* at[i*K + k] = a[k*lda + i] (i < M, k < K): op(A) of a transposed A into rows, in 8 x 8
-       blocks through registers where _microkernel.pxd has them (a scalar copy, strided
-       writes, was a quarter of ssd's own loops next to the products) */
-    #if defined(SS_SHUF)
-    #define SS_UK_DEFINE_T(T, SFX)                                                            \
-    static void ss_uk_transpose_##SFX(const T* a, Py_ssize_t lda, Py_ssize_t K,              \
-                                      Py_ssize_t M, T* at) {                                 \
-        Py_ssize_t K8 = K / 8 * 8, M8 = M / 8 * 8, k0, i0, k, i;                             \
-        for (k0 = 0; k0 < K8; k0 += 8)                                                       \
-            for (i0 = 0; i0 < M8; i0 += 8)                                                   \
-                ss_transpose8_##SFX(a + k0 * lda + i0, lda, at + i0 * K + k0, K);            \
-        for (i = 0; i < M8; i++)                                                             \
-            for (k = K8; k < K; k++) at[i * K + k] = a[k * lda + i];                         \
-        for (i = M8; i < M; i++)                                                             \
-            for (k = 0; k < K; k++) at[i * K + k] = a[k * lda + i];                          \
-    }
-    #else
-    #define SS_UK_DEFINE_T(T, SFX)                                                            \
-    static void ss_uk_transpose_##SFX(const T* a, Py_ssize_t lda, Py_ssize_t K,              \
-                                      Py_ssize_t M, T* at) {                                 \
-        for (Py_ssize_t k = 0; k < K; k++)                                                   \
-            for (Py_ssize_t i = 0; i < M; i++) at[i * K + k] = a[k * lda + i];               \
-    }
-    #endif
-    SS_UK_DEFINE_T(float, f)
-    SS_UK_DEFINE_T(double, d)
     /* after a call: a block above SS_UK_GEMM_KEEP is not kept */
     static void ss_uk_gemm_trim(void) {
         if (ss_uk_gemm_cap > SS_UK_GEMM_KEEP) {
@@ -74,10 +49,6 @@ cdef extern from *:
     bint SS_UK_GEMM
     void* uk_gemm_scratch "ss_uk_gemm_scratch"(size_t nbytes) nogil
     void uk_gemm_trim "ss_uk_gemm_trim"() nogil
-    void uk_transpose_f "ss_uk_transpose_f"(const float* a, Py_ssize_t lda, Py_ssize_t K,
-                                            Py_ssize_t M, float* at) nogil
-    void uk_transpose_d "ss_uk_transpose_d"(const double* a, Py_ssize_t lda, Py_ssize_t K,
-                                            Py_ssize_t M, double* at) nogil
 
 
 cdef inline bint uk_gemm(bint ta, bint tb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
@@ -103,11 +74,9 @@ cdef inline bint uk_gemm(bint ta, bint tb, Py_ssize_t M, Py_ssize_t N, Py_ssize_
         pack_panels(B, 1, ldb, K, N, Bp)
     else:
         pack_panels(B, ldb, 1, K, N, Bp)
-    if ta:      # op(A) (i, k) = A[k*lda + i] into rows At[i*K + k]
-        if floating is float:
-            uk_transpose_f(A, lda, K, M, At)
-        else:
-            uk_transpose_d(A, lda, K, M, At)
+    if ta:      # op(A) (i, k) = A[k*lda + i] into rows At[i*K + k] (a scalar copy, strided
+        # writes, was a quarter of ssd's own loops next to the products)
+        transpose(A, lda, K, M, At, K)
         a = At
         la = K
     if nfull > 0:

@@ -12,7 +12,7 @@ from libc.math cimport log, logf, INFINITY
 from _gemm cimport gemm
 from _math cimport exp_, row_max
 from _scratch cimport scratch_alloc, scratch_free
-from _microkernel cimport NT, matmul_acc, matmul_store, pack_panels
+from _microkernel cimport NT, matmul_acc, matmul_store, pack_panels, transpose
 
 import numpy as np
 
@@ -338,17 +338,6 @@ def flash_forward(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k
         scratch_free(S)
     if failed:
         raise MemoryError(f"attention: no memory for a {BQ} x {BK} block (chunk)")
-
-
-cdef inline void transpose(const floating* A, Py_ssize_t lda, Py_ssize_t rows, Py_ssize_t cols,
-                           floating* B, Py_ssize_t ldb) noexcept nogil:
-    """B[c, r] = A[r, c] in 16 x 16 tiles."""
-    cdef Py_ssize_t r0, c0, r, c
-    for r0 in range(0, rows, 16):
-        for c0 in range(0, cols, 16):
-            for c in range(c0, min(cols, c0 + 16)):
-                for r in range(r0, min(rows, r0 + 16)):
-                    B[c * ldb + r] = A[r * lda + c]
 
 
 cdef inline void add_product(const floating* a, Py_ssize_t lda, Py_ssize_t K,

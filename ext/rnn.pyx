@@ -12,7 +12,7 @@ cnp.import_array()
 from _microkernel cimport (NT, SS_MR_d, SS_MR_f, matmul_acc, matmul_raw, matmul_store,
                           matmul_store_kblocked, pack_panels, panel_alloc, buffer_alloc,
                           huge_free, pool_state, prefetch, ss_matmul_part_f, ss_matmul_part_d,
-                          SS_STORE, SS_FIRST, SS_MID, SS_LAST)
+                          SS_STORE, SS_FIRST, SS_MID, SS_LAST, transpose)
 from _cells cimport cell_forward, cell_backward, cell_ids
 from _scratch cimport scratch_alloc, scratch_free
 from libc.string cimport memset
