@@ -238,7 +238,7 @@ cdef extern from *:
     #define SS_DEFINE_PACK_T(T, SFX)                                                          \
     typedef T ss_t8##SFX __attribute__((vector_size(8 * sizeof(T)), aligned(sizeof(T))));      \
     /* d[i * ds + j] = s[j * ss + i] for i, j < 8: an 8 x 8 transpose through registers     \
-       (also _uk_gemm.pxd's transposed operands) */                                          \
+       (the panels' packing and ss_transpose) */                                             \
     SS_INLINE void ss_transpose8_##SFX(const T* s, Py_ssize_t ss, T* d, Py_ssize_t ds) {      \
         ss_t8##SFX r0 = *(const ss_t8##SFX*)(s), r1 = *(const ss_t8##SFX*)(s + ss),         \
             r2 = *(const ss_t8##SFX*)(s + 2 * ss), r3 = *(const ss_t8##SFX*)(s + 3 * ss),   \

@@ -397,10 +397,10 @@ def parameter_grads(call, y, dgx, dgr, dstate0):
         dx = _memory.empty(call.x.shape, gx.dtype)
         ext = _dispatch.ext_module("rnn")
         gx = np.ascontiguousarray(gx)
-        ext.input_grads(gx, W, dx.reshape(N, I), _dispatch.threads_for(N * I * G * H))
+        threads = _dispatch.threads_for(N * I * G * H)
+        ext.input_grads(gx, W, dx.reshape(N, I), threads)
         dW = np.empty((1, G * H, I), gx.dtype)
-        ext.weight_grads(gx, call.x.reshape(N, I), 1, dW,
-                         _dispatch.threads_for(N * I * G * H))
+        ext.weight_grads(gx, call.x.reshape(N, I), 1, dW, threads)
         dW = dW[0]
     else:
         dx = _memory.empty(call.x.shape, gx.dtype)
