@@ -1,8 +1,11 @@
 # The row-major gemm contract of _gemm.pxd on statescan's micro-kernel (_microkernel.pxd)
 # where it is compiled for AVX-512: there the micro-kernel runs at about twice the speed of
-# scipy's OpenBLAS (its Haswell AVX2 kernels on the AMD EPYC Zen 5 this was measured on, in
-# the small single-thread tiles of _gemm.pxd).  Elsewhere, and for an alpha other than 1 or a
-# beta other than 0 or 1, it is _gemm.pxd's BLAS gemm, bits included.
+# scipy's OpenBLAS when OpenBLAS runs AVX2 kernels (its Haswell kernels on the AMD EPYC Zen 5
+# this was measured on, in the small single-thread tiles of _gemm.pxd).  Where OpenBLAS runs
+# AVX-512 kernels of its own, its small-matrix kernels (no packing) beat it on ssd's forward
+# tiles, and statescan turns the micro-kernel off for ssd when it loads (uk_gemm_use, one
+# setting per module; statescan._dispatch._choose_block_products).  Elsewhere, and for an
+# alpha other than 1 or a beta other than 0 or 1, it is _gemm.pxd's BLAS gemm, bits included.
 #
 # op(B) is packed into panels of NT columns (zero-padded), op(A) used in place (copied into
 # rows when transposed); full panels write C directly, the last partial one goes through a
@@ -26,6 +29,10 @@ cdef extern from *:
     #define SS_UK_GEMM 0
     #endif
     #define SS_UK_GEMM_KEEP ((size_t)4 << 20)
+    /* whether gemm takes the micro-kernel: one setting per extension module that includes
+       this, chosen from Python when the module loads (ss_uk_gemm_use) */
+    static int ss_uk_gemm_on = SS_UK_GEMM;
+    static int ss_uk_gemm_use(int on) { ss_uk_gemm_on = SS_UK_GEMM && on; return ss_uk_gemm_on; }
     static __thread void* ss_uk_gemm_buf = NULL;
     static __thread size_t ss_uk_gemm_cap = 0;
     /* the calling thread's scratch block of at least nbytes (NULL: no memory) */
@@ -47,6 +54,8 @@ cdef extern from *:
     }
     """
     bint SS_UK_GEMM
+    bint uk_gemm_on "ss_uk_gemm_on"
+    bint uk_gemm_use "ss_uk_gemm_use"(bint on) nogil
     void* uk_gemm_scratch "ss_uk_gemm_scratch"(size_t nbytes) nogil
     void uk_gemm_trim "ss_uk_gemm_trim"() nogil
 
@@ -104,8 +113,9 @@ cdef inline void gemm(bint ta, bint tb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K
                       floating alpha, const floating* A, Py_ssize_t lda, const floating* B,
                       Py_ssize_t ldb, floating beta, floating* C, Py_ssize_t ldc) noexcept nogil:
     """_gemm.pxd's gemm (row-major C[M,N] = alpha op(A) op(B) + beta C): on the micro-kernel in
-    AVX-512 builds for alpha = 1 and beta = 0 (C not read) or 1, else through BLAS."""
-    if (SS_UK_GEMM and M > 0 and N > 0 and K > 0 and alpha == 1 and (beta == 0 or beta == 1)
+    AVX-512 builds for alpha = 1 and beta = 0 (C not read) or 1 unless uk_gemm_use(False)
+    turned it off, else through BLAS."""
+    if (uk_gemm_on and M > 0 and N > 0 and K > 0 and alpha == 1 and (beta == 0 or beta == 1)
             and uk_gemm(ta, tb, M, N, K, A, lda, B, ldb, beta == 1, C, ldc)):
         return
     blas_tiled_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)

@@ -10,7 +10,8 @@
 # for every head of a group: they are computed once per (row, group) and shared, then one job
 # per (row, head) runs its blocks in order.  Each job's arithmetic is fixed by the shapes and
 # the chunk, so results are bit-identical for any thread count (and to linear_attention.pyx's
-# kernel on the same operands).
+# kernel on the same operands when both run their block products the same way: see
+# use_microkernel_gemm).
 #
 # Decode (`ssd_step`, T = 1): the state in its public layout [B, NH, P, N], no transposes, no
 # copies, may be updated in place.  One job per (batch row, head); each state row is read once
@@ -20,7 +21,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t, uint8_t
 
-from _uk_gemm cimport gemm
+from _uk_gemm cimport gemm, uk_gemm_use
 from _linear_blocks cimport Block, apply_mask, block_decay, block_end, decayed, state_update
 from _math cimport exp_, sigmoid, softplus
 from _scratch cimport scratch_alloc, scratch_free
@@ -415,3 +416,10 @@ def ssd_forward(x, dt, dt_bias, bint dt_softplus, A, B, C, D, state, Py_ssize_t 
                                   <double*> py, num_threads)
     if failed:
         raise MemoryError(f"ssd: no memory for the {Ch} x {Ch} blocks (chunk)")
+
+
+def use_microkernel_gemm(bint on):
+    """Run this module's block products on statescan's micro-kernel (where it is built for
+    AVX-512) when `on`, else through scipy's BLAS; returns whether the micro-kernel is used.
+    statescan._dispatch chooses when the module loads (ext/_uk_gemm.pxd says why)."""
+    return uk_gemm_use(on)

@@ -65,3 +65,12 @@ def test_small_call_fast_paths_prepare(monkeypatch, call):
     }
     calls[call]()
     assert _blas._prepared
+
+
+def test_avx512_kernels_agrees_with_threadpoolctl():
+    """avx512_kernels() reads OpenBLAS's own kernel names: the same answer as threadpoolctl's
+    "architecture" of every OpenBLAS loaded."""
+    names = {str(i.get("architecture")).lower() for i in threadpoolctl.threadpool_info()
+             if i["user_api"] == "blas" and i["internal_api"] == "openblas"}
+    assert names, "no OpenBLAS found"
+    assert _blas.avx512_kernels() == (names <= _blas._AVX512_CORES)

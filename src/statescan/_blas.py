@@ -22,6 +22,11 @@ _SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads
 _GETTERS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
             "openblas_get_num_threads64_", "openblas_get_num_threads")
 
+_CORENAMES = ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+              "openblas_get_corename64_", "openblas_get_corename")
+# OpenBLAS's names of the cores it has AVX-512 kernels for
+_AVX512_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
+
 _prepared = False
 
 
@@ -52,6 +57,22 @@ def _call_first(lib, symbols, *args):
         if fn is not None:
             return fn(*args)
     return None
+
+
+def avx512_kernels():
+    """True when every OpenBLAS library in the process that names its kernels runs AVX-512
+    ones (SkylakeX, Cooperlake, SapphireRapids), and at least one does.  OpenBLAS picks its
+    kernels by CPU model, not by ISA features: on an AMD EPYC Zen 5 it runs its Haswell (AVX2)
+    kernels."""
+    names = []
+    for lib in _libraries():
+        for symbol in _CORENAMES:
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                names.append((fn() or b"").decode(errors="replace").lower())
+                break
+    return bool(names) and all(name in _AVX512_CORES for name in names)
 
 
 def set_threads(n):

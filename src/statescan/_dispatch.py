@@ -132,6 +132,7 @@ def _load_extension():
             if absent:
                 variant = "mixed"
                 reason = f"{reason}; portable for {', '.join(absent)} (no native build)"
+    _choose_block_products(modules)
     _state["build"] = {
         "variant": variant,
         "features": native_features if variant != "portable" else
@@ -142,6 +143,20 @@ def _load_extension():
         "reason": reason,
     }
     return modules
+
+
+def _choose_block_products(modules):
+    """The block products of the modules that have the choice (ssd: see ext/_uk_gemm.pxd) on
+    statescan's micro-kernel unless scipy's OpenBLAS runs AVX-512 kernels of its own.  Intel
+    Xeon (Sapphire Rapids class), 1 thread, OpenBLAS SkylakeX, N=128 T=512: ssd prefill
+    through OpenBLAS 1.16-1.23x faster at 48 heads of 64 and 1.16-1.36x at 128 heads of 80
+    (its small-matrix kernels do not pack; the micro-kernel packs each block's operand and
+    pads P = 80 to 96 columns); its fwd+vjp 5-8% slower.  linear_attention keeps the
+    micro-kernel: on the same machine 1.04-1.12x faster than OpenBLAS there, vjp included."""
+    on = not _blas.avx512_kernels()
+    for module in modules.values():
+        if hasattr(module, "use_microkernel_gemm"):
+            module.use_microkernel_gemm(on)
 
 
 _EXT = _load_extension()
