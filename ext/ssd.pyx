@@ -11,7 +11,7 @@
 # per (row, head) runs its blocks in order.  Each job's arithmetic is fixed by the shapes and
 # the chunk, so results are bit-identical for any thread count (and to linear_attention.pyx's
 # kernel on the same operands when both run their block products the same way: see
-# use_microkernel_gemm).
+# _use_microkernel_gemm).
 #
 # Decode (`ssd_step`, T = 1): the state in its public layout [B, NH, P, N], no transposes, no
 # copies, may be updated in place.  One job per (batch row, head); each state row is read once
@@ -418,7 +418,7 @@ def ssd_forward(x, dt, dt_bias, bint dt_softplus, A, B, C, D, state, Py_ssize_t 
         raise MemoryError(f"ssd: no memory for the {Ch} x {Ch} blocks (chunk)")
 
 
-def use_microkernel_gemm(bint on):
+def _use_microkernel_gemm(bint on):
     """Run this module's block products on statescan's micro-kernel (where it is built for
     AVX-512) when `on`, else through scipy's BLAS; returns whether the micro-kernel is used.
     statescan._dispatch chooses when the module loads (ext/_uk_gemm.pxd says why)."""

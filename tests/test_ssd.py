@@ -419,20 +419,20 @@ def test_block_products_either_way(dtype):
     if not _dispatch.compiled_available():
         pytest.skip("the compiled backend is not built")
     ext = _dispatch.ext_module("ssd")
-    chosen = ext.use_microkernel_gemm(not _blas.avx512_kernels())
+    chosen = ext._use_microkernel_gemm(not _blas.avx512_kernels())
     args, kw = problem(Bt=2, T=70, NH=3, P=40, N=36, D=1, dtype=dtype, seed=5)
     y_ref, h_ref = reference(args, kw)
     tol = 1e-4 if dtype == F32 else 1e-10
     outputs = []
     try:
         for on in (True, False):
-            ext.use_microkernel_gemm(on)
+            ext._use_microkernel_gemm(on)
             y, h = ss.ssd(*args, chunk=16, **kw)
             assert_close(y, y_ref, tol=tol)
             assert_close(h, h_ref, tol=tol)
             (y2, h2), pullback = ss.vjp(ss.ssd, *args, chunk=16, **kw)
             outputs.append(pullback((np.ones_like(y2), np.ones_like(h2))))
     finally:
-        ext.use_microkernel_gemm(chosen)
+        ext._use_microkernel_gemm(chosen)
     for a, b in zip(outputs[0], outputs[1]):
         assert_close(a, b, tol=tol)

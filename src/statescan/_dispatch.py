@@ -155,8 +155,8 @@ def _choose_block_products(modules):
     micro-kernel: on the same machine 1.04-1.12x faster than OpenBLAS there, vjp included."""
     on = not _blas.avx512_kernels()
     for module in modules.values():
-        if hasattr(module, "use_microkernel_gemm"):
-            module.use_microkernel_gemm(on)
+        if hasattr(module, "_use_microkernel_gemm"):
+            module._use_microkernel_gemm(on)
 
 
 _EXT = _load_extension()
