@@ -46,8 +46,11 @@ cdef void grads_pack(const floating* a, Py_ssize_t lda, Py_ssize_t kc, Py_ssize_
             run = min(width - n, da - m % da)
             src = a + k * lda + (m // da) * gstride + m % da
             dst = panel + k * NT + n
-            for i in range(run):
-                dst[i] = src[i]
+            if run == NT:       # a whole panel row: a copy of known size, inlined
+                memcpy(dst, src, NT * sizeof(floating))
+            else:
+                for i in range(run):
+                    dst[i] = src[i]
             n += run
 
 

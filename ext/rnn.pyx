@@ -15,7 +15,7 @@ from _microkernel cimport (NT, SS_MR_d, SS_MR_f, matmul_acc, matmul_raw, matmul_
                           SS_STORE, SS_FIRST, SS_MID, SS_LAST, transpose)
 from _cells cimport cell_forward, cell_backward, cell_ids
 from _scratch cimport scratch_alloc, scratch_free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 # The Python-visible functions take a cell's name; its kernel id is the enum in _cells.pxd.
 CELL_IDS = cell_ids()
