@@ -12,16 +12,21 @@ cdef enum:
     PROJECT_SPLIT_MIN = 1 << 20
 
 
-cdef extern from "_cache_size.h" nogil:
-    long ss_l1d_bytes()
-
 # A slice of a panel of W^T that stays in L1 while every row block of a job runs over it, a
 # block's stretch of x streaming past beside it (project_job, transposed_job; the same bits
 # for any slice).  32 KB (256 steps of k, float32) where the L1d holds 48 KB: Intel Xeon
 # (Sapphire Rapids class, 48 KB L1d), float32, 1 thread, 256-row jobs, x @ W^T -> 4096
 # columns: 178-183 -> 193-196 GFLOP/s at I = 1024, 166-201 -> 187-220 at I = 256; 16 KB where
-# the L1d is smaller or unknown (32 KB L1d: the slice and the x stretch would not both fit)
-cdef Py_ssize_t PROJECT_SLICE_BYTES = 32768 if ss_l1d_bytes() >= 48 * 1024 else 16384
+# the L1d is smaller or unknown (32 KB L1d: the slice and the x stretch would not both fit).
+# Set by _set_l1d_bytes when statescan loads the module.
+cdef Py_ssize_t PROJECT_SLICE_BYTES = 16384
+
+
+def _set_l1d_bytes(Py_ssize_t nbytes):
+    """Size the projection's L1 slices for an L1 data cache of `nbytes` (statescan._dispatch
+    passes statescan._caches' reading when it loads this module)."""
+    global PROJECT_SLICE_BYTES
+    PROJECT_SLICE_BYTES = 32768 if nbytes >= 48 * 1024 else 16384
 
 
 cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floating* wp,

@@ -4,7 +4,7 @@
 # this was measured on, in the small single-thread tiles of _gemm.pxd).  Where OpenBLAS runs
 # AVX-512 kernels of its own, its small-matrix kernels (no packing) beat it on ssd's forward
 # tiles, and statescan turns the micro-kernel off for ssd when it loads (uk_gemm_use, one
-# setting per module; statescan._dispatch._choose_block_products).  Elsewhere, and for an
+# setting per module; statescan._dispatch._configure_for_machine).  Elsewhere, and for an
 # alpha other than 1 or a beta other than 0 or 1, it is _gemm.pxd's BLAS gemm, bits included.
 #
 # op(B) is packed into panels of NT columns (zero-padded), op(A) used in place (copied into
@@ -83,8 +83,8 @@ cdef inline bint uk_gemm(bint ta, bint tb, Py_ssize_t M, Py_ssize_t N, Py_ssize_
         pack_panels(B, 1, ldb, K, N, Bp)
     else:
         pack_panels(B, ldb, 1, K, N, Bp)
-    if ta:      # op(A) (i, k) = A[k*lda + i] into rows At[i*K + k] (a scalar copy, strided
-        # writes, was a quarter of ssd's own loops next to the products)
+    if ta:      # op(A) (i, k) = A[k*lda + i] into rows At[i*K + k], in register blocks (a
+        # scalar copy, strided writes, was a quarter of ssd's own loops next to the products)
         transpose(A, lda, K, M, At, K)
         a = At
         la = K

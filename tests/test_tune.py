@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import statescan as ss
-from statescan import _tuning
+from statescan import _caches, _tuning
 from _helpers import flat_outputs
 
 SSD_SHAPE = {"B": 1, "T": 24, "NH": 2, "P": 8, "N": 8}
@@ -243,8 +243,8 @@ def test_machine_facts_and_cache_sizes(tmp_path):
     index.mkdir()
     for name, text in (("level", "1\n"), ("type", "Data\n"), ("size", "48K\n")):
         (index / name).write_text(text)
-    assert _tuning._cache_sizes(str(tmp_path)) == {"l1d": 48 * 1024, "l2": 1024 * 1024}
-    assert _tuning._cache_sizes(str(tmp_path / "missing")) == _tuning._FALLBACK_CACHES
+    assert _caches.cache_sizes(str(tmp_path)) == {"l1d": 48 * 1024, "l2": 1024 * 1024}
+    assert _caches.cache_sizes(str(tmp_path / "missing")) == _caches.FALLBACK
 
 
 def test_tune_arguments_and_measure_only(cache_dir):

@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 
-from . import _blas
+from . import _blas, _caches
 from ._threads import get_num_threads, set_num_threads   # noqa: F401 - kernels call them here
 
 _state = {"backend": None, "ext_error": None, "build": None}
@@ -132,7 +132,7 @@ def _load_extension():
             if absent:
                 variant = "mixed"
                 reason = f"{reason}; portable for {', '.join(absent)} (no native build)"
-    _choose_block_products(modules)
+    _configure_for_machine(modules)
     _state["build"] = {
         "variant": variant,
         "features": native_features if variant != "portable" else
@@ -145,18 +145,23 @@ def _load_extension():
     return modules
 
 
-def _choose_block_products(modules):
-    """The block products of the modules that have the choice (ssd: see ext/_uk_gemm.pxd) on
-    statescan's micro-kernel unless scipy's OpenBLAS runs AVX-512 kernels of its own.  Intel
-    Xeon (Sapphire Rapids class), 1 thread, OpenBLAS SkylakeX, N=128 T=512: ssd prefill
-    through OpenBLAS 1.16-1.23x faster at 48 heads of 64 and 1.16-1.36x at 128 heads of 80
-    (its small-matrix kernels do not pack; the micro-kernel packs each block's operand and
-    pads P = 80 to 96 columns); its fwd+vjp 5-8% slower.  linear_attention keeps the
-    micro-kernel: on the same machine 1.04-1.12x faster than OpenBLAS there, vjp included."""
-    on = not _blas.avx512_kernels()
+def _configure_for_machine(modules):
+    """The compiled modules' settings that follow from this machine, for those that have them:
+    the projection's L1 slices from the L1d size (rnn: _set_l1d_bytes), and ssd's block
+    products on statescan's micro-kernel unless scipy's OpenBLAS runs AVX-512 kernels of its
+    own (ext/_uk_gemm.pxd).  Intel Xeon (Sapphire Rapids class), 1 thread, OpenBLAS SkylakeX,
+    N=128 T=512: ssd prefill through OpenBLAS 1.16-1.23x faster at 48 heads of 64 and
+    1.16-1.36x at 128 heads of 80 (its small-matrix kernels do not pack; the micro-kernel
+    packs each block's operand and pads P = 80 to 96 columns); its fwd+vjp 5-8% slower.
+    linear_attention keeps the micro-kernel: on the same machine 1.04-1.12x faster than
+    OpenBLAS there, vjp included."""
+    micro_kernel = not _blas.avx512_kernels()
+    l1d = _caches.cache_sizes()["l1d"]
     for module in modules.values():
         if hasattr(module, "_use_microkernel_gemm"):
-            module._use_microkernel_gemm(on)
+            module._use_microkernel_gemm(micro_kernel)
+        if hasattr(module, "_set_l1d_bytes"):
+            module._set_l1d_bytes(l1d)
 
 
 _EXT = _load_extension()

@@ -3,8 +3,8 @@
 
 Three parts:
 
-* machine facts, read once: CPU model, ISA extensions, logical CPUs, L1d / L2 sizes (Linux
-  sysfs, with a fallback) and the vector width of the active build;
+* machine facts, read once: CPU model, ISA extensions, logical CPUs, L1d / L2 sizes
+  (:mod:`statescan._caches`) and the vector width of the active build;
 * a small integer constraint model listing the feasible candidates of each tunable kernel
   (:func:`candidates`): rows per job of the RNN kernels in multiples of the micro-kernel's
   row block whose state and gate rows fit in L2, or the column split (-1) when
@@ -28,6 +28,7 @@ import sys
 import tempfile
 import warnings
 
+from . import _caches
 from ._dispatch import build_info, get_num_threads
 
 SCHEMA = "statescan-tuning/1"
@@ -36,8 +37,6 @@ ROW_BLOCK = 8                    # rows of one micro-kernel block (ext/_microker
 PANEL = 32                       # columns of one packed panel (ext/_microkernel.pxd, SS_NT)
 COLUMN_SPLIT = -1                # rnn block value: split each step's columns across threads
 AUTOMATIC = 0                    # rnn block value: the kernel's own rule
-# Used when sysfs does not say (typical of current x86 and arm64 cores).
-_FALLBACK_CACHES = {"l1d": 32 * 1024, "l2": 1024 * 1024}
 
 _state = {"facts": None, "table": None, "forced": {}}
 # Decisions that follow from the tuning, per shape, dtype and thread count: what chunk() /
@@ -55,7 +54,7 @@ def machine():
     if _state["facts"] is None:
         info = build_info()
         features = tuple(info["features"] or ())
-        caches = _cache_sizes()
+        caches = _caches.cache_sizes()
         _state["facts"] = {
             "cpu": _cpu_model(), "features": features, "logical_cpus": os.cpu_count() or 1,
             "l1d": caches["l1d"], "l2": caches["l2"], "vector_bytes": _vector_bytes(features)}
@@ -79,40 +78,6 @@ def _cpu_model():
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
-
-
-def _parse_size(text):
-    """'48K' -> 49152; '2M' -> 2097152; '512' -> 512; None when unreadable."""
-    text = text.strip().upper()
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    digits = text[:-1] if text[-1:] in "KMG" else text
-    return int(digits) * scale if digits.isdigit() else None
-
-
-def _cache_sizes(root="/sys/devices/system/cpu/cpu0/cache"):
-    """{'l1d': bytes, 'l2': bytes} of cpu0 (sysfs), with the fallback for what is unreadable."""
-    found = {}
-    try:
-        entries = sorted(os.listdir(root))
-    except OSError:
-        entries = []
-    for entry in entries:
-        if not entry.startswith("index"):
-            continue
-        try:
-            with open(os.path.join(root, entry, "level")) as f:
-                level = f.read().strip()
-            with open(os.path.join(root, entry, "type")) as f:
-                kind = f.read().strip()
-            with open(os.path.join(root, entry, "size")) as f:
-                size = _parse_size(f.read())
-        except (OSError, IndexError):
-            continue
-        if size and level == "1" and kind in ("Data", "Unified"):
-            found["l1d"] = size
-        elif size and level == "2":
-            found["l2"] = size
-    return {name: found.get(name, fallback) for name, fallback in _FALLBACK_CACHES.items()}
 
 
 def _vector_bytes(features):
