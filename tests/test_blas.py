@@ -67,10 +67,11 @@ def test_small_call_fast_paths_prepare(monkeypatch, call):
     assert _blas._prepared
 
 
-def test_avx512_kernels_agrees_with_threadpoolctl():
-    """avx512_kernels() reads OpenBLAS's own kernel names: the same answer as threadpoolctl's
-    "architecture" of every OpenBLAS loaded."""
-    names = {str(i.get("architecture")).lower() for i in threadpoolctl.threadpool_info()
+def test_kernel_names_agree_with_threadpoolctl():
+    """kernel_names() and avx512_kernels() read OpenBLAS's own kernel names: the same as
+    threadpoolctl's "architecture" of every OpenBLAS loaded."""
+    names = {str(i.get("architecture")) for i in threadpoolctl.threadpool_info()
              if i["user_api"] == "blas" and i["internal_api"] == "openblas"}
     assert names, "no OpenBLAS found"
-    assert _blas.avx512_kernels() == (names <= _blas._AVX512_CORES)
+    assert _blas.kernel_names() == sorted(names)
+    assert _blas.avx512_kernels() == ({n.lower() for n in names} <= _blas._AVX512_CORES)

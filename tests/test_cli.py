@@ -338,3 +338,24 @@ def test_one_cpu_name_of_two_generations_keeps_two_sections():
     doc = {"schema": guard.SCHEMA, "machines": {guard.machine_key(zen4): {"cases": {}}}}
     assert guard.section(doc, guard.machine_key(zen1))[0] != guard.machine_key(zen1)
     assert guard.section(doc, guard.machine_key(zen4))[0] == guard.machine_key(zen4)
+
+
+def test_machine_key_names_the_blas_kernels():
+    """Two machines whose CPU name and SIMD features agree but whose numpy GEMM runs other
+    BLAS kernels (a Zen 4's SkylakeX, a Zen 5's Haswell) measure their peak fractions against
+    different peaks: they get different sections; a section recorded before the BLAS kernels
+    were in the key still serves its CPU when no section names this machine's kernels."""
+    machine = {"cpu": "AMD EPYC", "cpu_flags": ["avx2", "avx512f"]}
+    zen4 = guard.machine_key({**machine, "blas_kernels": ["SkylakeX"]})
+    zen5 = guard.machine_key({**machine, "blas_kernels": ["Haswell"]})
+    legacy = guard.machine_key(machine)
+    assert len({zen4, zen5, legacy}) == 3
+    assert zen4 == "AMD EPYC [avx2 avx512f] blas SkylakeX"
+    doc = {"machines": {"Another CPU": {}, zen5: {"cases": 5}}}
+    assert guard.section(doc, zen4)[0] == "Another CPU"
+    assert guard.section(doc, zen5) == (zen5, {"cases": 5})
+    doc["machines"][legacy] = {"cases": 0}
+    assert guard.section(doc, zen4) == (legacy, {"cases": 0})
+    assert guard.section(doc, zen5)[0] == zen5
+    here = statescan._bench.machine.describe()
+    assert here["blas_kernels"] == statescan._blas.kernel_names()

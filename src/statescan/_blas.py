@@ -59,20 +59,27 @@ def _call_first(lib, symbols, *args):
     return None
 
 
-def avx512_kernels():
-    """True when every OpenBLAS library in the process that names its kernels runs AVX-512
-    ones (SkylakeX, Cooperlake, SapphireRapids), and at least one does.  OpenBLAS picks its
-    kernels by CPU model, not by ISA features: on an AMD EPYC Zen 5 it runs its Haswell (AVX2)
-    kernels."""
-    names = []
+def kernel_names():
+    """OpenBLAS's names of the kernels each OpenBLAS library in the process runs (its
+    ``get_corename``, e.g. ``"Haswell"``, ``"SkylakeX"``), sorted, without repeats; other BLAS
+    libraries name none.  OpenBLAS picks its kernels by CPU model, not by ISA features: an AMD
+    EPYC Zen 4 runs its SkylakeX (AVX-512) kernels, a Zen 5 its Haswell (AVX2) ones."""
+    names = set()
     for lib in _libraries():
         for symbol in _CORENAMES:
             fn = getattr(lib, symbol, None)
             if fn is not None:
                 fn.restype = ctypes.c_char_p
-                names.append((fn() or b"").decode(errors="replace").lower())
+                names.add((fn() or b"").decode(errors="replace"))
                 break
-    return bool(names) and all(name in _AVX512_CORES for name in names)
+    return sorted(names)
+
+
+def avx512_kernels():
+    """True when every OpenBLAS library in the process that names its kernels runs AVX-512
+    ones (SkylakeX, Cooperlake, SapphireRapids), and at least one does."""
+    names = kernel_names()
+    return bool(names) and all(name.lower() in _AVX512_CORES for name in names)
 
 
 def set_threads(n):

@@ -7,10 +7,12 @@ and stays there when measured again (the CLI re-measures failing cases: on a bus
 single measurements swing by 30%).
 
 They do move between CPUs, though (another ISA, cache sizes, BLAS), so a baseline file holds
-one section per machine, keyed by the CPU's name and SIMD features (:func:`machine_key`: one
-model name covers CPUs of several generations -- "AMD EPYC" is a Zen 1 with AVX2 or a Zen 4 with
-AVX-512, whose ratios differ by a third): a check compares with this machine's section when
-there is one, and an update only raises this machine's ratios.
+one section per machine, keyed by the CPU's name, its SIMD features and the kernels of its BLAS
+(:func:`machine_key`: one model name covers CPUs of several generations -- "AMD EPYC" is a Zen 1
+with AVX2, or a Zen 4 or a Zen 5 with AVX-512 -- and the peak fractions are measured against
+numpy's GEMM, which OpenBLAS runs with AVX-512 kernels on a Zen 4 and with AVX2 ones on a Zen 5,
+at half their speed): a check compares with this machine's section when there is one, and an
+update only raises this machine's ratios.
 """
 import json
 import time
@@ -32,9 +34,14 @@ def metrics(result, peaks):
 
 
 def machine_key(machine):
-    """A baseline section's key for `machine` (``machine.describe()``): the CPU's name and
-    its SIMD features, e.g. ``"AMD EPYC [avx2 fma]"``."""
-    return f"{machine['cpu']} [{' '.join(machine['cpu_flags'])}]"
+    """A baseline section's key for `machine` (``machine.describe()``): the CPU's name, its
+    SIMD features and, when known, its BLAS kernels, e.g. ``"AMD EPYC [avx2 fma] blas Zen"``."""
+    key = f"{machine['cpu']} [{' '.join(machine['cpu_flags'])}]"
+    kernels = machine.get("blas_kernels")
+    return f"{key}{BLAS}{','.join(kernels)}" if kernels else key
+
+
+BLAS = " blas "
 
 
 def updated(doc, results, peaks, meta, tolerance):
@@ -69,10 +76,12 @@ def load(path):
 
 def section(doc, cpu):
     """(machine key, section) of baseline `doc` to check a run on machine `cpu` (its
-    :func:`machine_key`) against: its own section, else the first one (whose ratios may differ
-    from this machine's), or (None, None) when the document has no section."""
-    if cpu in doc["machines"]:
-        return cpu, doc["machines"][cpu]
+    :func:`machine_key`) against: its own section, else one recorded before the BLAS kernels
+    were part of the key for its CPU name and SIMD features, else the first one (whose ratios
+    may differ from this machine's), or (None, None) when the document has no section."""
+    for key in (cpu, cpu.split(BLAS)[0]):
+        if key in doc["machines"]:
+            return key, doc["machines"][key]
     return next(iter(doc["machines"].items()), (None, None))
 
 

@@ -16,6 +16,7 @@ def describe():
         "physical_cores": _physical_cores(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_flags": _simd_flags(),
+        "blas_kernels": _blas.kernel_names(),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "python": platform.python_version(),
