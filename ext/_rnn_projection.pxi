@@ -14,11 +14,17 @@ cdef enum:
 
 # A slice of a panel of W^T that stays in L1 while every row block of a job runs over it, a
 # block's stretch of x streaming past beside it (project_job, transposed_job; the same bits
-# for any slice).  32 KB (256 steps of k, float32) where the L1d holds 48 KB: Intel Xeon
-# (Sapphire Rapids class, 48 KB L1d), float32, 1 thread, 256-row jobs, x @ W^T -> 4096
-# columns: 178-183 -> 193-196 GFLOP/s at I = 1024, 166-201 -> 187-220 at I = 256; 16 KB where
-# the L1d is smaller or unknown (32 KB L1d: the slice and the x stretch would not both fit).
-# Set by _set_l1d_bytes when statescan loads the module.
+# for any slice; 0: whole panels).  Set by _set_l1d_bytes when statescan loads the module:
+# - 32 KB (256 steps of k, float32) where the L1d holds 48 KB: Intel Xeon (Sapphire Rapids
+#   class, 48 KB L1d), float32, 1 thread, 256-row jobs, x @ W^T -> 4096 columns: 178-183 ->
+#   193-196 GFLOP/s at I = 1024 (16 KB slices before), 166-201 -> 187-220 at I = 256;
+# - whole panels with a smaller L1d where a row block is 12 rows (AVX-512 float32): the
+#   slice and the x stretch do not both fit, and the panel is read once per 12 rows anyway.
+#   AMD EPYC Zen 4 (32 KB L1d, 1 MB L2), 1 thread, 1024 rows, best/median of 15 calls, 3 runs:
+#   float32 I = 1024 -> 4096 75-83 / 68-81 GFLOP/s with 16 KB slices, 97-99 / 73-97 whole;
+#   I = 512 -> 2048 91-93 -> 106-108; float64 I = 1024 -> 2048 48 -> 55;
+# - 16 KB otherwise (vectors of 8 floats or fewer: 3-row blocks re-read the panel every 3
+#   rows, a slice in L1 saves those reads).
 cdef Py_ssize_t PROJECT_SLICE_BYTES = 16384
 
 
@@ -26,7 +32,20 @@ def _set_l1d_bytes(Py_ssize_t nbytes):
     """Size the projection's L1 slices for an L1 data cache of `nbytes` (statescan._dispatch
     passes statescan._caches' reading when it loads this module)."""
     global PROJECT_SLICE_BYTES
-    PROJECT_SLICE_BYTES = 32768 if nbytes >= 48 * 1024 else 16384
+    if nbytes >= 48 * 1024:
+        PROJECT_SLICE_BYTES = 32768
+    elif SS_MR_f >= 12:
+        PROJECT_SLICE_BYTES = 0
+    else:
+        PROJECT_SLICE_BYTES = 16384
+
+
+cdef inline Py_ssize_t slice_steps(Py_ssize_t I, size_t itemsize) noexcept nogil:
+    """Steps of k per slice of a panel for a product over I (PROJECT_SLICE_BYTES; I when the
+    panels run whole)."""
+    if PROJECT_SLICE_BYTES == 0:
+        return max(I, <Py_ssize_t> 1)
+    return PROJECT_SLICE_BYTES // (NT * <Py_ssize_t> itemsize)
 
 
 cdef int run_project(const floating* x, Py_ssize_t N, Py_ssize_t I, const floating* wp,
@@ -86,7 +105,7 @@ cdef void project_job(const floating* x, Py_ssize_t nr, Py_ssize_t I, const floa
     goes through buf.  A long I runs in slices of the panel that stay in L1 while the job's
     row blocks use them (the same bits)."""
     cdef Py_ssize_t full = min(p1, M // NT), width = min(M, p1 * NT) - full * NT
-    cdef Py_ssize_t kc = PROJECT_SLICE_BYTES // (NT * sizeof(floating))
+    cdef Py_ssize_t kc = slice_steps(I, sizeof(floating))
     cdef Py_ssize_t r, m, tile
     cdef floating bpad[NT]
     if I == 0:      # no products: the bias (or 0) alone
@@ -142,7 +161,7 @@ cdef void transposed_job(const floating* W, Py_ssize_t I, Py_ssize_t m0, Py_ssiz
     """out[n0 + n, m] = x[n0 + n] @ W[m] + b[m] for n < nc, m0 <= m < m1 (at most
     TRANSPOSED_ROWS), the nc rows of x packed at xp as panels of NT rows."""
     cdef floating acc[TRANSPOSED_ROWS * NT]
-    cdef Py_ssize_t kc = PROJECT_SLICE_BYTES // (NT * sizeof(floating))
+    cdef Py_ssize_t kc = slice_steps(I, sizeof(floating))
     cdef Py_ssize_t p, i, n, width, k0
     for p in range((nc + NT - 1) // NT):
         k0 = 0

@@ -77,3 +77,23 @@ def test_project_nan_stays_in_its_row(dtype):
     assert np.isnan(out[1, 7]).all()
     out[1, 7] = 0
     assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, T, I, M", [(2, 40, 300, 70), (2, 70, 1100, 500),
+                                        (1, 300, 2048, 256)])
+def test_project_bits_do_not_depend_on_the_l1_slices(B, T, I, M, dtype):
+    """The projection's slices of each panel follow the L1d size (_set_l1d_bytes, set when the
+    module loads): 32 KB slices for a 48 KB L1d; for 32 KB, whole panels in AVX-512 builds,
+    16 KB slices in others.  Every element is the same sum in the same order either way."""
+    from statescan import _caches
+    rnn = _dispatch.ext_module("rnn")
+    x, W, b = _problem(B, T, I, M, dtype, seed=3)
+    try:
+        outs = []
+        for l1d in (48 * 1024, 32 * 1024):
+            rnn._set_l1d_bytes(l1d)
+            outs.append(_project(x, W, b, 1))
+        np.testing.assert_array_equal(outs[0], outs[1])
+    finally:
+        rnn._set_l1d_bytes(_caches.cache_sizes()["l1d"])
