@@ -125,6 +125,8 @@ cdef void forward_group(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssiz
                 # the row's lines of the next step, far from the other rows' (the hardware
                 # prefetcher cannot follow): fetched here, between cells, and not all at the
                 # start of the step, whose burst of misses stalled on the fill buffers
+                if fz != NULL:
+                    prefetch_next_block(fz, <const floating*> fz.x, b, j, length, T, vl.reverse)
                 if j + 1 < length:
                     t = time_index(j + 1, length, vl.reverse)
                     for g in range(G if fz == NULL else 0):

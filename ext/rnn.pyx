@@ -121,6 +121,17 @@ cdef inline Py_ssize_t block_row(const Fused* fz, Py_ssize_t r, Py_ssize_t j,
     return (r * fz.steps + block_index(fz, j, length, reverse)) * fz.ldo
 
 
+cdef inline void prefetch_next_block(const Fused* fz, const floating* x, Py_ssize_t b,
+                                     Py_ssize_t j, Py_ssize_t length, Py_ssize_t T,
+                                     bint reverse) noexcept nogil:
+    """At processing step j of row b (x: fz.x), fetch the row of x that the next projected
+    block holds for step j + fz.steps: over a block's steps, the whole next block, one time step
+    per step.  Rows of different batch entries are far apart in x, so the hardware prefetcher
+    does not follow them, and project_block otherwise waits on memory for each row."""
+    if j + fz.steps < length:
+        prefetch(x + (b * T + time_index(j + fz.steps, length, reverse)) * fz.n_in, fz.n_in)
+
+
 cdef void project_block(const Fused* fz, floating* ax, const Py_ssize_t* rows, Py_ssize_t nact,
                         Py_ssize_t T, Py_ssize_t j, Varlen vl) noexcept nogil:
     """For the active rows r < nact, the block of processing steps from j (a multiple of
@@ -264,6 +275,8 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
                     for g in range(G):
                         prefetch(ax + (b * T + time_index(j + 1, length, vl.reverse)) * GH
                                  + g * H + k0 * D, nk * D)
+                elif fz != NULL and kk == 0:
+                    prefetch_next_block(fz, <const floating*> fz.x, b, j, length, T, vl.reverse)
                 t = time_index(j, length, vl.reverse)
                 if fz == NULL:
                     axp = ax + (b * T + t) * GH + k * D
