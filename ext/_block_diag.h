@@ -136,12 +136,5 @@ static void ss_bd_matmul_##SFX(const T* h, ptrdiff_t ldh, const T* mp, ptrdiff_t
 SS_BD_DEFINE(float, f)
 SS_BD_DEFINE(double, d)
 
-/* Hint that the line at p will be written soon (fetched for ownership): the grouped forward's
-   outputs of the next step, one line per batch row far apart from the others. */
-#if defined(__GNUC__)
-#define ss_bd_prefetch_w(p) __builtin_prefetch((p), 1)
-#else
-#define ss_bd_prefetch_w(p) ((void)(p))
-#endif
 
 #endif

@@ -51,8 +51,10 @@ cdef extern from *:
 
     #if defined(__GNUC__)
     #define ss_prefetch(p) __builtin_prefetch(p)
+    #define ss_prefetch_w(p) __builtin_prefetch((p), 1)
     #else
     #define ss_prefetch(p) ((void)(p))
+    #define ss_prefetch_w(p) ((void)(p))
     #endif
 
     /* ss_rest's body: rows < MR rows with a literal row count per case (the block unrolls
@@ -369,6 +371,7 @@ cdef extern from *:
     int SS_MR_f     # rows of the micro-kernel's register block (float, double)
     int SS_MR_d
     void ss_prefetch(const void* p) nogil
+    void ss_prefetch_w(const void* p) nogil
     void* panel_alloc "ss_panel_alloc"(size_t nbytes) nogil
     void* buffer_alloc "ss_buffer_alloc"(size_t nbytes) nogil
     # frees a block of panel_alloc or buffer_alloc (every such block, never free())
@@ -456,6 +459,15 @@ cdef inline void prefetch(const floating* p, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i = 0
     while i < n:
         ss_prefetch(p + i)
+        i += 64 // sizeof(floating)
+
+
+cdef inline void prefetch_w(floating* p, Py_ssize_t n) noexcept nogil:
+    """Hint the cache to fetch p[0:n] for writing (64-byte lines, fetched for ownership): rows
+    written on the next time step."""
+    cdef Py_ssize_t i = 0
+    while i < n:
+        ss_prefetch_w(p + i)
         i += 64 // sizeof(floating)
 
 

@@ -19,7 +19,6 @@ cdef extern from "_block_diag.h" nogil:
                         Py_ssize_t GD, Py_ssize_t ntiles, Py_ssize_t nt, Py_ssize_t nk,
                         const double* bias, Py_ssize_t ldb, double* out, Py_ssize_t ldo,
                         Py_ssize_t nrows)
-    void ss_bd_prefetch_w(const void* p)
 
 cdef enum:
     # rows the grouped path steps through the whole sequence together: their gates
@@ -39,14 +38,6 @@ cdef inline bint use_groups(Py_ssize_t RB, Py_ssize_t hpj, Py_ssize_t D, Py_ssiz
     heads, D a multiple of the micro-kernel's lanes, and not a few rows on large heads."""
     return (hpj > 1 and D % (SS_BD_VL_f if itemsize == sizeof(float) else SS_BD_VL_d) == 0
             and (RB >= GROUP_MIN_ROWS or hpj * G * D * D * itemsize <= GROUP_L1_BYTES))
-
-
-cdef inline void prefetch_w(floating* p, Py_ssize_t n) noexcept nogil:
-    """Fetch p[0:n] for writing (64-byte lines)."""
-    cdef Py_ssize_t i = 0
-    while i < n:
-        ss_bd_prefetch_w(p + i)
-        i += 64 // sizeof(floating)
 
 
 cdef inline void block_diag(const floating* h, Py_ssize_t ldh, const floating* mp, Py_ssize_t D,

@@ -11,7 +11,8 @@ cnp.import_array()
 
 from _microkernel cimport (NT, SS_MR_d, SS_MR_f, matmul_acc, matmul_raw, matmul_store,
                           matmul_store_kblocked, pack_panels, panel_alloc, buffer_alloc,
-                          huge_free, pool_state, prefetch, ss_matmul_part_f, ss_matmul_part_d,
+                          huge_free, pool_state, prefetch, prefetch_w, ss_matmul_part_f,
+                          ss_matmul_part_d,
                           SS_STORE, SS_FIRST, SS_MID, SS_LAST, transpose)
 from _cells cimport cell_forward, cell_backward, cell_ids
 from _scratch cimport scratch_alloc, scratch_free
@@ -291,6 +292,10 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
                 for s in range(S_save):
                     for d in range(D):
                         seq[((s * B + b) * T + t) * H + k * D + d] = stk[s * ss + r * D + d]
+                if kk == 0 and j + 1 < length:     # the row's output lines of step j + 1
+                    for s in range(S_save):
+                        prefetch_w(seq + ((s * B + b) * T + time_index(j + 1, length, vl.reverse))
+                                   * H + k0 * D, nk * D)
     for r in range(nr):
         b = rows[r]
         for s in range(S):
