@@ -293,9 +293,11 @@ cdef void forward_job(int cell, const Py_ssize_t* rows, Py_ssize_t nr, Py_ssize_
                     for d in range(D):
                         seq[((s * B + b) * T + t) * H + k * D + d] = stk[s * ss + r * D + d]
                 if kk == 0 and j + 1 < length:     # the row's output lines of step j + 1
+                    t = time_index(j + 1, length, vl.reverse)
                     for s in range(S_save):
-                        prefetch_w(seq + ((s * B + b) * T + time_index(j + 1, length, vl.reverse))
-                                   * H + k0 * D, nk * D)
+                        prefetch_w(seq + ((s * B + b) * T + t) * H + k0 * D, nk * D)
+                    for g in range(G if ar_seq != NULL else 0):
+                        prefetch_w(ar_seq + (b * T + t) * GH + g * H + k0 * D, nk * D)
     for r in range(nr):
         b = rows[r]
         for s in range(S):
