@@ -519,6 +519,9 @@ cdef enum:
     # a core's cache between blocks (H = I = 1024: a 16 MB W re-read every few steps next to
     # R ran 1.25x slower than projecting the whole sequence first)
     FUSED_W_BYTES = 1 << 20
+    # bytes of a fused job's smallest projected block (fused_block_fits) above which the job
+    # does not project its own blocks
+    FUSED_BLOCK_MAX_BYTES = 2 << 20
 
 
 cdef Py_ssize_t fused_steps(Py_ssize_t RB, Py_ssize_t ldo, Py_ssize_t T,
@@ -537,6 +540,17 @@ cdef inline bint fuses_w(const Fused* fz, size_t itemsize) noexcept nogil:
     """Whether jobs may project their own blocks with this W: it must stay in a core's cache
     between blocks (FUSED_W_BYTES); x + b (no W) always can."""
     return fz.wp == NULL or fz.n_in * fz.ldo * itemsize <= FUSED_W_BYTES
+
+
+cdef inline bint fused_block_fits(const Fused* fz, Py_ssize_t RB, size_t itemsize) noexcept nogil:
+    """Whether a job of RB rows may project its own blocks with W: its smallest block (one
+    micro-kernel row block of steps) is at most FUSED_BLOCK_MAX_BYTES.  A larger block and W
+    crowd R out of the L2 every few steps (AMD EPYC Zen 4, 1 MB L2, lstm H=256, float32: at
+    B=64 on 1 thread, a 3 MB block, projecting the whole sequence first ran 1.08-1.13x faster,
+    gru and slstm 1.04-1.06x; at B=32 on 1 thread or B=64 on 2, 1.5 MB blocks, 0.93-1.04x).
+    x + b (no W) always can."""
+    cdef Py_ssize_t mr = SS_MR_f if itemsize == 4 else SS_MR_d
+    return fz.wp == NULL or RB * mr * fz.ldo * <Py_ssize_t> itemsize <= FUSED_BLOCK_MAX_BYTES
 
 
 cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_ssize_t D,
@@ -577,8 +591,9 @@ cdef int run_forward(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t heads, Py_
     # it only pays off for row blocks up to GROUP_ROWS (heads=4, D=16, 1 thread: B=16 grouped
     # after projecting 1.0-1.2x faster than fused per head, B=64 0.74-0.88x but elman 1.5x)
     grouped = not columns and use_groups(RB, hpj, D, G, sizeof(floating))
-    if fz != NULL and (columns or groups > 1 or not fuses_w(fz, sizeof(floating))):
-        # jobs do not own whole rows, or W would not stay in cache: project first
+    if fz != NULL and (columns or groups > 1 or not fuses_w(fz, sizeof(floating))
+                       or not fused_block_fits(fz, RB, sizeof(floating))):
+        # jobs do not own whole rows, or W or the blocks would not stay in cache: project first
         own_ax = <floating*> buffer_alloc(B * T * G * heads * D * sizeof(floating))
         status = -1 if own_ax == NULL else project_all(fz, B, T, G * heads * D, vl, own_ax,
                                                        num_threads)
