@@ -17,9 +17,11 @@ pytestmark = pytest.mark.skipif(not _dispatch.compiled_available(),
 # (B, T, I, H, heads): one row and a time block longer than T; rows of several jobs and a
 # last partial block of steps; G*H not a multiple of the 32-wide panel; no inputs; heads
 # (split over jobs with 2 threads and B=1); W too large to stay in cache (float64: 1.2 MiB);
-# grouped heads over several groups of rows, each projecting its own blocks
+# grouped heads over several groups of rows, each projecting its own blocks; a job's smallest
+# projected block over 2 MB on one thread (lstm, gru, slstm: projected first), not on two
 SHAPES = [(1, 5, 3, 7, 1), (9, 70, 10, 48, 1), (3, 17, 5, 33, 1), (5, 9, 0, 16, 1),
-          (1, 30, 16, 64, 4), (16, 40, 64, 64, 4), (2, 12, 300, 128, 1), (40, 23, 16, 64, 4)]
+          (1, 30, 16, 64, 4), (16, 40, 64, 64, 4), (2, 12, 300, 128, 1), (40, 23, 16, 64, 4),
+          (96, 14, 8, 160, 1)]
 
 
 def _problem(cell, B, T, I, H, heads, dtype, bias):
