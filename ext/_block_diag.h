@@ -136,5 +136,4 @@ static void ss_bd_matmul_##SFX(const T* h, ptrdiff_t ldh, const T* mp, ptrdiff_t
 SS_BD_DEFINE(float, f)
 SS_BD_DEFINE(double, d)
 
-
 #endif

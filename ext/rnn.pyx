@@ -546,8 +546,8 @@ cdef inline bint fused_block_fits(const Fused* fz, Py_ssize_t RB, size_t itemsiz
     """Whether a job of RB rows may project its own blocks with W: its smallest block (one
     micro-kernel row block of steps) is at most FUSED_BLOCK_MAX_BYTES.  A larger block and W
     crowd R out of the L2 every few steps (AMD EPYC Zen 4, 1 MB L2, lstm H=256, float32: at
-    B=64 on 1 thread, a 3 MB block, projecting the whole sequence first ran 1.08-1.13x faster,
-    gru and slstm 1.04-1.06x; at B=32 on 1 thread or B=64 on 2, 1.5 MB blocks, 0.93-1.04x).
+    B=64 on 1 thread, a 3 MB block, projecting the whole sequence first ran 1.07-1.13x faster,
+    gru and slstm 1.04-1.06x; at B=32 on 1 thread or B=64 on 2, 1.5 MB blocks, 0.93-1.05x).
     x + b (no W) always can."""
     cdef Py_ssize_t mr = SS_MR_f if itemsize == 4 else SS_MR_d
     return fz.wp == NULL or RB * mr * fz.ldo * <Py_ssize_t> itemsize <= FUSED_BLOCK_MAX_BYTES

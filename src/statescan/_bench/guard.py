@@ -35,7 +35,8 @@ def metrics(result, peaks):
 
 def machine_key(machine):
     """A baseline section's key for `machine` (``machine.describe()``): the CPU's name, its
-    SIMD features and, when known, its BLAS kernels, e.g. ``"AMD EPYC [avx2 fma] blas Zen"``."""
+    SIMD features and, when known, its BLAS kernels, e.g.
+    ``"AMD EPYC [avx2 fma avx512f avx512_bf16] blas SkylakeX"``."""
     key = f"{machine['cpu']} [{' '.join(machine['cpu_flags'])}]"
     kernels = machine.get("blas_kernels")
     return f"{key}{BLAS}{','.join(kernels)}" if kernels else key
