@@ -16,6 +16,7 @@ cdef enum:
     GRAD_PANEL_BYTES = 32768    # a panel's chunk [kc, NT]: stays in L1 while every row block
                                 # of B^T uses it (48 KB L1 here)
     GRAD_BT_BYTES = 1 << 19     # B's chunk transposed [N, kc]: stays in L2 (1 MB a core)
+    GRAD_PACK_ALL_BYTES = 1 << 18   # a job's panels of a chunk packed together up to this
     GRAD_KC_MIN = 64            # shortest chunk: below, the accumulators' trips through outT
                                 # and the call overheads per chunk count
 
@@ -28,30 +29,40 @@ cdef inline Py_ssize_t grads_chunk(Py_ssize_t N, size_t itemsize) noexcept nogil
     return max(<Py_ssize_t> GRAD_KC_MIN, kc // 8 * 8)
 
 
-cdef void grads_pack(const floating* a, Py_ssize_t lda, Py_ssize_t kc, Py_ssize_t m0,
-                     Py_ssize_t width, Py_ssize_t da, Py_ssize_t gstride,
-                     floating* panel) noexcept nogil:
-    """panel[k * NT + n] = A[k, m0 + n] for k < kc, n < width (zeros up to NT), where column m
-    of A is a[k * lda + (m // da) * gstride + m % da]: the head's slice of each gate block
-    (da = M and one block for a plain matrix).  Runs of a block's contiguous columns."""
-    cdef Py_ssize_t k, n, m, run, i
+cdef inline void grads_pack_row(const floating* a, Py_ssize_t m0, Py_ssize_t width,
+                                Py_ssize_t da, Py_ssize_t gstride, floating* dst) noexcept nogil:
+    """dst[n] = A[k, m0 + n] for n < width, a: row k of A, whose column m is at
+    a[(m // da) * gstride + m % da]: the head's slice of each gate block (da = M and one block
+    for a plain matrix).  Runs of a block's contiguous columns."""
+    cdef Py_ssize_t n = 0, m, run, i
     cdef const floating* src
-    cdef floating* dst
-    if width < NT:
-        memset(panel, 0, kc * NT * sizeof(floating))
+    while n < width:
+        m = m0 + n
+        run = min(width - n, da - m % da)
+        src = a + (m // da) * gstride + m % da
+        if run == NT:       # a whole panel row: a copy of known size, inlined
+            memcpy(dst + n, src, NT * sizeof(floating))
+        else:
+            for i in range(run):
+                dst[n + i] = src[i]
+        n += run
+
+
+cdef void grads_pack(const floating* a, Py_ssize_t lda, Py_ssize_t kc, Py_ssize_t m0,
+                     Py_ssize_t width, Py_ssize_t da, Py_ssize_t gstride, Py_ssize_t npanels,
+                     floating* panel) noexcept nogil:
+    """npanels consecutive panels [kc, NT] from column m0 of A (columns mapped as in
+    grads_pack_row): panel[(t * kc + k) * NT + n] = A[k, m0 + t * NT + n] for the `width`
+    columns, zeros up to npanels * NT.  Row by row: each row of A is read once, in order, for
+    all the panels (packed one panel at a time, rows a gate row apart, A larger than the
+    cache waited on memory for each panel)."""
+    cdef Py_ssize_t k, t
+    if width < npanels * NT:
+        memset(panel, 0, npanels * kc * NT * sizeof(floating))
     for k in range(kc):
-        n = 0
-        while n < width:
-            m = m0 + n
-            run = min(width - n, da - m % da)
-            src = a + k * lda + (m // da) * gstride + m % da
-            dst = panel + k * NT + n
-            if run == NT:       # a whole panel row: a copy of known size, inlined
-                memcpy(dst, src, NT * sizeof(floating))
-            else:
-                for i in range(run):
-                    dst[i] = src[i]
-            n += run
+        for t in range(npanels):
+            grads_pack_row(a + k * lda, m0 + t * NT, min(<Py_ssize_t> NT, width - t * NT), da,
+                           gstride, panel + (t * kc + k) * NT)
 
 
 cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* b, Py_ssize_t ldb,
@@ -63,11 +74,16 @@ cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* b, Py_ssiz
     for all the job's panels.  b_rows: b holds B^T as stored rows (row n at b + n * ldb,
     k contiguous), read in place.  -1 on allocation failure."""
     cdef Py_ssize_t kc = grads_chunk(N, sizeof(floating))
+    # the job's panels of a chunk packed together when they fit GRAD_PACK_ALL_BYTES, else one
+    # at a time
+    cdef Py_ssize_t npack = (p1 - p0 if kc * (p1 - p0) * NT * <Py_ssize_t> sizeof(floating)
+                             <= GRAD_PACK_ALL_BYTES else 1)
     cdef Py_ssize_t k0, n, tile, ldbt
     cdef int mode
-    cdef floating* bt = <floating*> scratch_alloc(((0 if b_rows else N * kc) + kc * NT)
+    cdef floating* bt = <floating*> scratch_alloc(((0 if b_rows else N * kc) + npack * kc * NT)
                                                   * sizeof(floating))
     cdef floating* panel
+    cdef floating* pt
     cdef const floating* rows
     if bt == NULL:
         return -1
@@ -82,13 +98,20 @@ cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* b, Py_ssiz
         else:
             transpose(b + k0 * ldb, ldb, n, N, bt, n)
             rows, ldbt = bt, n
+        if npack > 1:
+            grads_pack(a + k0 * lda, lda, n, p0 * NT, min(M, p1 * NT) - p0 * NT, da, gstride,
+                       npack, panel)
         for tile in range(p0, p1):
-            grads_pack(a + k0 * lda, lda, n, tile * NT, min(<Py_ssize_t> NT, M - tile * NT),
-                       da, gstride, panel)
-            if floating is float:
-                ss_matmul_part_f(rows, ldbt, panel, n, NULL, outT + tile * NT, ldt, N, mode)
+            if npack > 1:
+                pt = panel + (tile - p0) * n * NT
             else:
-                ss_matmul_part_d(rows, ldbt, panel, n, NULL, outT + tile * NT, ldt, N, mode)
+                pt = panel
+                grads_pack(a + k0 * lda, lda, n, tile * NT, min(<Py_ssize_t> NT, M - tile * NT),
+                           da, gstride, 1, panel)
+            if floating is float:
+                ss_matmul_part_f(rows, ldbt, pt, n, NULL, outT + tile * NT, ldt, N, mode)
+            else:
+                ss_matmul_part_d(rows, ldbt, pt, n, NULL, outT + tile * NT, ldt, N, mode)
         k0 += n
     scratch_free(bt)
     return 0
