@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 import statescan as ss
+from statescan import _blas
 
 FOLDER = os.path.join(os.path.dirname(__file__), "data", "golden")
 
@@ -116,19 +117,14 @@ def _like(value, rng):
 
 def machine():
     """What the recording depends on: the compiled kernels' ISA features, numpy's version and
-    the BLAS libraries' kernels (threadpoolctl's "architecture" of each OpenBLAS loaded)."""
+    the BLAS libraries' kernels (statescan._blas.kernel_names: each OpenBLAS's own name of
+    its kernels, what threadpoolctl calls its "architecture")."""
     info = ss.build_info()
     return (f"{info['variant']} {','.join(info['features'] or ())} numpy {np.__version__}"
-            f"{BLAS}{','.join(_blas_kernels())}")
+            f"{BLAS}{','.join(_blas.kernel_names())}")
 
 
 BLAS = " blas "
-
-
-def _blas_kernels():
-    from threadpoolctl import threadpool_info
-    return sorted({str(lib.get("architecture")) for lib in threadpool_info()
-                   if lib.get("user_api") == "blas"})
 
 
 def recording_for(key, known):
