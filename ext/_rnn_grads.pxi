@@ -65,18 +65,20 @@ cdef void grads_pack(const floating* a, Py_ssize_t lda, Py_ssize_t kc, Py_ssize_
                            gstride, panel + (t * kc + k) * NT)
 
 
-cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* b, Py_ssize_t ldb,
-                   bint b_rows, Py_ssize_t K, Py_ssize_t da, Py_ssize_t gstride, Py_ssize_t M,
-                   Py_ssize_t N, Py_ssize_t p0, Py_ssize_t p1, floating* outT,
-                   Py_ssize_t ldt) noexcept nogil:
+cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* packed,
+                   const floating* b, Py_ssize_t ldb, bint b_rows, Py_ssize_t K, Py_ssize_t da,
+                   Py_ssize_t gstride, Py_ssize_t M, Py_ssize_t N, Py_ssize_t p0, Py_ssize_t p1,
+                   floating* outT, Py_ssize_t ldt) noexcept nogil:
     """Columns [p0 * NT, p1 * NT) of outT[N, ldt] = B^T @ A for one head (a, b at its first
     columns; A's columns mapped as in grads_pack): every chunk of k, B's chunk transposed once
     for all the job's panels.  b_rows: b holds B^T as stored rows (row n at b + n * ldb,
-    k contiguous), read in place.  -1 on allocation failure."""
+    k contiguous), read in place.  packed: NULL, or all of A already packed into panels
+    [tile][K][NT] (grads_pack over all of k), read in place.  -1 on allocation failure."""
     cdef Py_ssize_t kc = grads_chunk(N, sizeof(floating))
     # the job's panels of a chunk packed together when they fit GRAD_PACK_ALL_BYTES, else one
-    # at a time
-    cdef Py_ssize_t npack = (p1 - p0 if kc * (p1 - p0) * NT * <Py_ssize_t> sizeof(floating)
+    # at a time (none when A comes packed)
+    cdef Py_ssize_t npack = (0 if packed != NULL else
+                             p1 - p0 if kc * (p1 - p0) * NT * <Py_ssize_t> sizeof(floating)
                              <= GRAD_PACK_ALL_BYTES else 1)
     cdef Py_ssize_t k0, n, tile, ldbt
     cdef int mode
@@ -102,7 +104,9 @@ cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* b, Py_ssiz
             grads_pack(a + k0 * lda, lda, n, p0 * NT, min(M, p1 * NT) - p0 * NT, da, gstride,
                        npack, panel)
         for tile in range(p0, p1):
-            if npack > 1:
+            if packed != NULL:
+                pt = packed + (tile * K + k0) * NT
+            elif npack > 1:
                 pt = panel + (tile - p0) * n * NT
             else:
                 pt = panel
@@ -117,14 +121,14 @@ cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* b, Py_ssiz
     return 0
 
 
-cdef int grads_run(const floating* a, Py_ssize_t lda, const floating* b, Py_ssize_t ldb,
-                   bint b_rows, Py_ssize_t K, Py_ssize_t heads, Py_ssize_t da,
+cdef int grads_run(const floating* a, Py_ssize_t lda, const floating* packed, const floating* b,
+                   Py_ssize_t ldb, bint b_rows, Py_ssize_t K, Py_ssize_t heads, Py_ssize_t da,
                    Py_ssize_t groups, Py_ssize_t N, Py_ssize_t row_block, floating* outT,
                    Py_ssize_t ldt, int num_threads) noexcept nogil:
     """outT[h][n, m] = sum_k B_h[k, n] A_h[k, m] for every head (outT[h] at outT + h * N * ldt;
-    A_h, B_h as in weight_grads; b_rows: B^T's rows stored, as in grads_job) in jobs of a
-    head, `row_block` rows of outT and a range of panels -- panels split further while the
-    jobs are fewer than the threads.  -1 on allocation failure."""
+    A_h, B_h as in weight_grads; b_rows: B^T's rows stored, packed: A packed, one head, as in
+    grads_job) in jobs of a head, `row_block` rows of outT and a range of panels -- panels
+    split further while the jobs are fewer than the threads.  -1 on allocation failure."""
     cdef Py_ssize_t M = groups * da, ntiles = (groups * da + NT - 1) // NT
     cdef Py_ssize_t nrb = (N + row_block - 1) // row_block
     cdef Py_ssize_t parts = min(ntiles, max(<Py_ssize_t> 1,
@@ -137,8 +141,8 @@ cdef int grads_run(const floating* a, Py_ssize_t lda, const floating* b, Py_ssiz
             rb = job // parts % nrb
             part = job % parts
             r0 = rb * row_block
-            failed += -grads_job(a + h * da, lda, b + (r0 * ldb if b_rows else h * N), ldb,
-                                 b_rows, K, da, heads * da, M, min(row_block, N - r0),
+            failed += -grads_job(a + h * da, lda, packed, b + (r0 * ldb if b_rows else h * N),
+                                 ldb, b_rows, K, da, heads * da, M, min(row_block, N - r0),
                                  part * ntiles // parts, (part + 1) * ntiles // parts,
                                  outT + (h * N + r0) * ldt, ldt)
     else:
@@ -147,8 +151,8 @@ cdef int grads_run(const floating* a, Py_ssize_t lda, const floating* b, Py_ssiz
             rb = job // parts % nrb
             part = job % parts
             r0 = rb * row_block
-            failed += -grads_job(a + h * da, lda, b + (r0 * ldb if b_rows else h * N), ldb,
-                                 b_rows, K, da, heads * da, M, min(row_block, N - r0),
+            failed += -grads_job(a + h * da, lda, packed, b + (r0 * ldb if b_rows else h * N),
+                                 ldb, b_rows, K, da, heads * da, M, min(row_block, N - r0),
                                  part * ntiles // parts, (part + 1) * ntiles // parts,
                                  outT + (h * N + r0) * ldt, ldt)
     return -1 if failed else 0
@@ -186,8 +190,8 @@ def weight_grads(const floating[:, ::1] a, const floating[:, ::1] b, Py_ssize_t 
         raise MemoryError()
     with nogil:
         # one row block: B's chunk is transposed once per job, for all of its rows
-        status = grads_run(&a[0, 0], lda, &b[0, 0], ldb, False, K, heads, M // groups, groups,
-                           N, N, outT, ldt, num_threads)
+        status = grads_run(&a[0, 0], lda, NULL, &b[0, 0], ldb, False, K, heads, M // groups,
+                           groups, N, N, outT, ldt, num_threads)
         if status == 0:
             for h in range(heads):      # out[h] = outT[h]^T, in blocks that stay in cache
                 transpose(outT + h * N * ldt, ldt, N, M, &out[h, 0, 0], N)
@@ -198,8 +202,7 @@ def weight_grads(const floating[:, ::1] a, const floating[:, ::1] b, Py_ssize_t 
 
 cdef enum:
     # rows of dx per job of input_grads: their chunk of gx ([rows, kc]: 256 KB in float32)
-    # stays in L2 while the chunk's panels of W pass; W's chunk is packed again per block
-    # (1/256 of the multiply-adds in copies)
+    # stays in L2 while the chunk's panels of W pass
     GRADS_X_ROWS = 256
 
 
@@ -208,13 +211,16 @@ def input_grads(const floating[:, ::1] g, const floating[:, ::1] W, floating[:, 
     """out[N, I] = g[N, M] @ W[M, I]: the parameter gradients' dx = gx W, summed over the long
     M = G*H.
 
-    The rows of g are the micro-kernel's broadcast rows as stored (k contiguous), W's chunks of
-    k packed into panels by row copies (a copy of W^T for `project` cost more than the product
-    at M = 4096, I = 1024: 29 ms; and project's row jobs each stream all of W, 16 MB, from
-    memory).  The same bits for any thread count (grads_job)."""
+    The rows of g are the micro-kernel's broadcast rows as stored (k contiguous); W is packed
+    into panels once, by row copies, each row of W read once, in order (a copy of W^T for
+    `project` cost more than the product at M = 4096, I = 1024: 29 ms; packing each job's
+    chunks of W as it went read W again per block of rows, 128 bytes of each row at a time:
+    9% of the time at N = 1024 there).  The same bits for any thread count (grads_job)."""
     cdef Py_ssize_t N = g.shape[0], M = g.shape[1], I = W.shape[1]
-    cdef Py_ssize_t ldt = round_up(I, NT), r, i
+    cdef Py_ssize_t ldt = round_up(I, NT), ntiles = ldt // NT, r, i, part, t0, t1
+    cdef Py_ssize_t parts = min(ntiles, <Py_ssize_t> num_threads)
     cdef floating* outT
+    cdef floating* packed
     cdef int status
     if W.shape[0] != M or out.shape[0] != N or out.shape[1] != I:
         raise ValueError("input_grads: g [N, M], W [M, I], out [N, I]")
@@ -230,13 +236,27 @@ def input_grads(const floating[:, ::1] g, const floating[:, ::1] W, floating[:, 
         outT = <floating*> buffer_alloc(N * ldt * sizeof(floating))
         if outT == NULL:
             raise MemoryError()
+    packed = <floating*> panel_alloc(M * ldt * sizeof(floating))
+    if packed == NULL:
+        if ldt != I:
+            huge_free(outT)
+        raise MemoryError()
     with nogil:
-        status = grads_run(&W[0, 0], I, &g[0, 0], M, True, M, 1, I, 1, N, GRADS_X_ROWS, outT,
-                           ldt, num_threads)
+        if parts > 1 and M * I >= PACK_PARALLEL_MIN and not ss_split_paused():
+            for part in prange(parts, num_threads=num_threads, schedule="static"):
+                t0 = part * ntiles // parts
+                t1 = (part + 1) * ntiles // parts
+                grads_pack(&W[0, 0], I, M, t0 * NT, min(I, t1 * NT) - t0 * NT, I, I, t1 - t0,
+                           packed + t0 * M * NT)
+        else:
+            grads_pack(&W[0, 0], I, M, 0, I, I, I, ntiles, packed)
+        status = grads_run(&W[0, 0], I, packed, &g[0, 0], M, True, M, 1, I, 1, N, GRADS_X_ROWS,
+                           outT, ldt, num_threads)
         if status == 0 and ldt != I:
             for r in range(N):
                 for i in range(I):
                     out[r, i] = outT[r * ldt + i]
+    huge_free(packed)
     if ldt != I:
         huge_free(outT)
     if status:

@@ -399,7 +399,7 @@ def parameter_grads(call, y, dgx, dgr, dstate0):
         gx = np.ascontiguousarray(gx)
         threads = _dispatch.threads_for(N * I * G * H)
         ext.input_grads(gx, W, dx.reshape(N, I), threads)
-        dW = np.empty((1, G * H, I), gx.dtype)
+        dW = _memory.empty((1, G * H, I), gx.dtype)
         ext.weight_grads(gx, call.x.reshape(N, I), 1, dW, threads)
         dW = dW[0]
     else:
@@ -414,7 +414,7 @@ def parameter_grads(call, y, dgx, dgr, dstate0):
             h_prev[:, 0] = call.state0[0]
             h_prev[:, 1:] = y[:, :-1]
     if compiled:        # every head's gr^T h_prev read in place (groups: G gate blocks)
-        dR = np.empty((heads_, GD, D), dgr.dtype)
+        dR = _memory.empty((heads_, GD, D), dgr.dtype)
         _dispatch.ext_module("rnn").weight_grads(
             np.ascontiguousarray(dgr.reshape(N, G * H)),
             np.ascontiguousarray(h_prev.reshape(N, H)), G if heads_ > 1 else 1, dR,
