@@ -138,6 +138,16 @@ cdef extern from *:
                         *o = a_;                                                             \\
                 }                                                                            \\
     }                                                                                        \\
+    /* prefetch for writing the lines of min(rows, MR) rows of a panel's columns of out: in \\
+       slices of k over an out bigger than the cache (parameter gradients: 1024 x 4096), a   \\
+       block's first reads of its accumulators waited on memory, rows ldo apart */           \\
+    SS_INLINE void ss_prefetch_rows_##SFX(const T* out, Py_ssize_t ldo, Py_ssize_t rows) {   \\
+        if (rows > SS_MR_##SFX)                                                              \\
+            rows = SS_MR_##SFX;                                                              \\
+        for (Py_ssize_t r = 0; r < rows; r++)                                                \\
+            for (Py_ssize_t l = 0; l < SS_NT * (Py_ssize_t)sizeof(T); l += 64)               \\
+                ss_prefetch_w((const char*)(out + r * ldo) + l);                             \\
+    }                                                                                        \\
     static void ss_rest_##SFX(const T* a, Py_ssize_t lda, const T* mp, Py_ssize_t K,         \\
                               T* out, Py_ssize_t ldo, Py_ssize_t rows, const int mode,       \\
                               const T* bias, const char* pf, Py_ssize_t pfl) {               \\
@@ -177,7 +187,10 @@ cdef extern from *:
             const T* tbias = bias ? bias + tile * SS_NT : NULL;                              \\
             const char* next = pf_next && tile + 1 < ntiles                                  \\
                                ? (const char*)(panel + K * SS_NT) : NULL;                    \\
-            for (r = 0; r < whole; r += SS_MR_##SFX)                                         \\
+            for (r = 0; r < whole; r += SS_MR_##SFX) {                                       \\
+                if (mode >= SS_FIRST)  /* slices of k: the next block's rows of out */       \\
+                    ss_prefetch_rows_##SFX(out + (r + SS_MR_##SFX) * ldo + tile * SS_NT, ldo, \\
+                                           nrows - r - SS_MR_##SFX);                         \\
                 if (next)  /* two copies: without hints, no test in the loop over k */       \\
                     ss_block_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, \\
                                    ldo, SS_MR_##SFX, 1, mode, tbias,                         \\
@@ -186,6 +199,7 @@ cdef extern from *:
                 else                                                                         \\
                     ss_block_##SFX(a + r * lda, lda, panel, K, out + r * ldo + tile * SS_NT, \\
                                    ldo, SS_MR_##SFX, 1, mode, tbias, NULL, 0);               \\
+            }                                                                                \\
             /* the rest (fewer than MR rows, e.g. rows still running in a variable-length   \\
                batch) in one block: a single-row block would re-read the panel per row */    \\
             if (nrows - whole >= SS_MR_##SFX) {                                              \\
