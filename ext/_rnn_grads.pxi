@@ -13,12 +13,23 @@
 # SS_LAST: the bits of one pass over all of k), and an element's sum runs over k in order
 # whatever job computes it: the bits do not depend on the thread count.
 cdef enum:
-    GRAD_PANEL_BYTES = 32768    # a panel's chunk [kc, NT]: stays in L1 while every row block
-                                # of B^T uses it (48 KB L1 here)
     GRAD_BT_BYTES = 1 << 19     # B's chunk transposed [N, kc]: stays in L2 (1 MB a core)
-    GRAD_PACK_ALL_BYTES = 1 << 18   # a job's panels of a chunk packed together up to this
+    GRAD_PACK_ALL_PANELS = 8    # a job's panels of a chunk packed together up to this many
+                                # full-size chunks (256 KB with 32 KB chunks)
     GRAD_KC_MIN = 64            # shortest chunk: below, the accumulators' trips through outT
                                 # and the call overheads per chunk count
+
+
+# A panel's chunk [kc, NT] (_set_l1d_bytes sets it when statescan loads the module):
+# - 32 KB, to stay in L1 while every row block of B^T uses it, where the L1d holds 48 KB
+#   (Intel Xeon, AMD EPYC Zen 5) or where row blocks are 3 rows (AVX2: the panel is re-read
+#   every 3 rows);
+# - 64 KB with a smaller L1d and 12-row blocks (AVX-512 float32): the chunk does not stay in
+#   L1 beside the blocks' rows either way, and a longer chunk halves the accumulators' trips
+#   through outT.  AMD EPYC Zen 4 (32 KB L1d, 1 MB L2), float32, 1 thread, best/median
+#   GFLOP/s: input_grads 1024 x 4096 x 1024 90-91 -> 97; weight_grads there 100-102 either
+#   way (kc is bound by GRAD_BT_BYTES), K = 14832 256 x 64 75 either way.
+cdef Py_ssize_t GRAD_PANEL_BYTES = 32768
 
 
 cdef inline Py_ssize_t grads_chunk(Py_ssize_t N, size_t itemsize) noexcept nogil:
@@ -75,11 +86,11 @@ cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* packed,
     k contiguous), read in place.  packed: NULL, or all of A already packed into panels
     [tile][K][NT] (grads_pack over all of k), read in place.  -1 on allocation failure."""
     cdef Py_ssize_t kc = grads_chunk(N, sizeof(floating))
-    # the job's panels of a chunk packed together when they fit GRAD_PACK_ALL_BYTES, else one
-    # at a time (none when A comes packed)
+    # the job's panels of a chunk packed together when they fit GRAD_PACK_ALL_PANELS full-size
+    # chunks, else one at a time (none when A comes packed)
     cdef Py_ssize_t npack = (0 if packed != NULL else
                              p1 - p0 if kc * (p1 - p0) * NT * <Py_ssize_t> sizeof(floating)
-                             <= GRAD_PACK_ALL_BYTES else 1)
+                             <= GRAD_PACK_ALL_PANELS * GRAD_PANEL_BYTES else 1)
     cdef Py_ssize_t k0, n, tile, ldbt
     cdef int mode
     cdef floating* bt = <floating*> scratch_alloc(((0 if b_rows else N * kc) + npack * kc * NT)

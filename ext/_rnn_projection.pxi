@@ -29,13 +29,16 @@ cdef Py_ssize_t PROJECT_SLICE_BYTES = 16384
 
 
 def _set_l1d_bytes(Py_ssize_t nbytes):
-    """Size the projection's L1 slices for an L1 data cache of `nbytes` (statescan._dispatch
-    passes statescan._caches' reading when it loads this module)."""
-    global PROJECT_SLICE_BYTES
+    """Size the projection's L1 slices and the parameter gradients' panel chunks for an L1
+    data cache of `nbytes` (statescan._dispatch passes statescan._caches' reading when it
+    loads this module)."""
+    global PROJECT_SLICE_BYTES, GRAD_PANEL_BYTES
+    GRAD_PANEL_BYTES = 32768
     if nbytes >= 48 * 1024:
         PROJECT_SLICE_BYTES = 32768
     elif SS_MR_f >= 12:
         PROJECT_SLICE_BYTES = 0
+        GRAD_PANEL_BYTES = 65536
     else:
         PROJECT_SLICE_BYTES = 16384
 

@@ -772,10 +772,10 @@ def forward_projected(str cell_name, const floating[:, :, ::1] x, const floating
 include "_rnn_backward.pxi"
 
 
-include "_rnn_projection.pxi"
-
-
 include "_rnn_grads.pxi"
+
+
+include "_rnn_projection.pxi"
 
 
 cdef int stream_step(int cell, Py_ssize_t B, Py_ssize_t T, Py_ssize_t I, Py_ssize_t heads,

@@ -147,7 +147,8 @@ def _load_extension():
 
 def _configure_for_machine(modules):
     """The compiled modules' settings that follow from this machine, for those that have them:
-    the projection's L1 slices from the L1d size (rnn: _set_l1d_bytes), and ssd's block
+    the projection's L1 slices and the gradients' panel chunks from the L1d size (rnn:
+    _set_l1d_bytes), and ssd's block
     products on statescan's micro-kernel unless scipy's OpenBLAS runs AVX-512 kernels of its
     own (ext/_uk_gemm.pxd).  Intel Xeon (Sapphire Rapids class), 1 thread, OpenBLAS SkylakeX,
     N=128 T=512: ssd prefill through OpenBLAS 1.16-1.23x faster at 48 heads of 64 and
