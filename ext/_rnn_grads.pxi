@@ -77,14 +77,17 @@ cdef void grads_pack(const floating* a, Py_ssize_t lda, Py_ssize_t kc, Py_ssize_
 
 
 cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* packed,
-                   const floating* b, Py_ssize_t ldb, bint b_rows, Py_ssize_t K, Py_ssize_t da,
-                   Py_ssize_t gstride, Py_ssize_t M, Py_ssize_t N, Py_ssize_t p0, Py_ssize_t p1,
-                   floating* outT, Py_ssize_t ldt) noexcept nogil:
+                   const floating* b, Py_ssize_t ldb, const floating* b2, Py_ssize_t ldb2,
+                   Py_ssize_t N1, bint b_rows, Py_ssize_t K, Py_ssize_t da, Py_ssize_t gstride,
+                   Py_ssize_t M, Py_ssize_t N, Py_ssize_t p0, Py_ssize_t p1, floating* outT,
+                   Py_ssize_t ldt) noexcept nogil:
     """Columns [p0 * NT, p1 * NT) of outT[N, ldt] = B^T @ A for one head (a, b at its first
     columns; A's columns mapped as in grads_pack): every chunk of k, B's chunk transposed once
-    for all the job's panels.  b_rows: b holds B^T as stored rows (row n at b + n * ldb,
-    k contiguous), read in place.  packed: NULL, or all of A already packed into panels
-    [tile][K][NT] (grads_pack over all of k), read in place.  -1 on allocation failure."""
+    for all the job's panels.  B's first N1 columns are b's, the others b2's (b2 [K, N - N1],
+    rows ldb2 apart; NULL when N1 = N).  b_rows: b holds B^T as stored rows (row n at
+    b + n * ldb, k contiguous), read in place.  packed: NULL, or all of A already packed into
+    panels [tile][K][NT] (grads_pack over all of k), read in place.  -1 on allocation
+    failure."""
     cdef Py_ssize_t kc = grads_chunk(N, sizeof(floating))
     # the job's panels of a chunk packed together when they fit GRAD_PACK_ALL_PANELS full-size
     # chunks, else one at a time (none when A comes packed)
@@ -109,7 +112,9 @@ cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* packed,
         if b_rows:
             rows, ldbt = b + k0, ldb
         else:
-            transpose(b + k0 * ldb, ldb, n, N, bt, n)
+            transpose(b + k0 * ldb, ldb, n, N1, bt, n)
+            if N1 < N:
+                transpose(b2 + k0 * ldb2, ldb2, n, N - N1, bt + N1 * n, n)
             rows, ldbt = bt, n
         if npack > 1:
             grads_pack(a + k0 * lda, lda, n, p0 * NT, min(M, p1 * NT) - p0 * NT, da, gstride,
@@ -133,13 +138,15 @@ cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* packed,
 
 
 cdef int grads_run(const floating* a, Py_ssize_t lda, const floating* packed, const floating* b,
-                   Py_ssize_t ldb, bint b_rows, Py_ssize_t K, Py_ssize_t heads, Py_ssize_t da,
-                   Py_ssize_t groups, Py_ssize_t N, Py_ssize_t row_block, floating* outT,
-                   Py_ssize_t ldt, int num_threads) noexcept nogil:
+                   Py_ssize_t ldb, const floating* b2, Py_ssize_t ldb2, Py_ssize_t N1,
+                   bint b_rows, Py_ssize_t K, Py_ssize_t heads, Py_ssize_t da, Py_ssize_t groups,
+                   Py_ssize_t N, Py_ssize_t row_block, floating* outT, Py_ssize_t ldt,
+                   int num_threads) noexcept nogil:
     """outT[h][n, m] = sum_k B_h[k, n] A_h[k, m] for every head (outT[h] at outT + h * N * ldt;
-    A_h, B_h as in weight_grads; b_rows: B^T's rows stored, packed: A packed, one head, as in
-    grads_job) in jobs of a head, `row_block` rows of outT and a range of panels -- panels
-    split further while the jobs are fewer than the threads.  -1 on allocation failure."""
+    A_h, B_h as in weight_grads; b_rows: B^T's rows stored, packed: A packed, one head, b2
+    and N1: B's columns from N1 on in b2, one head, one row block, as in grads_job) in jobs of
+    a head, `row_block` rows of outT and a range of panels -- panels split further while the
+    jobs are fewer than the threads.  -1 on allocation failure."""
     cdef Py_ssize_t M = groups * da, ntiles = (groups * da + NT - 1) // NT
     cdef Py_ssize_t nrb = (N + row_block - 1) // row_block
     cdef Py_ssize_t parts = min(ntiles, max(<Py_ssize_t> 1,
@@ -153,7 +160,8 @@ cdef int grads_run(const floating* a, Py_ssize_t lda, const floating* packed, co
             part = job % parts
             r0 = rb * row_block
             failed += -grads_job(a + h * da, lda, packed, b + (r0 * ldb if b_rows else h * N),
-                                 ldb, b_rows, K, da, heads * da, M, min(row_block, N - r0),
+                                 ldb, b2, ldb2, min(N1, row_block), b_rows, K, da, heads * da, M,
+                                 min(row_block, N - r0),
                                  part * ntiles // parts, (part + 1) * ntiles // parts,
                                  outT + (h * N + r0) * ldt, ldt)
     else:
@@ -163,49 +171,71 @@ cdef int grads_run(const floating* a, Py_ssize_t lda, const floating* packed, co
             part = job % parts
             r0 = rb * row_block
             failed += -grads_job(a + h * da, lda, packed, b + (r0 * ldb if b_rows else h * N),
-                                 ldb, b_rows, K, da, heads * da, M, min(row_block, N - r0),
+                                 ldb, b2, ldb2, min(N1, row_block), b_rows, K, da, heads * da, M,
+                                 min(row_block, N - r0),
                                  part * ntiles // parts, (part + 1) * ntiles // parts,
                                  outT + (h * N + r0) * ldt, ldt)
     return -1 if failed else 0
 
 
 def weight_grads(const floating[:, ::1] a, const floating[:, ::1] b, Py_ssize_t groups,
-                 floating[:, :, ::1] out, int num_threads):
+                 floating[:, :, ::1] out, int num_threads, const floating[:, ::1] b2=None,
+                 floating[:, :, ::1] out2=None):
     """out[h] = A_h^T @ B_h for every head h < heads = out.shape[0], summed over the K rows:
     a [K, groups * heads * Da], A_h [K, groups * Da] its columns g * heads * Da + h * Da + d
     (g < groups, d < Da: the head's slice of each gate block); b [K, heads * Nb], B_h its
     columns h * Nb + j; out [heads, groups * Da, Nb].  dW = gx^T x is heads = groups = 1;
     dR = gr^T h_prev per head is groups = G.
 
+    With b2 [K, N2] and out2 [1, groups * Da, N2] (one head), also out2[0] = A^T @ b2 in the
+    same pass: A's panels packed once for both (dW and dR of a cell whose recurrent and input
+    gradients are the same, with one head).
+
     Each element is summed over k in order, from 0, in the micro-kernel's fused multiply-adds:
-    the same bits for any K-chunking, job split and thread count."""
+    the same bits for any K-chunking, job split, thread count and pairing."""
     cdef Py_ssize_t heads = out.shape[0], M = out.shape[1], N = out.shape[2]
     cdef Py_ssize_t K = a.shape[0], lda = a.shape[1], ldb = b.shape[1]
+    cdef Py_ssize_t N2 = 0 if out2 is None else out2.shape[2]
+    cdef Py_ssize_t ldb2 = 0 if b2 is None else b2.shape[1]
     cdef Py_ssize_t ldt, h
+    cdef const floating* b2p = NULL
     cdef floating* outT
     cdef int status
     if groups < 1 or M % groups or b.shape[0] != K or lda != groups * heads * (M // groups) \
             or ldb != heads * N:
         raise ValueError("weight_grads: a [K, groups*heads*Da], b [K, heads*Nb], "
                          "out [heads, groups*Da, Nb]")
-    if heads * M * N == 0:
+    if (b2 is None) != (out2 is None) or (b2 is not None and (
+            heads != 1 or b2.shape[0] != K or out2.shape[0] != 1 or out2.shape[1] != M
+            or ldb2 != N2)):
+        raise ValueError("weight_grads: b2 [K, N2] and out2 [1, groups*Da, N2] together, "
+                         "with one head")
+    if M * (heads * N + N2) == 0:
         return
     if K == 0:
         memset(&out[0, 0, 0], 0, heads * M * N * sizeof(floating))
+        if N2:
+            memset(&out2[0, 0, 0], 0, M * N2 * sizeof(floating))
         return
+    if N2:
+        b2p = &b2[0, 0]
     # outT's rows padded by a panel: a power-of-two stride (M = 4096) put the rows that
     # the final transpose reads together in one set of the L1
     ldt = round_up(M, NT) + NT
-    outT = <floating*> buffer_alloc(heads * N * ldt * sizeof(floating))
+    outT = <floating*> buffer_alloc((heads * N + N2) * ldt * sizeof(floating))
     if outT == NULL:
         raise MemoryError()
     with nogil:
         # one row block: B's chunk is transposed once per job, for all of its rows
-        status = grads_run(&a[0, 0], lda, NULL, &b[0, 0], ldb, False, K, heads, M // groups,
-                           groups, N, N, outT, ldt, num_threads)
+        status = grads_run(&a[0, 0], lda, NULL, &b[0, 0] if N else b2p, ldb, b2p, ldb2, N,
+                           False, K, heads, M // groups, groups, N + N2, N + N2, outT, ldt,
+                           num_threads)
         if status == 0:
             for h in range(heads):      # out[h] = outT[h]^T, in blocks that stay in cache
-                transpose(outT + h * N * ldt, ldt, N, M, &out[h, 0, 0], N)
+                if N:
+                    transpose(outT + h * N * ldt, ldt, N, M, &out[h, 0, 0], N)
+            if N2:
+                transpose(outT + N * ldt, ldt, N2, M, &out2[0, 0, 0], N2)
     huge_free(outT)
     if status:
         raise MemoryError()
@@ -261,8 +291,8 @@ def input_grads(const floating[:, ::1] g, const floating[:, ::1] W, floating[:, 
                            packed + t0 * M * NT)
         else:
             grads_pack(&W[0, 0], I, M, 0, I, I, I, ntiles, packed)
-        status = grads_run(&W[0, 0], I, packed, &g[0, 0], M, True, M, 1, I, 1, N, GRADS_X_ROWS,
-                           outT, ldt, num_threads)
+        status = grads_run(&W[0, 0], I, packed, &g[0, 0], M, NULL, 0, N, True, M, 1, I, 1, N,
+                           GRADS_X_ROWS, outT, ldt, num_threads)
         if status == 0 and ldt != I:
             for r in range(N):
                 for i in range(I):

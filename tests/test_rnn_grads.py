@@ -96,6 +96,40 @@ def test_weight_grads_kernel(K, groups, heads, da, N, dtype):
     assert_all_equal(outs[1:], outs[:1] * 2, "threads 2, 3 vs 1")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("K,groups,M,N1,N2", [(1, 1, 4, 3, 5), (300, 1, 256, 64, 64),
+                                             (1500, 4, 100, 37, 50), (700, 1, 40, 0, 9),
+                                             (700, 1, 40, 9, 0)])
+def test_weight_grads_pair_same_bits_as_two_calls(K, groups, M, N1, N2, dtype):
+    """A^T b and A^T b2 in one pass (b2=, out2=): the bits of two separate calls, on 1, 2 and
+    3 threads, including an empty half."""
+    ext = _dispatch.ext_module("rnn")
+    rng = np.random.default_rng(K + N1 + N2)
+    a = rng.standard_normal((K, M)).astype(dtype)
+    b, b2 = rng.standard_normal((K, N1)).astype(dtype), rng.standard_normal((K, N2)).astype(dtype)
+    want, want2 = np.empty((1, M, N1), dtype), np.empty((1, M, N2), dtype)
+    ext.weight_grads(a, b, groups, want, 1)
+    ext.weight_grads(a, b2, groups, want2, 1)
+    for threads in (1, 2, 3):
+        out, out2 = np.full((1, M, N1), np.nan, dtype), np.full((1, M, N2), np.nan, dtype)
+        ext.weight_grads(a, b, groups, out, threads, b2, out2)
+        assert_all_equal([out, out2], [want, want2], f"pair on {threads} threads vs two calls")
+
+
+def test_weight_grads_pair_bad_shapes():
+    ext = _dispatch.ext_module("rnn")
+    a, b, out = np.zeros((4, 6)), np.zeros((4, 2)), np.zeros((1, 6, 2))
+    with pytest.raises(ValueError, match="b2"):
+        ext.weight_grads(a, b, 1, out, 1, np.zeros((4, 3)), None)
+    with pytest.raises(ValueError, match="b2"):
+        ext.weight_grads(a, b, 1, out, 1, np.zeros((5, 3)), np.zeros((1, 6, 3)))
+    with pytest.raises(ValueError, match="b2"):
+        ext.weight_grads(a, b, 1, out, 1, np.zeros((4, 3)), np.zeros((1, 5, 3)))
+    with pytest.raises(ValueError, match="b2"):
+        ext.weight_grads(np.zeros((4, 12)), np.zeros((4, 4)), 1, np.zeros((2, 6, 2)), 1,
+                         np.zeros((4, 3)), np.zeros((1, 6, 3)))
+
+
 def test_weight_grads_empty_k_and_bad_shapes():
     ext = _dispatch.ext_module("rnn")
     out = np.full((2, 6, 3), np.nan)
