@@ -33,7 +33,9 @@ from ._dispatch import build_info, get_num_threads
 
 SCHEMA = "statescan-tuning/1"
 CHUNKS = (16, 32, 48, 64, 128)   # chunk candidates of ssd / linear_attention
-ROW_BLOCK = 8                    # rows of one micro-kernel block (ext/_microkernel.pxd, MR)
+ROW_BLOCK = 8                    # smallest rows-per-job candidate, doubled up to B (not the
+                                 # micro-kernel's block, MR: 12 rows with AVX-512 float32, 3
+                                 # with AVX2; any row count runs, a short last block included)
 PANEL = 32                       # columns of one packed panel (ext/_microkernel.pxd, SS_NT)
 COLUMN_SPLIT = -1                # rnn block value: split each step's columns across threads
 AUTOMATIC = 0                    # rnn block value: the kernel's own rule
