@@ -148,14 +148,13 @@ def _load_extension():
 def _configure_for_machine(modules):
     """The compiled modules' settings that follow from this machine, for those that have them:
     the projection's L1 slices and the gradients' panel chunks from the L1d size (rnn:
-    _set_l1d_bytes), and ssd's block
-    products on statescan's micro-kernel unless scipy's OpenBLAS runs AVX-512 kernels of its
-    own (ext/_uk_gemm.pxd).  Intel Xeon (Sapphire Rapids class), 1 thread, OpenBLAS SkylakeX,
-    N=128 T=512: ssd prefill through OpenBLAS 1.16-1.23x faster at 48 heads of 64 and
-    1.16-1.36x at 128 heads of 80 (its small-matrix kernels do not pack; the micro-kernel
-    packs each block's operand and pads P = 80 to 96 columns); its fwd+vjp 5-8% slower.
-    linear_attention keeps the micro-kernel: on the same machine 1.04-1.12x faster than
-    OpenBLAS there, vjp included."""
+    _set_l1d_bytes), and ssd's block products on statescan's micro-kernel unless scipy's
+    OpenBLAS runs AVX-512 kernels of its own (ext/_uk_gemm.pxd).  Intel Xeon (Sapphire
+    Rapids class), 1 thread, OpenBLAS SkylakeX, N=128 T=512: ssd prefill through OpenBLAS
+    1.16-1.23x faster at 48 heads of 64 and 1.16-1.36x at 128 heads of 80 (its small-matrix
+    kernels do not pack; the micro-kernel packs each block's operand and pads P = 80 to 96
+    columns); its fwd+vjp 5-8% slower.  linear_attention keeps the micro-kernel: on the same
+    machine 1.04-1.12x faster than OpenBLAS there, vjp included."""
     micro_kernel = not _blas.avx512_kernels()
     l1d = _caches.cache_sizes()["l1d"]
     for module in modules.values():
