@@ -492,16 +492,25 @@ cdef inline void pack_panels(const floating* m, Py_ssize_t sk, Py_ssize_t sn, Py
     cdef Py_ssize_t tile, k, k0, n, width
     cdef floating* panel
     cdef const floating* src
+    if sn == 1:
+        # rows of M are contiguous: plain row copies, each row read once, in order, for all the
+        # panels (panel by panel, a matrix bigger than the cache was read 128 bytes of each row
+        # at a time, rows far apart: input_grads' W at 4096 x 1024, 9% of its time)
+        if N % NT:
+            memset(mp + (ntiles - 1) * K * NT, 0, K * NT * sizeof(floating))
+        for k in range(K):
+            for tile in range(ntiles):
+                panel = mp + tile * K * NT + k * NT
+                src = m + k * sk + tile * NT
+                for n in range(min(NT, N - tile * NT)):
+                    panel[n] = src[n]
+        return
     for tile in range(ntiles):
         panel = mp + tile * K * NT
         width = min(NT, N - tile * NT)
         if width < NT:
             memset(panel, 0, K * NT * sizeof(floating))
-        if sn == 1:         # rows of M are contiguous: plain row copies
-            for k in range(K):
-                for n in range(width):
-                    panel[k * NT + n] = m[k * sk + tile * NT + n]
-        elif sk == 1:       # a transpose of contiguous rows (W or R as stored): 8 x 8 blocks
+        if sk == 1:         # a transpose of contiguous rows (W or R as stored): 8 x 8 blocks
             if floating is float:
                 ss_pack_t_f(m + tile * NT * sn, sn, K, width, panel)
             else:

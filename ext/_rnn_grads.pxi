@@ -86,7 +86,7 @@ cdef int grads_job(const floating* a, Py_ssize_t lda, const floating* packed,
     for all the job's panels.  B's first N1 columns are b's, the others b2's (b2 [K, N - N1],
     rows ldb2 apart; NULL when N1 = N).  b_rows: b holds B^T as stored rows (row n at
     b + n * ldb, k contiguous), read in place.  packed: NULL, or all of A already packed into
-    panels [tile][K][NT] (grads_pack over all of k), read in place.  -1 on allocation
+    panels [tile][K][NT] (pack_panels), read in place.  -1 on allocation
     failure."""
     cdef Py_ssize_t kc = grads_chunk(N, sizeof(floating))
     # the job's panels of a chunk packed together when they fit GRAD_PACK_ALL_PANELS full-size
@@ -287,10 +287,10 @@ def input_grads(const floating[:, ::1] g, const floating[:, ::1] W, floating[:, 
             for part in prange(parts, num_threads=num_threads, schedule="static"):
                 t0 = part * ntiles // parts
                 t1 = (part + 1) * ntiles // parts
-                grads_pack(&W[0, 0], I, M, t0 * NT, min(I, t1 * NT) - t0 * NT, I, I, t1 - t0,
-                           packed + t0 * M * NT)
+                pack_panels(&W[0, 0] + t0 * NT, I, 1, M, min(I, t1 * NT) - t0 * NT,
+                            packed + t0 * M * NT)
         else:
-            grads_pack(&W[0, 0], I, M, 0, I, I, I, ntiles, packed)
+            pack_panels(&W[0, 0], I, 1, M, I, packed)
         status = grads_run(&W[0, 0], I, packed, &g[0, 0], M, NULL, 0, N, True, M, 1, I, 1, N,
                            GRADS_X_ROWS, outT, ldt, num_threads)
         if status == 0 and ldt != I:
