@@ -130,6 +130,29 @@ def test_weight_grads_pair_bad_shapes():
                          np.zeros((4, 3)), np.zeros((1, 6, 3)))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_gradient_bits_do_not_depend_on_the_panel_chunks(dtype):
+    """The parameter gradients' chunks of k follow the L1d size (_set_l1d_bytes: 64 KB panel
+    chunks for a 32 KB L1d in AVX-512 builds, 32 KB otherwise): the same bits either way."""
+    from statescan import _caches
+    ext = _dispatch.ext_module("rnn")
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((3000, 256)).astype(dtype)
+    b = rng.standard_normal((3000, 72)).astype(dtype)
+    W = rng.standard_normal((256, 72)).astype(dtype)
+    try:
+        outs = []
+        for l1d in (48 * 1024, 32 * 1024):
+            ext._set_l1d_bytes(l1d)
+            dW, dx = np.empty((1, 256, 72), dtype), np.empty((3000, 72), dtype)
+            ext.weight_grads(a, b, 1, dW, 2)
+            ext.input_grads(a, W, dx, 2)
+            outs.append([dW, dx])
+        assert_all_equal(outs[1], outs[0], "32 KB vs 48 KB L1d")
+    finally:
+        ext._set_l1d_bytes(_caches.cache_sizes()["l1d"])
+
+
 def test_weight_grads_empty_k_and_bad_shapes():
     ext = _dispatch.ext_module("rnn")
     out = np.full((2, 6, 3), np.nan)

@@ -417,16 +417,15 @@ def parameter_grads(call, y, dgx, dgr, dstate0):
         if W is not None and dgr is dgx and heads_ == 1:
             # dW = gx^T x and dR = gx^T h_prev in one pass, gx's panels packed once (at H = 64
             # packing them from memory took a quarter of each product's time)
-            I = W.shape[1]
             ext.weight_grads(gx, call.x.reshape(N, I), 1, dW,
                              _dispatch.threads_for(N * G * H * (I + H)), h2, dR)
         else:
             if W is not None:
-                I = W.shape[1]
                 ext.weight_grads(gx, call.x.reshape(N, I), 1, dW,
                                  _dispatch.threads_for(N * I * G * H))
             ext.weight_grads(np.ascontiguousarray(dgr.reshape(N, G * H)), h2,
-                             G if heads_ > 1 else 1, dR, _dispatch.threads_for(N * GD * D * heads_))
+                             G if heads_ > 1 else 1, dR,
+                             _dispatch.threads_for(N * GD * D * heads_))
         if W is not None:
             dW = dW[0]
     else:
